@@ -1,0 +1,80 @@
+"""Commit records: write under a temporary name, then rename; fingerprints for resume.
+
+A reader never sees a truncated file under a final name. A stage writes its outputs first and its
+`done` record last, so the presence of the record means the outputs are complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+CODE_VERSION = "0.1.0"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 over the canonical JSON of a config/inputs description."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:32]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `final`; rename it onto `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+class FingerprintMismatch(RuntimeError):
+    pass
+
+
+def check_done(done_path: str | os.PathLike, expected_fingerprint: str) -> dict | None:
+    """Return the done record if it exists and matches; None if absent; raise if it differs.
+
+    A rerun must never silently reuse outputs made from other inputs, nor silently recompute them.
+    """
+    done_path = Path(done_path)
+    if not done_path.exists():
+        return None
+    record = read_json(done_path)
+    if record.get("fingerprint") != expected_fingerprint:
+        raise FingerprintMismatch(
+            f"{done_path} was written with a different configuration "
+            f"(fingerprint {record.get('fingerprint')} != {expected_fingerprint}); "
+            f"use a new output directory or delete {done_path.parent} to rebuild it"
+        )
+    return record

@@ -1,0 +1,118 @@
+"""The data contract between stages, in one place: file layouts, record fields and id formats.
+
+Gallery -> (index/) embedding shards + FAISS index -> (curation/) curated WebDataset shards ->
+(distill/) runs. Every stage reads and writes only what is named here.
+
+Gallery
+    WebDataset tars as img2dataset writes them (``key.jpg|png|webp``, ``key.json``, optional
+    ``key.txt``) or an image folder. Image id: ``"<shard>/<key>"`` where ``shard`` is the tar's file
+    stem (``00003`` for ``00003.tar``) and ``key`` the sample's ``__key__``.
+
+Index directory (``build_index.py --out DIR``)
+    DIR/embeddings/<shard>/<encoder-slug>.npy   float16 [n, dim] L2-normalised, one per encoder
+    DIR/embeddings/<shard>/rows.jsonl           one line per row: {"id", "crop", "recipe"}
+    DIR/embeddings/<shard>/done.json            written last: counts, fingerprint, encoders, ...
+    DIR/faiss/group-<g>.index                   FAISS index over the combined vectors of a shard group
+    DIR/manifest.json                           written last: see INDEX_MANIFEST_KEYS
+    Row ids in the FAISS indexes are global: shard offset (from the manifest) + row in shard.
+
+Curated directory (``curate --out DIR``)
+    DIR/transfer-000000.tar ...   samples: ``<key>.jpg`` (crop, 224 px), ``<key>.json`` (TransferRecord)
+    DIR/queries-000000.tar ...    samples: ``<key>.png`` (query image), ``<key>.cls`` (label int),
+                                  ``<key>.json`` {"id", "label", "class_name"}
+    DIR/queries.json              the draw: query set name, seed, classes, [{id, label}]
+    DIR/manifest.json, DIR/report.html
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# ---------------------------------------------------------------- gallery ids
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def image_id(shard: str, key: str) -> str:
+    return f"{shard}/{key}"
+
+
+def split_image_id(iid: str) -> tuple[str, str]:
+    shard, _, key = iid.partition("/")
+    return shard, key
+
+
+# ---------------------------------------------------------------- index directory
+
+EMBEDDINGS_DIR = "embeddings"
+FAISS_DIR = "faiss"
+ROWS_FILE = "rows.jsonl"
+DONE_FILE = "done.json"
+MANIFEST_FILE = "manifest.json"
+
+INDEX_MANIFEST_KEYS = (
+    "num_images",      # images read successfully
+    "num_vectors",     # rows (crops) embedded
+    "skipped",         # {reason: count} of unreadable gallery entries
+    "encoders",        # [EncoderSpec.to_dict()]
+    "index_factory",   # faiss factory string actually used
+    "shards",          # [{"name", "offset", "num_vectors", "num_images", "fingerprint"}]
+    "groups",          # [{"file", "shards": [names], "factory", "num_vectors"}]
+    "config",          # the resolved indexing config
+    "code_version",
+)
+
+
+def encoder_slug(name: str) -> str:
+    """File-system safe name of an encoder, e.g. 'ViT-B-32.openai' -> 'ViT-B-32.openai'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def embedding_file(encoder_name: str) -> str:
+    return f"{encoder_slug(encoder_name)}.npy"
+
+
+# ---------------------------------------------------------------- curated directory
+
+TRANSFER_PATTERN = "transfer-%06d.tar"
+QUERIES_PATTERN = "queries-%06d.tar"
+QUERIES_DRAW_FILE = "queries.json"
+REPORT_FILE = "report.html"
+
+
+@dataclass(frozen=True)
+class QueryHit:
+    query: str         # query image id
+    similarity: float  # combined (mean cosine) similarity
+    rank: int          # 0-based rank of this item in the query's neighbour list
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    """The ``<key>.json`` of a curated transfer sample."""
+    key: str
+    source_id: str                 # gallery image id
+    crop: int                      # crop index within the source image
+    recipe: dict[str, Any]         # CropRecipe.to_dict()
+    queries: list[QueryHit] = field(default_factory=list)
+    similarity: float = 0.0        # best similarity over the queries that retrieved it
+    rank: int = 0                  # position in the curated order
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key, "source_id": self.source_id, "crop": self.crop, "recipe": self.recipe,
+            "queries": [q.__dict__ for q in self.queries],
+            "similarity": self.similarity, "rank": self.rank,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TransferRecord":
+        return cls(key=d["key"], source_id=d["source_id"], crop=d["crop"], recipe=d["recipe"],
+                   queries=[QueryHit(**q) for q in d.get("queries", [])],
+                   similarity=d.get("similarity", 0.0), rank=d.get("rank", 0))
+
+
+def transfer_key(source_id: str, crop: int) -> str:
+    """WebDataset keys may not contain dots (they split extensions); '/' is kept out too."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", source_id) + f"_c{crop:03d}"
