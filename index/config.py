@@ -1,0 +1,78 @@
+"""Indexing job config: YAML/JSON mapped onto frozen dataclasses by plain field names.
+
+No import paths or code in configs. Unknown keys raise with the valid field names. The fully
+resolved config is written into the index manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from index.crops import CropConfig
+
+C = TypeVar("C")
+
+
+def from_mapping(cls: type[C], data: dict[str, Any] | None, where: str = "config") -> C:
+    """Build a dataclass from a mapping, refusing unknown keys (and naming the valid ones)."""
+    data = dict(data or {})
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    # YAML has no tuples; frozen configs keep sequences as tuples so they hash and compare
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class FaissConfig:
+    factory: str = "auto"            # 'auto' (rule in index.knn.choose_factory) or a faiss factory string
+    memory_budget_gb: float = 8.0    # budget for one group's index in RAM
+    flat_threshold: int = 200_000    # below this many vectors per group: exact (Flat)
+    shards_per_group: int = 16       # gallery shards per FAISS index
+    nprobe: int = 32                 # IVF lists probed at search time
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    gallery: str | tuple[str, ...] = ""    # tar glob / list of tars / image folder
+    encoders: tuple[str, ...] = ("efficientnet_lite0",)
+    weights: dict[str, str] = field(default_factory=dict)   # encoder name -> local weights path
+    crops: CropConfig = field(default_factory=CropConfig)
+    faiss: FaissConfig = field(default_factory=FaissConfig)
+    seed: int = 0
+    batch_size: int = 64
+    device: str | None = None        # None: CUDA when present
+    executor: str = "local"          # local | ray
+    num_workers: int | None = None   # Ray actors (None: one per CPU)
+    gpus_per_worker: float = 0
+
+    def __post_init__(self):
+        if isinstance(self.encoders, (list, str)):
+            enc = self.encoders.split(",") if isinstance(self.encoders, str) else self.encoders
+            object.__setattr__(self, "encoders", tuple(enc))
+        if not self.encoders:
+            raise ValueError("config needs at least one encoder")
+        if isinstance(self.crops, dict):
+            object.__setattr__(self, "crops", from_mapping(CropConfig, self.crops, "crops"))
+        if isinstance(self.faiss, dict):
+            object.__setattr__(self, "faiss", from_mapping(FaissConfig, self.faiss, "faiss"))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["crops"] = self.crops.to_dict()
+        d["encoders"] = list(self.encoders)
+        return d
+
+
+def load_index_config(path: str | Path, **overrides: Any) -> IndexConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_mapping(IndexConfig, data, str(p))

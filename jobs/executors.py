@@ -1,0 +1,99 @@
+"""Executors: run one stage function over many tasks, in-process or on Ray, behind one interface.
+
+    executor.map(make_worker, tasks, desc) -> results (in task order)
+
+`make_worker()` builds the per-worker state once (e.g. an `Embedder` that loads its encoders) and
+returns a callable applied to each task. `LocalExecutor` calls it once in this process;
+`RayExecutor` calls it once per Ray actor, so each actor loads its models once. Tasks and results
+are plain data. This module is the only place (with jobs/*) that imports ray.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Protocol, Sequence, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Executor(Protocol):
+    def map(self, make_worker: Callable[[], Callable[[T], R]], tasks: Sequence[T], desc: str = "") -> list[R]: ...
+
+
+class LocalExecutor:
+    """Runs everything in this process, in order."""
+
+    name = "local"
+
+    def map(self, make_worker: Callable[[], Callable[[T], R]], tasks: Sequence[T], desc: str = "") -> list[R]:
+        if not tasks:
+            return []
+        worker = make_worker()
+        return [worker(t) for t in tqdm(tasks, desc=desc, unit="task")]
+
+
+class _Actor:
+    def __init__(self, make_worker: Callable[[], Callable[[Any], Any]], torch_threads: int | None):
+        if torch_threads:
+            import torch
+            torch.set_num_threads(torch_threads)
+        self.worker = make_worker()
+
+    def run(self, task: Any) -> Any:
+        return self.worker(task)
+
+
+class RayExecutor:
+    """A pool of Ray actors, each building its worker once; tasks are scheduled as actors free up.
+
+    Connects to the cluster in RAY_ADDRESS (set by `ray job submit`) or `address`, else starts a
+    local Ray instance.
+    """
+
+    name = "ray"
+
+    def __init__(self, num_workers: int | None = None, address: str | None = None,
+                 cpus_per_worker: float = 1, gpus_per_worker: float = 0, torch_threads: int | None = None):
+        self.num_workers = num_workers
+        self.address = address
+        self.cpus_per_worker = cpus_per_worker
+        self.gpus_per_worker = gpus_per_worker
+        self.torch_threads = torch_threads
+
+    def _init(self):
+        import ray
+        if not ray.is_initialized():
+            address = self.address or os.environ.get("RAY_ADDRESS")
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
+                     include_dashboard=False if address is None else None)
+        return ray
+
+    def map(self, make_worker: Callable[[], Callable[[T], R]], tasks: Sequence[T], desc: str = "") -> list[R]:
+        if not tasks:
+            return []
+        ray = self._init()
+        from ray.util import ActorPool
+
+        n = self.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_worker))
+        n = min(n, len(tasks))
+        actor_cls = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)(_Actor)
+        actors = [actor_cls.remote(make_worker, self.torch_threads) for _ in range(n)]
+        pool = ActorPool(actors)
+        results = list(tqdm(pool.map(lambda a, t: a.run.remote(t), list(tasks)), total=len(tasks),
+                            desc=desc, unit="task"))
+        for a in actors:
+            ray.kill(a)
+        return results
+
+
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(name: str, **kwargs: Any) -> Executor:
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(**kwargs)
+    raise ValueError(f"unknown executor {name!r}; valid choices: {', '.join(EXECUTORS)}")
