@@ -91,7 +91,7 @@ def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) ->
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs: list[EncoderSpec] = resolve_encoders(list(cfg.encoders), dict(cfg.weights))
+    specs: list[EncoderSpec] = resolve_encoders(list(cfg.encoders), dict(cfg.weights), cfg.image_size)
     shards = list_shards(cfg.gallery if isinstance(cfg.gallery, str) else list(cfg.gallery))
     tasks = [EmbedTask(shard=s, out_dir=str(out), encoders=tuple(specs), crops=cfg.crops, seed=cfg.seed,
                        batch_size=cfg.batch_size) for s in shards]

@@ -42,6 +42,7 @@ class IndexConfig:
     gallery: str | tuple[str, ...] = ""    # tar glob / list of tars / image folder
     encoders: tuple[str, ...] = ("efficientnet_lite0",)
     weights: dict[str, str] = field(default_factory=dict)   # encoder name -> local weights path
+    image_size: int | None = None    # override the encoders' input resolution (CNN encoders)
     crops: CropConfig = field(default_factory=CropConfig)
     faiss: FaissConfig = field(default_factory=FaissConfig)
     seed: int = 0

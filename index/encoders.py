@@ -210,8 +210,22 @@ def _open_clip_spec(arch: str, tag: str | None, weights: str | None) -> EncoderS
                        pretrained=tag or "file", weights=weights, weights_digest=file_digest(weights))
 
 
-def resolve_encoder(name: str, weights: str | None = None) -> EncoderSpec:
-    """Resolve a name (and optional local weights path) to a frozen spec. Does not build the model."""
+def resolve_encoder(name: str, weights: str | None = None, image_size: int | None = None) -> EncoderSpec:
+    """Resolve a name (and optional local weights path) to a frozen spec. Does not build the model.
+
+    `image_size` overrides the input resolution (CNNs with global pooling accept any; a ViT needs
+    its own). It is part of the spec's identity, so an index and its queries always agree.
+    """
+    spec = _resolve(name, weights)
+    if image_size is not None and image_size != spec.image_size:
+        if spec.family == "open_clip":
+            raise ValueError(f"{name}: open_clip ViTs are built for {spec.image_size} px inputs; "
+                             "image_size overrides are for CNN encoders")
+        spec = dataclasses.replace(spec, image_size=int(image_size))
+    return spec
+
+
+def _resolve(name: str, weights: str | None) -> EncoderSpec:
     if name in NAMED:
         return NAMED.get(name)(weights)
     if name.startswith("timm:"):
@@ -232,11 +246,12 @@ def resolve_encoder(name: str, weights: str | None = None) -> EncoderSpec:
     )
 
 
-def resolve_encoders(names: list[str] | str, weights: dict[str, str] | None = None) -> list[EncoderSpec]:
+def resolve_encoders(names: list[str] | str, weights: dict[str, str] | None = None,
+                     image_size: int | None = None) -> list[EncoderSpec]:
     if isinstance(names, str):
         names = [n for n in names.split(",") if n]
     weights = weights or {}
-    return [resolve_encoder(n, weights.get(n)) for n in names]
+    return [resolve_encoder(n, weights.get(n), image_size) for n in names]
 
 
 # ------------------------------------------------------------------ models

@@ -1,0 +1,45 @@
+# Two commands: `make demo` (the whole pipeline on offline demo data) and `make test` (the test suite).
+# Both create the virtualenv and install what is missing, idempotently.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo-data
+APT_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default chromium
+# The files each Debian package installs; present means installed.
+APT_MARKERS := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz /usr/share/tuxpaint/stamps /usr/bin/chromium
+
+.PHONY: demo test install system-deps demo-gallery clean-demo
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+system-deps:
+	@missing=""; for m in $(APT_MARKERS); do [ -e $$m ] || missing="yes"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: $(APT_PACKAGES)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES) >/dev/null || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES) >/dev/null; }; \
+	  else \
+	    echo "missing system packages; install them with: sudo apt-get install $(APT_PACKAGES)"; exit 1; \
+	  fi; \
+	fi
+
+test: install system-deps
+	$(BIN)/python -m pytest -q
+
+demo-gallery: install system-deps
+	$(BIN)/python -m jobs.demo_gallery --out $(DEMO_DIR)
+
+demo: demo-gallery
+	$(BIN)/python -m jobs.demo --data $(DEMO_DIR)
+
+clean-demo:
+	rm -rf $(DEMO_DIR)
