@@ -13,7 +13,8 @@ external resource, so the file can be mailed or opened from an archive. Sections
 - ``histograms``: the number of curated items per query and per class.
 
 The pipeline fills a `ReportData` (plain fields; images as PIL images or encoded bytes, None for
-an image that could not be read) and calls `write_report`. Display limits (queries, items per
+an image that could not be read) and calls `write_report`; `count_per_query_and_class` derives the
+histogram counts from the written TransferRecords. Display limits (queries, items per
 query, clusters) are options; whatever is cut is stated on the page, never hidden.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from index.atomic import atomic_path
+from index.contract import TransferRecord
 
 Thumb = Image.Image | bytes | None
 """An image to show: a PIL image, encoded image bytes, or None where it could not be read."""
@@ -130,6 +132,27 @@ def write_report(path: str | os.PathLike, data: ReportData, limits: ReportLimits
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return stats
+
+
+def count_per_query_and_class(records: Sequence[TransferRecord],
+                              query_class: dict[str, str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Curated items per query (an item counts for every query that retrieved it) and per class
+    (each item once, for the class of its most similar query; ties by query id).
+
+    Every query of `query_class` appears, with 0 if it retrieved nothing; a record naming a query
+    missing from `query_class` raises.
+    """
+    per_query = {q: 0 for q in query_class}
+    per_class = {c: 0 for c in dict.fromkeys(query_class.values())}
+    for rec in records:
+        for hit in rec.queries:
+            if hit.query not in query_class:
+                raise KeyError(f"record {rec.key} names query {hit.query!r}, which is not in the query set")
+            per_query[hit.query] += 1
+        if rec.queries:
+            best = min(rec.queries, key=lambda h: (-h.similarity, h.query))
+            per_class[query_class[best.query]] += 1
+    return per_query, per_class
 
 
 # ---------------------------------------------------------------- rendering

@@ -14,8 +14,9 @@ from PIL import Image
 
 from curation.report import (
     SECTION_IDS, DedupCluster, DedupMember, LeakPanel, QueryPanel, ReferenceMatch, ReportData,
-    ReportLimits, RetrievedItem, render_report, write_report,
+    ReportLimits, RetrievedItem, count_per_query_and_class, render_report, write_report,
 )
+from index.contract import QueryHit, TransferRecord
 
 RED = (255, 0, 0)
 EVIL = '<script>alert("x")</script>'
@@ -133,6 +134,17 @@ def test_empty_report_still_has_every_section():
     for sid in SECTION_IDS:
         assert f'id="{sid}"' in text
     assert "No leaks flagged." in text and "No duplicate clusters." in text
+
+
+def test_count_per_query_and_class():
+    def rec(key, *hits):
+        return TransferRecord(key, key, 0, {}, [QueryHit(q, s, 0) for q, s in hits])
+    records = [rec("a", ("q1", 0.9)), rec("b", ("q1", 0.5), ("q3", 0.7)), rec("c", ("q2", 0.6), ("q3", 0.6))]
+    per_query, per_class = count_per_query_and_class(records, {"q1": "A", "q2": "A", "q3": "B", "q4": "C"})
+    assert per_query == {"q1": 2, "q2": 1, "q3": 2, "q4": 0}
+    assert per_class == {"A": 2, "B": 1, "C": 0}  # c ties q2/q3 -> q2 (class A)
+    with pytest.raises(KeyError, match="q9"):
+        count_per_query_and_class([rec("d", ("q9", 0.1))], {"q1": "A"})
 
 
 # ---------------------------------------------------------------- real browser
