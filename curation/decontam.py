@@ -1,0 +1,185 @@
+"""De-contamination: flag retrieved images that may be the target task's own images (B.4).
+
+Every image of the target dataset (all splits) is a reference. For each original image of a
+retrieved crop and each reference, the paper takes the maximum over the encoders of the cosine
+similarity; an image whose maximum over references exceeds 0.95 is a possible leak. Its 5 nearest
+references (by the mean similarity over encoders) are listed for a person to inspect;
+``apply_review`` un-flags the images that person marked as not-a-leak. All crops of a remaining
+flagged image are removed by the caller (then backfilled by re-running the selection).
+
+Nearest-reference search is per encoder with FAISS, in batches: exact for small reference sets,
+IVF for large ones (``method="auto"``, see ``dedup.ip_index``); ``method="flat"`` forces exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+
+from curation.dedup import check_normalised, ip_index
+
+Features = np.ndarray | Sequence[np.ndarray]
+
+
+def _per_encoder(features: Features, name: str) -> list[np.ndarray]:
+    parts = [features] if isinstance(features, np.ndarray) else list(features)
+    if not parts:
+        raise ValueError(f"{name}: expected one feature matrix per encoder; got none")
+    out = [check_normalised(p, f"{name}[{e}]") for e, p in enumerate(parts)]
+    rows = {p.shape[0] for p in out}
+    if len(rows) != 1:
+        raise ValueError(f"{name}: every encoder needs one row per image; got row counts {sorted(rows)}")
+    return out
+
+
+def combine_features(per_encoder: Sequence[np.ndarray]) -> np.ndarray:
+    """Concatenate normalised per-encoder features, each scaled by 1/sqrt(E).
+
+    The inner product of two combined rows is then the mean cosine over the encoders.
+    """
+    parts = [np.asarray(p, dtype=np.float32) for p in per_encoder]
+    scale = np.float32(1.0 / np.sqrt(len(parts)))
+    return np.ascontiguousarray(np.concatenate(parts, axis=1) * scale)
+
+
+@dataclass(frozen=True)
+class Leak:
+    """One possible leak: a retrieved original image too similar to a reference."""
+    index: int                       # row of the image in the features passed to find_leaks
+    image_id: str
+    max_similarity: float            # max over encoders and references
+    encoder: int                     # the encoder that gave max_similarity
+    neighbor_ids: tuple[str, ...]    # nearest references by mean similarity, best first
+    neighbor_similarity: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "image_id": self.image_id,
+                "max_similarity": self.max_similarity, "encoder": self.encoder,
+                "neighbor_ids": list(self.neighbor_ids),
+                "neighbor_similarity": list(self.neighbor_similarity)}
+
+
+@dataclass(frozen=True)
+class LeakReport:
+    threshold: float
+    num_images: int
+    num_references: int
+    leaks: tuple[Leak, ...]                       # flagged, by max_similarity desc, index asc
+    cleared: tuple[Leak, ...] = field(default=())  # flagged, then marked not-a-leak on review
+
+    @property
+    def flagged_indices(self) -> np.ndarray:
+        return np.array(sorted(leak.index for leak in self.leaks), dtype=np.int64)
+
+    def leak_mask(self) -> np.ndarray:
+        """[num_images] bool, True for images still flagged."""
+        mask = np.zeros(self.num_images, dtype=bool)
+        mask[self.flagged_indices] = True
+        return mask
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "num_images": self.num_images,
+                "num_references": self.num_references,
+                "leaks": [x.to_dict() for x in self.leaks],
+                "cleared": [x.to_dict() for x in self.cleared]}
+
+
+def _max_similarity(images: list[np.ndarray], refs: list[np.ndarray], method: str, nprobe: int,
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: max over encoders of the best reference similarity, and that encoder."""
+    best = np.full((len(images), images[0].shape[0]), -np.inf, dtype=np.float32)
+    for e, (x, r) in enumerate(zip(images, refs)):
+        index = ip_index(r, method=method, nprobe=nprobe)
+        for a in range(0, x.shape[0], batch_size):
+            d, i = index.search(x[a:a + batch_size], 1)
+            best[e, a:a + d.shape[0]] = np.where(i[:, 0] >= 0, d[:, 0], -np.inf)
+    return best.max(axis=0), best.argmax(axis=0)
+
+
+def find_leaks(image_features: Features, reference_features: Features, threshold: float = 0.95,
+               k: int = 5, reference_ids: Sequence[str] | None = None,
+               image_ids: Sequence[str] | None = None, method: str = "auto", nprobe: int = 16,
+               batch_size: int = 16384) -> LeakReport:
+    """Flag images whose max-over-encoders similarity to any reference exceeds ``threshold``.
+
+    ``image_features``/``reference_features``: one L2-normalised [rows, d_e] matrix per encoder
+    (or a single matrix), encoders in the same order. Ids default to the row numbers as strings.
+    """
+    images = _per_encoder(image_features, "image_features")
+    refs = _per_encoder(reference_features, "reference_features")
+    if len(images) != len(refs):
+        raise ValueError(f"image_features has {len(images)} encoders, reference_features "
+                         f"{len(refs)}; they must match")
+    for e, (x, r) in enumerate(zip(images, refs)):
+        if x.shape[1] != r.shape[1]:
+            raise ValueError(f"encoder {e}: image dim {x.shape[1]} != reference dim {r.shape[1]}")
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a cosine similarity in [-1, 1]; got {threshold}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    n, nr = images[0].shape[0], refs[0].shape[0]
+    ref_ids = [str(i) for i in range(nr)] if reference_ids is None else [str(i) for i in reference_ids]
+    img_ids = [str(i) for i in range(n)] if image_ids is None else [str(i) for i in image_ids]
+    if len(ref_ids) != nr:
+        raise ValueError(f"reference_ids has {len(ref_ids)} entries for {nr} references")
+    if len(img_ids) != n:
+        raise ValueError(f"image_ids has {len(img_ids)} entries for {n} images")
+    if len(set(img_ids)) != n:
+        raise ValueError("image_ids must be unique (a review file names images by id)")
+    if n == 0 or nr == 0:
+        return LeakReport(float(threshold), n, nr, ())
+
+    max_sim, enc = _max_similarity(images, refs, method, nprobe, batch_size)
+    flagged = np.flatnonzero(max_sim > threshold)
+    leaks: list[Leak] = []
+    if flagged.size:
+        kk = min(k, nr)
+        index = faiss.IndexFlatIP(sum(r.shape[1] for r in refs))
+        index.add(combine_features(refs))
+        sims, nbrs = index.search(combine_features([x[flagged] for x in images]), kk)
+        for row, i in enumerate(flagged):
+            leaks.append(Leak(
+                index=int(i), image_id=img_ids[i], max_similarity=float(max_sim[i]),
+                encoder=int(enc[i]), neighbor_ids=tuple(ref_ids[j] for j in nbrs[row] if j >= 0),
+                neighbor_similarity=tuple(float(s) for s, j in zip(sims[row], nbrs[row]) if j >= 0)))
+    leaks.sort(key=lambda x: (-x.max_similarity, x.index))
+    return LeakReport(float(threshold), n, nr, tuple(leaks))
+
+
+def read_review(review_file: str | os.PathLike) -> list[str]:
+    """Image ids marked not-a-leak: a JSON list, or an object with a "not_leaks" list."""
+    with open(review_file) as f:
+        data = json.load(f)
+    if isinstance(data, dict):
+        if "not_leaks" not in data:
+            raise ValueError(f"{review_file}: expected a list of image ids or an object with a "
+                             f"'not_leaks' list; got keys {sorted(data)}")
+        data = data["not_leaks"]
+    if not isinstance(data, list) or not all(isinstance(x, (str, int)) for x in data):
+        raise ValueError(f"{review_file}: 'not_leaks' must be a list of image ids")
+    return [str(x) for x in data]
+
+
+def apply_review(report: LeakReport, review_file: str | os.PathLike) -> LeakReport:
+    """Un-flag the images a person marked as not-a-leak; ids not flagged in the report raise.
+
+    Reviewing an image that was already cleared is allowed (the same review applied twice).
+    """
+    marked = set(read_review(review_file))
+    flagged = {x.image_id for x in report.leaks}
+    cleared_before = {x.image_id for x in report.cleared}
+    unknown = sorted(marked - flagged - cleared_before)
+    if unknown:
+        raise ValueError(
+            f"{review_file}: {len(unknown)} reviewed id(s) are not flagged in this leak report "
+            f"(e.g. {unknown[:5]}); flagged ids: {sorted(flagged)[:20]}"
+            f"{' ...' if len(flagged) > 20 else ''}")
+    keep = tuple(x for x in report.leaks if x.image_id not in marked)
+    newly = tuple(x for x in report.leaks if x.image_id in marked)
+    return replace(report, leaks=keep, cleared=report.cleared + newly)
