@@ -99,8 +99,8 @@ def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) ->
         functools.partial(Embedder, tuple(specs), cfg.device), tasks, desc="embed shards")
 
     entries, offset, skipped = [], 0, SkipCounts()
-    for r in results:
-        entries.append({"name": r.shard, "offset": offset, "num_vectors": r.num_vectors,
+    for shard, r in zip(shards, results):
+        entries.append({"name": r.shard, "source": shard.to_dict(), "offset": offset, "num_vectors": r.num_vectors,
                         "num_images": r.num_images, "fingerprint": r.fingerprint, "skipped": r.skipped})
         offset += r.num_vectors
         for reason, n in r.skipped.items():

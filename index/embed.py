@@ -64,7 +64,8 @@ class ShardResult:
 def shard_digest(shard: ShardRef) -> str:
     p = Path(shard.path)
     if p.is_dir():
-        return tree_digest(p, [f for f in p.rglob("*") if f.is_file()])
+        files = p.rglob("*") if shard.recursive else p.glob("*")
+        return tree_digest(p, [f for f in files if f.is_file()])
     return file_digest(p)
 
 
@@ -176,3 +177,23 @@ def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResul
         "seed": task.seed, "source": str(Path(task.shard.path)),
     })
     return result
+
+
+@torch.no_grad()
+def embed_images(models: list[Encoder], images: list, batch_size: int = 64) -> list[np.ndarray]:
+    """Whole images (resize + centre crop, each encoder's own preprocessing) -> one L2-normalised
+    float32 matrix per encoder. This is how queries, references and original images are embedded."""
+    from index.encoders import image_transform
+
+    out = []
+    for m in models:
+        tf = image_transform(m.spec)
+        device = next(m.parameters()).device
+        parts = [np.zeros((0, m.spec.embed_dim), np.float32)]
+        for a in range(0, len(images), batch_size):
+            x = torch.stack([tf(im) for im in images[a:a + batch_size]]).to(device)
+            with torch.autocast("cuda", enabled=device.type == "cuda"):
+                f = m(x)
+            parts.append(F.normalize(f.float(), dim=-1).cpu().numpy())
+        out.append(np.concatenate(parts))
+    return out

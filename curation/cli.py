@@ -1,0 +1,55 @@
+"""`curate`: build a task-related transfer set from a gallery index and a named query set.
+
+    curate --queries eurosat_10shot --index IDX --size 50000 --out DIR [--strategy query_balanced]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from curation.pipeline import CurateConfig, curate
+from curation.querysets import list_query_sets
+from curation.selection import SELECTORS
+
+
+def parse(argv: list[str] | None = None) -> CurateConfig:
+    p = argparse.ArgumentParser(prog="curate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queries", required=True, help=f"query set: {', '.join(list_query_sets())}")
+    p.add_argument("--index", required=True, help="index directory written by curation/build_index.py")
+    p.add_argument("--size", type=int, required=True, help="N, the transfer-set size")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--strategy", default="query_balanced", help=f"one of: {', '.join(SELECTORS.names())}")
+    p.add_argument("--seed", type=int, default=0, help="query draw and random-drop seed")
+    p.add_argument("--data-root", default=None, help="where the query set's dataset lives")
+    p.add_argument("--dedup-threshold", type=float, default=0.99)
+    p.add_argument("--leak-threshold", type=float, default=0.95)
+    p.add_argument("--leak-review", default=None,
+                   help="JSON list of gallery image ids a person judged not to be leaks")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per transfer shard")
+    p.add_argument("--nprobe", type=int, default=None)
+    p.add_argument("--max-k", type=int, default=None, help="cap on the per-query search depth")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--cache-dir", default=None, help="reference feature cache")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    a = p.parse_args(argv)
+    return CurateConfig(queries=a.queries, index=a.index, size=a.size, out=a.out, strategy=a.strategy,
+                        seed=a.seed, data_root=a.data_root, dedup_threshold=a.dedup_threshold,
+                        leak_threshold=a.leak_threshold, leak_review=a.leak_review, shard_size=a.shard_size,
+                        nprobe=a.nprobe, max_k=a.max_k, batch_size=a.batch_size, device=a.device,
+                        cache_dir=a.cache_dir, executor=a.executor)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse(argv)
+        curate(cfg)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"curate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

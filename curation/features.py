@@ -1,0 +1,74 @@
+"""Image-level features for curation: labelled images (queries, references) and gallery originals.
+
+All are whole images through each encoder's own preprocessing (resize + centre crop), L2-normalised,
+one float32 matrix per encoder. Reference features (every image of the target dataset) are cached on
+disk by a fingerprint of (query set, image ids, encoder identities), so repeated curations reuse them.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from curation.querysets import LabeledImage, iter_images
+from index.atomic import atomic_path, fingerprint
+from index.embed import embed_images
+from index.gallery import SkipCounts, read_images
+from index.contract import split_image_id
+
+
+def embed_labeled(models, items: Sequence[LabeledImage], batch_size: int = 64,
+                  desc: str = "embed queries") -> list[np.ndarray]:
+    parts: list[list[np.ndarray]] = [[] for _ in models]
+    for _, images in tqdm(iter_images(items, batch_size * 4, num_workers=2), desc=desc, unit="batch",
+                          total=(len(items) + batch_size * 4 - 1) // (batch_size * 4)):
+        for acc, f in zip(parts, embed_images(models, images, batch_size)):
+            acc.append(f)
+    return [np.concatenate(p) if p else np.zeros((0, m.spec.embed_dim), np.float32)
+            for p, m in zip(parts, models)]
+
+
+def embed_originals(gindex, models, image_ids: Sequence[str], into: dict[str, list[np.ndarray]],
+                    batch_size: int = 64) -> dict[str, str]:
+    """Embed gallery originals (each gallery shard read once) into `into`; return {id: reason} unreadable."""
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for iid in image_ids:
+        shard, key = split_image_id(iid)
+        by_shard[shard].append(key)
+    unreadable: dict[str, str] = {}
+    for shard, keys in tqdm(sorted(by_shard.items()), desc="embed originals", unit="shard"):
+        counts = SkipCounts()
+        images = read_images(gindex.shard_ref(shard), set(keys), counts)
+        ok = sorted(images)
+        feats = embed_images(models, [images[k] for k in ok], batch_size)
+        for row, key in enumerate(ok):
+            into[f"{shard}/{key}"] = [f[row] for f in feats]
+        reason = ",".join(sorted(counts.to_dict())) or "unreadable"
+        for key in set(keys) - set(ok):
+            unreadable[f"{shard}/{key}"] = reason
+    return unreadable
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VFM_CACHE", Path.home() / ".cache" / "vfm-curate")) / "features"
+
+
+class FeatureCache:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root else default_cache_dir()
+
+    def get_or_compute(self, key: dict[str, Any], compute: Callable[[], list[np.ndarray]]) -> list[np.ndarray]:
+        path = self.root / f"{key.get('kind', 'features')}-{fingerprint(key)}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                return [z[f"e{i}"] for i in range(len(z.files))]
+        feats = compute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **{f"e{i}": a for i, a in enumerate(feats)})
+        return feats

@@ -1,0 +1,328 @@
+"""`curate`: named query set + built index -> curated transfer set (WebDataset shards, manifest, report).
+
+Steps (Vemulapalli et al. 2024, sec. 3.4 and Appendix B):
+  1. embed the query images with the index's own encoders (resize + centre crop);
+  2. select N gallery crops with a strategy (query-balanced by default), deepening the search as needed;
+  3. embed the *original images* of the selected crops; decontaminate (max similarity to any image of
+     the target dataset > leak threshold removes every crop of that image) and dedup (original images
+     with mean similarity > dedup threshold form a cluster; one item per cluster survives); images that
+     cannot be read are removed too;
+  4. backfill: rerun the same strategy on the gallery minus the removed items, until stable, so the set
+     holds exactly N (or says why not);
+  5. re-materialise the crops from the gallery (each gallery shard read once) and write
+     ``transfer-*.tar`` + ``queries-*.tar`` atomically, then ``queries.json``, ``report.html`` and
+     ``manifest.json`` (last).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from curation import report as rpt
+from curation.decontam import apply_review, find_leaks
+from curation.dedup import duplicate_clusters, keep_one_per_cluster
+from curation.features import FeatureCache, embed_labeled, embed_originals
+from curation.querysets import QuerySet, get_query_set
+from curation.selection import (SELECTORS, Selection, class_prompts, class_text_queries,
+                                select_with_search)
+from curation.shards import write_query_shards, write_transfer_shards
+from index import contract
+from index.atomic import CODE_VERSION, write_json
+from index.encoders import build_encoder
+from index.embed import pick_device
+from index.gallery_index import GalleryIndex
+from index.knn import combine_features
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    queries: str
+    index: str
+    size: int
+    out: str
+    strategy: str = "query_balanced"
+    seed: int = 0
+    data_root: str | None = None
+    dedup_threshold: float = 0.99
+    leak_threshold: float = 0.95
+    leak_neighbours: int = 5
+    leak_review: str | None = None
+    k0: int | None = None              # first search depth (default: from N and the query count)
+    max_k: int | None = None           # cap on the search depth
+    nprobe: int | None = None
+    shard_size: int = 1000             # transfer samples per output shard
+    jpeg_quality: int = 95
+    batch_size: int = 64
+    device: str | None = None
+    cache_dir: str | None = None       # reference-feature cache (default ~/.cache/vfm-curate/features)
+    executor: str = "local"
+    num_workers: int | None = None
+
+    def __post_init__(self):
+        SELECTORS.get(self.strategy)  # raises with the valid names
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1; got {self.size}")
+        for name in ("dedup_threshold", "leak_threshold"):
+            v = getattr(self, name)
+            if not -1.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be a cosine similarity in [-1, 1]; got {v}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Filtered:
+    """What the filters removed, by global vector id, and why."""
+    duplicates: set[int] = dataclasses.field(default_factory=set)
+    clusters: list[list[tuple[str, bool]]] = dataclasses.field(default_factory=list)  # (image id, kept)
+    leak_items: dict[str, int] = dataclasses.field(default_factory=dict)  # leaked image id -> crops removed
+    leaks: set[int] = dataclasses.field(default_factory=set)
+    unreadable: set[int] = dataclasses.field(default_factory=set)
+
+    def all(self) -> np.ndarray:
+        return np.array(sorted(self.duplicates | self.leaks | self.unreadable), dtype=np.int64)
+
+
+def _queries_features(cfg: CurateConfig, qs: QuerySet, models, selector) -> tuple[np.ndarray, list[str]]:
+    """Combined query vectors and their ids: images, or class-name prompts for `text`."""
+    if selector.queries == "text":
+        missing = [m.spec.name for m in models if not m.spec.has_text_tower]
+        if missing:
+            raise ValueError(f"strategy 'text' needs encoders with a text tower; {missing} have none. "
+                             "Index with a CLIP encoder (open_clip ARCH.TAG) to use text queries.")
+        prompts = class_prompts(qs.classes)
+        flat = [p for ps in prompts for p in ps]
+        per_enc = []
+        for m in models:
+            f = m.encode_text(flat).float().cpu().numpy().reshape(len(prompts), len(prompts[0]), -1)
+            per_enc.append(class_text_queries(f))
+        return combine_features(per_enc), [f"text:{c}" for c in qs.classes]
+    feats = embed_labeled(models, qs.queries, cfg.batch_size)
+    return combine_features(feats), [q.id for q in qs.queries]
+
+
+def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gindex = GalleryIndex(cfg.index)
+    specs = gindex.local_specs()          # refuses encoders whose weights differ from the index's
+    device = pick_device(cfg.device)
+    models = [build_encoder(s, device) for s in specs]
+    qs = get_query_set(cfg.queries, cfg.data_root, cfg.seed)
+    selector = SELECTORS.get(cfg.strategy)
+    timings: dict[str, float] = {}
+
+    tq = time.perf_counter()
+    if selector.needs_search:
+        qfeat, query_ids = _queries_features(cfg, qs, models, selector)
+    else:
+        qfeat, query_ids = np.zeros((0, sum(s.embed_dim for s in specs)), np.float32), []
+    timings["embed_queries"] = time.perf_counter() - tq
+
+    search_time = [0.0]
+
+    def search(k: int):
+        ts = time.perf_counter()
+        r = gindex.search(qfeat, k, cfg.nprobe)
+        search_time[0] += time.perf_counter() - ts
+        return r
+
+    k0 = cfg.k0 or max(8, int(np.ceil(2 * cfg.size / max(1, len(query_ids)))))
+
+    def select(removed: np.ndarray) -> Selection:
+        return select_with_search(search, cfg.size, cfg.seed, selector, k0=k0, num_gallery=gindex.num_vectors,
+                                  removed=removed, max_k=cfg.max_k)
+
+    # references: every image of the target dataset (cached by query set + encoders)
+    tr = time.perf_counter()
+    cache = FeatureCache(cfg.cache_dir)
+    ref_feats = cache.get_or_compute(
+        {"kind": "references", "query_set": qs.name, "ids": [r.id for r in qs.references],
+         "encoders": [s.identity() for s in specs]},
+        lambda: embed_labeled(models, qs.references, cfg.batch_size, desc="embed references"))
+    ref_ids = [r.id for r in qs.references]
+    timings["embed_references"] = time.perf_counter() - tr
+
+    sel = select(np.zeros(0, np.int64))
+    first = sel
+    filtered = Filtered()
+    orig: dict[str, list[np.ndarray]] = {}     # gallery image id -> per-encoder feature rows
+    leak_report = None
+    rounds = 0
+    tf = time.perf_counter()
+    while True:
+        rounds += 1
+        rows = gindex.rows(sel.ids)
+        img_of = np.array([r.id for r in rows])
+        new = sorted(set(img_of) - set(orig))
+        unreadable_imgs = embed_originals(gindex, models, new, orig, cfg.batch_size)
+        unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs}
+        ok = np.array([i not in unreadable_imgs and i in orig for i in img_of])
+        # decontamination over every original image seen so far (stable across rounds)
+        seen = sorted(orig)
+        per_enc = [np.stack([orig[i][e] for i in seen]) for e in range(len(specs))] if seen else \
+            [np.zeros((0, s.embed_dim), np.float32) for s in specs]
+        leak_report = find_leaks(per_enc, ref_feats, cfg.leak_threshold, cfg.leak_neighbours,
+                                 reference_ids=ref_ids, image_ids=seen)
+        if cfg.leak_review:
+            leak_report = apply_review(leak_report, cfg.leak_review)
+        leaked_imgs = {x.image_id for x in leak_report.leaks}
+        leaks = {int(g) for g, i in zip(sel.ids, img_of) if i in leaked_imgs}
+        # dedup among the surviving selected items (original-image level)
+        alive = np.flatnonzero(ok & ~np.isin(img_of, list(leaked_imgs)))
+        dups: set[int] = set()
+        if alive.size:
+            uniq, inv = np.unique(img_of[alive], return_inverse=True)
+            f = combine_features([np.stack([orig[i][e] for i in uniq]) for e in range(len(specs))])
+            labels = duplicate_clusters(f, cfg.dedup_threshold)[inv]
+            keep = keep_one_per_cluster(labels, alive)   # selection order = curated rank
+            dups = {int(g) for g in sel.ids[alive[~keep]]}
+            for lab in np.unique(labels[~keep]):
+                members = np.flatnonzero(labels == lab)
+                filtered.clusters.append([(str(img_of[alive[m]]), bool(keep[m])) for m in members])
+        if not (unreadable | leaks | dups):
+            break
+        filtered.unreadable |= unreadable
+        filtered.leaks |= leaks
+        for i in img_of:
+            if i in leaked_imgs:
+                filtered.leak_items[str(i)] = filtered.leak_items.get(str(i), 0) + 1
+        filtered.duplicates |= dups
+        sel = select(filtered.all())
+    timings["filters"] = time.perf_counter() - tf
+
+    # materialise and write
+    tw = time.perf_counter()
+    rows = gindex.rows(sel.ids)
+    records = _records(sel, rows, query_ids)
+    written = write_transfer_shards(out, gindex, records, cfg.shard_size, cfg.jpeg_quality)
+    write_query_shards(out, qs)
+    write_json(out / contract.QUERIES_DRAW_FILE, qs.to_draw_dict())
+    timings["write"] = time.perf_counter() - tw
+    timings["search"] = search_time[0]
+
+    first_ids = set(first.ids.tolist())
+    counts = {
+        "requested": cfg.size,
+        "retrieved": len(first),
+        "removed_duplicate": len(filtered.duplicates & first_ids),
+        "removed_leak": len(filtered.leaks & first_ids),
+        "removed_unreadable": len(filtered.unreadable & first_ids),
+        "backfilled": len(set(sel.ids.tolist()) - first_ids),
+        "written": written.written,
+        "unreadable_at_write": written.unreadable,
+        "rounds": rounds,
+        "exhausted": bool(sel.exhausted),
+        "depth_k": int(sel.k),
+    }
+    assert counts["retrieved"] - counts["removed_duplicate"] - counts["removed_leak"] \
+        - counts["removed_unreadable"] + counts["backfilled"] - counts["unreadable_at_write"] == counts["written"]
+    manifest = {
+        "config": cfg.to_dict(),
+        "query_set": {"name": qs.name, "seed": qs.seed, "classes": qs.classes, "num_queries": len(qs.queries),
+                      "num_references": len(qs.references)},
+        "index": {"path": str(gindex.root), "num_vectors": gindex.num_vectors,
+                  "index_factory": gindex.manifest["index_factory"]},
+        "encoders": [s.to_dict() for s in specs],
+        "seed": cfg.seed,
+        "strategy": cfg.strategy,
+        "thresholds": {"dedup": cfg.dedup_threshold, "leak": cfg.leak_threshold},
+        "counts": counts,
+        "message": sel.message,
+        "leaks": leak_report.to_dict() if leak_report else None,
+        "shards": written.files,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "code_version": CODE_VERSION,
+    }
+    _write_report(out, cfg, qs, gindex, sel, records, filtered, leak_report, counts, specs, query_ids)
+    write_json(out / contract.MANIFEST_FILE, manifest)
+    seconds = time.perf_counter() - t0
+    print(summary_line(manifest, seconds), flush=True)
+    return manifest
+
+
+def summary_line(manifest: dict[str, Any], seconds: float) -> str:
+    c = manifest["counts"]
+    th = manifest["thresholds"]
+    return (f"curate: {c['written']}/{c['requested']} written ({manifest['strategy']}, k={c['depth_k']}), "
+            f"retrieved {c['retrieved']}, removed {c['removed_duplicate']} duplicate / {c['removed_leak']} leak / "
+            f"{c['removed_unreadable']} unreadable, backfilled {c['backfilled']}, "
+            f"thresholds dedup {th['dedup']} leak {th['leak']}, {seconds:.1f} s"
+            + (f" -- {manifest['message']}" if manifest.get("message") else ""))
+
+
+def _records(sel: Selection, rows, query_ids: list[str]) -> list[contract.TransferRecord]:
+    out = []
+    for i, (gid, row) in enumerate(zip(sel.ids, rows)):
+        hits = [contract.QueryHit(query=query_ids[q], similarity=round(s, 6), rank=r) for q, r, s in sel.hits(i)]
+        out.append(contract.TransferRecord(
+            key=contract.transfer_key(row.id, row.crop), source_id=row.id, crop=row.crop, recipe=row.recipe,
+            queries=hits, similarity=round(float(sel.scores[i]), 6) if np.isfinite(sel.scores[i]) else 0.0,
+            rank=i))
+    return out
+
+
+def _write_report(out, cfg, qs, gindex, sel, records, filtered, leak_report, counts, specs, query_ids):
+    from curation.shards import load_thumbs
+
+    by_query: dict[str, list[contract.TransferRecord]] = defaultdict(list)
+    for rec in records:
+        for h in rec.queries:
+            by_query[h.query].append(rec)
+    shown = rpt.ReportLimits()
+    panels_q = list(by_query)[: shown.max_queries * 4]
+    wanted = {(r.source_id, r.crop): r.recipe for q in panels_q
+              for r in sorted(by_query[q], key=lambda r: r.rank)[:shown.max_per_query]}
+    leak_imgs = [x.image_id for x in (leak_report.leaks + leak_report.cleared)] if leak_report else []
+    clusters = sorted(filtered.clusters, key=len, reverse=True)[:shown.max_clusters]
+    cluster_imgs = {i for c in clusters for i, _ in c[:shown.max_cluster_members]}
+    thumbs = load_thumbs(gindex, wanted, set(leak_imgs) | cluster_imgs)
+    qimg = {q.id: q for q in qs.queries}
+    label = {q.id: qs.classes[q.label] for q in qs.queries}
+    panels = []
+    for qid in panels_q:
+        recs = sorted(by_query[qid], key=lambda r: next(h.rank for h in r.queries if h.query == qid))
+        panels.append(rpt.QueryPanel(
+            id=qid, class_name=label.get(qid, qid.removeprefix("text:")),
+            image=qimg[qid].load() if qid in qimg else None,
+            retrieved=[rpt.RetrievedItem(source_id=r.source_id, crop=r.crop,
+                                         similarity=next(h.similarity for h in r.queries if h.query == qid),
+                                         rank=next(h.rank for h in r.queries if h.query == qid),
+                                         crop_image=thumbs["crops"].get((r.source_id, r.crop)),
+                                         original_image=thumbs["originals"].get(r.source_id))
+                       for r in recs[:shown.max_per_query]]))
+    refs = {r.id: r for r in qs.references}
+    leak_panels = []
+    if leak_report:
+        for leak, cleared in [(x, False) for x in leak_report.leaks] + [(x, True) for x in leak_report.cleared]:
+            leak_panels.append(rpt.LeakPanel(
+                source_id=leak.image_id, image=thumbs["originals"].get(leak.image_id),
+                max_similarity=leak.max_similarity,
+                neighbours=[rpt.ReferenceMatch(id=i, similarity=s, image=refs[i].load() if i in refs else None)
+                            for i, s in zip(leak.neighbor_ids, leak.neighbor_similarity)],
+                crops_removed=0 if cleared else filtered.leak_items.get(leak.image_id, 0),
+                unflagged=cleared, review_note="marked not a leak on review" if cleared else ""))
+    per_query, per_class = rpt.count_per_query_and_class(records, {q: label.get(q, q) for q in query_ids})
+    data = rpt.ReportData(
+        title=f"Curated transfer set: {qs.name}", query_set=qs.name, requested=cfg.size,
+        retrieved=counts["retrieved"], removed_duplicates=counts["removed_duplicate"],
+        removed_leaks=counts["removed_leak"], backfilled=counts["backfilled"], written=counts["written"],
+        unreadable=counts["removed_unreadable"] + counts["unreadable_at_write"],
+        thresholds={"dedup": cfg.dedup_threshold, "leak": cfg.leak_threshold},
+        encoders=[s.name for s in specs], extra={"strategy": cfg.strategy, "depth k": counts["depth_k"]},
+        queries=panels, leaks=leak_panels,
+        dedup_clusters=[rpt.DedupCluster([rpt.DedupMember(id=i, image=thumbs["originals"].get(i), kept=k)
+                                          for i, k in c]) for c in clusters],
+        per_query_counts=per_query, per_class_counts=per_class)
+    rpt.write_report(out / contract.REPORT_FILE, data)

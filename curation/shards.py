@@ -1,0 +1,151 @@
+"""Writing the curated set: transfer crops re-materialised from the gallery, and the query images.
+
+Crops are never stored by the index; each is re-created from its recipe (index.crops.materialize),
+reading every gallery shard once. Output order is (gallery shard in index order, curated rank), so the
+writer streams and the same inputs give byte-identical shards (fixed tar mtimes, deterministic JPEG).
+Each tar is written under a temporary name and renamed (webdataset's ShardWriter writes straight to
+the final name, so a killed job could leave a truncated shard that looks complete).
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import webdataset as wds
+from PIL import Image
+
+from index import contract
+from index.atomic import atomic_path
+from index.crops import CropRecipe, materialize
+from index.gallery import SkipCounts, read_images
+
+
+@dataclass
+class WriteResult:
+    written: int = 0
+    unreadable: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class AtomicShardWriter:
+    """Like webdataset's ShardWriter (maxcount per tar, pattern names) but each tar is committed by
+    rename when complete, and tar headers carry a fixed mtime so reruns are byte-identical."""
+
+    def __init__(self, out: Path, pattern: str, maxcount: int):
+        self.out, self.pattern, self.maxcount = out, pattern, maxcount
+        self.files: list[str] = []
+        self._ctx = self._tar = self._fh = None
+        self._count = 0
+
+    def _open(self):
+        name = self.pattern % len(self.files)
+        self._ctx = atomic_path(self.out / name)
+        tmp = self._ctx.__enter__()
+        self._fh = open(tmp, "wb")
+        self._tar = wds.TarWriter(self._fh, mtime=0.0)
+        self.files.append(name)
+        self._count = 0
+
+    def _close(self):
+        if self._tar is not None:
+            self._tar.close()
+            self._fh.close()
+            self._ctx.__exit__(None, None, None)
+            self._tar = None
+
+    def write(self, sample: dict) -> None:
+        if self._tar is None or self._count >= self.maxcount:
+            self._close()
+            self._open()
+        self._tar.write(sample)
+        self._count += 1
+
+    def close(self) -> list[str]:
+        self._close()
+        return self.files
+
+
+def _remove_stale(out: Path, prefix: str, keep: list[str]) -> None:
+    for p in out.glob(f"{prefix}-*.tar"):
+        if p.name not in keep:
+            p.unlink()
+
+
+def materialized_crops(gindex, records: Iterable[contract.TransferRecord], counts: SkipCounts
+                       ) -> Iterator[tuple[contract.TransferRecord, Image.Image | None]]:
+    """(record, crop) in (gallery shard, rank) order; crop None where the original could not be read."""
+    by_shard: dict[str, list[contract.TransferRecord]] = defaultdict(list)
+    for r in records:
+        by_shard[contract.split_image_id(r.source_id)[0]].append(r)
+    order = [s["name"] for s in gindex.shards if s["name"] in by_shard]
+    for shard in order:
+        recs = sorted(by_shard[shard], key=lambda r: r.rank)
+        images = read_images(gindex.shard_ref(shard), {contract.split_image_id(r.source_id)[1] for r in recs},
+                             counts)
+        for r in recs:
+            im = images.get(contract.split_image_id(r.source_id)[1])
+            yield r, None if im is None else materialize(im, CropRecipe.from_dict(r.recipe))
+
+
+def write_transfer_shards(out: Path, gindex, records: list[contract.TransferRecord], shard_size: int,
+                          quality: int = 95) -> WriteResult:
+    res = WriteResult()
+    counts = SkipCounts()
+    writer = AtomicShardWriter(out, contract.TRANSFER_PATTERN, shard_size)
+    for rec, crop in materialized_crops(gindex, records, counts):
+        if crop is None:
+            res.unreadable += 1
+            continue
+        writer.write({"__key__": rec.key, "jpg": _jpeg(crop, quality),
+                      "json": json.dumps(rec.to_dict(), sort_keys=True).encode()})
+        res.written += 1
+    res.files = writer.close()
+    res.skipped = counts.to_dict()
+    _remove_stale(out, "transfer", res.files)
+    return res
+
+
+def write_query_shards(out: Path, qs, shard_size: int = 1000) -> list[str]:
+    writer = AtomicShardWriter(out, contract.QUERIES_PATTERN, shard_size)
+    for i, q in enumerate(qs.queries):
+        writer.write({"__key__": f"q{i:06d}", "png": _png(q.load()), "cls": str(q.label).encode(),
+                      "json": json.dumps({"id": q.id, "label": q.label,
+                                          "class_name": qs.classes[q.label]}, sort_keys=True).encode()})
+    files = writer.close()
+    _remove_stale(out, "queries", files)
+    return files
+
+
+def load_thumbs(gindex, crops: dict[tuple[str, int], dict], originals: set[str]) -> dict[str, dict]:
+    """Crops (by (image id, crop)) and originals (by image id) for the report, each shard read once."""
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for iid in {i for i, _ in crops} | set(originals):
+        shard, key = contract.split_image_id(iid)
+        wanted[shard].add(key)
+    out: dict[str, dict] = {"crops": {}, "originals": {}}
+    for shard, keys in sorted(wanted.items()):
+        images = read_images(gindex.shard_ref(shard), keys, SkipCounts())
+        for key, im in images.items():
+            iid = contract.image_id(shard, key)
+            out["originals"][iid] = im
+    for (iid, c), recipe in crops.items():
+        if iid in out["originals"]:
+            out["crops"][(iid, c)] = materialize(out["originals"][iid], CropRecipe.from_dict(recipe))
+    return out
