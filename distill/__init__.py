@@ -1,0 +1,18 @@
+"""Distillation backend: teach the target task to a VFM, transfer it to a small timm student, evaluate.
+
+Modules (one concept each):
+
+    config.py     DistillConfig: the frozen, fully resolved run configuration
+    adapter.py    InputAdapter: each model resizes and normalises its own [0, 1] input
+    teachers.py   VFM encoder + linear head; adaptation by linear probe or finetuning
+    students.py   timm students (random init or local weights) with a linear head
+    cache.py      teacher outputs (logits, features) computed once per transfer set, fingerprinted
+    losses.py     pure loss functions: KD, AFT kernel distance, feature cosine / contrastive
+    methods.py    METHODS registry: labels_only, kd, feature_kd, aft as tasks returning named losses
+    data.py       transfer shards (webdataset stream), labelled query shards, test split
+    trainer.py    AdamW + cosine with warmup, AMP, atomic checkpoints, exact resume
+    evaluate.py   accuracy and per-class accuracy on the test split
+    run.py        run_distill(cfg) -> metrics: the whole pipeline, in-process or on Ray Train
+    synthetic.py  tiny deterministic curated directories and query sets for tests and benchmarks
+    cli.py        `distill` command line
+"""

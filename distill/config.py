@@ -1,0 +1,137 @@
+"""DistillConfig: every option of a distillation run, with CPU-sized defaults.
+
+Paper defaults where they exist: AdamW + cosine decay with warmup (Vemulapalli et al. 2024, A.4),
+AFT beta = 10, s initialised at 0 with its own Adam group at lr 1e-2 and no weight decay (Qiu et al.
+2024, A.1). The fully resolved config is written to OUT/config.json by `run_distill`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from index.atomic import fingerprint
+from index.registry import choice
+
+TEACHER_ADAPTATIONS = ("linear_probe", "finetune")
+FEATURE_LOSSES = ("cosine", "contrastive", "cosine+contrastive")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    method: str                                  # a name in distill.methods.METHODS
+    transfer: str                                # curated directory (transfer-*.tar, queries-*.tar, queries.json)
+    queries: str                                 # named query set: its test split is the evaluation set
+    out: str                                     # run directory
+    # teacher (a VFM from the encoder registry) and its adaptation on the labelled set
+    teacher: str = "efficientnet_lite0"
+    teacher_weights: str | None = None
+    teacher_adapt: str = "linear_probe"          # linear_probe | finetune
+    probe_steps: int = 100                       # LBFGS iterations of the logistic regression head
+    probe_weight_decay: float = 1e-4             # L2 penalty of the logistic regression head
+    teacher_epochs: int = 10                     # finetune only
+    teacher_lr: float = 1e-5                     # finetune only
+    teacher_batch_size: int = 32
+    # pretrained feature sources for AFT / feature KD (default: the teacher's encoder), concatenated
+    feature_encoders: tuple[str, ...] = ()
+    # student
+    student: str = "mobilenetv3_large_100"
+    student_weights: str | None = None
+    resolution: int | None = None                # None: the student's default input size
+    # data
+    data_root: str | None = None
+    query_seed: int = 0
+    batch_size: int = 32
+    label_batch_size: int | None = None          # None: batch_size
+    augment: bool = True                         # RandomResizedCrop + horizontal flip
+    shuffle_buffer: int = 1000
+    decode_threads: int = 0                      # threads decoding/augmenting a batch; 0 = inline
+    # schedule
+    transfer_epochs: int = 1
+    transfer_steps: int | None = None            # overrides transfer_epochs
+    finetune_epochs: int = 10
+    lr: float = 7e-4                             # transfer phase (paper: 7e-4 for distillation)
+    finetune_lr: float | None = None             # None: lr
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05                    # warmup steps as a fraction of each phase's steps
+    # method options
+    temperature: float = 1.0                     # KD
+    beta: float = 10.0                           # AFT regularisation weight
+    aft_lr: float = 1e-2                         # AFT's s (its own Adam group, no weight decay)
+    aft_on_transfer: bool = True                 # AFT on the transfer set too (kernel loss only)
+    feature_loss: str = "cosine"                 # feature_kd: cosine | contrastive | cosine+contrastive
+    contrastive_temperature: float = 0.07
+    # run
+    seed: int = 0
+    device: str = "auto"                         # auto | cpu | cuda
+    amp: bool = True                             # bfloat16 autocast on CUDA (ignored on CPU)
+    checkpoint_every: int = 100                  # steps
+    workers: int = 1                             # >1: data-parallel training with Ray Train (gloo, CPU)
+    baseline: bool = False                       # also train labels_only and report its accuracy
+    cache_dir: str | None = None                 # teacher output cache (default OUT/cache)
+    eval_batch_size: int = 64
+    progress: bool = True
+    stop_at_step: int | None = None              # end training after this many steps without saving (a kill)
+
+    def __post_init__(self) -> None:
+        from distill.methods import METHODS
+
+        METHODS.get(self.method)  # raises with the valid names
+        choice("teacher adaptation", self.teacher_adapt, TEACHER_ADAPTATIONS)
+        choice("feature loss", self.feature_loss, FEATURE_LOSSES)
+        choice("device", self.device, DEVICES)
+        positive = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                    "workers": self.workers, "temperature": self.temperature,
+                    "teacher_batch_size": self.teacher_batch_size}
+        for k, v in positive.items():
+            if v <= 0:
+                raise ValueError(f"{k} must be > 0, got {v}")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if isinstance(self.feature_encoders, list):
+            object.__setattr__(self, "feature_encoders", tuple(self.feature_encoders))
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def feature_sources(self) -> tuple[str, ...]:
+        return self.feature_encoders or (self.teacher,)
+
+    @property
+    def labels_batch_size(self) -> int:
+        return self.label_batch_size or self.batch_size
+
+    @property
+    def finetune_learning_rate(self) -> float:
+        return self.finetune_lr if self.finetune_lr is not None else self.lr
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["feature_encoders"] = list(self.feature_encoders)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(names))}")
+        d = dict(d)
+        if "feature_encoders" in d:
+            d["feature_encoders"] = tuple(d["feature_encoders"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "DistillConfig":
+        return dataclasses.replace(self, **changes)
+
+    def training_fingerprint(self) -> str:
+        """What determines the trained weights; options that only affect speed, logging or where
+        outputs go are left out, so a resumed run with those changed still matches."""
+        d = self.to_dict()
+        for k in ("out", "cache_dir", "progress", "stop_at_step", "baseline", "decode_threads",
+                  "checkpoint_every", "eval_batch_size", "data_root"):
+            d.pop(k)
+        return fingerprint(d)
+
+

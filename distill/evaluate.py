@@ -1,0 +1,25 @@
+"""Evaluation on the test split: accuracy and per-class accuracy (classes with no test image: None)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+
+@torch.no_grad()
+def evaluate(model: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             classes: list[str], device: torch.device) -> dict[str, Any]:
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    n = len(classes)
+    correct = torch.zeros(n, dtype=torch.long)
+    total = torch.zeros(n, dtype=torch.long)
+    for x, y in batches:
+        pred = model(x.to(device)).argmax(dim=1).cpu()
+        total += torch.bincount(y, minlength=n)
+        correct += torch.bincount(y[pred == y], minlength=n)
+    if int(total.sum()) == 0:
+        raise ValueError("the test split is empty")
+    per_class = {c: (float(correct[i]) / float(total[i]) if total[i] else None) for i, c in enumerate(classes)}
+    return {"accuracy": float(correct.sum()) / float(total.sum()), "per_class_accuracy": per_class,
+            "num_test": int(total.sum())}

@@ -1,0 +1,201 @@
+"""METHODS: distillation methods as tasks (nn.Module) that map a batch to named losses.
+
+A task sees two kinds of batches: labelled batches ("label" present) and transfer batches (cached
+teacher outputs present, no label). Every task returns {"loss": total to minimise, "task_loss": CE
+or 0, <method>_loss: its regulariser, unscaled}. Phases: an optional transfer phase on the transfer
+set, then a finetune phase on the labelled set (Vemulapalli et al. 2024, Figure 2).
+
+- labels_only   CE on the labelled set (the baseline).
+- kd            transfer: T^2 KL(teacher || student) on cached teacher logits; finetune: CE.
+- feature_kd    transfer: a linear projection of the student's features matched to the cached teacher
+                features (cosine, and/or InfoNCE); finetune: CE. (Task-agnostic transfer.)
+- aft           Qiu et al. 2024, Algorithm 1: CE + beta * ||K_phi - K_{mu psi}||_F / B with mu =
+                diag(sigmoid(s)), s = 0 at start, in its own Adam group (lr aft_lr, no weight
+                decay). The student's features enter the kernel directly (no learned map on them).
+                Theta gets the gradient of CE + beta * delta, s the gradient of delta alone (the
+                update of Algorithm 1, step 7). On the transfer set (no labels) only beta * delta.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.losses import (aft_kernel_distance, feature_contrastive_loss, feature_cosine_loss, kd_loss,
+                            scale_grad)
+from index.registry import Registry
+
+Batch = dict[str, Any]
+Losses = dict[str, torch.Tensor]
+
+
+def decay_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices and kernels, none on biases and norm parameters."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class Task(nn.Module):
+    reg_name: str | None = None
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def _ce(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), batch["label"])
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        return decay_groups(self, lr, weight_decay)
+
+    @torch.no_grad()
+    def matched_targets(self, batch: Batch) -> Batch:
+        """Cached-target values for this batch at which the regulariser is exactly zero (for tests)."""
+        return {}
+
+
+class LabelsOnly(Task):
+    def forward(self, batch: Batch) -> Losses:
+        if "label" not in batch:
+            raise ValueError("labels_only trains on labelled batches only")
+        loss = self._ce(self.student(batch["image"]), batch)
+        return {"loss": loss, "task_loss": loss.detach()}
+
+
+class KD(Task):
+    reg_name = "kd_loss"
+
+    def __init__(self, student: nn.Module, temperature: float = 1.0):
+        super().__init__(student)
+        self.temperature = temperature
+
+    def forward(self, batch: Batch) -> Losses:
+        logits = self.student(batch["image"])
+        if "label" in batch:
+            loss = self._ce(logits, batch)
+            return {"loss": loss, "task_loss": loss.detach()}
+        kd = kd_loss(logits, batch["teacher_logits"].to(logits.device), self.temperature)
+        return {"loss": kd, "task_loss": torch.zeros((), device=kd.device), "kd_loss": kd.detach()}
+
+    @torch.no_grad()
+    def matched_targets(self, batch: Batch) -> Batch:
+        return {"teacher_logits": self.student(batch["image"]).float()}
+
+
+class FeatureKD(Task):
+    reg_name = "feature_loss"
+
+    def __init__(self, student: nn.Module, teacher_dim: int, loss: str = "cosine",
+                 contrastive_temperature: float = 0.07):
+        super().__init__(student)
+        self.projection = nn.Linear(student.num_features, teacher_dim)
+        self.loss_kind = loss
+        self.contrastive_temperature = contrastive_temperature
+
+    def forward(self, batch: Batch) -> Losses:
+        if "label" in batch:
+            loss = self._ce(self.student(batch["image"]), batch)
+            return {"loss": loss, "task_loss": loss.detach()}
+        pred = self.projection(self.student.forward_features(batch["image"]))
+        target = batch["teacher_features"].to(pred.device)
+        parts = {}
+        if "cosine" in self.loss_kind:
+            parts["cosine_loss"] = feature_cosine_loss(pred, target)
+        if "contrastive" in self.loss_kind:
+            parts["contrastive_loss"] = feature_contrastive_loss(pred, target, self.contrastive_temperature)
+        loss = sum(parts.values())
+        out = {"loss": loss, "task_loss": torch.zeros((), device=loss.device), "feature_loss": loss.detach()}
+        out.update({k: v.detach() for k, v in parts.items()})
+        return out
+
+    @torch.no_grad()
+    def matched_targets(self, batch: Batch) -> Batch:
+        return {"teacher_features": self.projection(self.student.forward_features(batch["image"])).float()}
+
+
+class AFT(Task):
+    reg_name = "aft_loss"
+
+    def __init__(self, student: nn.Module, pretrained_dim: int, beta: float = 10.0, s_lr: float = 1e-2):
+        super().__init__(student)
+        if beta <= 0:
+            raise ValueError(f"AFT needs beta > 0, got {beta}")
+        self.s = nn.Parameter(torch.zeros(pretrained_dim))
+        self.beta = beta
+        self.s_lr = s_lr
+
+    def forward(self, batch: Batch) -> Losses:
+        logits, feats = self.student.forward_both(batch["image"])
+        zero = torch.zeros((), device=logits.device)
+        loss, out = zero, {}
+        if "label" in batch:
+            ce = self._ce(logits, batch)
+            loss = loss + ce
+            out["task_loss"] = ce.detach()
+        else:
+            out["task_loss"] = zero
+        if "teacher_features" in batch:
+            # s's gradient is that of delta alone (Algorithm 1, step 7), theta's that of beta * delta
+            s = scale_grad(self.s, 1.0 / self.beta)
+            delta = aft_kernel_distance(feats, batch["teacher_features"].to(feats.device), s)
+            loss = loss + self.beta * delta
+            out["aft_loss"] = delta.detach()
+        elif "label" not in batch:
+            raise ValueError("an AFT batch needs labels, cached pretrained features, or both")
+        out["loss"] = loss
+        return out
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        return decay_groups(self.student, lr, weight_decay) + [
+            {"params": [self.s], "lr": self.s_lr, "weight_decay": 0.0, "constant_lr": True}]
+
+    @torch.no_grad()
+    def matched_targets(self, batch: Batch) -> Batch:
+        # sigmoid(0) = 1/2 on every column: a uniform scale, which the normalised kernel ignores
+        return {"teacher_features": self.student.forward_features(batch["image"]).float()}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable[..., Task]       # (student, cfg, feature_dim) -> Task
+    transfer_needs: str | None       # what the transfer phase reads from the cache: logits | features | None
+    labelled_needs: str | None       # what the finetune phase reads from the cache
+    needs_teacher_head: bool         # needs an adapted teacher (logits) rather than pretrained features
+
+
+METHODS: Registry[Method] = Registry("distillation method")
+METHODS.register("labels_only", Method("labels_only", lambda st, cfg, dim: LabelsOnly(st), None, None, False))
+METHODS.register("kd", Method("kd", lambda st, cfg, dim: KD(st, cfg.temperature), "logits", None, True))
+METHODS.register("feature_kd", Method(
+    "feature_kd", lambda st, cfg, dim: FeatureKD(st, dim, cfg.feature_loss, cfg.contrastive_temperature),
+    "features", None, False))
+METHODS.register("aft", Method("aft", lambda st, cfg, dim: AFT(st, dim, cfg.beta, cfg.aft_lr),
+                               "features", "features", False))
+
+
+def build_task(method: str, student: nn.Module, cfg: Any, feature_dim: int = 0, seed: int = 0) -> Task:
+    """Extra parameters (projections) are initialised from `seed`, not from the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return METHODS.get(method).build(student, cfg, feature_dim)
+
+
+def phases(method: str, cfg: Any, has_transfer: bool) -> list[str]:
+    """The training phases of a method, in order: "transfer" (transfer set) and/or "finetune" (labels)."""
+    m = METHODS.get(method)
+    if m.transfer_needs is None:
+        return ["finetune"]
+    if method == "aft" and not (cfg.aft_on_transfer and has_transfer):
+        return ["finetune"]
+    if not has_transfer:
+        raise ValueError(f"method {method!r} needs transfer shards (transfer-*.tar) in {cfg.transfer}")
+    return ["transfer", "finetune"]
