@@ -66,7 +66,7 @@ def _random_crops(im: Image.Image, n: int, rng: np.random.Generator, out_range=(
     crops = []
     for _ in range(n):
         s = rng.uniform(0.15, 0.7)
-        cw, ch = max(8, int(w * np.sqrt(s))), max(8, int(h * np.sqrt(s)))
+        cw, ch = min(w, max(8, int(w * np.sqrt(s)))), min(h, max(8, int(h * np.sqrt(s))))
         x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
         side = int(rng.integers(*out_range))
         scale = side / max(cw, ch)
@@ -101,7 +101,10 @@ def skimage_items(rng: np.random.Generator, crops_per_photo: int) -> tuple[list[
             missing.append(name)
             continue
         arr = np.asarray(arr)
-        if arr.dtype != np.uint8:
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        elif arr.dtype != np.uint8:
+            arr = arr.astype(np.float64)
             arr = (255 * (arr - arr.min()) / max(1e-9, float(arr.max() - arr.min()))).astype(np.uint8)
         im = _flatten(Image.fromarray(arr))
         for j, c in enumerate(_random_crops(im, crops_per_photo, rng)):
@@ -172,7 +175,7 @@ def build_demo_gallery(out: str | Path, pool: int = 1500, leaks: int = 30, crops
             for k in order:
                 w.writerow([f"{base}/{items[k].name}", items[k].caption])
         stats = download(str(urls), str(out / "gallery"), max_side=None, processes=1, threads=16,
-                         number_sample_per_shard=shard_size, input_format="csv",
+                         samples_per_shard=shard_size, input_format="csv",
                          url_col="url", caption_col="caption")
     finally:
         server.shutdown()

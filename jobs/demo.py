@@ -1,0 +1,96 @@
+"""`make demo`: the whole pipeline on the embedded demo data, with the same commands a user types.
+
+    build gallery (jobs.demo_gallery, via img2dataset from a loopback server)
+    python curation/build_index.py --config jobs/demo.yaml --out DATA/idx
+    curate --queries fashion_mnist_10shot --index DATA/idx --size N --out DATA/curated
+    curate ... --strategy random --out DATA/random            (a random gallery subset of the same size)
+    distill --method labels_only ...; distill --method kd --transfer DATA/curated ...;
+    distill --method kd --transfer DATA/random ...
+    -> one table (method, transfer set, test accuracy) and the paths of every output.
+
+Each step is skipped when its output is complete (its manifest / metrics exist), so a rerun resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+QUERIES = "fashion_mnist_10shot"
+
+
+def run(cmd: list[str], done: Path) -> float:
+    """Run a pipeline command (printed first, as a user would type it) unless its output is complete."""
+    print(f"\n$ {shlex.join(cmd)}", flush=True)
+    if done.exists():
+        print(f"  (done: {done})")
+        return 0.0
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return time.perf_counter() - t
+
+
+def distill_cmd(data: Path, method: str, transfer: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    return [str(BIN / "distill"), "--method", method, "--transfer", str(transfer), "--queries", QUERIES,
+            "--teacher", "efficientnet_lite0", "--teacher-image-size", str(args.image_size),
+            "--student", args.student, "--resolution", str(args.resolution),
+            "--transfer-epochs", str(args.transfer_epochs), "--finetune-epochs", str(args.finetune_epochs),
+            "--cache-dir", str(data / "teacher-cache"), "--out", str(out)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="demo-data")
+    p.add_argument("--size", type=int, default=1000, help="transfer-set size N")
+    p.add_argument("--image-size", type=int, default=96, help="teacher input resolution")
+    p.add_argument("--student", default="test-tiny-student")
+    p.add_argument("--resolution", type=int, default=64, help="student input resolution")
+    p.add_argument("--transfer-epochs", type=int, default=4)
+    p.add_argument("--finetune-epochs", type=int, default=20)
+    a = p.parse_args(argv)
+    data = Path(a.data)
+    t0 = time.perf_counter()
+    steps: dict[str, float] = {}
+    py = str(BIN / "python")
+    steps["gallery"] = run([py, "-m", "jobs.demo_gallery", "--out", str(data)], data / "gallery.done.json")
+    steps["index"] = run([py, "curation/build_index.py", "--config", "jobs/demo.yaml", "--out", str(data / "idx")],
+                         data / "idx" / "manifest.json")
+    for name, strategy in (("curated", "query_balanced"), ("random", "random")):
+        steps[f"curate {name}"] = run(
+            [str(BIN / "curate"), "--queries", QUERIES, "--index", str(data / "idx"), "--size", str(a.size),
+             "--strategy", strategy, "--out", str(data / name), "--cache-dir", str(data / "feature-cache")],
+            data / name / "manifest.json")
+    runs = [("labels_only", "none (labels only)", data / "curated", data / "runs" / "labels_only"),
+            ("kd", f"curated, query_balanced, N={a.size}", data / "curated", data / "runs" / "kd_curated"),
+            ("kd", f"random gallery subset, N={a.size}", data / "random", data / "runs" / "kd_random")]
+    for method, _, transfer, out in runs:
+        steps[f"distill {out.name}"] = run(distill_cmd(data, method, transfer, out, a), out / "metrics.json")
+
+    rows = []
+    for method, label, _, out in runs:
+        m = json.loads((out / "metrics.json").read_text())
+        rows.append((method, label, m["test_accuracy"], m.get("teacher_accuracy")))
+    teacher = next((t for *_, t in rows if t is not None), None)
+    print("\n" + "=" * 72)
+    print(f"{'method':<14}{'transfer set':<40}{'test accuracy':>14}")
+    print("-" * 72)
+    for method, label, acc, _ in rows:
+        print(f"{method:<14}{label:<40}{acc:>14.4f}")
+    if teacher is not None:
+        print(f"{'(teacher)':<14}{'efficientnet_lite0 linear probe':<40}{teacher:>14.4f}")
+    print("=" * 72)
+    print(f"report:   {data / 'curated' / 'report.html'}")
+    print(f"outputs:  index {data / 'idx'}, curated {data / 'curated'}, random {data / 'random'}, "
+          f"runs {data / 'runs'}")
+    print(f"pipeline time: {time.perf_counter() - t0:.0f} s "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in steps.items() if v))
+
+
+if __name__ == "__main__":
+    main()
