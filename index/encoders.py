@@ -192,9 +192,12 @@ def _open_clip_spec(arch: str, tag: str | None, weights: str | None) -> EncoderS
     if mcfg is None:
         raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
     if tag is not None and weights is None:
-        if tag not in open_clip.list_pretrained_tags_by_model(arch):
-            raise ValueError(f"unknown open_clip pretrained tag {tag!r} for {arch}; valid: "
-                             f"{open_clip.list_pretrained_tags_by_model(arch)}")
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if tag not in tags:
+            import difflib
+            close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.5)
+            raise ValueError(f"unknown open_clip pretrained tag {tag!r} for {arch}; closest: {close}; "
+                             f"valid: {tags}")
         weights = _open_clip_weights(arch, tag)
     if weights is None:
         raise ValueError(f"open_clip architecture {arch!r} needs a pretrained tag (ARCH.TAG) or a weights path")
