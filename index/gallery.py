@@ -193,17 +193,23 @@ def list_shards(path_or_glob: str | list[str]) -> list[ShardRef]:
         paths: list[str] = []
         for p in braceexpand.braceexpand(pattern):
             p = os.path.expanduser(p)
-            paths.extend(sorted(glob.glob(p, recursive=True)) if _is_pattern(p) else [p])
+            if _is_pattern(p) and not os.path.exists(p):  # an existing name with '[' is a path
+                paths.extend(sorted(glob.glob(p, recursive=True)))
+            else:
+                paths.append(p)
         shards: list[ShardRef] = []
         for p in paths:
             if os.path.isdir(p):
                 shards.extend(_shards_of_dir(p))
             elif os.path.isfile(p) and p.endswith(".tar"):
                 shards.append(ShardRef(Path(p).stem, os.path.abspath(p), "tar"))
-            elif not _is_pattern(pattern) and not os.path.exists(p):
+            elif not os.path.exists(p):
                 raise FileNotFoundError(f"gallery path {p!r} does not exist")
         if not shards:
-            what = f"it matched {len(paths)} path(s)" if _is_pattern(pattern) else "it is a path"
+            if _is_pattern(pattern):
+                what = f"it matched {len(paths)} path(s)"
+            else:
+                what = "a folder without .tar files or images" if os.path.isdir(pattern) else "not a .tar file"
             raise FileNotFoundError(f"no gallery shards found for {pattern!r} ({what}); looked for {looked_for}")
         for s in shards:
             other = found.get(s.name)
