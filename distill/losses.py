@@ -67,4 +67,4 @@ def feature_contrastive_loss(pred: torch.Tensor, target: torch.Tensor, temperatu
 
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Identity in the forward pass; multiplies the gradient by `factor` in the backward pass."""
-    return x * factor + x.detach() * (1.0 - factor)
+    return x.detach() + (x - x.detach()) * factor

@@ -159,8 +159,15 @@ class AFT(Task):
 
     @torch.no_grad()
     def matched_targets(self, batch: Batch) -> Batch:
-        # sigmoid(0) = 1/2 on every column: a uniform scale, which the normalised kernel ignores
-        return {"teacher_features": self.student.forward_features(batch["image"]).float()}
+        # coordinates of the centred student features in an orthonormal basis of their span have the
+        # same kernel; dividing by sigmoid(s) undoes the scaling (exact when rank <= len(s))
+        f = self.student.forward_features(batch["image"]).float()
+        u, sv, _ = torch.linalg.svd(f - f.mean(0, keepdim=True), full_matrices=False)
+        coords = u * sv
+        r = min(coords.shape[1], self.s.numel())
+        psi = torch.zeros(f.shape[0], self.s.numel(), device=f.device)
+        psi[:, :r] = coords[:, :r]
+        return {"teacher_features": psi / torch.sigmoid(self.s.detach().float())}
 
 
 @dataclass(frozen=True)

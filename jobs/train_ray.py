@@ -1,0 +1,57 @@
+"""Data-parallel student training on Ray Train: TorchTrainer, gloo backend, CPU workers.
+
+distill.run calls `train_with_ray` lazily when `workers > 1`; each worker runs the same
+`distill.run.train_student` as the in-process path, with its rank and the world size (the process
+group is set up by Ray Train; the model is wrapped in DDP by the trainer). Rank 0 writes the
+student weights and train_result.json into OUT, which this function returns.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from distill.config import DistillConfig
+    from distill.run import train_student
+
+    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    train_student(DistillConfig.from_dict(config["cfg"]), rank=dist.get_rank(), world=dist.get_world_size(),
+                  distributed=True)
+
+
+def train_with_ray(cfg: dict[str, Any], num_workers: int, *, threads_per_worker: int = 1) -> dict[str, Any]:
+    """Train on `num_workers` Ray Train CPU workers; returns the rank-0 train result (OUT/train_result.json)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from distill.run import TRAIN_RESULT
+    from index.atomic import read_json
+
+    out = Path(cfg["out"]).resolve()
+    started = not ray.is_initialized()
+    if started:
+        repo = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(num_cpus=max(num_workers, os.cpu_count() or 1), include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+    (out / TRAIN_RESULT).unlink(missing_ok=True)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"cfg": cfg, "threads_per_worker": threads_per_worker},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False,
+                                     resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name="distill-train", storage_path=str(out / "ray")),
+    )
+    try:
+        trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    return read_json(out / TRAIN_RESULT)
