@@ -1,0 +1,248 @@
+"""FAISS index per shard group: combined vectors, the factory rule, training, streaming build, save/load.
+
+Vectors are the combined multi-encoder features (`combine_features`), so inner product = mean
+cosine over the encoders; every index here uses METRIC_INNER_PRODUCT. FAISS ids are global int64
+row numbers (shard offset + row in shard, index.contract).
+
+Search lives in index.search (`exact_search`, `ShardedIndex`, re-exported here).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Iterable
+
+import numpy as np
+
+from index.atomic import atomic_path
+from index.search import ShardedIndex, exact_search, merge_topk  # noqa: F401  (re-exported)
+
+MIN_POINTS_PER_LIST = 39      # faiss warns below this many training points per centroid
+TRAIN_POINTS_PER_LIST = 50    # training sample size per IVF list (faiss uses at most 256)
+PQ_MIN_TRAIN = 256 * MIN_POINTS_PER_LIST   # 8-bit PQ: 256 centroids per sub-quantizer
+PQ_TRAIN = 65536
+DEFAULT_NPROBE = 32
+ID_BYTES = 8                  # int64 id stored per vector (IndexIDMap or inverted lists)
+
+
+def combine_features(mats: list[np.ndarray]) -> np.ndarray:
+    """float32 [n, sum(dims)]: each encoder's L2-normalised features scaled by 1/sqrt(E), concatenated.
+
+    The inner product of two combined rows is then the mean of the per-encoder cosines, so one
+    index over the concatenation answers the paper's averaged similarity exactly.
+    """
+    if not mats:
+        raise ValueError("combine_features needs one feature matrix per encoder; got none")
+    if any(np.ndim(m) != 2 for m in mats):
+        raise ValueError(f"feature matrices must be 2-D; got shapes {[np.shape(m) for m in mats]}")
+    rows = {len(m) for m in mats}
+    if len(rows) != 1:
+        raise ValueError(f"every encoder needs one row per crop; got row counts {sorted(rows)}")
+    scale = np.float32(1.0 / math.sqrt(len(mats)))
+    out = np.empty((rows.pop(), sum(m.shape[1] for m in mats)), dtype=np.float32)
+    col = 0
+    for m in mats:
+        np.multiply(np.asarray(m, dtype=np.float32), scale, out=out[:, col:col + m.shape[1]])
+        col += m.shape[1]
+    return out
+
+
+# ---------------------------------------------------------------- the factory rule
+
+def ivf_nlist(num_vectors: int) -> int:
+    """4 * sqrt(n) rounded to a power of two, halved until every list gets >= 39 training points."""
+    nlist = 2 ** round(math.log2(max(4 * math.sqrt(max(num_vectors, 1)), 1)))
+    while nlist > 1 and num_vectors / nlist < MIN_POINTS_PER_LIST:
+        nlist //= 2
+    return nlist
+
+
+def _bytes_flat(n: int, dim: int) -> int:
+    return n * (4 * dim + ID_BYTES)
+
+
+def _bytes_ivf_flat(n: int, dim: int, nlist: int) -> int:
+    return n * (4 * dim + ID_BYTES) + nlist * dim * 4
+
+
+def _bytes_ivf_pq(n: int, dim: int, nlist: int, m: int) -> int:
+    return n * (m + ID_BYTES) + nlist * dim * 4 + 256 * dim * 4
+
+
+def validate_factory(factory: str, dim: int) -> str:
+    import faiss
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"invalid faiss factory string {factory!r} for dim {dim} ({e}); examples: "
+                         "'Flat', 'IVF1024,Flat', 'IVF4096,PQ64', 'HNSW32,Flat', or 'auto'") from None
+    return factory
+
+
+def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int,
+                   flat_threshold: int = 200_000, factory: str | None = None) -> str:
+    """The faiss factory string for one group of `num_vectors` vectors of `dim` float32 dims.
+
+    A user-supplied `factory` (anything but None/"auto") wins; it is only validated. Otherwise,
+    with n = num_vectors, nlist = `ivf_nlist(n)` (4*sqrt(n) rounded to a power of two, capped so
+    each list gets >= 39 training points) and "fits" meaning the index's RAM is within the budget:
+
+    1. ``Flat`` (exact) if n < flat_threshold and n * (4*dim + 8) bytes fits;
+    2. ``IVF{nlist},Flat`` if n * (4*dim + 8) + nlist * 4*dim bytes fits (exact vectors, probed lists);
+    3. ``IVF{nlist},PQ{m}`` otherwise, m the largest divisor of dim with m <= dim/2 such that
+       n * (m + 8) + nlist * 4*dim + 256 * 4*dim bytes fits (m-byte codes, 8-byte ids).
+
+    Raises when even PQ with 1-byte codes does not fit, or when PQ is needed for fewer vectors
+    than 8-bit PQ can be trained on (9984): the message gives the bytes each option needs.
+    """
+    if factory is not None and factory != "auto":
+        return validate_factory(factory, dim)
+    if num_vectors < 1 or dim < 1:
+        raise ValueError(f"need num_vectors >= 1 and dim >= 1; got {num_vectors}, {dim}")
+    n, budget = int(num_vectors), int(memory_budget_bytes)
+    if n < flat_threshold and _bytes_flat(n, dim) <= budget:
+        return "Flat"
+    nlist = ivf_nlist(n)
+    if _bytes_ivf_flat(n, dim, nlist) <= budget:
+        return f"IVF{nlist},Flat"
+    fitting = [m for m in range(1, dim // 2 + 1) if dim % m == 0 and _bytes_ivf_pq(n, dim, nlist, m) <= budget]
+    if not fitting or n < PQ_MIN_TRAIN:
+        raise ValueError(
+            f"memory budget {budget} bytes is too small for {n} vectors of dim {dim}: Flat needs "
+            f"{_bytes_flat(n, dim)}, IVF{nlist},Flat {_bytes_ivf_flat(n, dim, nlist)}, IVF{nlist},PQ1 "
+            f"{_bytes_ivf_pq(n, dim, nlist, 1)} bytes (and PQ needs >= {PQ_MIN_TRAIN} vectors to train); "
+            "raise the budget or pass a factory string")
+    return f"IVF{nlist},PQ{max(fitting)}"
+
+
+# ---------------------------------------------------------------- training
+
+def _probe_dim(factory: str) -> int:
+    """A dimension every size in the factory string divides (PQ m, OPQ m_d, PCA d...)."""
+    return math.lcm(4, *(int(x) for x in re.findall(r"\d+", factory) if 0 < int(x) <= 4096))
+
+
+def needs_training(factory: str, dim: int | None = None) -> bool:
+    import faiss
+    return not faiss.index_factory(dim or _probe_dim(factory), factory, faiss.METRIC_INNER_PRODUCT).is_trained
+
+
+def training_size(factory: str) -> int:
+    """Training vectors to sample: 50 per IVF list, at least 65536 for PQ/other trained parts."""
+    if not needs_training(factory):
+        return 0
+    ivf = re.search(r"IVF(\d+)", factory)
+    size = TRAIN_POINTS_PER_LIST * int(ivf.group(1)) if ivf else 0
+    rest = re.sub(r"IVF\d+(_HNSW\d+)?", "", factory).replace("Flat", "").strip(",")
+    if rest or not ivf:   # PQ, SQ, OPQ, PCA...: trained on their own sample
+        size = max(size, PQ_TRAIN)
+    return size
+
+
+def training_sample(blocks: Iterable[tuple[int, np.ndarray]], num_vectors: int, size: int,
+                    seed: int = 0) -> np.ndarray:
+    """float32 [min(size, n), dim]: a seeded uniform sample of rows from streamed (offset, vectors) blocks.
+
+    Only the sampled rows are kept in memory; rows are drawn by position in the stream.
+    """
+    size = min(int(size), int(num_vectors))
+    pick = np.sort(np.random.default_rng(seed).choice(num_vectors, size=size, replace=False))
+    parts, pos = [], 0
+    for _, vectors in blocks:
+        lo, hi = np.searchsorted(pick, [pos, pos + len(vectors)])
+        if hi > lo:
+            parts.append(np.asarray(vectors[pick[lo:hi] - pos], dtype=np.float32))
+        pos += len(vectors)
+    if pos != num_vectors:
+        raise ValueError(f"training_sample: blocks hold {pos} vectors; expected {num_vectors}")
+    if not parts:
+        raise ValueError("training_sample: no vectors to sample")
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+# ---------------------------------------------------------------- build, save, load
+
+def _ivf(index):
+    import faiss
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def build_index(blocks: Iterable[tuple[np.ndarray, np.ndarray]], factory: str, dim: int,
+                train_sample: np.ndarray | None, metric: int | None = None,
+                nprobe: int | None = None, seed: int = 0):
+    """A faiss index over streamed (ids int64 [n], vectors [n, dim]) blocks.
+
+    The index is trained (when the factory needs it) on `train_sample` only, with faiss's
+    clustering seeded by `seed`, so two builds from the same input are identical. Blocks are added
+    one at a time: building never holds more than one block besides the index itself. Indexes
+    without their own id storage (Flat, HNSW...) are wrapped in IndexIDMap. IVF indexes get
+    `nprobe` (default 32, at most nlist) as their search default.
+    """
+    import faiss
+    metric = faiss.METRIC_INNER_PRODUCT if metric is None else metric
+    validate_factory(factory, dim)
+    index = faiss.index_factory(dim, factory, metric)
+    ivf = _ivf(index)
+    if ivf is None and not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.IndexIDMap(index)
+    if not index.is_trained:
+        if train_sample is None or len(train_sample) == 0:
+            raise ValueError(f"factory {factory!r} needs training; pass train_sample "
+                             f"(about {training_size(factory)} vectors, see training_sample)")
+        x = np.ascontiguousarray(train_sample, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != dim:
+            raise ValueError(f"train_sample must be [n, {dim}]; got {x.shape}")
+        _seed_clustering(index, seed)
+        index.train(x)
+    if ivf is not None:
+        ivf.nprobe = min(int(nprobe or DEFAULT_NPROBE), ivf.nlist)
+    added = 0
+    for ids, vectors in blocks:
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if x.ndim != 2 or x.shape[1] != dim or ids.shape != (len(x),):
+            raise ValueError(f"block {added}: expected ids [n] and vectors [n, {dim}]; "
+                             f"got {ids.shape} and {x.shape}")
+        if len(x):
+            index.add_with_ids(x, ids)
+        added += 1
+    return index
+
+
+def _seed_clustering(index, seed: int) -> None:
+    """Seed every k-means faiss runs while training (coarse quantizer, PQ)."""
+    import faiss
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+        sub = faiss.downcast_index(ivf)
+        if hasattr(sub, "pq"):
+            sub.pq.cp.seed = seed
+        if hasattr(sub, "do_polysemous_training"):
+            # Hamming-filter codes serve only L2 polysemous search; training them takes minutes
+            sub.do_polysemous_training = False
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if hasattr(inner, "pq"):
+        inner.pq.cp.seed = seed
+
+
+def save_index(index, path: str | os.PathLike) -> None:
+    """Write atomically: a killed writer never leaves a truncated index under the final name."""
+    import faiss
+    if type(index).__name__.startswith("Gpu"):
+        index = faiss.index_gpu_to_cpu(index)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def load_index(path: str | os.PathLike, mmap: bool = False):
+    """Read an index; `mmap` maps the inverted lists / vectors from disk instead of loading them."""
+    import faiss
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"faiss index not found: {path}")
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    return faiss.read_index(str(path), flags)

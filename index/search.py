@@ -1,0 +1,338 @@
+"""Top-k search over the gallery: exact streaming search and fan-out over per-group FAISS indexes.
+
+Every result here is ordered by one total order: higher inner product first, then smaller global id.
+Rows with fewer than k results are padded with id -1 and score -inf.
+
+- `exact_search(queries, blocks, k)`: exact top-k over (offset, vectors) blocks streamed from disk,
+  with no index. A block's scores come from one float32 GEMM; a running per-query threshold (the
+  current k-th best score) turns selection into a cheap comparison pass, so after the first block
+  only the few columns that can still enter the top-k are merged. k is not capped (faiss GPU
+  indexes cap k at 2048; query-balanced retrieval can need more).
+- `ShardedIndex`: one FAISS index per shard group; `search` fans out and merges top-k exactly.
+- `select_topk` / `sort_topk`: the exact per-row selection and ordering both use.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from index import contract
+from index.atomic import read_json
+
+# Internal id of an empty slot: larger than any real id, so it loses every tie; reported as -1.
+EMPTY_ID = np.iinfo(np.int64).max
+GPU_MAX_K = 2048           # faiss GPU indexes refuse k (and nprobe) above this
+SCORE_BUFFER_BYTES = 64 << 20   # memory for one block's [rows, Q] float32 score matrix
+
+
+# ---------------------------------------------------------------- exact per-row selection
+
+def select_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best entries of every row by (higher score, smaller id), unordered, as [Q, k] arrays.
+
+    Exact, ties included: among entries tied at the k-th best score, the smallest ids are kept.
+    Rows shorter than k are padded with (-inf, EMPTY_ID).
+    """
+    q, n = scores.shape
+    if n <= k:
+        pad = k - n
+        return (np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf),
+                np.pad(ids, ((0, 0), (0, pad)), constant_values=EMPTY_ID))
+    kth = n - k
+    v = np.partition(scores, kth, axis=1)[:, kth:kth + 1]   # the k-th best score of each row
+    keep = scores >= v
+    extra = keep.sum(axis=1) - k                            # entries tied at v beyond the k slots
+    for r in np.flatnonzero(extra):
+        tied = np.flatnonzero(scores[r] == v[r, 0])
+        drop = tied[np.argsort(ids[r, tied], kind="stable")[len(tied) - extra[r]:]]
+        keep[r, drop] = False
+    return scores[keep].reshape(q, k), ids[keep].reshape(q, k)
+
+
+def sort_topk(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order each row by (higher score, smaller id); empty slots become id -1, score -inf."""
+    order = np.lexsort((ids, -scores), axis=1)
+    s = np.take_along_axis(scores, order, axis=1).astype(np.float32, copy=False)
+    i = np.take_along_axis(ids, order, axis=1)
+    empty = i == EMPTY_ID
+    s[empty] = -np.inf
+    i[empty] = -1
+    return np.ascontiguousarray(s), np.ascontiguousarray(i)
+
+
+def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge several (scores [Q, k_j], ids [Q, k_j]) results into one sorted top-k.
+
+    Entries with id < 0 (faiss's and our padding) are empty. The merge of exact per-part top-k
+    lists is the exact top-k of the union.
+    """
+    if not results:
+        raise ValueError("merge_topk needs at least one result")
+    s = np.concatenate([np.asarray(r[0], dtype=np.float32) for r in results], axis=1)
+    i = np.concatenate([np.asarray(r[1], dtype=np.int64) for r in results], axis=1)
+    empty = i < 0
+    s = np.where(empty, -np.inf, s).astype(np.float32)
+    i = np.where(empty, EMPTY_ID, i)
+    return sort_topk(*select_topk(s, i, k))
+
+
+# ---------------------------------------------------------------- exact streaming search
+
+def _check_queries(queries: np.ndarray, k: int) -> np.ndarray:
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    queries = np.asarray(queries)
+    if queries.ndim != 2 or queries.shape[0] == 0:
+        raise ValueError(f"queries must be a non-empty [Q, dim] matrix; got shape {queries.shape}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if not np.isfinite(queries).all():
+        raise ValueError("queries contain NaN or inf")
+    return queries
+
+
+def default_block_rows(num_queries: int, budget_bytes: int = SCORE_BUFFER_BYTES) -> int:
+    """Gallery rows per GEMM: the [rows, Q] float32 score block stays within `budget_bytes`.
+
+    Between 1024 and 65536 rows, a multiple of 1024. Measured on 2 cores (bench/search.py):
+    16-64k rows keep the GEMM near peak while the merge overhead per block stays small.
+    """
+    rows = budget_bytes // (4 * num_queries)
+    return int(min(65536, max(1024, rows // 1024 * 1024)))
+
+
+def exact_search(queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], k: int,
+                 block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of `queries` [Q, dim] over streamed `(offset, vectors)` blocks.
+
+    A block's row r has global id ``offset + r``; vectors are float16 or float32 [n, dim] (a memmap
+    is fine: only `block_rows` rows are converted at a time). Returns (scores [Q, k] float32,
+    ids [Q, k] int64) sorted by (higher score, smaller id), padded with (-inf, -1).
+
+    Memory is O(Q * (k + block_rows)), whatever the gallery size. The result is exact: a column
+    is skipped only when its score is below the query's current k-th best, i.e. when k entries
+    already beat it strictly. Callers with very many queries split them into batches.
+    """
+    def with_ids():
+        for offset, vectors in blocks:
+            if not isinstance(offset, (int, np.integer)) or offset < 0:
+                raise ValueError(f"block offsets are global row ids, integers >= 0; got {offset!r}")
+            yield int(offset), vectors
+    return _search_blocks(_check_queries(queries, k), with_ids(), k, block_rows)
+
+
+def _search_blocks(queries: np.ndarray, blocks: Iterable[tuple[int | np.ndarray, np.ndarray]], k: int,
+                   block_rows: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """exact_search over blocks whose ids are an offset (row r has id offset + r) or an id array."""
+    nq, dim = queries.shape
+    qt = np.ascontiguousarray(queries.T)          # [dim, Q]: X @ qt is the fastest GEMM layout here
+    rows_per = block_rows or default_block_rows(nq)
+    running = RunningTopK(nq, k)
+    # a reused score buffer: a fresh 64 MB array per block costs page faults comparable to the GEMM
+    s_buf = np.empty((rows_per, nq), dtype=np.float32)
+    for ids, vectors in blocks:
+        if vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise ValueError(f"block {ids if np.isscalar(ids) else ''}: expected [n, {dim}] vectors; "
+                             f"got {vectors.shape}")
+        for start in range(0, len(vectors), rows_per):
+            x = np.asarray(vectors[start:start + rows_per], dtype=np.float32)
+            block_ids = ids + start if np.isscalar(ids) else ids[start:start + rows_per]
+            running.add(np.matmul(x, qt, out=s_buf[:len(x)]), block_ids)
+    return running.result()
+
+
+class RunningTopK:
+    """Exact running top-k of Q queries over score blocks [b, Q] (one row per gallery vector).
+
+    Each query keeps its k best (score, id) and a threshold, the k-th best score so far. An entry
+    of a new block below its query's threshold is beaten strictly by k kept entries and is dropped
+    at the cost of one comparison; the rest wait in a pending list, folded into the top-k (an
+    exact selection) once about Q*k of them have gathered. Thresholds only rise at a fold, so
+    between folds a little more passes; folds stay few (their spacing grows as the threshold
+    tightens).
+    """
+
+    def __init__(self, num_queries: int, k: int):
+        self.q, self.k = num_queries, k
+        self.top_s = np.full((num_queries, k), -np.inf, dtype=np.float32)
+        self.top_i = np.full((num_queries, k), EMPTY_ID, dtype=np.int64)
+        self.thr = np.full(num_queries, -np.inf, dtype=np.float32)   # -inf until k seen
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (query, score, id)
+        self.num_pending = 0
+        self._mask = np.empty(0, dtype=bool)
+
+    def add(self, s: np.ndarray, ids: int | np.ndarray) -> None:
+        """Fold in scores s [b, Q]; row r has id `ids + r` (an int offset) or `ids[r]` (an array)."""
+        b, nq = s.shape
+        first_id = ids if np.isscalar(ids) else (ids[0] if len(ids) else 0)
+        if nq != self.q:
+            raise ValueError(f"score block has {nq} columns; expected {self.q} queries")
+        if not np.isfinite(s.sum()):   # one cheap pass; a NaN would fail every comparison silently
+            raise ValueError(f"non-finite similarity in the block starting at id {first_id} "
+                             "(NaN or inf in the vectors)")
+        if self._mask.size < s.size:
+            self._mask = np.empty(s.size, dtype=bool)
+        mask = self._mask[:s.size].reshape(s.shape)
+        np.greater_equal(s, self.thr, out=mask)
+        flat = np.flatnonzero(mask)             # row-major: vector, then query
+        if len(flat) == 0:
+            return
+        if len(flat) * 4 >= s.size:
+            # dense (first block, or tiny blocks): every query folds the whole block in now
+            dense_s = np.ascontiguousarray(s.T)
+            row_ids = np.arange(ids, ids + b, dtype=np.int64) if np.isscalar(ids) else np.asarray(ids, np.int64)
+            dense_i = np.broadcast_to(row_ids, dense_s.shape)
+            self._fold(dense_s, dense_i)
+            return
+        rows = flat // nq
+        self.pending.append((flat % nq, s.ravel()[flat], ids + rows if np.isscalar(ids) else ids[rows]))
+        self.num_pending += len(flat)
+        if self.num_pending >= self.q * self.k:
+            self._fold()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [Q, k], ids [Q, k]) sorted by (higher score, smaller id), padded (-inf, -1)."""
+        self._fold()
+        return sort_topk(self.top_s, self.top_i)
+
+    def _fold(self, dense_s: np.ndarray | None = None, dense_i: np.ndarray | None = None) -> None:
+        rows = np.arange(self.q)
+        parts_s, parts_i = [self.top_s], [self.top_i]
+        if self.pending:
+            qi = np.concatenate([p[0] for p in self.pending])
+            order = np.argsort(qi.astype(np.uint16) if self.q <= 65535 else qi, kind="stable")  # radix
+            qi = qi[order]
+            counts = np.bincount(qi, minlength=self.q)
+            pos = np.arange(len(qi)) - (np.cumsum(counts) - counts)[qi]
+            width = int(counts.max())
+            ps = np.full((self.q, width), -np.inf, dtype=np.float32)
+            pi = np.full((self.q, width), EMPTY_ID, dtype=np.int64)
+            ps[qi, pos] = np.concatenate([p[1] for p in self.pending])[order]
+            pi[qi, pos] = np.concatenate([p[2] for p in self.pending])[order]
+            self.pending, self.num_pending = [], 0
+            if dense_s is None:
+                rows = np.flatnonzero(counts)   # queries with nothing pending keep their top-k
+                ps, pi = ps[rows], pi[rows]
+                parts_s, parts_i = [self.top_s[rows]], [self.top_i[rows]]
+            parts_s.append(ps)
+            parts_i.append(pi)
+        elif dense_s is None:
+            return
+        if dense_s is not None:
+            parts_s.append(dense_s)
+            parts_i.append(dense_i)
+        new_s, new_i = select_topk(np.concatenate(parts_s, axis=1), np.concatenate(parts_i, axis=1), self.k)
+        self.top_s[rows] = new_s
+        self.top_i[rows] = new_i
+        self.thr[rows] = new_s.min(axis=1)
+
+
+# ---------------------------------------------------------------- fan-out over FAISS groups
+
+def _is_gpu(index) -> bool:
+    return type(index).__name__.startswith("Gpu")
+
+
+def flat_arrays(index) -> tuple[np.ndarray, np.ndarray] | None:
+    """(vectors [n, d] float32, ids [n] int64) viewed in place for a CPU flat inner-product index.
+
+    None for any other index. The views share memory with the index: keep it alive while using them.
+    """
+    import faiss
+    ids = None
+    inner = index
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        inner = faiss.downcast_index(index.index)
+        ids = faiss.rev_swig_ptr(index.id_map.data(), index.ntotal) if index.ntotal else np.empty(0, np.int64)
+    if not isinstance(inner, faiss.IndexFlat) or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    n, d = int(inner.ntotal), int(inner.d)
+    vectors = faiss.rev_swig_ptr(inner.get_xb(), n * d).reshape(n, d) if n else np.empty((0, d), np.float32)
+    return vectors, (np.arange(n, dtype=np.int64) if ids is None else ids)
+
+
+class ShardedIndex:
+    """One FAISS inner-product index per shard group, searched as one index.
+
+    `search` queries every group for its own top-k and merges them exactly by (higher score,
+    smaller id). Flat groups are searched by `exact_search`'s streaming top-k over the index's own
+    vectors (exact, ties included, and faster than faiss's heap at large k); approximate groups
+    (IVF, HNSW...) by faiss, which picks among entries tied at its k-th score itself. k is not
+    capped: a GPU index asked for more than 2048 results is searched through a CPU copy.
+    """
+
+    def __init__(self, indexes: Sequence, nprobe: int | None = None):
+        import faiss
+        if not indexes:
+            raise ValueError("ShardedIndex needs at least one index")
+        dims = {ix.d for ix in indexes}
+        if len(dims) != 1:
+            raise ValueError(f"all group indexes must share one dimension; got {sorted(dims)}")
+        for g, ix in enumerate(indexes):
+            if ix.metric_type != faiss.METRIC_INNER_PRODUCT:
+                raise ValueError(f"group {g}: expected an inner-product index (metric "
+                                 f"{faiss.METRIC_INNER_PRODUCT}); got metric {ix.metric_type}")
+        self.indexes = list(indexes)
+        self.nprobe = nprobe
+        self._cpu_copies: dict[int, object] = {}
+
+    @classmethod
+    def from_dir(cls, index_dir: str | os.PathLike, mmap: bool = False,
+                 nprobe: int | None = None) -> "ShardedIndex":
+        """Open the groups listed in an index directory's manifest (index.contract)."""
+        from index.knn import load_index
+        root = Path(index_dir)
+        manifest = read_json(root / contract.MANIFEST_FILE)
+        return cls([load_index(root / g["file"], mmap=mmap) for g in manifest["groups"]],
+                   nprobe=nprobe if nprobe is not None else manifest.get("nprobe"))
+
+    @property
+    def d(self) -> int:
+        return self.indexes[0].d
+
+    @property
+    def ntotal(self) -> int:
+        return sum(int(ix.ntotal) for ix in self.indexes)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [Q, k] float32, ids [Q, k] int64), sorted, padded with (-inf, -1).
+
+        `nprobe` (default: the one given at construction, else each index's own) applies to IVF
+        groups and is ignored by flat ones.
+        """
+        queries = _check_queries(queries, k)
+        if queries.shape[1] != self.d:
+            raise ValueError(f"queries have dim {queries.shape[1]}; the index has dim {self.d}")
+        nprobe = nprobe if nprobe is not None else self.nprobe
+        parts = [self._search_group(g, queries, k, nprobe) for g in range(len(self.indexes))]
+        return merge_topk(parts, k)
+
+    def _search_group(self, g: int, queries: np.ndarray, k: int, nprobe: int | None):
+        import faiss
+        index = self.indexes[g]
+        flat = flat_arrays(index)
+        if flat is not None:
+            vectors, ids = flat
+            rows = default_block_rows(len(queries))
+            return _search_blocks(queries, ((ids[a:a + rows], vectors[a:a + rows])
+                                            for a in range(0, len(vectors), rows)), k, rows)
+        if _is_gpu(index) and k > GPU_MAX_K:
+            if g not in self._cpu_copies:
+                self._cpu_copies[g] = faiss.index_gpu_to_cpu(index)
+            index = self._cpu_copies[g]
+        kk = min(k, max(int(index.ntotal), 1))   # faiss pads to k anyway; don't ask for more
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:
+            ivf = None
+        if ivf is None or nprobe is None:
+            return index.search(queries, kk)
+        saved = ivf.nprobe
+        ivf.nprobe = int(nprobe)
+        try:
+            return index.search(queries, kk)
+        finally:
+            ivf.nprobe = saved
