@@ -50,6 +50,12 @@ class RayExecutor:
 
     Connects to the cluster in RAY_ADDRESS (set by `ray job submit`) or `address`, else starts a
     local Ray instance.
+
+    Each actor runs torch with `torch_threads` intra-op threads, by default the count this process
+    uses, i.e. what `LocalExecutor` runs with. Ray would otherwise leave an actor one thread
+    (OMP_NUM_THREADS = its CPUs), and torch's CPU reductions (e.g. the spatial means of pooling and
+    squeeze-excite) sum in another order with one thread than with several, which changes float16
+    embeddings in the last bit: Local and Ray runs would not write the same files.
     """
 
     name = "ray"
@@ -79,13 +85,18 @@ class RayExecutor:
         n = self.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_worker))
         n = min(n, len(tasks))
         actor_cls = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)(_Actor)
-        actors = [actor_cls.remote(make_worker, self.torch_threads) for _ in range(n)]
+        actors = [actor_cls.remote(make_worker, self.torch_threads or _local_torch_threads()) for _ in range(n)]
         pool = ActorPool(actors)
         results = list(tqdm(pool.map(lambda a, t: a.run.remote(t), list(tasks)), total=len(tasks),
                             desc=desc, unit="task"))
         for a in actors:
             ray.kill(a)
         return results
+
+
+def _local_torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 EXECUTORS = ("local", "ray")
