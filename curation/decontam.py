@@ -7,8 +7,10 @@ references (by the mean similarity over encoders) are listed for a person to ins
 ``apply_review`` un-flags the images that person marked as not-a-leak. All crops of a remaining
 flagged image are removed by the caller (then backfilled by re-running the selection).
 
-Nearest-reference search is per encoder with FAISS, in batches: exact for small reference sets,
-IVF for large ones (``method="auto"``, see ``dedup.ip_index``); ``method="flat"`` forces exact.
+Flagging is a thresholded join per encoder (``dedup.similar_pairs``): exact FAISS range search for
+small reference sets, an inverted-file join for large ones (``method="auto"``; ``method="flat"``
+forces exact). The reported similarities and the nearest references of flagged images are exact
+(FAISS ``IndexFlatIP`` kNN, batched).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-from curation.dedup import check_normalised, ip_index
+from curation.dedup import check_normalised, similar_pairs
 
 Features = np.ndarray | Sequence[np.ndarray]
 
@@ -88,21 +90,25 @@ class LeakReport:
                 "cleared": [x.to_dict() for x in self.cleared]}
 
 
-def _max_similarity(images: list[np.ndarray], refs: list[np.ndarray], method: str, nprobe: int,
-                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per image: max over encoders of the best reference similarity, and that encoder."""
-    best = np.full((len(images), images[0].shape[0]), -np.inf, dtype=np.float32)
-    for e, (x, r) in enumerate(zip(images, refs)):
-        index = ip_index(r, method=method, nprobe=nprobe)
-        for a in range(0, x.shape[0], batch_size):
-            d, i = index.search(x[a:a + batch_size], 1)
-            best[e, a:a + d.shape[0]] = np.where(i[:, 0] >= 0, d[:, 0], -np.inf)
-    return best.max(axis=0), best.argmax(axis=0)
+def _flag(images: list[np.ndarray], refs: list[np.ndarray], threshold: float, method: str,
+          nprobe: int, batch_size: int) -> np.ndarray:
+    """Rows with similarity > threshold to some reference in some encoder."""
+    hits = [similar_pairs(x, r, threshold, method, nprobe, batch_size=batch_size)[0]
+            for x, r in zip(images, refs)]
+    return np.unique(np.concatenate(hits))
+
+
+def _nearest(xq: np.ndarray, xb: np.ndarray, k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product (FAISS ``IndexFlatIP``, batched)."""
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    out = [index.search(xq[a:a + batch_size], k) for a in range(0, xq.shape[0], batch_size)]
+    return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
 def find_leaks(image_features: Features, reference_features: Features, threshold: float = 0.95,
                k: int = 5, reference_ids: Sequence[str] | None = None,
-               image_ids: Sequence[str] | None = None, method: str = "auto", nprobe: int = 16,
+               image_ids: Sequence[str] | None = None, method: str = "auto", nprobe: int = 8,
                batch_size: int = 16384) -> LeakReport:
     """Flag images whose max-over-encoders similarity to any reference exceeds ``threshold``.
 
@@ -135,18 +141,19 @@ def find_leaks(image_features: Features, reference_features: Features, threshold
     if n == 0 or nr == 0:
         return LeakReport(float(threshold), n, nr, ())
 
-    max_sim, enc = _max_similarity(images, refs, method, nprobe, batch_size)
-    flagged = np.flatnonzero(max_sim > threshold)
+    flagged = _flag(images, refs, float(threshold), method, nprobe, batch_size)
     leaks: list[Leak] = []
     if flagged.size:
-        kk = min(k, nr)
-        index = faiss.IndexFlatIP(sum(r.shape[1] for r in refs))
-        index.add(combine_features(refs))
-        sims, nbrs = index.search(combine_features([x[flagged] for x in images]), kk)
+        # exact similarities for the flagged rows: the max per encoder, then neighbours by mean
+        best = np.stack([_nearest(x[flagged], r, 1, batch_size)[0][:, 0]
+                         for x, r in zip(images, refs)])
+        max_sim, enc = best.max(axis=0), best.argmax(axis=0)
+        sims, nbrs = _nearest(combine_features([x[flagged] for x in images]),
+                              combine_features(refs), min(k, nr), batch_size)
         for row, i in enumerate(flagged):
             leaks.append(Leak(
-                index=int(i), image_id=img_ids[i], max_similarity=float(max_sim[i]),
-                encoder=int(enc[i]), neighbor_ids=tuple(ref_ids[j] for j in nbrs[row] if j >= 0),
+                index=int(i), image_id=img_ids[i], max_similarity=float(max_sim[row]),
+                encoder=int(enc[row]), neighbor_ids=tuple(ref_ids[j] for j in nbrs[row] if j >= 0),
                 neighbor_similarity=tuple(float(s) for s, j in zip(sims[row], nbrs[row]) if j >= 0)))
     leaks.sort(key=lambda x: (-x.max_similarity, x.index))
     return LeakReport(float(threshold), n, nr, tuple(leaks))

@@ -10,10 +10,12 @@ unique-image feature matrix, ``duplicate_clusters`` labels those images, ``clust
 carries the labels back to items and ``keep_one_per_cluster`` keeps the best-ranked item of each
 cluster. The caller then backfills (``selection.select_with_search(..., removed=...)``).
 
-Pairs come from a FAISS range search in batches: exact (``IndexFlatIP``) for small inputs, an IVF
-index for large ones (``method="auto"``). IVF only compares vectors in the ``nprobe`` cells nearest
-to the query, so it can miss a pair whose members fall in cells further apart; at threshold 0.99
-the two members are nearly the same vector, and a pair is found from either side.
+Pairs come from ``similar_pairs``: exact FAISS range search (``IndexFlatIP``) in batches for small
+inputs, an inverted-file join for large ones (``method="auto"``): FAISS k-means cells, and each
+vector compared, by one matrix product per cell, with the vectors of its ``nprobe`` nearest cells.
+That is approximate: a pair whose members fall in cells further apart is missed. At threshold
+0.99 the two members are nearly the same vector (distance < 0.15), and a pair is found from
+either side; the tests and ``bench/curate.py`` measure recall on planted duplicates.
 """
 from __future__ import annotations
 
@@ -47,61 +49,106 @@ def check_normalised(x: np.ndarray, name: str, tol: float = 1e-2) -> np.ndarray:
     return x
 
 
-def ip_index(x: np.ndarray, method: str = "auto", nprobe: int = 8,
-             exact_max: int = EXACT_MAX, seed: int = 0) -> faiss.Index:
-    """An inner-product index over normalised rows: flat (exact) or IVF-Flat (approximate).
+def _choose_nlist(nq: int, nb: int, nprobe: int) -> int:
+    """Cells balancing the coarse assignment ((nq + nb) * nlist) against the join (nq * nprobe *
+    nb / nlist), with at least ~16 base vectors per cell."""
+    best = math.sqrt(nprobe * nq * nb / max(1, nq + nb))
+    return int(max(1, min(nb // 16, round(best))))
 
-    IVF uses nlist ~ sqrt(nprobe * n), which balances the coarse assignment (nlist dot products per
-    query) against the list scan (nprobe * n / nlist); trained on a seeded sample.
+
+def _cells(xq: np.ndarray, xb: np.ndarray | None, nprobe: int, seed: int,
+           batch_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """k-means cells over the base; (home cell of each base row, nprobe cells of each query)."""
+    base = xq if xb is None else xb
+    nb, d = base.shape
+    nlist = _choose_nlist(xq.shape[0], nb, nprobe)
+    rng = np.random.default_rng(seed)
+    sample = base[np.sort(rng.choice(nb, size=min(nb, 32 * nlist), replace=False))]
+    km = faiss.Kmeans(d, nlist, niter=5, spherical=True, seed=seed, max_points_per_centroid=32)
+    km.train(sample)
+    p = min(nprobe, nlist)
+
+    def assign(x: np.ndarray, k: int) -> np.ndarray:
+        return np.concatenate([km.index.search(x[a:a + batch_size], k)[1]
+                               for a in range(0, x.shape[0], batch_size)])
+
+    probes = assign(xq, p)
+    home = probes[:, 0] if xb is None else assign(xb, 1)[:, 0]
+    return home.astype(np.int64), probes.astype(np.int64), nlist
+
+
+def similar_pairs(xq: np.ndarray, xb: np.ndarray | None, threshold: float, method: str = "auto",
+                  nprobe: int = 8, exact_max: int = EXACT_MAX, batch_size: int = 8192,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (query row, base row, inner product) with inner product > threshold.
+
+    ``xb=None`` joins ``xq`` with itself (self matches included; callers drop them).
+    ``flat``: exact, FAISS ``IndexFlatIP.range_search`` in query batches. ``ivf``: the base is cut
+    into k-means cells (FAISS k-means); each query is compared, by one matrix product per cell,
+    with the base rows of its ``nprobe`` nearest cells only. ``auto``: flat up to ``exact_max``
+    base rows. Both return each found pair once, sorted by (query, base).
     """
     choice("search method", method, SEARCH_METHODS)
-    n, d = x.shape
-    if method == "flat" or (method == "auto" and n <= exact_max):
-        index = faiss.IndexFlatIP(d)
-        index.add(x)
-        return index
     if nprobe < 1:
         raise ValueError(f"nprobe must be >= 1; got {nprobe}")
-    nlist = max(1, min(n // 39, int(math.sqrt(nprobe * n))))
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.niter = 10
-    index.cp.seed = seed
-    sample = min(n, 40 * nlist)
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
-    index.train(x[rows])
-    index.add(x)
-    index.nprobe = min(nprobe, nlist)
-    return index
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    base = xq if xb is None else xb
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    if xq.shape[0] == 0 or base.shape[0] == 0:
+        return empty
+    qs, bs, ss = [], [], []
+    if method == "flat" or (method == "auto" and base.shape[0] <= exact_max):
+        index = faiss.IndexFlatIP(base.shape[1])
+        index.add(base)
+        for a in range(0, xq.shape[0], batch_size):
+            lims, sim, found = index.range_search(xq[a:a + batch_size], float(threshold))
+            qs.append(np.repeat(np.arange(a, a + lims.size - 1, dtype=np.int64),
+                                np.diff(lims).astype(np.int64)))
+            bs.append(found.astype(np.int64))
+            ss.append(sim)
+    else:
+        home, probes, nlist = _cells(xq, xb, nprobe, seed, batch_size)
+        members = np.argsort(home, kind="stable")
+        m_bounds = np.searchsorted(home[members], np.arange(nlist + 1))
+        probe_cell = probes.ravel()
+        probe_query = np.repeat(np.arange(xq.shape[0], dtype=np.int64), probes.shape[1])
+        by_cell = np.argsort(probe_cell, kind="stable")
+        q_bounds = np.searchsorted(probe_cell[by_cell], np.arange(nlist + 1))
+        for c in range(nlist):
+            mem = members[m_bounds[c]:m_bounds[c + 1]]
+            qry = probe_query[by_cell[q_bounds[c]:q_bounds[c + 1]]]
+            if mem.size == 0 or qry.size == 0:
+                continue
+            xm = base[mem]
+            step = max(1, (1 << 24) // mem.size)  # bound the similarity block to ~64 MB
+            for a in range(0, qry.size, step):
+                rows = qry[a:a + step]
+                sim = xq[rows] @ xm.T
+                i, j = np.nonzero(sim > threshold)
+                qs.append(rows[i])
+                bs.append(mem[j])
+                ss.append(sim[i, j])
+    q, b, s = np.concatenate(qs), np.concatenate(bs), np.concatenate(ss).astype(np.float32)
+    order = np.lexsort((b, q))
+    return q[order], b[order], s[order]
 
 
 def duplicate_pairs(features: np.ndarray, threshold: float = 0.99, method: str = "auto",
                     nprobe: int = 8, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs (i < j) with inner product > threshold, as two int64 arrays."""
+    """All pairs (i < j) with inner product > threshold, as two int64 arrays sorted by (i, j)."""
     x = check_normalised(features, "features")
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a cosine similarity in [-1, 1]; got {threshold}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    n = x.shape[0]
-    if n < 2:
+    if x.shape[0] < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    index = ip_index(x, method=method, nprobe=nprobe)
-    src, dst = [], []
-    for a in range(0, n, batch_size):
-        lims, _, found = index.range_search(x[a:a + batch_size], float(threshold))
-        counts = np.diff(lims).astype(np.int64)
-        i = np.repeat(np.arange(a, a + counts.size, dtype=np.int64), counts)
-        j = found.astype(np.int64)
-        lo, hi = np.minimum(i, j), np.maximum(i, j)
-        keep = i != j  # self matches; a pair found from both sides is merged by np.unique below
-        src.append(lo[keep])
-        dst.append(hi[keep])
-    i, j = np.concatenate(src), np.concatenate(dst)
-    if i.size:
-        pairs = np.unique(np.stack([i, j], axis=1), axis=0)
-        i, j = pairs[:, 0], pairs[:, 1]
-    return i, j
+    q, b, _ = similar_pairs(x, None, threshold, method, nprobe, batch_size=batch_size)
+    lo, hi = np.minimum(q, b), np.maximum(q, b)
+    keep = lo != hi  # self matches; a pair found from both sides is merged below
+    if not keep.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pairs = np.unique(np.stack([lo[keep], hi[keep]], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
 
 
 def duplicate_clusters(features: np.ndarray, threshold: float = 0.99, method: str = "auto",

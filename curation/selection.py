@@ -458,6 +458,29 @@ def select_with_search(search_fn: Callable[[int], tuple[np.ndarray, np.ndarray]]
         k = nxt
 
 
+class SearchCache:
+    """Wrap a ``search_fn(k)`` so that a request no deeper than the deepest one so far is served by
+    slicing the cached lists (the top-k of a deeper search are its first k columns). Backfill
+    re-runs the selection on the same queries; this avoids searching again."""
+
+    def __init__(self, search_fn: Callable[[int], tuple[np.ndarray, np.ndarray]]):
+        self.search_fn = search_fn
+        self.scores: np.ndarray | None = None
+        self.ids: np.ndarray | None = None
+        self.searches = 0
+
+    @property
+    def depth(self) -> int:
+        return 0 if self.ids is None else int(self.ids.shape[1])
+
+    def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.ids is None or k > self.depth:
+            self.scores, self.ids = (np.asarray(a) for a in self.search_fn(k))
+            self.searches += 1
+        assert self.scores is not None and self.ids is not None
+        return self.scores[:, :k], self.ids[:, :k]
+
+
 # ---------------------------------------------------------------- text queries
 
 # A subset of CLIP's ImageNet prompt templates (Radford et al. 2021), as used for text queries.

@@ -129,6 +129,7 @@ def test_keep_one_ties_break_by_index():
     assert keep.tolist() == [True, False, True, False]
 
 
+@pytest.mark.slow
 def test_large_dedup_finds_every_planted_pair():
     rng = np.random.default_rng(0)
     n, planted = 50_000, 300
@@ -212,6 +213,7 @@ def test_find_leaks_input_errors():
         find_leaks(x, x, image_ids=["a", "a"])
 
 
+@pytest.mark.slow
 def test_large_decontamination_smoke():
     rng = np.random.default_rng(1)
     n, r, planted = 50_000, 30_000, 40

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curation.selection import (PROMPT_TEMPLATES, SELECTORS, Selection, SelectionInput,
+from curation.selection import (PROMPT_TEMPLATES, SELECTORS, SearchCache, Selection,
+                                SelectionInput,
                                 best_matches, class_prompts, class_text_queries, exclude,
                                 query_balanced, random_select, select_with_search)
 from index.registry import UnknownNameError
@@ -295,3 +296,15 @@ def test_class_prompts():
     f = np.random.default_rng(0).normal(size=(2, 3, 4))
     q = class_text_queries(f)
     assert q.shape == (2, 4) and np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-6)
+
+
+def test_search_cache_serves_shallower_requests_by_slicing():
+    g = Gallery(np.random.default_rng(2), 4, 100)
+    cache = SearchCache(g.search)
+    first = select_with_search(cache, 30, seed=0, k0=40)
+    again = select_with_search(cache, 30, seed=0, k0=40, removed=first.ids[:5])
+    assert cache.searches == 1 and g.calls == [40] and len(again) == 30
+    s, i = cache(10)
+    assert i.shape == (4, 10) and cache.searches == 1
+    cache(80)
+    assert cache.searches == 2 and cache.depth == 80
