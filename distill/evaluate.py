@@ -15,6 +15,8 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tu
     correct = torch.zeros(n, dtype=torch.long)
     total = torch.zeros(n, dtype=torch.long)
     for x, y in batches:
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= n):
+            raise ValueError(f"test labels must be in [0, {n}), got {sorted(set(y.tolist()))}")
         pred = model(x.to(device)).argmax(dim=1).cpu()
         total += torch.bincount(y, minlength=n)
         correct += torch.bincount(y[pred == y], minlength=n)

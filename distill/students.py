@@ -36,7 +36,8 @@ class Student(nn.Module):
         super().__init__()
         self.adapter = InputAdapter(mean, std, resolution)
         self.backbone = backbone
-        self.num_features = int(backbone.num_features)
+        # the pooled pre-logits width (timm's head_hidden_size where a head conv follows the trunk)
+        self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
         self.head = nn.Linear(self.num_features, num_classes)
         self.resolution = resolution
 

@@ -1,0 +1,119 @@
+"""Training-epoch cost of the distillation methods against plain labels-only training.
+
+Same student, same data (one synthetic curated set streamed from its shards with the same
+augmentation), measured in one run: labels_only (CE), aft (CE + beta * kernel distance on cached
+pretrained features) and kd (KL on cached teacher logits). Teacher outputs are cached once before
+timing, as the methods do. Each method trains `--epochs` epochs; the first is a warm-up, the
+reported epoch time is the minimum of the others (robust to other load on the machine).
+Goals: aft / labels_only <= 1.05, kd / labels_only <= 1.10. Prints JSON.
+
+    python bench/distill.py [--student mobilenetv3_large_100] [--resolution 128] [--images 256]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# this script is named like the package it measures: keep its own folder off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+from distill.cache import CacheLookup, build_or_load_cache  # noqa: E402
+from distill.data import ShardSet, steps_per_epoch, transfer_batches, transfer_shards  # noqa: E402
+from distill.methods import build_task  # noqa: E402
+from distill.run import _cache_pass, resolve_device  # noqa: E402
+from distill.students import build_student  # noqa: E402
+from distill.synthetic import write_curated_dir  # noqa: E402
+from distill.teachers import build_teacher  # noqa: E402
+from distill.trainer import PhasePlan, train_phase  # noqa: E402
+
+
+class _Opts:
+    temperature = 1.0
+    beta = 10.0
+    aft_lr = 1e-2
+    feature_loss = "cosine"
+    contrastive_temperature = 0.07
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--student", default="mobilenetv3_large_100")
+    ap.add_argument("--teacher", default="test-tiny-timm")
+    ap.add_argument("--resolution", type=int, default=128)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=160, help="stored crop size in the shards")
+    ap.add_argument("--classes", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="repeat the three methods, alternating order")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_curated_dir(root / "cur", num_classes=args.classes, shots=2, transfer=args.images,
+                          size=args.image_size, shard_size=64)
+        shards = transfer_shards(root / "cur")
+        n = ShardSet.scan(shards).count
+        teacher = build_teacher(args.teacher, args.classes, device=device).eval()
+        t0 = time.perf_counter()
+        cache = build_or_load_cache(root / "cache", {"bench": args.teacher}, _cache_pass(
+            teacher.forward_both, transfer_batches(shards, n, seed=0, epoch=0, batch_size=64,
+                                                   resolution=teacher.spec.image_size, augment=False, shuffle=False),
+            device, True))
+        cache_seconds = time.perf_counter() - t0
+        logits_lookup = CacheLookup(cache)
+        feature_lookup = CacheLookup(None, [cache])
+
+        def label(key: str) -> int:   # synthetic transfer crop i has class i % classes
+            return int(key[1:]) % args.classes
+
+        setups = {
+            "labels_only": (None, label),
+            "aft": (feature_lookup, label),
+            "kd": (logits_lookup, None),
+        }
+        spe = steps_per_epoch(n, args.batch_size)
+        times: dict[str, list[float]] = {m: [] for m in setups}
+        for r in range(args.rounds):
+            order = list(setups) if r % 2 == 0 else list(reversed(setups))
+            for method in order:
+                lookup, labels = setups[method]
+                student = build_student(args.student, args.classes, resolution=args.resolution, seed=0)
+                task = build_task(method, student, _Opts(), feature_lookup.feature_dim, seed=0)
+                plan = PhasePlan(method, spe * args.epochs, spe, 1e-3, 0.05, 0)
+
+                def batches(epoch: int, skip: int, lookup=lookup, labels=labels):
+                    return transfer_batches(shards, n, seed=0, epoch=epoch, batch_size=args.batch_size,
+                                            resolution=args.resolution, augment=True, skip=skip,
+                                            lookup=lookup, labels=labels)
+                res = train_phase(task, plan, batches, ckpt_dir=root / f"ckpt-{method}-{r}", run_fingerprint="bench",
+                                  seed=0, device=device, checkpoint_every=0, progress=False)
+                times[method].extend(e["seconds"] for e in res.epochs[1:])
+        best = {m: min(v) for m, v in times.items()}
+        print(json.dumps({
+            "aft_over_labels_only": round(best["aft"] / best["labels_only"], 4),
+            "kd_over_labels_only": round(best["kd"] / best["labels_only"], 4),
+            "goals": {"aft_over_labels_only": 1.05, "kd_over_labels_only": 1.10},
+            "epoch_seconds_min": {m: round(v, 4) for m, v in best.items()},
+            "epoch_seconds_all": {m: [round(x, 4) for x in v] for m, v in times.items()},
+            "cache_build_seconds": round(cache_seconds, 3),
+            "setup": {"student": args.student, "resolution": args.resolution, "images": n,
+                      "batch_size": args.batch_size, "steps_per_epoch": spe, "teacher": args.teacher,
+                      "feature_dim": feature_lookup.feature_dim, "device": str(device),
+                      "torch_threads": torch.get_num_threads()},
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
