@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from distill.cache import CacheLookup, build_or_load_cache  # noqa: E402
 from distill.data import ShardSet, steps_per_epoch, transfer_batches, transfer_shards  # noqa: E402
 from distill.methods import build_task  # noqa: E402
-from distill.run import _cache_pass, resolve_device  # noqa: E402
+from distill.run import cache_pass, resolve_device  # noqa: E402
 from distill.students import build_student  # noqa: E402
 from distill.synthetic import write_curated_dir  # noqa: E402
 from distill.teachers import build_teacher  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> None:
         n = ShardSet.scan(shards).count
         teacher = build_teacher(args.teacher, args.classes, device=device).eval()
         t0 = time.perf_counter()
-        cache = build_or_load_cache(root / "cache", {"bench": args.teacher}, _cache_pass(
+        cache = build_or_load_cache(root / "cache", {"bench": args.teacher}, cache_pass(
             teacher.forward_both, transfer_batches(shards, n, seed=0, epoch=0, batch_size=64,
                                                    resolution=teacher.spec.image_size, augment=False, shuffle=False),
             device, True))

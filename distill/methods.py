@@ -176,17 +176,15 @@ class Method:
     build: Callable[..., Task]       # (student, cfg, feature_dim) -> Task
     transfer_needs: str | None       # what the transfer phase reads from the cache: logits | features | None
     labelled_needs: str | None       # what the finetune phase reads from the cache
-    needs_teacher_head: bool         # needs an adapted teacher (logits) rather than pretrained features
 
 
 METHODS: Registry[Method] = Registry("distillation method")
-METHODS.register("labels_only", Method("labels_only", lambda st, cfg, dim: LabelsOnly(st), None, None, False))
-METHODS.register("kd", Method("kd", lambda st, cfg, dim: KD(st, cfg.temperature), "logits", None, True))
+METHODS.register("labels_only", Method("labels_only", lambda st, cfg, dim: LabelsOnly(st), None, None))
+METHODS.register("kd", Method("kd", lambda st, cfg, dim: KD(st, cfg.temperature), "logits", None))
 METHODS.register("feature_kd", Method(
     "feature_kd", lambda st, cfg, dim: FeatureKD(st, dim, cfg.feature_loss, cfg.contrastive_temperature),
-    "features", None, False))
-METHODS.register("aft", Method("aft", lambda st, cfg, dim: AFT(st, dim, cfg.beta, cfg.aft_lr),
-                               "features", "features", False))
+    "features", None))
+METHODS.register("aft", Method("aft", lambda st, cfg, dim: AFT(st, dim, cfg.beta, cfg.aft_lr), "features", "features"))
 
 
 def build_task(method: str, student: nn.Module, cfg: Any, feature_dim: int = 0, seed: int = 0) -> Task:

@@ -98,7 +98,8 @@ def prepare_teacher(cfg: DistillConfig, ls: LabelledSet, device: torch.device) -
 
 # ------------------------------------------------------------------ caches
 
-def _cache_pass(fn: Any, batches: Iterator[dict[str, Any]], device: torch.device, with_logits: bool):
+def cache_pass(fn: Any, batches: Iterator[dict[str, Any]], device: torch.device, with_logits: bool):
+    """The `compute` of build_or_load_cache: fn(x) -> (logits, features) or features, over `batches`."""
     @torch.no_grad()
     def gen():
         for b in batches:
@@ -145,7 +146,7 @@ def prepare_caches(cfg: DistillConfig, ls: LabelledSet, shardset: ShardSet | Non
         d = root / f"{encoder_slug(spec.name)}-{cfg.teacher_adapt}" / "transfer"
         teacher.eval()
         record("transfer_logits:0", build_or_load_cache(
-            d, inputs, _cache_pass(teacher.forward_both, transfer_iter(spec.image_size), device, True)), inputs)
+            d, inputs, cache_pass(teacher.forward_both, transfer_iter(spec.image_size), device, True)), inputs)
 
     splits = []
     if method.transfer_needs == "features" and "transfer" in plan:
@@ -165,7 +166,7 @@ def prepare_caches(cfg: DistillConfig, ls: LabelledSet, shardset: ShardSet | Non
                 data=data, transform={"id": EVAL_TRANSFORM_ID, "resolution": spec.image_size}, outputs=["features"])
             d = root / f"{encoder_slug(spec.name)}-pretrained" / split
             batches = transfer_iter(spec.image_size) if split == "transfer" else labelled_iter(spec.image_size)
-            record(f"{split}_features:{i}", build_or_load_cache(d, inputs, _cache_pass(model, batches, device, False)),
+            record(f"{split}_features:{i}", build_or_load_cache(d, inputs, cache_pass(model, batches, device, False)),
                    inputs)
     return caches
 
