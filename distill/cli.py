@@ -25,6 +25,7 @@ HELP = {
     "out": "run directory (config, checkpoints, caches, metrics.json)",
     "teacher": "VFM encoder name from the encoder registry (index.encoders)",
     "teacher_adapt": "linear_probe | finetune",
+    "teacher_image_size": "teacher input resolution (CNN teachers; default: the encoder's own)",
     "feature_encoders": "comma-separated encoders whose features AFT / feature_kd use (default: the teacher)",
     "student": "timm model name or a registered student (test-tiny-student)",
     "student_weights": "local pretrained weights file for the student (nothing is downloaded)",

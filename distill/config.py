@@ -27,6 +27,7 @@ class DistillConfig:
     # teacher (a VFM from the encoder registry) and its adaptation on the labelled set
     teacher: str = "efficientnet_lite0"
     teacher_weights: str | None = None
+    teacher_image_size: int | None = None        # override the teacher's input resolution (CNN teachers)
     teacher_adapt: str = "linear_probe"          # linear_probe | finetune
     probe_steps: int = 100                       # LBFGS iterations of the logistic regression head
     probe_weight_decay: float = 1e-4             # L2 penalty of the logistic regression head

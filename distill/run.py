@@ -55,7 +55,8 @@ def labelled_manifest(cfg: DistillConfig, ls: LabelledSet) -> dict[str, Any]:
 
 def prepare_teacher(cfg: DistillConfig, ls: LabelledSet, device: torch.device) -> tuple[Teacher, dict[str, Any]]:
     """Build and adapt the teacher on the labelled set, or load the adaptation a previous run saved."""
-    teacher = build_teacher(cfg.teacher, len(ls.classes), weights=cfg.teacher_weights, device=device)
+    teacher = build_teacher(cfg.teacher, len(ls.classes), weights=cfg.teacher_weights,
+                            image_size=cfg.teacher_image_size, device=device)
     spec = teacher.spec
     inputs = {"spec": spec.identity(), "adapt": cfg.teacher_adapt, "labelled": labelled_manifest(cfg, ls),
               "seed": cfg.seed, "augment": cfg.augment,
@@ -157,7 +158,7 @@ def prepare_caches(cfg: DistillConfig, ls: LabelledSet, shardset: ShardSet | Non
         if teacher is not None and name == cfg.teacher and cfg.teacher_adapt == "linear_probe":
             model, spec = teacher.features, teacher.spec   # the frozen encoder is the pretrained one
         else:
-            fm = build_feature_model(name, device=device)
+            fm = build_feature_model(name, image_size=cfg.teacher_image_size, device=device)
             model, spec = fm, fm.spec
         for split in splits:
             data = transfer_data if split == "transfer" else labelled_manifest(cfg, ls)

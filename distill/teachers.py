@@ -42,25 +42,26 @@ class Teacher(nn.Module):
         return self.forward_both(x)[0]
 
 
-def resolve_teacher_spec(name: str, weights: str | None = None) -> Any:
+def resolve_teacher_spec(name: str, weights: str | None = None, image_size: int | None = None) -> Any:
     from index.encoders import resolve_encoder
 
-    return resolve_encoder(name, weights)
+    return resolve_encoder(name, weights, image_size)
 
 
-def build_teacher(name: str, num_classes: int, *, weights: str | None = None,
+def build_teacher(name: str, num_classes: int, *, weights: str | None = None, image_size: int | None = None,
                   device: str | torch.device = "cpu") -> Teacher:
     from index.encoders import build_encoder
 
-    spec = resolve_teacher_spec(name, weights)
+    spec = resolve_teacher_spec(name, weights, image_size)
     return Teacher(build_encoder(spec, device=device), spec, num_classes).to(device)
 
 
-def build_feature_model(name: str, *, weights: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
+def build_feature_model(name: str, *, weights: str | None = None, image_size: int | None = None,
+                        device: str | torch.device = "cpu") -> nn.Module:
     """A pretrained (un-adapted) encoder behind its own InputAdapter: x in [0, 1] -> features."""
     from index.encoders import build_encoder
 
-    spec = resolve_teacher_spec(name, weights)
+    spec = resolve_teacher_spec(name, weights, image_size)
     model = nn.Sequential(InputAdapter(spec.mean, spec.std, spec.image_size), build_encoder(spec, device=device))
     model.spec = spec  # type: ignore[attr-defined]
     return model.to(device).eval()
