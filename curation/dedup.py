@@ -129,6 +129,8 @@ def similar_pairs(xq: np.ndarray, xb: np.ndarray | None, threshold: float, metho
                 qs.append(rows[i])
                 bs.append(mem[j])
                 ss.append(sim[i, j])
+    if not qs:
+        return empty
     q, b, s = np.concatenate(qs), np.concatenate(bs), np.concatenate(ss).astype(np.float32)
     order = np.lexsort((b, q))
     return q[order], b[order], s[order]

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from curation import report as rpt
-from curation.decontam import apply_review, find_leaks
+from curation.decontam import find_leaks, read_review
 from curation.dedup import duplicate_clusters, keep_one_per_cluster
 from curation.features import FeatureCache, embed_labeled, embed_originals
 from curation.querysets import QuerySet, get_query_set
@@ -84,13 +84,36 @@ class CurateConfig:
 class Filtered:
     """What the filters removed, by global vector id, and why."""
     duplicates: set[int] = dataclasses.field(default_factory=set)
-    clusters: list[list[tuple[str, bool]]] = dataclasses.field(default_factory=list)  # (image id, kept)
+    dup_parent: dict[str, str] = dataclasses.field(default_factory=dict)  # union-find over duplicate images
     leak_items: dict[str, int] = dataclasses.field(default_factory=dict)  # leaked image id -> crops removed
     leaks: set[int] = dataclasses.field(default_factory=set)
     unreadable: set[int] = dataclasses.field(default_factory=set)
 
     def all(self) -> np.ndarray:
         return np.array(sorted(self.duplicates | self.leaks | self.unreadable), dtype=np.int64)
+
+    def _root(self, i: str) -> str:
+        while self.dup_parent.setdefault(i, i) != i:
+            i = self.dup_parent[i]
+        return i
+
+    def link(self, images: list[str]) -> None:
+        """Record that these original images are duplicates of each other (across rounds too)."""
+        for other in images[1:]:
+            a, b = self._root(images[0]), self._root(other)
+            if a != b:
+                self.dup_parent[max(a, b)] = min(a, b)
+
+    def clusters(self, final_images: set[str]) -> list[list[tuple[str, bool]]]:
+        """Duplicate clusters of two or more distinct images: (image id, kept in the final set).
+
+        Two crops of one image are duplicates too (one crop per image survives) and are counted in
+        removed_duplicate, but a cluster of one image is not listed.
+        """
+        groups: dict[str, list[str]] = defaultdict(list)
+        for i in sorted(self.dup_parent):
+            groups[self._root(i)].append(i)
+        return [[(i, i in final_images) for i in g] for g in groups.values() if len(g) > 1]
 
 
 def _queries_features(cfg: CurateConfig, qs: QuerySet, models, selector) -> tuple[np.ndarray, list[str]]:
@@ -158,6 +181,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     first = sel
     filtered = Filtered()
     orig: dict[str, list[np.ndarray]] = {}     # gallery image id -> per-encoder feature rows
+    review = set(read_review(cfg.leak_review)) if cfg.leak_review else set()
     leak_report = None
     rounds = 0
     tf = time.perf_counter()
@@ -168,15 +192,17 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         new = sorted(set(img_of) - set(orig))
         unreadable_imgs = embed_originals(gindex, models, new, orig, cfg.batch_size)
         unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs}
-        ok = np.array([i not in unreadable_imgs and i in orig for i in img_of])
+        ok = np.array([i not in unreadable_imgs and i in orig for i in img_of], dtype=bool)
         # decontamination over every original image seen so far (stable across rounds)
         seen = sorted(orig)
         per_enc = [np.stack([orig[i][e] for i in seen]) for e in range(len(specs))] if seen else \
             [np.zeros((0, s.embed_dim), np.float32) for s in specs]
         leak_report = find_leaks(per_enc, ref_feats, cfg.leak_threshold, cfg.leak_neighbours,
                                  reference_ids=ref_ids, image_ids=seen)
-        if cfg.leak_review:
-            leak_report = apply_review(leak_report, cfg.leak_review)
+        if review:  # un-flag reviewed images among those seen so far; unknown ids are checked below
+            leak_report = dataclasses.replace(
+                leak_report, leaks=tuple(x for x in leak_report.leaks if x.image_id not in review),
+                cleared=tuple(x for x in leak_report.leaks if x.image_id in review))
         leaked_imgs = {x.image_id for x in leak_report.leaks}
         leaks = {int(g) for g, i in zip(sel.ids, img_of) if i in leaked_imgs}
         # dedup among the surviving selected items (original-image level)
@@ -189,8 +215,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
             keep = keep_one_per_cluster(labels, alive)   # selection order = curated rank
             dups = {int(g) for g in sel.ids[alive[~keep]]}
             for lab in np.unique(labels[~keep]):
-                members = np.flatnonzero(labels == lab)
-                filtered.clusters.append([(str(img_of[alive[m]]), bool(keep[m])) for m in members])
+                filtered.link(sorted({str(img_of[alive[m]]) for m in np.flatnonzero(labels == lab)}))
         if not (unreadable | leaks | dups):
             break
         filtered.unreadable |= unreadable
@@ -201,6 +226,13 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         filtered.duplicates |= dups
         sel = select(filtered.all())
     timings["filters"] = time.perf_counter() - tf
+    if review:
+        unknown = sorted(review - {x.image_id for x in leak_report.cleared})
+        if unknown:
+            flagged = sorted(x.image_id for x in leak_report.leaks)
+            raise ValueError(
+                f"{cfg.leak_review}: {len(unknown)} reviewed id(s) were not flagged as leaks in this run "
+                f"(e.g. {unknown[:5]}); flagged ids: {flagged[:20]}{' ...' if len(flagged) > 20 else ''}")
 
     # materialise and write
     tw = time.perf_counter()
@@ -285,7 +317,8 @@ def _write_report(out, cfg, qs, gindex, sel, records, filtered, leak_report, cou
     wanted = {(r.source_id, r.crop): r.recipe for q in panels_q
               for r in sorted(by_query[q], key=lambda r: r.rank)[:shown.max_per_query]}
     leak_imgs = [x.image_id for x in (leak_report.leaks + leak_report.cleared)] if leak_report else []
-    clusters = sorted(filtered.clusters, key=len, reverse=True)[:shown.max_clusters]
+    clusters = sorted(filtered.clusters({r.source_id for r in records}), key=len,
+                      reverse=True)[:shown.max_clusters]
     cluster_imgs = {i for c in clusters for i, _ in c[:shown.max_cluster_members]}
     thumbs = load_thumbs(gindex, wanted, set(leak_imgs) | cluster_imgs)
     qimg = {q.id: q for q in qs.queries}

@@ -211,11 +211,12 @@ def _from_hits(q: np.ndarray, r: np.ndarray, items: np.ndarray, s: np.ndarray, k
     item_order = np.lexsort((uniq, -best.astype(np.float64)))
     ends = np.r_[starts[1:], items.size].astype(np.int64)
     lengths = (ends - starts)[item_order]
-    gather = np.concatenate([np.arange(a, b) for a, b in zip(starts[item_order], ends[item_order])]) \
-        if items.size else np.zeros(0, np.int64)
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    # hit rows of the items in their new order: each item's run, shifted from its new offset
+    gather = np.repeat(starts[item_order] - offsets[:-1], lengths) + np.arange(items.size)
     return Selection(
         ids=uniq[item_order].astype(np.int64), scores=best[item_order].astype(np.float32),
-        hit_offsets=np.r_[0, np.cumsum(lengths)].astype(np.int64),
+        hit_offsets=offsets,
         hit_query=q[gather].astype(np.int64), hit_rank=r[gather].astype(np.int64),
         hit_score=s[gather].astype(np.float32), k=int(k), strategy=strategy, **flags)
 

@@ -41,7 +41,7 @@ def distill_cmd(data: Path, method: str, transfer: Path, out: Path, args: argpar
             "--teacher", "efficientnet_lite0", "--teacher-image-size", str(args.image_size),
             "--student", args.student, "--resolution", str(args.resolution),
             "--transfer-epochs", str(args.transfer_epochs), "--finetune-epochs", str(args.finetune_epochs),
-            "--cache-dir", str(data / "teacher-cache"), "--no-progress", "--out", str(out)]
+            "--cache-dir", str(data / "teacher-cache"), "--out", str(out)]
 
 
 def main(argv: list[str] | None = None) -> None:

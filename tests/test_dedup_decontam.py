@@ -100,6 +100,8 @@ def test_pairs_threshold_is_strict_and_symmetric_once():
     assert list(zip(i.tolist(), j.tolist())) == [(0, 1)]
     i, j = duplicate_pairs(x, threshold=0.8)
     assert i.size == 0
+    i, j = duplicate_pairs(unit(np.random.default_rng(0), 400, 16), 0.99, method="ivf")
+    assert i.size == 0
     with pytest.raises(ValueError, match="normalised"):
         duplicate_pairs(x * 2, 0.9)
     with pytest.raises(ValueError, match="valid choices"):

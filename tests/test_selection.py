@@ -88,6 +88,15 @@ def test_gallery_exhausted_returns_all():
     assert sel.exhausted and len(sel) == 2
 
 
+def test_empty_lists():
+    none = SelectionInput(np.full((2, 3), -np.inf, np.float32), np.full((2, 3), -1))
+    sel = query_balanced(none, 3, 0)
+    assert sel.exhausted and len(sel) == 0 and sel.hit_offsets.tolist() == [0]
+    zero_depth = SelectionInput(np.zeros((2, 0), np.float32), np.zeros((2, 0), np.int64))
+    sel = query_balanced(zero_depth, 3, 0)
+    assert sel.needs_deeper and sel.suggested_k == 2
+
+
 def test_needs_deeper_when_depth_is_the_limit():
     s, i = lists([[(1, .9), (2, .8)], [(3, .9), (4, .8)]])
     sel = query_balanced(SelectionInput(s, i), 5, seed=0)
