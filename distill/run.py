@@ -144,7 +144,7 @@ def prepare_caches(cfg: DistillConfig, ls: LabelledSet, shardset: ShardSet | Non
             model={"spec": spec.identity(), "adapt": cfg.teacher_adapt}, weights=weights_hash(hashed),
             data=transfer_data, transform={"id": EVAL_TRANSFORM_ID, "resolution": spec.image_size},
             outputs=["logits", "features"])
-        d = root / f"{encoder_slug(spec.name)}-{cfg.teacher_adapt}" / "transfer"
+        d = root / f"{encoder_slug(spec.name)}-{cfg.teacher_adapt}" / data_dir_name("transfer", transfer_data)
         teacher.eval()
         record("transfer_logits:0", build_or_load_cache(
             d, inputs, cache_pass(teacher.forward_both, transfer_iter(spec.image_size), device, True)), inputs)
@@ -165,11 +165,17 @@ def prepare_caches(cfg: DistillConfig, ls: LabelledSet, shardset: ShardSet | Non
             inputs = cache_fingerprint_inputs(
                 model={"spec": spec.identity(), "adapt": "pretrained"}, weights=spec.weights_digest or "seeded-init",
                 data=data, transform={"id": EVAL_TRANSFORM_ID, "resolution": spec.image_size}, outputs=["features"])
-            d = root / f"{encoder_slug(spec.name)}-pretrained" / split
+            d = root / f"{encoder_slug(spec.name)}-pretrained" / data_dir_name(split, data)
             batches = transfer_iter(spec.image_size) if split == "transfer" else labelled_iter(spec.image_size)
             record(f"{split}_features:{i}", build_or_load_cache(d, inputs, cache_pass(model, batches, device, False)),
                    inputs)
     return caches
+
+
+def data_dir_name(split: str, data: Any) -> str:
+    """A cache location per data set, so one --cache-dir serves several transfer sets; at one location
+    a different teacher (or head) is refused rather than silently recomputed."""
+    return f"{split}-{fingerprint(data)[:12]}"
 
 
 def _open(caches: dict[str, dict[str, Any]], prefix: str) -> list[OutputCache]:

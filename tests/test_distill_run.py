@@ -82,6 +82,20 @@ def test_baseline_flag_and_teacher_cache_reuse_and_refusal(curated, tmp_path):
                     query_set=curated[1])
 
 
+def test_one_cache_dir_serves_several_transfer_sets(curated, tmp_path):
+    """A shared --cache-dir keys teacher outputs by transfer set: a second set is computed, not refused,
+    and each set's outputs are reused on a rerun."""
+    other = tmp_path / "other"
+    write_curated_dir(other, num_classes=3, shots=4, transfer=16, test_per_class=4, size=24, shard_size=10, seed=1)
+    cache = str(tmp_path / "cache")
+    a = run_distill(_cfg(curated, tmp_path / "a", cache_dir=cache), query_set=curated[1])
+    b = run_distill(_cfg((other, curated[1]), tmp_path / "b", cache_dir=cache), query_set=curated[1])
+    ca, cb = a["caches"]["transfer_logits:0"], b["caches"]["transfer_logits:0"]
+    assert ca["dir"] != cb["dir"] and not cb["reused"] and cb["count"] == 16
+    again = run_distill(_cfg((other, curated[1]), tmp_path / "c", cache_dir=cache), query_set=curated[1])
+    assert again["caches"]["transfer_logits:0"]["reused"] is True
+
+
 def test_killed_run_resumes_to_the_same_weights(curated, tmp_path):
     """kd: transfer 3 steps/epoch x 2 epochs, then finetune 2 steps/epoch x 3 epochs; checkpoints
     every 2 steps; killed at step 5 (transfer) and at step 9 (finetune), resumed each time."""
