@@ -55,7 +55,9 @@ class RayExecutor:
     uses, i.e. what `LocalExecutor` runs with. Ray would otherwise leave an actor one thread
     (OMP_NUM_THREADS = its CPUs), and torch's CPU reductions (e.g. the spatial means of pooling and
     squeeze-excite) sum in another order with one thread than with several, which changes float16
-    embeddings in the last bit: Local and Ray runs would not write the same files.
+    embeddings in the last bit: Local and Ray runs would not write the same files. Under
+    `ray job submit` the driver itself is started with OMP_NUM_THREADS=1, so its actors use one
+    thread, and the files equal those of a local run with one thread.
     """
 
     name = "ray"
