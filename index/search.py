@@ -132,14 +132,21 @@ def _search_blocks(queries: np.ndarray, blocks: Iterable[tuple[int | np.ndarray,
     running = RunningTopK(nq, k)
     # a reused score buffer: a fresh 64 MB array per block costs page faults comparable to the GEMM
     s_buf = np.empty((rows_per, nq), dtype=np.float32)
+    # Warm-up: the first block is folded in whole (nothing to compare against yet), so it is kept
+    # small (8k rows); later blocks double up to rows_per, while only ~k/seen of each passes.
+    seen = 0
     for ids, vectors in blocks:
         if vectors.ndim != 2 or vectors.shape[1] != dim:
             raise ValueError(f"block {ids if np.isscalar(ids) else ''}: expected [n, {dim}] vectors; "
                              f"got {vectors.shape}")
-        for start in range(0, len(vectors), rows_per):
-            x = np.asarray(vectors[start:start + rows_per], dtype=np.float32)
-            block_ids = ids + start if np.isscalar(ids) else ids[start:start + rows_per]
+        start = 0
+        while start < len(vectors):
+            step = min(rows_per, max(8 * k, 1024, seen))
+            x = np.asarray(vectors[start:start + step], dtype=np.float32)
+            block_ids = ids + start if np.isscalar(ids) else ids[start:start + step]
             running.add(np.matmul(x, qt, out=s_buf[:len(x)]), block_ids)
+            start += len(x)
+            seen += len(x)
     return running.result()
 
 

@@ -1,0 +1,175 @@
+"""Search benchmark: exact streaming top-k vs faiss.IndexFlatIP vs the GEMM bound; IVF recall and speed.
+
+    python bench/search.py            # 1M x 512 gallery (about 10-15 min on 2 cores)
+    python bench/search.py --quick    # 100k x 512, fewer settings (about 1 min)
+
+Prints one JSON object. For every (queries, k): `exact_search` seconds, bare faiss.IndexFlatIP
+seconds, the GEMM lower bound (2*Q*N*d FLOPs at the sgemm rate measured in this run by a large
+numpy matmul) and the memory-streaming bound (N*d*4 bytes at the read bandwidth measured in this
+run), and the ratios. Then an IVF index over the same vectors: build time, recall@50 against the
+exact result, and query speed over exact search for several nprobe values.
+
+Both sides use the same thread count (--threads, default all cores): faiss.omp_set_num_threads
+and the BLAS threads numpy uses. The gallery is a synthetic Gaussian mixture on the unit sphere,
+with 100 vectors per centre and noise 1.5x the centre's norm, so IVF sees cluster structure but
+recall still depends on nprobe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="100k vectors and fewer settings: a sanity run")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for faiss and BLAS")
+    p.add_argument("--num-vectors", type=int, default=None)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--ivf-nlist", type=int, default=1024,
+                   help="IVF lists for the IVF part (the factory rule's 4*sqrt(n) trains ~4x longer)")
+    p.add_argument("--faiss-max-queries-all-k", type=int, default=100,
+                   help="above this many queries faiss.IndexFlatIP runs only at k=1000 "
+                        "(its time barely depends on k; 1000 queries take minutes per run)")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(ARGS.threads)
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from index import knn  # noqa: E402
+from index.search import ShardedIndex, exact_search  # noqa: E402
+
+
+NOISE = 1.5   # noise norm over centre norm: IVF recall then depends on nprobe, as on real embeddings
+
+
+def timed(fn, *a, **kw):
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    return time.perf_counter() - t, out
+
+
+def mixture(n: int, dim: int, centres: np.ndarray, seed: int, noise: float = 1.0,
+            chunk: int = 100_000) -> np.ndarray:
+    """Unit vectors drawn around random centres, generated in chunks to bound peak memory."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), dtype=np.float32)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        x = centres[rng.integers(0, len(centres), b - a)]
+        x += noise * rng.standard_normal((b - a, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[a:b] = x
+    return out
+
+
+def sgemm_gflops(dim: int, repeats: int = 3) -> float:
+    """Best rate of a large float32 matmul ([16384, d] @ [d, 1024], the layout exact_search uses).
+
+    Measured again next to every setting: on a shared machine the rate drifts during the run.
+    """
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16384, dim), dtype=np.float32)
+    b = rng.standard_normal((dim, 1024), dtype=np.float32)
+    a @ b
+    best = min(timed(np.matmul, a, b)[0] for _ in range(repeats))
+    return 2 * a.shape[0] * dim * b.shape[1] / best / 1e9
+
+
+def read_gbps(x: np.ndarray) -> float:
+    """Best-of-3 rate of one streaming pass (a sum) over the gallery matrix."""
+    best = min(timed(np.add.reduce, x, axis=0)[0] for _ in range(3))
+    return x.nbytes / best / 1e9
+
+
+def recall(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.mean([len(set(g.tolist()) & set(w.tolist())) / len(w) for g, w in zip(got, want)]))
+
+
+def main() -> None:
+    faiss.omp_set_num_threads(ARGS.threads)
+    n = ARGS.num_vectors or (100_000 if ARGS.quick else 1_000_000)
+    dim = ARGS.dim
+    query_counts = (10, 100) if ARGS.quick else (10, 100, 1000)
+    ks = (50, 500, 1000, 2000)
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((n // 100, dim), dtype=np.float32) / np.sqrt(dim)
+    x = mixture(n, dim, centres, seed=1, noise=NOISE / np.sqrt(dim))
+    queries = mixture(max(query_counts), dim, centres, seed=2, noise=NOISE / np.sqrt(dim))
+    report: dict = {
+        "machine": {"cpus": os.cpu_count(), "threads": ARGS.threads, "python": platform.python_version(),
+                    "numpy": np.__version__, "faiss": faiss.__version__},
+        "gallery": {"num_vectors": n, "dim": dim, "dtype": "float32",
+                    "data": f"Gaussian mixture, {n // 100} centres, noise {NOISE}x centre norm, unit norm",
+                    "seconds_to_generate": round(time.perf_counter() - t0, 1)},
+    }
+    gflops = sgemm_gflops(dim)
+    gbps = read_gbps(x)
+    report["sgemm_gflops"] = round(gflops, 1)
+    report["read_gbps"] = round(gbps, 1)
+
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(x)
+    rows, exact50 = [], None
+    for nq in query_counts:
+        q = queries[:nq]
+        for k in ks:
+            rate = sgemm_gflops(dim, repeats=2)
+            t_ours, (s, i) = timed(exact_search, q, [(0, x)], k)
+            row = {"queries": nq, "k": k, "exact_search_s": round(t_ours, 3), "sgemm_gflops_now": round(rate, 1)}
+            gemm = 2 * nq * n * dim / (rate * 1e9)
+            stream = x.nbytes / (gbps * 1e9)
+            bound = max(gemm, stream)
+            row.update(gemm_bound_s=round(gemm, 3), stream_bound_s=round(stream, 3),
+                       exact_over_gemm_bound=round(t_ours / gemm, 2),
+                       exact_over_max_bound=round(t_ours / bound, 2))
+            if nq <= ARGS.faiss_max_queries_all_k or k == 1000:
+                t_faiss, (fs, fi) = timed(flat.search, q, k)
+                row.update(faiss_flat_s=round(t_faiss, 3), faiss_over_exact=round(t_faiss / t_ours, 2),
+                           ids_agree_with_faiss=round(recall(i, fi), 5))
+            else:
+                row.update(faiss_flat_s=None, faiss_note="not run (its time barely depends on k; see k=1000)")
+            rows.append(row)
+            if k == 50 and nq == max(query_counts):
+                exact50 = (t_ours, i, row.get("faiss_flat_s"))
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    report["exact"] = rows
+    del flat
+
+    # ---------------------------------------------------------------- IVF on the same vectors
+    nlist = min(ARGS.ivf_nlist, knn.ivf_nlist(n))
+    factory = f"IVF{nlist},Flat"
+    t_train_sample, train = timed(knn.training_sample, [(0, x)], n, knn.training_size(factory), 0)
+    blocks = ((np.arange(a, min(n, a + 100_000), dtype=np.int64), x[a:a + 100_000]) for a in range(0, n, 100_000))
+    t_build, index = timed(knn.build_index, blocks, factory, dim, train)
+    ivf = {"factory": factory, "rule_factory": knn.choose_factory(n, dim, 8 << 30),
+           "train_vectors": len(train), "build_s": round(t_build + t_train_sample, 1),
+           "queries": max(query_counts), "k": 50, "exact_search_s": round(exact50[0], 3),
+           "faiss_flat_s": exact50[2], "nprobe": []}
+    sharded = ShardedIndex([index])
+    for nprobe in (8, 32, 128):
+        t_ivf, (_, ii) = timed(sharded.search, queries[:max(query_counts)], 50, nprobe)
+        entry = {"nprobe": nprobe, "search_s": round(t_ivf, 3), "recall_at_50": round(recall(ii, exact50[1]), 4),
+                 "speedup_over_exact_search": round(exact50[0] / t_ivf, 1)}
+        if exact50[2]:
+            entry["speedup_over_faiss_flat"] = round(exact50[2] / t_ivf, 1)
+        ivf["nprobe"].append(entry)
+    report["ivf"] = ivf
+    report["total_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
