@@ -23,6 +23,7 @@ import faiss
 import numpy as np
 
 from curation.dedup import check_normalised, similar_pairs
+from index.knn import combine_features
 
 Features = np.ndarray | Sequence[np.ndarray]
 
@@ -36,16 +37,6 @@ def _per_encoder(features: Features, name: str) -> list[np.ndarray]:
     if len(rows) != 1:
         raise ValueError(f"{name}: every encoder needs one row per image; got row counts {sorted(rows)}")
     return out
-
-
-def combine_features(per_encoder: Sequence[np.ndarray]) -> np.ndarray:
-    """Concatenate normalised per-encoder features, each scaled by 1/sqrt(E).
-
-    The inner product of two combined rows is then the mean cosine over the encoders.
-    """
-    parts = [np.asarray(p, dtype=np.float32) for p in per_encoder]
-    scale = np.float32(1.0 / np.sqrt(len(parts)))
-    return np.ascontiguousarray(np.concatenate(parts, axis=1) * scale)
 
 
 @dataclass(frozen=True)

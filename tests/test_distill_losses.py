@@ -14,12 +14,7 @@ from distill.students import build_student
 from distill.trainer import PhasePlan, make_optimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # deterministic float math across machines
 
 
 # ------------------------------------------------------------------ KD

@@ -13,12 +13,7 @@ from distill.students import STUDENTS, build_student, student_resolution
 from distill.teachers import Teacher, build_teacher, fit_linear_head, linear_probe
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # deterministic float math across machines
 
 
 class Probe(nn.Module):

@@ -17,12 +17,7 @@ from distill.synthetic import write_curated_dir
 from index.atomic import FingerprintMismatch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # deterministic float math across machines
 
 
 @pytest.fixture(scope="module")
