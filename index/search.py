@@ -183,16 +183,17 @@ class RunningTopK:
             self._mask = np.empty(s.size, dtype=bool)
         mask = self._mask[:s.size].reshape(s.shape)
         np.greater_equal(s, self.thr, out=mask)
-        flat = np.flatnonzero(mask)             # row-major: vector, then query
-        if len(flat) == 0:
+        passing = np.count_nonzero(mask)
+        if passing == 0:
             return
-        if len(flat) * 4 >= s.size:
+        if passing * 4 >= s.size:
             # dense (first block, or tiny blocks): every query folds the whole block in now
             dense_s = np.ascontiguousarray(s.T)
             row_ids = np.arange(ids, ids + b, dtype=np.int64) if np.isscalar(ids) else np.asarray(ids, np.int64)
             dense_i = np.broadcast_to(row_ids, dense_s.shape)
             self._fold(dense_s, dense_i)
             return
+        flat = np.flatnonzero(mask)             # row-major: vector, then query
         rows = flat // nq
         self.pending.append((flat % nq, s.ravel()[flat], ids + rows if np.isscalar(ids) else ids[rows]))
         self.num_pending += len(flat)
