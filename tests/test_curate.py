@@ -1,0 +1,463 @@
+"""End to end: build a tiny index, run `curate`, read the curated set back.
+
+The gallery and task come from `fixtures_gallery` (planted duplicates, planted copies of task images,
+a look-alike, distractors); the index is built once per module with the random-init `test-tiny-timm`
+encoder (a CLIP-tower variant with `test-tiny-clip` for text queries). Similarities the tests rely on
+are checked on the fixture first, so a change of encoder or fixture fails loudly, not vaguely.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from curation import cli
+from curation.build_index import main as build_index_main
+from curation.pipeline import CurateConfig, curate
+from curation.shards import write_transfer_shards
+from index import contract
+from index.crops import CropRecipe, materialize
+from index.embed import embed_images
+from index.encoders import EncoderMismatch, build_encoder, resolve_encoder
+from index.gallery import iter_images, list_shards
+from index.gallery_index import GalleryIndex
+from index.registry import UnknownNameError
+
+from fixtures_gallery import CLASSES, SHOTS, Fixture, build_fixture, write_index_config
+
+CROP = 64          # crop size in the index config (the contract's default is 224)
+CROPS_PER_IMAGE = 2
+N = 30
+
+
+@dataclass
+class World:
+    root: Path
+    fx: Fixture
+    index: Path
+    cache: Path
+
+
+def _build_index(root: Path, gallery: Path, encoders: list[str], name: str) -> Path:
+    cfg = write_index_config(root / f"{name}.yaml", str(gallery / "*.tar"), encoders, crop_size=CROP,
+                             crops_per_image=CROPS_PER_IMAGE)
+    build_index_main(["--config", str(cfg), "--out", str(root / name)])
+    return root / name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine they only spin."""
+    import faiss
+    import torch
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(before[0])
+    faiss.omp_set_num_threads(before[1])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("curate")
+    fx = build_fixture(root)
+    return World(root=root, fx=fx, index=_build_index(root, fx.gallery, ["test-tiny-timm"], "idx"),
+                 cache=root / "cache")
+
+
+def _argv(w: World, out: Path, size: int = N, seed: int = 0, index: Path | None = None, *extra: str) -> list[str]:
+    return ["--queries", w.fx.query_set, "--index", str(index or w.index), "--size", str(size),
+            "--out", str(out), "--cache-dir", str(w.cache), "--seed", str(seed), *extra]
+
+
+def _run(w: World, out: Path, *extra: str, size: int = N, seed: int = 0, index: Path | None = None) -> dict:
+    rc = cli.main(_argv(w, out, size, seed, index, *extra))
+    assert rc == 0
+    return json.loads((out / contract.MANIFEST_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def base(world: World) -> tuple[Path, dict, str]:
+    """The reference run, through the installed `curate` console script."""
+    out = world.root / "base"
+    exe = Path(sys.executable).with_name("curate")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "curation.cli"]
+    repo = str(Path(__file__).resolve().parents[1])  # this source tree, whatever is installed
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([repo] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    proc = subprocess.run(cmd + _argv(world, out), capture_output=True, text=True, timeout=600, env=env,
+                          cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / contract.MANIFEST_FILE).read_text()), proc.stdout
+
+
+def _transfer(out: Path) -> list[dict]:
+    tars = sorted(str(p) for p in out.glob("transfer-*.tar"))
+    assert tars, f"no transfer shards in {out}"
+    return list(wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode("pil"))
+
+
+def _records(out: Path) -> list[dict]:
+    return [s["json"] for s in _transfer(out)]
+
+
+def _section(html: str, sid: str) -> str:
+    m = re.search(rf'<section id="{sid}">(.*?)</section>', html, re.S)
+    assert m, f"report has no section {sid!r}"
+    return m.group(1)
+
+
+def _features(images: list[Image.Image], encoder: str = "test-tiny-timm") -> np.ndarray:
+    return embed_images([build_encoder(resolve_encoder(encoder))], images, 16)[0]
+
+
+def _gallery_images(w: World) -> dict[str, Image.Image]:
+    out = {}
+    for shard in list_shards(str(w.fx.gallery / "*.tar")):
+        for g in iter_images(shard):
+            out[g.id] = g.image
+    return out
+
+
+# ---------------------------------------------------------------- the fixture itself
+
+
+def test_fixture_similarities_make_the_planted_cases_meaningful(world: World):
+    gallery = _gallery_images(world)
+    assert len(gallery) == world.fx.num_images
+    refs = {p.relative_to(world.fx.task.parent).as_posix(): Image.open(p).convert("RGB")
+            for p in sorted(world.fx.task.rglob("*.png"))}
+    dup = _features([gallery[i] for i in world.fx.duplicates])
+    assert (dup @ dup.T).min() > 0.99, "planted duplicates must be above the dedup threshold"
+    for gid, rid in world.fx.leaks.items():
+        f = _features([gallery[gid], refs[rid]])
+        assert float(f[0] @ f[1]) > 0.95, f"planted leak {gid} must be above the leak threshold"
+    gid, rid = world.fx.look_alike
+    f = _features([gallery[gid]] + list(refs.values()))
+    sims = f[1:] @ f[0]
+    assert 0.7 < float(sims[list(refs).index(rid)]) < 0.95 and sims.max() < 0.95, \
+        "the look-alike must resemble its task image but stay below the leak threshold"
+    # every other gallery image is neither a leak nor a duplicate: the expected counts are exact
+    others = [i for i in gallery if i not in world.fx.leaks and i not in world.fx.duplicates[1:]]
+    g = _features([gallery[i] for i in others])
+    r = _features(list(refs.values()))
+    assert (g @ r.T).max() < 0.95
+    s = g @ g.T
+    np.fill_diagonal(s, -1)
+    assert s.max() < 0.99
+
+
+# ---------------------------------------------------------------- the curated set
+
+
+def test_cli_writes_exactly_n_readable_samples_with_provenance(world: World, base):
+    out, manifest, stdout = base
+    samples = _transfer(out)
+    assert len(samples) == N == manifest["counts"]["written"]
+    assert f"curate: {N}/{N} written" in stdout
+    draw = json.loads((out / contract.QUERIES_DRAW_FILE).read_text())
+    query_ids = {q["id"] for q in draw["queries"]}
+    gindex = GalleryIndex(world.index)
+    rows = {(r.id, r.crop): r.recipe for p in range(len(gindex.shards)) for r in gindex._rows(p)}
+    originals = _gallery_images(world)
+    for s in samples:
+        assert s["jpg"].size == (CROP, CROP)
+        rec = s["json"]
+        assert s["__key__"] == rec["key"] == contract.transfer_key(rec["source_id"], rec["crop"])
+        assert 0 <= rec["crop"] < CROPS_PER_IMAGE
+        assert rec["recipe"] == rows[(rec["source_id"], rec["crop"])]
+        assert rec["queries"], "every transfer sample names the queries that retrieved it"
+        for hit in rec["queries"]:
+            assert set(hit) == {"query", "similarity", "rank"}
+            assert hit["query"] in query_ids and hit["rank"] >= 0 and -1 <= hit["similarity"] <= 1
+        assert rec["similarity"] == max(h["similarity"] for h in rec["queries"])
+        crop = materialize(originals[rec["source_id"]], CropRecipe.from_dict(rec["recipe"]))
+        buf = io.BytesIO()
+        crop.convert("RGB").save(buf, "JPEG", quality=manifest["config"]["jpeg_quality"])
+        assert np.array_equal(np.asarray(Image.open(buf).convert("RGB")), np.asarray(s["jpg"].convert("RGB"))), \
+            "the written crop must be the re-materialised recipe"
+    assert sorted(r["rank"] for r in (s["json"] for s in samples)) == list(range(N))
+    # dedup works on original images: at most one crop of any image survives
+    sources = [s["json"]["source_id"] for s in samples]
+    assert len(set(sources)) == len(sources)
+
+
+def test_query_shards_hold_every_query_with_its_label(base):
+    out, manifest, _ = base
+    draw = json.loads((out / contract.QUERIES_DRAW_FILE).read_text())
+    assert draw["classes"] == list(CLASSES) and draw["seed"] == 0
+    assert len(draw["queries"]) == SHOTS * len(CLASSES)
+    tars = sorted(str(p) for p in out.glob("queries-*.tar"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode("pil"))
+    got = [(s["json"]["id"], s["json"]["label"]) for s in samples]
+    assert got == [(q["id"], q["label"]) for q in draw["queries"]]
+    for s in samples:
+        assert int(s["cls"]) == s["json"]["label"]
+        assert s["json"]["class_name"] == CLASSES[s["json"]["label"]]
+        assert s["json"]["id"].split("/")[1] == s["json"]["class_name"]  # task/<class>/<file>
+        assert s["png"].size == (96, 96)
+    assert manifest["query_set"]["num_queries"] == len(samples)
+
+
+def test_manifest_counts_add_up_and_backfill_reaches_n(base):
+    _, m, stdout = base
+    c = m["counts"]
+    assert (c["retrieved"] - c["removed_duplicate"] - c["removed_leak"] - c["removed_unreadable"]
+            + c["backfilled"] - c["unreadable_at_write"]) == c["written"] == c["requested"] == N
+    assert c["retrieved"] == N and not c["exhausted"]
+    assert c["removed_leak"] > 0 and c["removed_duplicate"] > 0, "the fixture plants both"
+    assert c["backfilled"] == c["removed_leak"] + c["removed_duplicate"] > 0
+    assert c["rounds"] >= 2
+    assert (f"removed {c['removed_duplicate']} duplicate / {c['removed_leak']} leak / 0 unreadable, "
+            f"backfilled {c['backfilled']}") in stdout
+    assert m["strategy"] == "query_balanced" and m["seed"] == 0
+    assert m["thresholds"] == {"dedup": 0.99, "leak": 0.95}
+    assert [e["name"] for e in m["encoders"]] == ["test-tiny-timm"]
+    assert m["shards"] == ["transfer-000000.tar"]
+
+
+def test_same_seed_gives_byte_identical_shards(world: World, base):
+    out0, m0, _ = base
+    again = world.root / "seed0-again"
+    m = _run(world, again)
+    assert m["counts"] == m0["counts"]
+    for name in ["transfer-000000.tar", "queries-000000.tar", contract.QUERIES_DRAW_FILE]:
+        assert (again / name).read_bytes() == (out0 / name).read_bytes(), name
+    other = world.root / "seed1"
+    m1 = _run(world, other, seed=1)
+    assert m1["counts"]["written"] == N
+    assert (other / contract.QUERIES_DRAW_FILE).read_bytes() != (out0 / contract.QUERIES_DRAW_FILE).read_bytes()
+    assert (other / "transfer-000000.tar").read_bytes() != (out0 / "transfer-000000.tar").read_bytes()
+
+
+def test_small_shard_size_splits_the_set(world: World):
+    out = world.root / "shards7"
+    m = _run(world, out, "--shard-size", "7")
+    assert m["shards"] == [f"transfer-{i:06d}.tar" for i in range(-(-N // 7))]
+    assert sorted(p.name for p in out.glob("transfer-*.tar")) == m["shards"]
+    assert len(_records(out)) == N
+
+
+# ---------------------------------------------------------------- dedup and decontamination
+
+
+def _clusters(html: str) -> list[list[tuple[str, bool]]]:
+    """(image id, kept) of each cluster in the report's dedup section."""
+    blocks = _section(html, "dedup-clusters").split('<div class="cluster">')[1:]
+    return [[(i, bool(k)) for k, i in re.findall(r'<div class="small">(kept: )?([^<]+)</div></div>', b)]
+            for b in blocks]
+
+
+def test_planted_duplicates_keep_one_and_the_report_lists_the_cluster(world: World, base):
+    out, m, _ = base
+    sources = {r["source_id"] for r in _records(out)}
+    assert len(sources & set(world.fx.duplicates)) == 1
+    clusters = _clusters((out / contract.REPORT_FILE).read_text())
+    assert clusters, "the report lists the duplicate clusters"
+    planted = [c for c in clusters if {i for i, _ in c} & set(world.fx.duplicates)]
+    assert len(planted) == 1, "all planted copies form one cluster"
+    ids = [i for i, _ in planted[0]]
+    assert len(ids) >= 2 and set(ids) <= set(world.fx.duplicates), "the cluster holds planted copies only"
+    kept = [i for i, k in planted[0] if k]
+    assert len(kept) == 1 and kept[0] in sources
+    for c in clusters:  # a cluster lists distinct images; crops of one image are not a cluster
+        assert len({i for i, _ in c}) == len(c) >= 2
+
+
+def test_decontamination_removes_planted_copies_and_keeps_the_look_alike(world: World, base):
+    out, m, _ = base
+    sources = {r["source_id"] for r in _records(out)}
+    flagged = {x["image_id"]: x for x in m["leaks"]["leaks"]}
+    assert set(flagged) == set(world.fx.leaks), "exactly the planted copies are flagged"
+    for gid, rid in world.fx.leaks.items():
+        assert gid not in sources
+        assert flagged[gid]["neighbor_ids"][0] == rid
+        assert len(flagged[gid]["neighbor_ids"]) == 5
+        assert flagged[gid]["max_similarity"] > 0.95
+    alike, _ = world.fx.look_alike
+    assert alike in sources, "a look-alike below the threshold is a legitimate retrieval"
+    assert m["leaks"]["num_references"] == 6 * len(CLASSES)
+    leaks_html = _section((out / contract.REPORT_FILE).read_text(), "leaks")
+    for gid, rid in world.fx.leaks.items():
+        assert gid in leaks_html and rid in leaks_html
+    assert alike not in leaks_html
+
+
+def test_leak_review_unflags_an_image_and_its_crops_come_back(world: World, base):
+    _, m0, _ = base
+    reviewed = "00001/leak_train"
+    review = world.root / "review.json"
+    review.write_text(json.dumps({"not_leaks": [reviewed]}))
+    out = world.root / "reviewed"
+    m = _run(world, out, "--leak-review", str(review))
+    assert reviewed in {r["source_id"] for r in _records(out)}
+    assert [x["image_id"] for x in m["leaks"]["cleared"]] == [reviewed]
+    assert {x["image_id"] for x in m["leaks"]["leaks"]} == set(world.fx.leaks) - {reviewed}
+    assert m["counts"]["written"] == N
+    assert m["counts"]["removed_leak"] < m0["counts"]["removed_leak"]
+    assert "un-flagged by review" in _section((out / contract.REPORT_FILE).read_text(), "leaks")
+    # a review naming an image that was never flagged is refused
+    review.write_text(json.dumps(["00002/dist_00"]))
+    with pytest.raises(ValueError, match="00002/dist_00"):
+        curate(CurateConfig(queries=world.fx.query_set, index=str(world.index), size=N,
+                            out=str(world.root / "bad-review"), cache_dir=str(world.cache),
+                            leak_review=str(review)))
+
+
+# ---------------------------------------------------------------- shortfalls
+
+
+def test_gallery_too_small_writes_everything_and_says_so(world: World, capsys):
+    out = world.root / "too-big"
+    m = _run(world, out, size=500)
+    c = m["counts"]
+    # one crop per image survives dedup; the planted duplicates collapse to one; the leaks go
+    expected = world.fx.num_images - (len(world.fx.duplicates) - 1) - len(world.fx.leaks)
+    assert c["written"] == expected == len(_records(out))
+    assert c["exhausted"] and c["requested"] == 500
+    assert c["retrieved"] == GalleryIndex(world.index).num_vectors
+    assert "exhausted" in m["message"] and f"only {expected} " in m["message"]
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"curate: {expected}/500 written") and m["message"] in line
+
+
+def _corrupt_member(tar_path: Path, member: str) -> None:
+    """Overwrite a member's bytes in place: the tar stays well-formed, the image cannot be decoded."""
+    with tarfile.open(tar_path) as tf:
+        info = tf.getmember(member)
+    with open(tar_path, "r+b") as f:
+        f.seek(info.offset_data)
+        f.write(b"\0" * info.size)
+
+
+def test_unreadable_gallery_images_are_counted_and_n_still_reached(world: World, base):
+    base_out, _, _ = base
+    root = world.root / "broken"
+    gallery = root / "gallery"
+    shutil.copytree(world.fx.gallery, gallery)
+    index = _build_index(root, gallery, ["test-tiny-timm"], "idx")
+    # an image the reference run wrote, from a shard written as PNGs
+    records = _records(base_out)
+    victim = next(r["source_id"] for r in records if r["source_id"].startswith("00000/"))
+    shard, key = contract.split_image_id(victim)
+    _corrupt_member(gallery / f"{shard}.tar", f"{key}.png")
+
+    # the writer alone counts what it cannot read
+    gi = GalleryIndex(index)
+    res = write_transfer_shards(root / "write-only", gi, [contract.TransferRecord.from_dict(r) for r in records],
+                                shard_size=100)
+    assert res.unreadable == sum(r["source_id"] == victim for r in records) == 1
+    assert res.written == len(records) - 1 and sum(res.skipped.values()) == 1
+
+    out = root / "out"
+    m = _run(world, out, index=index)
+    c = m["counts"]
+    assert c["removed_unreadable"] + c["unreadable_at_write"] >= 1
+    assert c["written"] == N == len(_records(out))
+    assert victim not in {r["source_id"] for r in _records(out)}
+    assert (c["retrieved"] - c["removed_duplicate"] - c["removed_leak"] - c["removed_unreadable"]
+            + c["backfilled"] - c["unreadable_at_write"]) == c["written"]
+
+
+def test_when_every_image_is_flagged_nothing_is_written_and_the_manifest_says_so(world: World):
+    out = world.root / "all-leaks"
+    m = _run(world, out, "--leak-threshold", "-1", size=N)
+    c = m["counts"]
+    assert c["written"] == 0 and not list(out.glob("transfer-*.tar")) and c["exhausted"]
+    assert c["removed_leak"] == c["retrieved"] == N and c["backfilled"] == 0
+    assert len(m["leaks"]["leaks"]) == world.fx.num_images
+    assert "only 0 " in m["message"]
+    assert (out / contract.REPORT_FILE).is_file()
+
+
+# ---------------------------------------------------------------- strategies and refusals
+
+
+@pytest.fixture(scope="module")
+def clip_index(world: World) -> Path:
+    return _build_index(world.root, world.fx.gallery, ["test-tiny-clip"], "idx-clip")
+
+
+def test_text_strategy_with_a_clip_encoder(world: World, clip_index: Path):
+    # the random-init tiny CLIP maps every image within ~0.002 of every other: thresholds go up to match
+    out = world.root / "text"
+    m = _run(world, out, "--strategy", "text", "--dedup-threshold", "0.99995", "--leak-threshold", "0.99995",
+             size=12, index=clip_index)
+    assert m["counts"]["written"] == 12 and m["strategy"] == "text"
+    hits = {h["query"] for r in _records(out) for h in r["queries"]}
+    assert hits and hits <= {f"text:{c}" for c in CLASSES}
+
+
+def test_text_strategy_without_a_text_tower_is_refused(world: World, capsys):
+    rc = cli.main(_argv(world, world.root / "text-timm", 12, 0, None, "--strategy", "text"))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "text tower" in err and "test-tiny-timm" in err
+    assert not (world.root / "text-timm" / contract.MANIFEST_FILE).exists()
+
+
+def test_unknown_strategy_lists_the_valid_names(world: World, capsys):
+    rc = cli.main(_argv(world, world.root / "nope", 12, 0, None, "--strategy", "query_balance"))
+    assert rc == 2
+    err = capsys.readouterr().err
+    for name in ("query_balanced", "best_matches", "random", "text"):
+        assert name in err
+    with pytest.raises(UnknownNameError, match="query_balanced"):
+        CurateConfig(queries="x", index="y", size=1, out="z", strategy="bogus")
+
+
+@pytest.mark.parametrize("strategy", ["best_matches", "random"])
+def test_baseline_strategies_write_n(world: World, strategy: str):
+    out = world.root / strategy
+    m = _run(world, out, "--strategy", strategy, size=15)
+    assert m["counts"]["written"] == 15 == len(_records(out))
+    assert not {r["source_id"] for r in _records(out)} & set(world.fx.leaks)
+
+
+def test_encoder_mismatch_is_refused(world: World, capsys):
+    tampered = world.root / "idx-tampered"
+    shutil.copytree(world.index, tampered)
+    path = tampered / contract.MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["encoders"][0]["weights_digest"] = "0" * 64
+    path.write_text(json.dumps(manifest))
+    out = world.root / "mismatch"
+    with pytest.raises(EncoderMismatch, match="differ from the index"):
+        curate(CurateConfig(queries=world.fx.query_set, index=str(tampered), size=N, out=str(out),
+                            cache_dir=str(world.cache)))
+    assert cli.main(_argv(world, out, N, 0, tampered)) == 2
+    assert "differ from the index" in capsys.readouterr().err
+    assert not (out / contract.MANIFEST_FILE).exists() and not list(out.glob("transfer-*.tar"))
+
+
+def test_missing_index_is_a_clear_error(world: World, capsys):
+    assert cli.main(_argv(world, world.root / "noidx", N, 0, world.root / "no-such-index")) == 2
+    assert "build the index first" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_has_every_section(world: World, base):
+    out, m, _ = base
+    html = (out / contract.REPORT_FILE).read_text()
+    for sid in ("summary", "per-query", "dedup-clusters", "leaks", "histograms"):
+        _section(html, sid)
+    per_query = _section(html, "per-query")
+    draw = json.loads((out / contract.QUERIES_DRAW_FILE).read_text())
+    assert any(q["id"] in per_query for q in draw["queries"])
+    assert str(m["counts"]["written"]) in _section(html, "summary")
