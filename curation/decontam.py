@@ -99,7 +99,7 @@ def _nearest(xq: np.ndarray, xb: np.ndarray, k: int, batch_size: int) -> tuple[n
 
 def find_leaks(image_features: Features, reference_features: Features, threshold: float = 0.95,
                k: int = 5, reference_ids: Sequence[str] | None = None,
-               image_ids: Sequence[str] | None = None, method: str = "auto", nprobe: int = 8,
+               image_ids: Sequence[str] | None = None, method: str = "auto", nprobe: int = 16,
                batch_size: int = 16384) -> LeakReport:
     """Flag images whose max-over-encoders similarity to any reference exceeds ``threshold``.
 
