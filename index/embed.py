@@ -11,6 +11,7 @@ function runs in-process and in Ray actors.
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 import time
@@ -138,12 +139,29 @@ def encode(models: list[Encoder], pixels: np.ndarray, device: str) -> list[np.nd
     return out
 
 
-class Embedder:
-    """Builds its encoders once; call it on tasks. One per worker (process or Ray actor)."""
+def core_free_for_decode(device: str) -> bool:
+    """Whether decode/crop in a background thread can overlap the forward: on CUDA (the forward runs
+    on the GPU), or on CPU when torch's intra-op threads leave a core idle. Otherwise the extra thread
+    only competes with torch's OpenMP team, whose every op waits at a barrier for a descheduled
+    member (bench/embed.py measures both ways)."""
+    if device.startswith("cuda"):
+        return True
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.get_num_threads() < cpus
 
-    def __init__(self, encoders: tuple[EncoderSpec, ...], device: str | None = None):
+
+class Embedder:
+    """Builds its encoders once; call it on tasks. One per worker (process or Ray actor).
+
+    `prefetch`: decode/crop in a background thread while the encoder runs (None: where a core is
+    free for it, see `core_free_for_decode`). It changes timing only, never the output.
+    """
+
+    def __init__(self, encoders: tuple[EncoderSpec, ...], device: str | None = None,
+                 prefetch: bool | None = None):
         self.device = pick_device(device)
         self.models = [build_encoder(s, self.device) for s in encoders]
+        self.prefetch = core_free_for_decode(self.device) if prefetch is None else prefetch
 
     def __call__(self, task: EmbedTask) -> ShardResult:
         return embed_shard(task, self)
@@ -159,7 +177,8 @@ def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResul
     counts = SkipCounts()
     rows: list[store.Row] = []
     feats: list[list[np.ndarray]] = [[] for _ in task.encoders]
-    for batch_rows, pixels in _prefetch(_batches(crops_of_shard(task, counts), task.batch_size)):
+    batches = _batches(crops_of_shard(task, counts), task.batch_size)
+    for batch_rows, pixels in (_prefetch(batches) if embedder.prefetch else batches):
         rows.extend(batch_rows)
         for acc, f in zip(feats, encode(embedder.models, pixels, embedder.device)):
             acc.append(f)

@@ -298,3 +298,38 @@ def test_local_and_ray_executors_write_identical_files(gallery, built, tmp_path)
         if name.endswith((".npy", ".jsonl", ".index")):
             assert files[name] == ref[name], f"{name} differs between Local and Ray executors"
     assert files == ref
+
+
+def test_prefetch_changes_timing_only(gallery, built, tmp_path):
+    """Decode in a background thread or inline: the same files, the same skip counts."""
+    from index.embed import EmbedTask, Embedder, embed_shard
+    from index.gallery import list_shards
+
+    specs = tuple(resolve_encoders(["test-tiny-timm"]))
+    shard = next(s for s in list_shards(str(gallery / "*.tar")) if s.name == "00001")
+    results = {}
+    for prefetch in (True, False):
+        out = tmp_path / f"prefetch-{prefetch}"
+        task = EmbedTask(shard=shard, out_dir=str(out), encoders=specs, crops=CROPS, batch_size=4)
+        results[prefetch] = embed_shard(task, Embedder(specs, "cpu", prefetch=prefetch))
+        for name in ("test-tiny-timm.npy", "rows.jsonl"):
+            assert (store.shard_dir(out, "00001") / name).read_bytes() == \
+                (store.shard_dir(built[0], "00001") / name).read_bytes()
+    assert results[True].skipped == results[False].skipped == {"corrupt": 1}
+    assert results[True].num_vectors == results[False].num_vectors == 12
+
+
+def test_decode_error_in_background_thread_reaches_the_caller(gallery, tmp_path, monkeypatch):
+    import index.embed as embed
+    from index.gallery import list_shards
+
+    def broken(*a, **k):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(embed, "materialize", broken)
+    specs = tuple(resolve_encoders(["test-tiny-timm"]))
+    shard = list_shards(str(gallery / "*.tar"))[0]
+    task = embed.EmbedTask(shard=shard, out_dir=str(tmp_path), encoders=specs, crops=CROPS, batch_size=4)
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        embed.embed_shard(task, embed.Embedder(specs, "cpu", prefetch=True))
+    assert not (store.shard_dir(tmp_path, shard.name) / contract.DONE_FILE).exists()

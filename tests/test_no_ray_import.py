@@ -14,7 +14,7 @@ LIBRARY = ("index", "curation", "distill")
 SCRIPT = r"""
 import importlib, importlib.abc, json, pkgutil, sys, traceback
 
-BLOCK = sys.argv[1] == "block"
+BLOCK = sys.argv[1] == "block"  # "free": nothing blocked (to debug a failure by hand)
 attempts = []
 
 class NoRay(importlib.abc.MetaPathFinder):
@@ -72,14 +72,7 @@ def test_library_imports_with_ray_blocked():
     report = _run("block")
     assert report["block_works"] is True  # `import ray` really fails in the subprocess
     assert report["failures"] == {}, "\n\n".join(f"{m}:\n{tb}" for m, tb in report["failures"].items())
-    assert report["ray_attempts"] == [], "tried to import ray:\n" + report["ray_attempts"][0]
     assert set(report["imported"]) == _library_modules()
     assert {"index.embed", "index.build", "curation.build_index"} <= set(report["imported"])
-
-
-@pytest.mark.slow
-def test_library_does_not_load_ray_even_when_installed():
-    pytest.importorskip("ray")
-    report = _run("free")
-    assert report["failures"] == {}
-    assert report["ray_loaded"] is False, "a library module imported ray"
+    # no module even tried (a guarded `try: import ray` would load ray whenever it is installed)
+    assert report["ray_attempts"] == [], "tried to import ray:\n" + report["ray_attempts"][0]

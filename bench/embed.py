@@ -1,0 +1,214 @@
+"""Benchmark: the embedding stage's overhead over its two irreducible parts, measured side by side.
+
+All figures come from one run on the same images (by default 200 real images: Tux Paint stamps from
+/usr/share/tuxpaint/stamps and scikit-image's bundled samples, written as JPEGs into one gallery tar):
+
+- ``data_s``: decode + crop + RandAugment + batching, with ``index.gallery`` and ``index.crops``
+  called directly (no encoder);
+- ``forward_s``: the bare encoder forward on the same batches, already as normalised input tensors;
+- ``prepare_s``: uint8 crops -> normalised input (resize, mean/std), reported for reference;
+- ``pipeline_s``: ``index.embed.embed_shard`` on the shard (read, crop, prepare, forward,
+  normalise, float16, atomic writes, done record), with decode in a background thread or inline
+  as ``Embedder`` chooses by default (``prefetch_default``); ``pipeline_variants_s`` has both.
+
+``ratio = pipeline_s / (data_s + forward_s)`` is the goal figure (<= 1.1 on CPU). With CUDA the
+pipeline's throughput is also set against the bare GPU forward's (``gpu_throughput_ratio``).
+The three parts run interleaved, ``--repeats`` times; each figure is the minimum over the repeats.
+``cpu_ratio`` is the same ratio in process CPU time (all threads), which other load on the machine
+disturbs less than wall time; the load average before and after is reported for that reason.
+
+    python bench/embed.py [--encoder efficientnet_lite0] [--images 200] [--crops 4] [--size 96]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from index.crops import CropConfig, materialize, recipes_for  # noqa: E402
+from index.embed import EmbedTask, Embedder, embed_shard, pick_device, prepare  # noqa: E402
+from index.encoders import resolve_encoder  # noqa: E402
+from index.gallery import SkipCounts, iter_images, list_shards  # noqa: E402
+
+STAMPS = Path("/usr/share/tuxpaint/stamps")
+SKIMAGE_SAMPLES = ("astronaut", "camera", "chelsea", "coffee", "coins", "colorwheel", "horse", "logo",
+                   "moon", "page", "rocket", "text", "clock", "immunohistochemistry", "hubble_deep_field")
+
+
+def real_images(n: int) -> list[Image.Image]:
+    """scikit-image's bundled samples, then Tux Paint stamps (flattened on white) spread over its folders."""
+    import skimage.data
+
+    images = []
+    for name in SKIMAGE_SAMPLES:
+        try:
+            arr = getattr(skimage.data, name)()
+        except Exception:  # noqa: BLE001 - a sample that needs a download is left out
+            continue
+        images.append(Image.fromarray(arr).convert("RGB"))
+    stamps = sorted(STAMPS.rglob("*.png")) if STAMPS.is_dir() else []
+    if len(images) + len(stamps) < n:
+        raise SystemExit(f"only {len(images) + len(stamps)} real images found (need {n}); install "
+                         "tuxpaint-stamps-default or pass a smaller --images")
+    step = max(1, len(stamps) // max(1, n - len(images)))
+    for p in stamps[::step][: n - len(images)]:
+        im = Image.open(p)
+        im.load()
+        if im.mode in ("RGBA", "LA", "P"):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        images.append(im.convert("RGB"))
+    return images[:n]
+
+
+def write_gallery(images: list[Image.Image], root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / "00000.tar", "w") as tf:
+        for i, im in enumerate(images):
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=90)
+            for name, data in ((f"{i:06d}.jpg", buf.getvalue()), (f"{i:06d}.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return root
+
+
+def data_batches(task: EmbedTask) -> tuple[list[np.ndarray], SkipCounts]:
+    """Decode, crop, augment and batch, exactly as the pipeline does, with no encoder."""
+    counts = SkipCounts()
+    batches, pix = [], []
+    for img in iter_images(task.shard, counts):
+        for recipe in recipes_for(img.id, img.image.size, task.seed, task.crops):
+            pix.append(np.asarray(materialize(img.image, recipe)))
+            if len(pix) == task.batch_size:
+                batches.append(np.stack(pix))
+                pix = []
+    if pix:
+        batches.append(np.stack(pix))
+    return batches, counts
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoder", default="efficientnet_lite0")
+    p.add_argument("--image-size", type=int, default=96, help="encoder input resolution (0: the encoder's own)")
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--crops", type=int, default=4, help="crops per image")
+    p.add_argument("--size", type=int, default=96, help="crop size in pixels")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = pick_device(args.device)
+    spec = resolve_encoder(args.encoder, image_size=args.image_size or None)
+    crops = CropConfig(crops_per_image=args.crops, size=args.size)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
+    shard = list_shards(str(write_gallery(real_images(args.images), tmp / "gallery") / "*.tar"))[0]
+    embedder = Embedder((spec,), device)
+    model = embedder.models[0]
+
+    def task(run: int) -> EmbedTask:
+        return EmbedTask(shard=shard, out_dir=str(tmp / f"out{run}"), encoders=(spec,), crops=crops,
+                         batch_size=args.batch_size)
+
+    data_s, forward_s, prepare_s, pipeline_s = [], [], [], []
+    cpu: dict[str, list[float]] = {"data": [], "forward": [], "pipeline": []}
+    default_prefetch = embedder.prefetch
+    variants: dict[bool, list[float]] = {True: [], False: []}
+    load_before = os.getloadavg()
+    batches, counts = data_batches(task(0))  # warm-up: file cache, op tables
+    with torch.no_grad():
+        model(prepare(torch.from_numpy(batches[0]).to(device), spec))
+    for r in range(args.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        batches, counts = data_batches(task(r))
+        data_s.append(time.perf_counter() - t0)
+        cpu["data"].append(time.process_time() - c0)
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            inputs = [prepare(torch.from_numpy(b).to(device), spec) for b in batches]
+        sync(device)
+        prepare_s.append(time.perf_counter() - t0)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.no_grad(), torch.autocast("cuda", enabled=device.startswith("cuda")):
+            for x in inputs:
+                model(x)
+        sync(device)
+        forward_s.append(time.perf_counter() - t0)
+        cpu["forward"].append(time.process_time() - c0)
+        del inputs
+
+        for prefetch in (default_prefetch, not default_prefetch):
+            embedder.prefetch = prefetch
+            t0, c0 = time.perf_counter(), time.process_time()
+            result = embed_shard(task(2 * r + (prefetch != default_prefetch)), embedder)
+            sync(device)
+            variants[prefetch].append(time.perf_counter() - t0)
+            if prefetch == default_prefetch:
+                pipeline_s.append(variants[prefetch][-1])
+                cpu["pipeline"].append(time.process_time() - c0)
+            assert not result.reused
+
+    num_crops = sum(len(b) for b in batches)
+    assert result.num_vectors == num_crops, (result.num_vectors, num_crops)
+    d, f, pr, pl = min(data_s), min(forward_s), min(prepare_s), min(pipeline_s)
+    report = {
+        "benchmark": "embed",
+        "encoder": spec.name, "encoder_input": spec.image_size, "device": device,
+        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "images": args.images, "skipped": counts.to_dict(), "crops": num_crops,
+        "crop_size": args.size, "batch_size": args.batch_size, "repeats": args.repeats,
+        "data_s": round(d, 3), "prepare_s": round(pr, 3), "forward_s": round(f, 3), "pipeline_s": round(pl, 3),
+        "ratio": round(pl / (d + f), 3),
+        "prefetch_default": default_prefetch,
+        "pipeline_variants_s": {("prefetch" if k else "inline"): round(min(v), 3) for k, v in variants.items()},
+        "ratio_variants": {("prefetch" if k else "inline"): round(min(v) / (d + f), 3) for k, v in variants.items()},
+        "ratio_goal": 1.1,
+        "cpu_s": {k: round(min(v), 3) for k, v in cpu.items()},
+        "cpu_ratio": round(min(cpu["pipeline"]) / (min(cpu["data"]) + min(cpu["forward"])), 3),
+        "load_avg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+        "crops_per_s": {"data": round(num_crops / d, 1), "forward": round(num_crops / f, 1),
+                        "pipeline": round(num_crops / pl, 1)},
+        "runs_s": {"data": [round(x, 3) for x in data_s], "forward": [round(x, 3) for x in forward_s],
+                   **{("pipeline_prefetch" if k else "pipeline_inline"): [round(x, 3) for x in v]
+                      for k, v in variants.items()}},
+        "torch": torch.__version__, "python": platform.python_version(),
+    }
+    if device.startswith("cuda"):
+        report["gpu"] = torch.cuda.get_device_name()
+        report["gpu_throughput_ratio"] = round(f / pl, 3)  # pipeline crops/s over bare forward crops/s
+        report["gpu_throughput_goal"] = 0.9
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
