@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                 resolution=RESOLUTION, transfer_steps=steps, finetune_epochs=ft_epochs,
                 progress=False)
     runs: dict[str, dict[int, dict[int, dict]]] = {}
-    teacher_acc: dict[int, float] = {}          # the probe is seeded: one teacher per seed
+    teacher_acc: dict[int, float] = {}          # per seed (the probe and its cache are keyed by the seed)
     hashes: dict[int, set[str]] = {}
 
     def run(name: str, method: str, transfer: Path, size: int, seed: int) -> None:
