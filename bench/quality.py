@@ -29,6 +29,7 @@ Prints one JSON object (fractions; means over seeds at the largest size at top l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -350,8 +351,9 @@ def main(argv: list[str] | None = None) -> None:
                 if strategy == "random":
                     write_random_transfer(out, gindex, truth, qs, size, seed)
                 elif not (out / contract.MANIFEST_FILE).is_file():
-                    curate(CurateConfig(queries=QUERIES, index=str(idx), size=size, out=str(out), strategy=strategy,
-                                        seed=seed, cache_dir=cache_dir))
+                    with contextlib.redirect_stdout(sys.stderr):   # stdout is the JSON result alone
+                        curate(CurateConfig(queries=QUERIES, index=str(idx), size=size, out=str(out), strategy=strategy,
+                                            seed=seed, cache_dir=cache_dir))
                 st = retrieval_stats(out, truth, ncls)
                 st["written"] = read_json(out / contract.MANIFEST_FILE)["counts"]["written"]
                 retrieval[strategy].setdefault(size, {})[seed] = st
