@@ -108,6 +108,14 @@ class DistillConfig:
                 object.__setattr__(self, k, tuple(getattr(self, k)))
         if len(set(self.teacher_sources)) != len(self.teacher_sources):
             raise ValueError(f"teachers must be distinct, got {list(self.teacher_sources)}")
+        from distill.methods import MULTI_TEACHER
+
+        if self.method not in MULTI_TEACHER:
+            if self.teacher_head != "probe":
+                raise ValueError(f"teacher_head={self.teacher_head!r} applies to {', '.join(MULTI_TEACHER)}; "
+                                 f"method {self.method!r} uses the teacher adapted on the labels")
+            if self.method == "kd" and len(self.teachers) > 1:
+                raise ValueError(f"kd distils one teacher (--teacher); for several use {' or '.join(MULTI_TEACHER)}")
 
     # ------------------------------------------------------------------ derived values
 

@@ -140,3 +140,34 @@ def test_multi_source_aft_weights_concentrate_on_the_informative_model(curated, 
     assert [b["dim"] for b in blocks] == [12, 16]
     png = tmp_path / "aft" / "aft_source_weights.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_refuses_options_that_would_be_ignored(curated, tmp_path):
+    with pytest.raises(ValueError, match="kd_nearest or kd_weighted"):
+        _cfg(curated, tmp_path, method="kd")
+    with pytest.raises(ValueError, match="teacher_head='source' applies to"):
+        _cfg(curated, tmp_path, method="aft", teacher_head="source")
+    with pytest.raises(ValueError, match="distinct"):
+        _cfg(curated, tmp_path, teachers=("test-colour", "test-colour"))
+    with pytest.raises(ValueError, match=">= 0"):
+        _cfg(curated, tmp_path, weight_temperature=-1.0)
+    with pytest.raises(KeyError, match="cka, parc, rsa"):
+        _cfg(curated, tmp_path, similarity="pearson")
+    cfg = _cfg(curated, tmp_path, weight_temperature=float("inf"))
+    assert DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_rank_cli_draws_the_probe_set_from_the_named_query_set(curated, tmp_path, monkeypatch, capsys):
+    import curation.querysets as querysets
+    from curation.querysets import LabeledImage, QuerySet
+    from distill.synthetic import synthetic_image
+
+    shots = [LabeledImage(f"q{c}-{i}", c, lambda c=c, i=i: synthetic_image(c, 1000 + i, 24)) for c in range(3)
+             for i in range(4)]
+    qs = QuerySet(name="synthetic", classes=["a", "b", "c"], seed=0, shots=4, queries=shots, references=[], test=[])
+    monkeypatch.setattr(querysets, "get_query_set", lambda name, data_root=None, seed=0: qs)
+    assert main(["rank", "--queries", "synthetic", "--teachers", "test-noise,test-colour",
+                 "--out", str(tmp_path / "r")]) == 0
+    saved = json.loads((tmp_path / "r" / "ranking.json").read_text())
+    assert [r["name"] for r in saved["ranking"]] == ["test-colour", "test-noise"]
+    assert saved["probe_set"]["count"] == 12 and (tmp_path / "r" / "cache").is_dir()
