@@ -29,9 +29,9 @@ RANKING_FILE = "ranking.json"
 
 
 def probe_features(name: str, ls: LabelledSet, data: dict[str, Any], root: Path, *, image_size: int | None,
-                   device: torch.device, batch_size: int = 64) -> OutputCache:
+                   device: torch.device, batch_size: int = 64, weights: str | None = None) -> OutputCache:
     """Pretrained features of the labelled probe set for encoder `name`, cached under `root`."""
-    fm = build_feature_model(name, image_size=image_size, device=device)
+    fm = build_feature_model(name, weights=weights, image_size=image_size, device=device)
     spec = fm.spec
     inputs = pretrained_features_inputs(spec, data, EVAL_TRANSFORM_ID)
     d = root / f"{encoder_slug(spec.name)}-pretrained" / data_dir_name("labelled", data)
@@ -90,10 +90,12 @@ def order(scores: dict[str, dict[str, Any]], key: str) -> list[str]:
 def rank_teachers(teachers: Sequence[str], ls: LabelledSet, data: dict[str, Any], cache_root: str | Path, *,
                   metric: str = "parc", image_size: int | None = None, device: torch.device | str = "cpu",
                   probe_accuracy: bool = False, probe_steps: int = 100, probe_weight_decay: float = 1e-4,
-                  weight_temperature: float | None = None, batch_size: int = 64) -> dict[str, Any]:
+                  weight_temperature: float | None = None, batch_size: int = 64,
+                  weights: dict[str, str] | None = None) -> dict[str, Any]:
     """Score every teacher on the probe set and rank them by `metric` (and by probe accuracy if asked).
 
     `weight_temperature` p: also report the DistillWeighted weights softmax(p * similarity).
+    `weights`: local weights files of some teachers ({name: path}); the others use their registry default.
     """
     SIMILARITIES.get(metric)
     if not teachers:
@@ -106,7 +108,7 @@ def rank_teachers(teachers: Sequence[str], ls: LabelledSet, data: dict[str, Any]
     for name in teachers:
         t0 = time.perf_counter()
         cache = probe_features(name, ls, data, Path(cache_root), image_size=image_size, device=device,
-                               batch_size=batch_size)
+                               batch_size=batch_size, weights=(weights or {}).get(name))
         feat_s = time.perf_counter() - t0
         s = score_features(np.asarray(cache.features), labels, probe_accuracy=probe_accuracy,
                            probe_steps=probe_steps, probe_weight_decay=probe_weight_decay)

@@ -217,7 +217,8 @@ def select_teachers(cfg: DistillConfig, ls: LabelledSet, device: torch.device) -
     root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "cache"
     result = rank_teachers(cfg.teacher_sources, ls, labelled_manifest(cfg, ls), root, metric=cfg.similarity,
                            image_size=cfg.teacher_image_size, device=device, weight_temperature=p,
-                           batch_size=cfg.eval_batch_size)
+                           batch_size=cfg.eval_batch_size,
+                           weights={cfg.teacher: cfg.teacher_weights} if cfg.teacher_weights else None)
     if cfg.method == "kd_nearest":   # ties: the first in rank order (by name) alone
         for r in result["ranking"]:
             r["weight"] = 1.0 if r["rank"] == 1 else 0.0
@@ -398,7 +399,8 @@ def run_distill(cfg: DistillConfig, *, query_set: Any = None) -> dict[str, Any]:
                    num_test=ev["num_test"],
                    epoch_seconds={p["name"]: [e["seconds"] for e in p["epochs"]] for p in train["phases"]})
     if cfg.baseline and cfg.method != "labels_only":
-        base = run_distill(cfg.replace(method="labels_only", out=str(out / "baseline"), baseline=False),
+        base = run_distill(cfg.replace(method="labels_only", out=str(out / "baseline"), baseline=False,
+                                       teacher_head="probe"),
                            query_set=query_set)
         metrics["baseline_accuracy"] = base.get("test_accuracy")
     elif cfg.method == "labels_only":

@@ -171,3 +171,9 @@ def test_rank_cli_draws_the_probe_set_from_the_named_query_set(curated, tmp_path
     saved = json.loads((tmp_path / "r" / "ranking.json").read_text())
     assert [r["name"] for r in saved["ranking"]] == ["test-colour", "test-noise"]
     assert saved["probe_set"]["count"] == 12 and (tmp_path / "r" / "cache").is_dir()
+
+
+def test_baseline_of_a_source_head_run_is_labels_only(curated, tmp_path):
+    m = run_distill(_cfg(curated, tmp_path / "b", teachers=("test-tiny-timm",), teacher_head="source", baseline=True),
+                    query_set=curated[1])
+    assert isinstance(m["baseline_accuracy"], float)
