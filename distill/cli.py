@@ -82,15 +82,15 @@ def build_rank_parser() -> argparse.ArgumentParser:
                    help="comma-separated encoder names from the encoder registry")
     p.add_argument("--transfer", default=None,
                    help="curated directory: its labelled query images are the probe set (and its caches are shared "
-                        "with `distill` runs); default: draw them from the named query set")
-    p.add_argument("--out", default=None, help="directory for ranking.json (default: only print)")
+                        "with `distill` runs); without it they are drawn from the named query set")
+    p.add_argument("--out", default=None, help="directory for ranking.json; without it the ranking is only printed")
     p.add_argument("--probe-accuracy", action="store_true",
                    help="also rank by a linear probe's cross-validated accuracy on the probe set")
     p.add_argument("--similarity", default="parc", help="metric the ranking is sorted by: parc | cka | rsa")
     p.add_argument("--weight-temperature", type=float, default=None,
                    help="also report kd_weighted's teacher weights softmax(p * similarity) for this p")
     p.add_argument("--teacher-image-size", type=int, default=None, help="teacher input resolution (CNN teachers)")
-    p.add_argument("--cache-dir", default=None, help="feature cache directory (default OUT/cache, or a temporary one)")
+    p.add_argument("--cache-dir", default=None, help="feature cache directory; without it OUT/cache, or a temporary one")
     p.add_argument("--data-root", default=None)
     p.add_argument("--query-seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
