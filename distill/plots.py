@@ -15,7 +15,7 @@ def bar_plot(path: str | Path, labels: Sequence[str], values: Sequence[float], *
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(3.0, 1.2 * len(labels) + 1.5), 3.2))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) + 1.5), 3.2))
     bars = ax.bar(range(len(labels)), values, color="#4c72b0")
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, max(1.0, max(values, default=0) * 1.15))

@@ -409,7 +409,7 @@ def run_distill(cfg: DistillConfig, *, query_set: Any = None) -> dict[str, Any]:
         blocks = train["aft_mu"]["per_source"]
         metrics["aft_source_weights"] = {b["name"]: b["mean"] for b in blocks}
         bar_plot(out / "aft_source_weights.png", [b["name"] for b in blocks], [b["mean"] for b in blocks],
-                 title="AFT: mean learned weight sigmoid(s) per pretrained model", ylabel="mean sigmoid(s)")
+                 title="AFT: learned feature weights per model", ylabel="mean sigmoid(s)")
     metrics["seconds"] = time.perf_counter() - t_start
     metrics["config"] = cfg.to_dict()
     write_json(out / "metrics.json", metrics)
