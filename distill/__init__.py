@@ -8,7 +8,11 @@ Modules (one concept each):
     students.py   timm students (random init or local weights) with a linear head
     cache.py      teacher outputs (logits, features) computed once per transfer set, fingerprinted
     losses.py     pure loss functions: KD, AFT kernel distance, feature cosine / contrastive
-    methods.py    METHODS registry: labels_only, kd, feature_kd, aft as tasks returning named losses
+    methods.py    METHODS registry: labels_only, kd, feature_kd, aft, kd_nearest, kd_weighted as tasks
+                  returning named losses
+    similarity.py task similarity of a representation to probe labels: PARC, CKA, RSA; teacher weights
+    rank.py       rank candidate teachers on the labelled probe set from cached features (`distill rank`)
+    plots.py      small PNG figures next to a run's metrics (AFT's learned weight per pretrained model)
     data.py       transfer shards (webdataset stream), labelled query shards, test split
     trainer.py    AdamW + cosine with warmup, AMP, atomic checkpoints, exact resume
     evaluate.py   accuracy and per-class accuracy on the test split

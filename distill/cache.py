@@ -109,22 +109,53 @@ def build_or_load_cache(directory: str | Path, inputs: dict[str, Any],
                        np.load(d / "logits.npy", mmap_mode="r") if l_arr is not None else None, reused=False)
 
 
-class CacheLookup:
-    """keys -> {"teacher_logits": [B, C], "teacher_features": [B, sum D]} from one or more caches.
+def cache_pass(fn: Any, batches: Iterable[dict[str, Any]], device: torch.device, with_logits: bool):
+    """The `compute` of build_or_load_cache: fn(x) -> (logits, features) or features, over `batches`."""
+    @torch.no_grad()
+    def gen():
+        for b in batches:
+            x = b["image"].to(device)
+            if with_logits:
+                logits, feats = fn(x)
+                yield b["key"], logits, feats
+            else:
+                yield b["key"], None, fn(x)
+    return gen
 
-    Feature caches of several models are concatenated in the given order (AFT's multi-model Psi).
+
+def data_dir_name(split: str, data: Any) -> str:
+    """A cache location per data set, so one --cache-dir serves several transfer sets; at one location
+    a different teacher (or head) is refused rather than silently recomputed."""
+    return f"{split}-{fingerprint(data)[:12]}"
+
+
+def pretrained_features_inputs(spec: Any, data: dict[str, Any], transform_id: str) -> dict[str, Any]:
+    """Fingerprint inputs of a pretrained (un-adapted) encoder's features of one data set."""
+    return cache_fingerprint_inputs(
+        model={"spec": spec.identity(), "adapt": "pretrained"}, weights=spec.weights_digest or "seeded-init",
+        data=data, transform={"id": transform_id, "resolution": spec.image_size}, outputs=["features"])
+
+
+class CacheLookup:
+    """keys -> {"teacher_logits": [B, sum C], "teacher_features": [B, sum D]} from one or more caches.
+
+    Logit caches of several teachers are placed side by side in the given order (DistillWeighted's
+    teachers); feature caches of several models likewise (AFT's multi-model Psi).
     """
 
-    def __init__(self, logits: OutputCache | None = None, features: Sequence[OutputCache] = ()):
-        if logits is not None and logits.logits is None:
-            raise ValueError(f"cache {logits.directory} holds no logits")
-        self.logits = logits
+    def __init__(self, logits: OutputCache | Sequence[OutputCache] | None = None,
+                 features: Sequence[OutputCache] = ()):
+        self.logits = [logits] if isinstance(logits, OutputCache) else list(logits or [])
+        for c in self.logits:
+            if c.logits is None:
+                raise ValueError(f"cache {c.directory} holds no logits")
         self.features = list(features)
 
     def __call__(self, keys: list[str]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        if self.logits is not None:
-            out["teacher_logits"] = torch.from_numpy(np.asarray(self.logits.logits[self.logits.rows(keys)]))
+        if self.logits:
+            parts = [np.asarray(c.logits[c.rows(keys)]) for c in self.logits]
+            out["teacher_logits"] = torch.from_numpy(np.concatenate(parts, axis=1))
         if self.features:
             parts = [np.asarray(c.features[c.rows(keys)]) for c in self.features]
             out["teacher_features"] = torch.from_numpy(np.concatenate(parts, axis=1))

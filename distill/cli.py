@@ -1,10 +1,12 @@
-"""`distill` command: a thin layer over run_distill(DistillConfig).
+"""`distill` command: a thin layer over run_distill(DistillConfig), and `distill rank`.
 
-    distill --method kd|aft|feature_kd|labels_only --transfer DIR --queries NAME \
+    distill --method kd|aft|feature_kd|labels_only|kd_nearest|kd_weighted --transfer DIR --queries NAME \
             --teacher ENCODER --student TIMM_NAME --out DIR [--workers N] [--baseline] ...
+    distill rank --queries NAME --teachers A,B,C [--transfer DIR] [--out DIR] [--probe-accuracy]
 
 Every DistillConfig field is a flag (`--field-name`); booleans take `--x/--no-x`, lists are comma
-separated. Prints one summary line at the end; the metrics are in OUT/metrics.json.
+separated. Prints one summary line at the end; the metrics are in OUT/metrics.json. `rank` prints
+the teachers ranked by task similarity on the labelled probe set and writes OUT/ranking.json.
 """
 from __future__ import annotations
 
@@ -19,7 +21,11 @@ from distill.config import DistillConfig
 
 REQUIRED = ("method", "transfer", "queries", "out")
 HELP = {
-    "method": "distillation method: labels_only | kd | feature_kd | aft",
+    "method": "distillation method: labels_only | kd | feature_kd | aft | kd_nearest | kd_weighted",
+    "teachers": "comma-separated candidate teachers for kd_nearest / kd_weighted (default: --teacher)",
+    "similarity": "task similarity that ranks the teachers: parc | cka | rsa",
+    "weight_temperature": "p of the teacher weights softmax(p * similarity): 0 equal weights, inf the nearest",
+    "teacher_head": "multi-teacher pseudo-labels: probe (linear probe on the labels) | source (the model's own head)",
     "transfer": "curated directory (transfer-*.tar, queries-*.tar, queries.json)",
     "queries": "named query set; its test split is the evaluation set",
     "out": "run directory (config, checkpoints, caches, metrics.json)",
@@ -67,9 +73,81 @@ def config_from_args(argv: list[str] | None = None) -> DistillConfig:
     return DistillConfig(**vars(ns))
 
 
+def build_rank_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill rank", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Rank candidate teachers by task similarity (PARC, CKA, RSA) on the "
+                                            "labelled probe set, from cached features")
+    p.add_argument("--queries", required=True, help="named query set: its labelled shots are the probe set")
+    p.add_argument("--teachers", required=True, type=lambda s: [x for x in s.split(",") if x],
+                   help="comma-separated encoder names from the encoder registry")
+    p.add_argument("--transfer", default=None,
+                   help="curated directory: its labelled query images are the probe set (and its caches are shared "
+                        "with `distill` runs); without it they are drawn from the named query set")
+    p.add_argument("--out", default=None, help="directory for ranking.json; without it the ranking is only printed")
+    p.add_argument("--probe-accuracy", action="store_true",
+                   help="also rank by a linear probe's cross-validated accuracy on the probe set")
+    p.add_argument("--similarity", default="parc", help="metric the ranking is sorted by: parc | cka | rsa")
+    p.add_argument("--weight-temperature", type=float, default=None,
+                   help="also report kd_weighted's teacher weights softmax(p * similarity) for this p")
+    p.add_argument("--teacher-image-size", type=int, default=None, help="teacher input resolution (CNN teachers)")
+    p.add_argument("--cache-dir", default=None, help="feature cache directory; without it OUT/cache, or a temporary one")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--query-seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--probe-steps", type=int, default=100)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    return p
+
+
+def rank_main(argv: list[str]) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from distill.rank import format_ranking, rank_teachers, write_ranking
+    from distill.run import resolve_device
+
+    a = build_rank_parser().parse_args(argv)
+    try:
+        ls, data = _probe_set(a)
+        cache = a.cache_dir or (str(Path(a.out) / "cache") if a.out else tempfile.mkdtemp(prefix="distill-rank-"))
+        result = rank_teachers(a.teachers, ls, data, cache, metric=a.similarity, image_size=a.teacher_image_size,
+                               device=resolve_device(a.device), probe_accuracy=a.probe_accuracy,
+                               probe_steps=a.probe_steps, weight_temperature=a.weight_temperature,
+                               batch_size=a.eval_batch_size)
+    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
+        print(f"distill rank: error: {e}", file=sys.stderr)
+        return 2
+    result["queries"] = a.queries
+    print(format_ranking(result))
+    if a.out:
+        print(f"wrote {write_ranking(a.out, result)}")
+    return 0
+
+
+def _probe_set(a: argparse.Namespace):
+    """(LabelledSet, its manifest): the curated directory's labelled images, or the named query set's shots."""
+    from distill.data import LabelledSet, load_labelled
+    from index.atomic import fingerprint
+
+    if a.transfer:
+        from distill.run import labelled_manifest
+
+        ls = load_labelled(a.transfer)
+        return ls, labelled_manifest(types.SimpleNamespace(transfer=a.transfer), ls)
+    from curation.querysets import get_query_set
+
+    qs = get_query_set(a.queries, data_root=a.data_root, seed=a.query_seed)
+    ls = LabelledSet(keys=[q.id for q in qs.queries], images=[q.load().convert("RGB") for q in qs.queries],
+                     labels=[q.label for q in qs.queries], classes=list(qs.classes), name=qs.name)
+    return ls, {"queries": fingerprint(qs.to_draw_dict()), "keys": fingerprint(ls.keys), "count": len(ls)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from distill.run import run_distill, summary_line
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "rank":
+        return rank_main(argv[1:])
     try:
         cfg = config_from_args(argv)
     except (ValueError, KeyError) as e:

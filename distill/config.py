@@ -14,6 +14,7 @@ from index.atomic import fingerprint
 from index.registry import choice
 
 TEACHER_ADAPTATIONS = ("linear_probe", "finetune")
+TEACHER_HEADS = ("probe", "source")
 FEATURE_LOSSES = ("cosine", "contrastive", "cosine+contrastive")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -34,7 +35,12 @@ class DistillConfig:
     teacher_epochs: int = 10                     # finetune only
     teacher_lr: float = 1e-5                     # finetune only
     teacher_batch_size: int = 32
-    # pretrained feature sources for AFT / feature KD (default: the teacher's encoder), concatenated
+    # several teachers (kd_nearest, kd_weighted): ranked by task similarity on the labelled probe set
+    teachers: tuple[str, ...] = ()               # candidate teachers (default: the teacher alone)
+    similarity: str = "parc"                     # parc | cka | rsa (distill.similarity.SIMILARITIES)
+    weight_temperature: float = 10.0             # p of w = softmax(p * similarity): 0 equal weights, inf the nearest
+    teacher_head: str = "probe"                  # pseudo-labels: probe (target classes) | source (the model's own head)
+    # pretrained feature sources for AFT / feature KD (default: the teachers, else the teacher's encoder), concatenated
     feature_encoders: tuple[str, ...] = ()
     # student
     student: str = "mobilenetv3_large_100"
@@ -79,7 +85,14 @@ class DistillConfig:
         from distill.methods import METHODS
 
         METHODS.get(self.method)  # raises with the valid names
+        from distill.similarity import SIMILARITIES
+
+        SIMILARITIES.get(self.similarity)
         choice("teacher adaptation", self.teacher_adapt, TEACHER_ADAPTATIONS)
+        choice("teacher head", self.teacher_head, TEACHER_HEADS)
+        if not self.weight_temperature >= 0:
+            raise ValueError(f"weight_temperature must be >= 0 (0: equal weights, inf: the nearest teacher), "
+                             f"got {self.weight_temperature}")
         choice("feature loss", self.feature_loss, FEATURE_LOSSES)
         choice("device", self.device, DEVICES)
         positive = {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
@@ -90,14 +103,29 @@ class DistillConfig:
                 raise ValueError(f"{k} must be > 0, got {v}")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        if isinstance(self.feature_encoders, list):
-            object.__setattr__(self, "feature_encoders", tuple(self.feature_encoders))
+        for k in ("feature_encoders", "teachers"):
+            if isinstance(getattr(self, k), list):
+                object.__setattr__(self, k, tuple(getattr(self, k)))
+        if len(set(self.teacher_sources)) != len(self.teacher_sources):
+            raise ValueError(f"teachers must be distinct, got {list(self.teacher_sources)}")
+        from distill.methods import MULTI_TEACHER
+
+        if self.method not in MULTI_TEACHER:
+            if self.teacher_head != "probe":
+                raise ValueError(f"teacher_head={self.teacher_head!r} applies to {', '.join(MULTI_TEACHER)}; "
+                                 f"method {self.method!r} uses the teacher adapted on the labels")
+            if self.method == "kd" and len(self.teachers) > 1:
+                raise ValueError(f"kd distils one teacher (--teacher); for several use {' or '.join(MULTI_TEACHER)}")
 
     # ------------------------------------------------------------------ derived values
 
     @property
     def feature_sources(self) -> tuple[str, ...]:
-        return self.feature_encoders or (self.teacher,)
+        return self.feature_encoders or self.teachers or (self.teacher,)
+
+    @property
+    def teacher_sources(self) -> tuple[str, ...]:
+        return self.teachers or (self.teacher,)
 
     @property
     def labels_batch_size(self) -> int:
@@ -110,6 +138,7 @@ class DistillConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["feature_encoders"] = list(self.feature_encoders)
+        d["teachers"] = list(self.teachers)
         return d
 
     @classmethod
@@ -119,8 +148,9 @@ class DistillConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(names))}")
         d = dict(d)
-        if "feature_encoders" in d:
-            d["feature_encoders"] = tuple(d["feature_encoders"])
+        for k in ("feature_encoders", "teachers"):
+            if k in d:
+                d[k] = tuple(d[k])
         return cls(**d)
 
     def replace(self, **changes: Any) -> "DistillConfig":

@@ -14,6 +14,13 @@ set, then a finetune phase on the labelled set (Vemulapalli et al. 2024, Figure 
                 decay). The student's features enter the kernel directly (no learned map on them).
                 Theta gets the gradient of CE + beta * delta, s the gradient of delta alone (the
                 update of Algorithm 1, step 7). On the transfer set (no labels) only beta * delta.
+                Several pretrained models: their features are concatenated (feature_encoders).
+- kd_nearest    Borup et al. 2023, DistillNearest: the teachers are ranked by task similarity (PARC by
+                default) on the labelled probe set; KD from the top-ranked one through an auxiliary head
+                sized to that teacher's output space (its pseudo-labels need not be the target classes).
+- kd_weighted   Borup et al. 2023, DistillWeighted (eq. 4): one auxiliary head per teacher, the KD losses
+                summed with weights softmax(p * similarity) (p = weight_temperature: 0 equal, inf nearest).
+                The auxiliary heads are discarded after training; finetune: CE on the main head.
 """
 from __future__ import annotations
 
@@ -170,28 +177,82 @@ class AFT(Task):
         return {"teacher_features": psi / torch.sigmoid(self.s.detach().float())}
 
 
+class WeightedKD(Task):
+    """sum_t w_t * T^2 KL(teacher_t || head_t(student features)); teacher_logits holds the teachers' logits
+    side by side ([B, sum of output sizes], in the order of `outputs`)."""
+    reg_name = "kd_loss"
+
+    def __init__(self, student: nn.Module, outputs: list[int], weights: list[float], temperature: float = 1.0):
+        super().__init__(student)
+        if len(outputs) != len(weights) or not outputs:
+            raise ValueError(f"need one weight per teacher, got outputs {outputs} and weights {weights}")
+        self.outputs = [int(c) for c in outputs]
+        self.weights = [float(w) for w in weights]
+        self.heads = nn.ModuleList(nn.Linear(student.num_features, c) for c in self.outputs)
+        self.temperature = temperature
+
+    def forward(self, batch: Batch) -> Losses:
+        if "label" in batch:
+            loss = self._ce(self.student(batch["image"]), batch)
+            return {"loss": loss, "task_loss": loss.detach()}
+        feats = self.student.forward_features(batch["image"])
+        targets = batch["teacher_logits"].to(feats.device)
+        if targets.shape[1] != sum(self.outputs):
+            raise ValueError(f"teacher_logits has {targets.shape[1]} columns; the teachers give {self.outputs}")
+        parts = [kd_loss(head(feats), t, self.temperature) for head, t in zip(self.heads, targets.split(self.outputs, 1))]
+        kd = sum(w * p for w, p in zip(self.weights, parts))
+        out = {"loss": kd, "task_loss": torch.zeros((), device=kd.device), "kd_loss": kd.detach()}
+        if len(parts) > 1:
+            out.update({f"kd_loss_{i}": p.detach() for i, p in enumerate(parts)})
+        return out
+
+    @torch.no_grad()
+    def matched_targets(self, batch: Batch) -> Batch:
+        feats = self.student.forward_features(batch["image"])
+        return {"teacher_logits": torch.cat([h(feats) for h in self.heads], 1).float()}
+
+
+@dataclass(frozen=True)
+class TeacherMix:
+    """The teachers a multi-teacher method distils from: output size and weight of each, in cache order."""
+    names: list[str]
+    outputs: list[int]
+    weights: list[float]
+
+
+def _weighted_kd(st: nn.Module, cfg: Any, dim: int, mix: TeacherMix | None) -> Task:
+    if mix is None:   # one teacher in the target label space
+        mix = TeacherMix(["teacher"], [st.head.out_features], [1.0])
+    return WeightedKD(st, mix.outputs, mix.weights, cfg.temperature)
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
-    build: Callable[..., Task]       # (student, cfg, feature_dim) -> Task
+    build: Callable[..., Task]       # (student, cfg, feature_dim, teacher mix or None) -> Task
     transfer_needs: str | None       # what the transfer phase reads from the cache: logits | features | None
     labelled_needs: str | None       # what the finetune phase reads from the cache
 
 
 METHODS: Registry[Method] = Registry("distillation method")
-METHODS.register("labels_only", Method("labels_only", lambda st, cfg, dim: LabelsOnly(st), None, None))
-METHODS.register("kd", Method("kd", lambda st, cfg, dim: KD(st, cfg.temperature), "logits", None))
+METHODS.register("labels_only", Method("labels_only", lambda st, cfg, dim, mix: LabelsOnly(st), None, None))
+METHODS.register("kd", Method("kd", lambda st, cfg, dim, mix: KD(st, cfg.temperature), "logits", None))
 METHODS.register("feature_kd", Method(
-    "feature_kd", lambda st, cfg, dim: FeatureKD(st, dim, cfg.feature_loss, cfg.contrastive_temperature),
+    "feature_kd", lambda st, cfg, dim, mix: FeatureKD(st, dim, cfg.feature_loss, cfg.contrastive_temperature),
     "features", None))
-METHODS.register("aft", Method("aft", lambda st, cfg, dim: AFT(st, dim, cfg.beta, cfg.aft_lr), "features", "features"))
+METHODS.register("aft", Method("aft", lambda st, cfg, dim, mix: AFT(st, dim, cfg.beta, cfg.aft_lr),
+                               "features", "features"))
+METHODS.register("kd_nearest", Method("kd_nearest", _weighted_kd, "logits", None))
+METHODS.register("kd_weighted", Method("kd_weighted", _weighted_kd, "logits", None))
+MULTI_TEACHER = ("kd_nearest", "kd_weighted")
 
 
-def build_task(method: str, student: nn.Module, cfg: Any, feature_dim: int = 0, seed: int = 0) -> Task:
-    """Extra parameters (projections) are initialised from `seed`, not from the global RNG."""
+def build_task(method: str, student: nn.Module, cfg: Any, feature_dim: int = 0, seed: int = 0,
+               mix: TeacherMix | None = None) -> Task:
+    """Extra parameters (projections, auxiliary heads) are initialised from `seed`, not from the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        return METHODS.get(method).build(student, cfg, feature_dim)
+        return METHODS.get(method).build(student, cfg, feature_dim, mix)
 
 
 def phases(method: str, cfg: Any, has_transfer: bool) -> list[str]:

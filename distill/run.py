@@ -13,7 +13,9 @@ from the last checkpoint. Student training runs in-process, or with `workers > 1
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,12 +23,15 @@ from typing import Any, Iterator
 
 import torch
 
-from distill.cache import CacheLookup, OutputCache, build_or_load_cache, cache_fingerprint_inputs, load_cache
+from distill.cache import (CacheLookup, OutputCache, build_or_load_cache, cache_fingerprint_inputs, cache_pass,
+                           data_dir_name, load_cache, pretrained_features_inputs)
 from distill.config import DistillConfig
 from distill.data import (EVAL_TRANSFORM_ID, LabelledSet, ShardSet, eval_transform, labelled_batches, load_labelled,
                           steps_per_epoch, test_batches, transfer_batches, transfer_shards)
 from distill.evaluate import evaluate
-from distill.methods import METHODS, build_task, phases
+from distill.methods import METHODS, MULTI_TEACHER, TeacherMix, build_task, phases
+from distill.plots import bar_plot
+from distill.rank import rank_teachers
 from distill.students import build_student, student_resolution
 from distill.teachers import (Teacher, TeacherCETask, build_feature_model, build_teacher, linear_probe,
                               weights_hash)
@@ -35,6 +40,7 @@ from index.atomic import atomic_path, check_done, file_sha256, fingerprint, read
 from index.contract import QUERIES_DRAW_FILE, encoder_slug
 
 CACHES_FILE = "caches.json"
+TEACHERS_FILE = "teachers.json"
 TRAIN_RESULT = "train_result.json"
 
 
@@ -53,10 +59,28 @@ def labelled_manifest(cfg: DistillConfig, ls: LabelledSet) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ teacher
 
-def prepare_teacher(cfg: DistillConfig, ls: LabelledSet, device: torch.device) -> tuple[Teacher, dict[str, Any]]:
-    """Build and adapt the teacher on the labelled set, or load the adaptation a previous run saved."""
-    teacher = build_teacher(cfg.teacher, len(ls.classes), weights=cfg.teacher_weights,
-                            image_size=cfg.teacher_image_size, device=device)
+def teacher_adaptation(cfg: DistillConfig) -> str:
+    """How the teachers' outputs are made: linear_probe | finetune (target classes), or source (own head)."""
+    return "source" if cfg.method in MULTI_TEACHER and cfg.teacher_head == "source" else cfg.teacher_adapt
+
+
+def prepare_teacher(cfg: DistillConfig, ls: LabelledSet, device: torch.device, name: str | None = None,
+                    tdir: Path | None = None) -> tuple[Teacher, dict[str, Any]]:
+    """Build and adapt the teacher (`name`, default cfg.teacher) on the labelled set, or load the
+    adaptation a previous run saved under `tdir` (default OUT/teacher). With teacher_head='source'
+    (multi-teacher methods) the teacher keeps its own pretrained classifier and nothing is adapted."""
+    name = name or cfg.teacher
+    weights = cfg.teacher_weights if name == cfg.teacher else None
+    if teacher_adaptation(cfg) == "source":
+        from index.encoders import resolve_encoder, source_head
+
+        head = source_head(resolve_encoder(name, weights, cfg.teacher_image_size))
+        teacher = build_teacher(name, head.out_features, weights=weights, image_size=cfg.teacher_image_size,
+                                device=device)
+        teacher.head.load_state_dict(head.state_dict())
+        return teacher.eval(), {"head": "source", "num_outputs": head.out_features,
+                                "weights_hash": weights_hash(teacher.head)}
+    teacher = build_teacher(name, len(ls.classes), weights=weights, image_size=cfg.teacher_image_size, device=device)
     spec = teacher.spec
     inputs = {"spec": spec.identity(), "adapt": cfg.teacher_adapt, "labelled": labelled_manifest(cfg, ls),
               "seed": cfg.seed, "augment": cfg.augment,
@@ -64,7 +88,7 @@ def prepare_teacher(cfg: DistillConfig, ls: LabelledSet, device: torch.device) -
                          if cfg.teacher_adapt == "linear_probe" else
                          {"epochs": cfg.teacher_epochs, "lr": cfg.teacher_lr, "batch_size": cfg.teacher_batch_size,
                           "weight_decay": cfg.weight_decay, "warmup_frac": cfg.warmup_frac})}
-    tdir = Path(cfg.out) / "teacher"
+    tdir = tdir or Path(cfg.out) / "teacher"
     fp = fingerprint(inputs)
     trained = teacher.head if cfg.teacher_adapt == "linear_probe" else teacher
     record = check_done(tdir / "done.json", fp)
@@ -99,23 +123,14 @@ def prepare_teacher(cfg: DistillConfig, ls: LabelledSet, device: torch.device) -
 
 # ------------------------------------------------------------------ caches
 
-def cache_pass(fn: Any, batches: Iterator[dict[str, Any]], device: torch.device, with_logits: bool):
-    """The `compute` of build_or_load_cache: fn(x) -> (logits, features) or features, over `batches`."""
-    @torch.no_grad()
-    def gen():
-        for b in batches:
-            x = b["image"].to(device)
-            if with_logits:
-                logits, feats = fn(x)
-                yield b["key"], logits, feats
-            else:
-                yield b["key"], None, fn(x)
-    return gen
+def prepare_caches(cfg: DistillConfig, ls: LabelledSet, shardset: ShardSet | None,
+                   teachers: Teacher | list[Teacher] | None, device: torch.device) -> dict[str, dict[str, Any]]:
+    """Build (or reuse) the caches the method reads; returns {role: {dir, fingerprint, reused, count}}.
 
-
-def prepare_caches(cfg: DistillConfig, ls: LabelledSet, shardset: ShardSet | None, teacher: Teacher | None,
-                   device: torch.device) -> dict[str, dict[str, Any]]:
-    """Build (or reuse) the caches the method reads; returns {role: {dir, fingerprint, reused, count}}."""
+    `teachers`: the adapted teacher, or the selected teachers of a multi-teacher method in order
+    (one transfer-logits cache each: `transfer_logits:<i>`)."""
+    teachers = [teachers] if isinstance(teachers, Teacher) else list(teachers or [])
+    teacher = teachers[0] if teachers else None
     method = METHODS.get(cfg.method)
     plan = phases(cfg.method, cfg, shardset is not None)
     root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "cache"
@@ -136,18 +151,18 @@ def prepare_caches(cfg: DistillConfig, ls: LabelledSet, shardset: ShardSet | Non
         caches[role] = {"dir": str(cache.directory), "fingerprint": fingerprint(inputs), "reused": cache.reused,
                         "count": len(cache.keys)}
 
-    if method.transfer_needs == "logits" and "transfer" in plan:
-        assert teacher is not None
-        spec = teacher.spec
-        hashed = teacher.head if cfg.teacher_adapt == "linear_probe" else teacher
+    adapt = teacher_adaptation(cfg)
+    for i, t in enumerate(teachers if method.transfer_needs == "logits" and "transfer" in plan else ()):
+        spec = t.spec
+        hashed = t.head if adapt in ("linear_probe", "source") else t
         inputs = cache_fingerprint_inputs(
-            model={"spec": spec.identity(), "adapt": cfg.teacher_adapt}, weights=weights_hash(hashed),
+            model={"spec": spec.identity(), "adapt": adapt}, weights=weights_hash(hashed),
             data=transfer_data, transform={"id": EVAL_TRANSFORM_ID, "resolution": spec.image_size},
             outputs=["logits", "features"])
-        d = root / f"{encoder_slug(spec.name)}-{cfg.teacher_adapt}" / data_dir_name("transfer", transfer_data)
-        teacher.eval()
-        record("transfer_logits:0", build_or_load_cache(
-            d, inputs, cache_pass(teacher.forward_both, transfer_iter(spec.image_size), device, True)), inputs)
+        d = root / f"{encoder_slug(spec.name)}-{adapt}" / data_dir_name("transfer", transfer_data)
+        t.eval()
+        record(f"transfer_logits:{i}", build_or_load_cache(
+            d, inputs, cache_pass(t.forward_both, transfer_iter(spec.image_size), device, True)), inputs)
 
     splits = []
     if method.transfer_needs == "features" and "transfer" in plan:
@@ -162,20 +177,12 @@ def prepare_caches(cfg: DistillConfig, ls: LabelledSet, shardset: ShardSet | Non
             model, spec = fm, fm.spec
         for split in splits:
             data = transfer_data if split == "transfer" else labelled_manifest(cfg, ls)
-            inputs = cache_fingerprint_inputs(
-                model={"spec": spec.identity(), "adapt": "pretrained"}, weights=spec.weights_digest or "seeded-init",
-                data=data, transform={"id": EVAL_TRANSFORM_ID, "resolution": spec.image_size}, outputs=["features"])
+            inputs = pretrained_features_inputs(spec, data, EVAL_TRANSFORM_ID)
             d = root / f"{encoder_slug(spec.name)}-pretrained" / data_dir_name(split, data)
             batches = transfer_iter(spec.image_size) if split == "transfer" else labelled_iter(spec.image_size)
             record(f"{split}_features:{i}", build_or_load_cache(d, inputs, cache_pass(model, batches, device, False)),
                    inputs)
     return caches
-
-
-def data_dir_name(split: str, data: Any) -> str:
-    """A cache location per data set, so one --cache-dir serves several transfer sets; at one location
-    a different teacher (or head) is refused rather than silently recomputed."""
-    return f"{split}-{fingerprint(data)[:12]}"
 
 
 def _open(caches: dict[str, dict[str, Any]], prefix: str) -> list[OutputCache]:
@@ -186,6 +193,43 @@ def _open(caches: dict[str, dict[str, Any]], prefix: str) -> list[OutputCache]:
             raise FileNotFoundError(f"teacher cache {caches[role]['dir']} is missing")
         out.append(c)
     return out
+
+
+def per_source_weights(mu: torch.Tensor, names: tuple[str, ...] | list[str], dims: list[int]) -> list[dict[str, Any]]:
+    """AFT's weights sigmoid(s) summarised per pretrained model (its block of the concatenated features)."""
+    if len(names) != len(dims) or sum(dims) != mu.numel():
+        raise ValueError(f"feature blocks {dict(zip(names, dims))} do not cover the {mu.numel()} weights")
+    out, start = [], 0
+    for name, d in zip(names, dims):
+        block = mu[start:start + d]
+        out.append({"name": name, "dim": d, "mean": float(block.mean()), "min": float(block.min()),
+                    "max": float(block.max())})
+        start += d
+    return out
+
+
+# ------------------------------------------------------------------ several teachers (kd_nearest, kd_weighted)
+
+def select_teachers(cfg: DistillConfig, ls: LabelledSet, device: torch.device) -> dict[str, Any]:
+    """Rank cfg.teacher_sources by task similarity on the labelled set; weights softmax(p * similarity),
+    p = inf for kd_nearest. Teachers whose weight is exactly 0 are not used (no pass over the data)."""
+    p = math.inf if cfg.method == "kd_nearest" else cfg.weight_temperature
+    root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / "cache"
+    result = rank_teachers(cfg.teacher_sources, ls, labelled_manifest(cfg, ls), root, metric=cfg.similarity,
+                           image_size=cfg.teacher_image_size, device=device, weight_temperature=p,
+                           batch_size=cfg.eval_batch_size,
+                           weights={cfg.teacher: cfg.teacher_weights} if cfg.teacher_weights else None)
+    if cfg.method == "kd_nearest":   # ties: the first in rank order (by name) alone
+        for r in result["ranking"]:
+            r["weight"] = 1.0 if r["rank"] == 1 else 0.0
+    result["selected"] = [r["name"] for r in result["ranking"] if r["weight"] > 0]
+    return result
+
+
+def read_teacher_mix(out: Path) -> TeacherMix:
+    d = read_json(out / TEACHERS_FILE)
+    return TeacherMix([t["name"] for t in d["teachers"]], [t["outputs"] for t in d["teachers"]],
+                      [t["weight"] for t in d["teachers"]])
 
 
 # ------------------------------------------------------------------ student training (also a Ray worker's body)
@@ -202,16 +246,16 @@ def train_student(cfg: DistillConfig, *, rank: int = 0, world: int = 1, distribu
     plan = phases(cfg.method, cfg, bool(shards))
     shardset = ShardSet.scan(shards) if "transfer" in plan else None
     caches = read_json(out / CACHES_FILE) if (out / CACHES_FILE).exists() else {}
-    logits = _open(caches, "transfer_logits")
-    transfer_lookup = CacheLookup(logits[0] if logits else None, _open(caches, "transfer_features"))
+    transfer_lookup = CacheLookup(_open(caches, "transfer_logits"), _open(caches, "transfer_features"))
     labelled_lookup = CacheLookup(None, _open(caches, "labelled_features"))
     feature_dim = transfer_lookup.feature_dim or labelled_lookup.feature_dim
     resolution = student_resolution(cfg.student, cfg.resolution)
     student = build_student(cfg.student, len(ls.classes), weights=cfg.student_weights, resolution=resolution,
                             seed=cfg.seed)
-    task = build_task(cfg.method, student, cfg, feature_dim, seed=cfg.seed)
+    mix = read_teacher_mix(out) if cfg.method in MULTI_TEACHER else None
+    task = build_task(cfg.method, student, cfg, feature_dim, seed=cfg.seed, mix=mix)
     run_fp = fingerprint({"config": cfg.training_fingerprint(), "caches": {k: v["fingerprint"] for k, v in caches.items()},
-                          "world": world})
+                          "world": world, **({"mix": dataclasses.asdict(mix)} if mix else {})})
     skipped: Counter = Counter()
     results, offset = [], 0
     for i, phase in enumerate(plan):
@@ -251,7 +295,10 @@ def train_student(cfg: DistillConfig, *, rank: int = 0, world: int = 1, distribu
                               "resolution": resolution, "world": world}
     if hasattr(task, "s"):
         mu = torch.sigmoid(task.s.detach()).cpu()
-        result["aft_mu"] = {"mean": float(mu.mean()), "min": float(mu.min()), "max": float(mu.max())}
+        result["aft_mu"] = {"mean": float(mu.mean()), "min": float(mu.min()), "max": float(mu.max()),
+                            "per_source": per_source_weights(
+                                mu, cfg.feature_sources,
+                                [int(c.features.shape[1]) for c in (transfer_lookup.features or labelled_lookup.features)])}
     if rank == 0:
         with atomic_path(out / "student.pt") as tmp:
             torch.save(student.state_dict(), tmp)
@@ -260,6 +307,31 @@ def train_student(cfg: DistillConfig, *, rank: int = 0, world: int = 1, distribu
 
 
 # ------------------------------------------------------------------ the whole run
+
+def prepare_teachers(cfg: DistillConfig, ls: LabelledSet, query_set: Any, device: torch.device,
+                     metrics: dict[str, Any]) -> list[Teacher]:
+    """Rank the candidate teachers, adapt the selected ones (OUT/teachers/<name>/), evaluate those with a
+    target-class head, write OUT/teachers.json (what training reads) and fill `metrics`."""
+    selection = select_teachers(cfg, ls, device)
+    weight = {r["name"]: r["weight"] for r in selection["ranking"]}
+    teachers, described = [], []
+    for name in selection["selected"]:
+        t, info = prepare_teacher(cfg, ls, device, name=name, tdir=Path(cfg.out) / "teachers" / encoder_slug(name))
+        d: dict[str, Any] = {"name": name, "weight": weight[name], "outputs": int(t.head.out_features),
+                             "head": teacher_adaptation(cfg), "adaptation": info}
+        if d["head"] != "source":
+            ev = evaluate(t, test_batches(query_set.test, t.spec.image_size, cfg.eval_batch_size), ls.classes, device)
+            d.update(accuracy=ev["accuracy"], per_class_accuracy=ev["per_class_accuracy"])
+        teachers.append(t)
+        described.append(d)
+    write_json(Path(cfg.out) / TEACHERS_FILE, {"teachers": described, "selection": selection})
+    top = described[0]
+    metrics.update(teacher=top["name"], teacher_adapt=top["head"], teacher_accuracy=top.get("accuracy"),
+                   teacher_adaptation=top["adaptation"], teachers=described,
+                   teacher_ranking=[{k: r[k] for k in ("rank", "name", "similarity", "weight", "seconds")}
+                                    for r in selection["ranking"]], similarity=cfg.similarity)
+    return teachers
+
 
 def run_distill(cfg: DistillConfig, *, query_set: Any = None) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the metrics also written to OUT/metrics.json.
@@ -294,16 +366,19 @@ def run_distill(cfg: DistillConfig, *, query_set: Any = None) -> dict[str, Any]:
             "training_fingerprint": cfg.training_fingerprint()}})
 
     metrics: dict[str, Any] = {"method": cfg.method, "student": cfg.student, "teacher": None}
-    teacher = None
-    if cfg.method != "labels_only":
+    teachers: list[Teacher] = []
+    if cfg.method in MULTI_TEACHER:
+        teachers = prepare_teachers(cfg, ls, query_set, device, metrics)
+    elif cfg.method != "labels_only":
         teacher, info = prepare_teacher(cfg, ls, device)
         ev = evaluate(teacher, test_batches(query_set.test, teacher.spec.image_size, cfg.eval_batch_size),
                       ls.classes, device)
         metrics.update(teacher=cfg.teacher, teacher_adapt=cfg.teacher_adapt, teacher_accuracy=ev["accuracy"],
                        teacher_per_class_accuracy=ev["per_class_accuracy"], teacher_adaptation=info)
-    caches = prepare_caches(cfg, ls, shardset, teacher, device)
+        teachers = [teacher]
+    caches = prepare_caches(cfg, ls, shardset, teachers, device)
     write_json(out / CACHES_FILE, caches)
-    del teacher
+    del teachers
     metrics["caches"] = caches
 
     if cfg.workers > 1:
@@ -324,11 +399,17 @@ def run_distill(cfg: DistillConfig, *, query_set: Any = None) -> dict[str, Any]:
                    num_test=ev["num_test"],
                    epoch_seconds={p["name"]: [e["seconds"] for e in p["epochs"]] for p in train["phases"]})
     if cfg.baseline and cfg.method != "labels_only":
-        base = run_distill(cfg.replace(method="labels_only", out=str(out / "baseline"), baseline=False),
+        base = run_distill(cfg.replace(method="labels_only", out=str(out / "baseline"), baseline=False,
+                                       teacher_head="probe"),
                            query_set=query_set)
         metrics["baseline_accuracy"] = base.get("test_accuracy")
     elif cfg.method == "labels_only":
         metrics["baseline_accuracy"] = ev["accuracy"]
+    if train.get("aft_mu", {}).get("per_source"):
+        blocks = train["aft_mu"]["per_source"]
+        metrics["aft_source_weights"] = {b["name"]: b["mean"] for b in blocks}
+        bar_plot(out / "aft_source_weights.png", [b["name"] for b in blocks], [b["mean"] for b in blocks],
+                 title="AFT: learned feature weights per model", ylabel="mean sigmoid(s)")
     metrics["seconds"] = time.perf_counter() - t_start
     metrics["config"] = cfg.to_dict()
     write_json(out / "metrics.json", metrics)

