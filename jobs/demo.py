@@ -6,6 +6,7 @@
     curate ... --strategy random --out DATA/random            (a random gallery subset of the same size)
     distill --method labels_only ...; distill --method kd --transfer DATA/curated ...;
     distill --method kd --transfer DATA/random ...
+    distill rank --teachers efficientnet_lite0,efficientnet_lite1 ...   (which pretrained model to learn from)
     -> one table (method, transfer set, test accuracy) and the paths of every output.
 
 Each step is skipped when its output is complete (its manifest / metrics exist), so a rerun resumes.
@@ -44,6 +45,14 @@ def distill_cmd(data: Path, method: str, transfer: Path, out: Path, args: argpar
             "--cache-dir", str(data / "teacher-cache"), "--out", str(out)]
 
 
+def ranking_line(ranking: dict) -> str:
+    """One line per `distill rank` output: teachers best first with their similarity and probe accuracy."""
+    metric = ranking["metric"]
+    return ", ".join(f"{r['rank']}. {r['name']} ({metric} {r['similarity'][metric]:.3f}"
+                     + (f", probe accuracy {r['probe_accuracy']:.2f}" if r.get("probe_accuracy") is not None else "")
+                     + ")" for r in ranking["ranking"])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="demo-data")
@@ -72,6 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     for method, _, transfer, out in runs:
         steps[f"distill {out.name}"] = run(distill_cmd(data, method, transfer, out, a), out / "metrics.json")
 
+    teachers = "efficientnet_lite0,efficientnet_lite1"
+    steps["rank"] = run([str(BIN / "distill"), "rank", "--queries", QUERIES, "--transfer", str(data / "curated"),
+                         "--teachers", teachers, "--teacher-image-size", str(a.image_size), "--probe-accuracy",
+                         "--cache-dir", str(data / "teacher-cache"), "--out", str(data / "rank")],
+                        data / "rank" / "ranking.json")
+
     rows = []
     for method, label, _, out in runs:
         m = json.loads((out / "metrics.json").read_text())
@@ -85,9 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     if teacher is not None:
         print(f"{'(teacher)':<14}{'efficientnet_lite0 linear probe':<40}{teacher:>14.4f}")
     print("=" * 72)
+    ranking = json.loads((data / "rank" / "ranking.json").read_text())
+    print(f"teachers: {ranking_line(ranking)}")
     print(f"report:   {data / 'curated' / 'report.html'}")
     print(f"outputs:  index {data / 'idx'}, curated {data / 'curated'}, random {data / 'random'}, "
-          f"runs {data / 'runs'}")
+          f"runs {data / 'runs'}, ranking {data / 'rank' / 'ranking.json'}")
     print(f"pipeline time: {time.perf_counter() - t0:.0f} s "
           + ", ".join(f"{k} {v:.0f} s" for k, v in steps.items() if v))
 
