@@ -16,7 +16,8 @@ of one class reach it. So the thresholds are measured, not assumed:
 4. with verification (`curation.verify`): the embedding thresholds are loosened to keep
    ``1 - (1 - recall) / 2`` of every kind (they only select candidates), and the verification
    threshold is set in the gap between copies' scores (kind-wise quantile at `recall`) and the
-   look-alikes' (99th percentile), in its middle when there is one, else at the copies' quantile;
+   look-alikes' (99th percentile), in its middle when there is one, else at the copies' quantile
+   (a pair with a flat image cannot be scored and is never confirmed);
 5. report the false-positive rate the chosen decision gives on the nearest distinct references.
 
 `calibrate` is a pure function of (encoders, reference images, their features, options);
@@ -154,9 +155,9 @@ def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
     t_ver = None
     if verify != "none":
         # the score threshold keeps `recall` of every kind's copies among those that reach
-        # verification (unscored, flat pairs pass by definition)
+        # verification (unscored, flat pairs are never confirmed)
         cand = (m.pos_max > t_leak) & (m.pos_rank < neighbours)
-        per_kind = [_lower_quantile(np.nan_to_num(m.pos_verify[k][cand[k]], nan=1.0), recall) for k in kinds]
+        per_kind = [_lower_quantile(np.nan_to_num(m.pos_verify[k][cand[k]], nan=-1.0), recall) for k in kinds]
         pos_q = max(-1.0, min(per_kind))
         neg = m.neg_verify[np.isfinite(m.neg_verify)]
         neg_q = float(np.quantile(neg, 0.99)) if neg.size else -1.0
@@ -180,7 +181,7 @@ def evaluate(m: Measurements, leak_threshold: float, verify_threshold: float | N
     def decide(sim, rank, ver):
         ok = sim > leak_threshold
         if verify_threshold is not None:
-            ok &= (rank < neighbours) & (np.isnan(ver) | (ver > verify_threshold))
+            ok &= (rank < neighbours) & (np.nan_to_num(ver, nan=-np.inf) > verify_threshold)
         return ok
 
     pos = decide(m.pos_max, m.pos_rank, m.pos_verify)
@@ -195,9 +196,9 @@ def curves(m: Measurements) -> dict[str, Any]:
     above = lambda x: [round(float((x > t).mean()), 4) for t in GRID]  # noqa: E731
     return {"grid": GRID.tolist(),
             "copies_similarity": {k: above(m.pos_max[i]) for i, k in enumerate(m.kinds)},
-            "copies_verify": {k: above(np.nan_to_num(m.pos_verify[i], nan=1.0)) for i, k in enumerate(m.kinds)},
+            "copies_verify": {k: above(np.nan_to_num(m.pos_verify[i], nan=-1.0)) for i, k in enumerate(m.kinds)},
             "distinct_similarity": above(m.neg_max),
-            "distinct_verify": above(np.nan_to_num(m.neg_verify, nan=1.0))}
+            "distinct_verify": above(np.nan_to_num(m.neg_verify, nan=-1.0))}
 
 
 def sample_rows(num_refs: int, size: int, seed: int) -> np.ndarray:

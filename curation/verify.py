@@ -107,8 +107,8 @@ def _one_way(a: Thumb, b: Thumb) -> float:
 def copy_score(a: Thumb | Image.Image, b: Thumb | Image.Image) -> float:
     """Zero-normalised cross-correlation after the best alignment, in [-1, 1]; symmetric.
 
-    NaN where either image has no texture to align (a flat or two-tone image): pixels cannot tell
-    a copy from a look-alike there, and `passes` lets the embedding decide alone.
+    NaN where either image has no texture to align (a flat image): pixels cannot tell a copy from
+    a look-alike there, and `passes` does not confirm it.
     """
     a = a if isinstance(a, Thumb) else Thumb.of(a)
     b = b if isinstance(b, Thumb) else Thumb.of(b)
@@ -118,8 +118,8 @@ def copy_score(a: Thumb | Image.Image, b: Thumb | Image.Image) -> float:
 
 
 def passes(score: float, threshold: float) -> bool:
-    """A candidate is confirmed as a copy when its score exceeds the threshold, or cannot be scored."""
-    return bool(np.isnan(score) or score > threshold)
+    """A candidate is confirmed as a copy when its score exceeds the threshold (NaN never does)."""
+    return bool(score > threshold)
 
 
 VERIFIERS = ("align", "none")
