@@ -155,9 +155,10 @@ def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
     t_ver = None
     if verify != "none":
         # the score threshold keeps `recall` of every kind's copies among those that reach
-        # verification (unscored, flat pairs are never confirmed)
-        cand = (m.pos_max > t_leak) & (m.pos_rank < neighbours)
-        per_kind = [_lower_quantile(np.nan_to_num(m.pos_verify[k][cand[k]], nan=-1.0), recall) for k in kinds]
+        # verification and can be scored (a pair with a flat image is never confirmed: lowering
+        # the threshold would not bring it back, only let look-alikes through)
+        cand = (m.pos_max > t_leak) & (m.pos_rank < neighbours) & np.isfinite(m.pos_verify)
+        per_kind = [_lower_quantile(m.pos_verify[k][cand[k]], recall) for k in kinds]
         pos_q = max(-1.0, min(per_kind))
         neg = m.neg_verify[np.isfinite(m.neg_verify)]
         neg_q = float(np.quantile(neg, 0.99)) if neg.size else -1.0
