@@ -44,13 +44,14 @@ class _Images(list):
         return self._all[row]
 
 
-def run_one(models, images, labels, seed: int, recall: float) -> dict:
+def run_one(models, images, labels, seed: int, recall: float, scores: dict) -> dict:
     feats = embed_images(models, images, 32)
     rows = np.arange(len(images))
     cal_rows, test_rows = rows[0::2], rows[1::2]
-    m_cal = measure(models, _Images(images, cal_rows), feats, cal_rows, seed=seed)
+    m_cal = measure(models, _Images(images, cal_rows), feats, cal_rows, seed=seed, scores=scores)
     cal = choose(m_cal, recall)
-    m_test = measure(models, _Images(images, test_rows), feats, test_rows, seed=seed + 1, labels=labels)
+    m_test = measure(models, _Images(images, test_rows), feats, test_rows, seed=seed + 1, labels=labels,
+                     scores=scores)
     paper = evaluate(m_test, PAPER_LEAK, None)
     ours = evaluate(m_test, cal.leak_threshold, cal.verify_threshold, cal.neighbours)
     embed_only = evaluate(m_test, min(choose(m_cal, recall, verify="none").leak_threshold, 1.0), None)
@@ -129,10 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.sets.split(","):
         images, labels = SAMPLES[name](pool, args.seed)
         out["verifiers"][name] = verifier_comparison(images[:min(len(images), 200)], labels[:200], args.seed)
+        scores: dict = {}   # verification scores, shared by the encoders
         for enc in args.encoders.split(","):
             spec = resolve_encoder(enc, image_size=args.image_size if enc != "test-tiny-clip" else None)
             t = time.perf_counter()
-            r = run_one([build_encoder(spec)], images, labels, args.seed, args.recall)
+            r = run_one([build_encoder(spec)], images, labels, args.seed, args.recall, scores)
             r["seconds"] = round(time.perf_counter() - t, 1)
             out["results"][f"{name}/{enc}"] = r
             print(json.dumps({f"{name}/{enc}": r}), flush=True)

@@ -88,10 +88,14 @@ def _lower_quantile(x: np.ndarray, keep: float) -> float:
 
 def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_rows: np.ndarray,
             seed: int = 0, batch_size: int = 64, verify: str = "align",
-            kinds: Sequence[str] = tuple(COPY_KINDS), labels: np.ndarray | None = None) -> Measurements:
+            kinds: Sequence[str] = tuple(COPY_KINDS), labels: np.ndarray | None = None,
+            scores: dict | None = None) -> Measurements:
     """Copies of ``images`` (the references at ``sample_rows`` of ``ref_feats``) against the
     references; ``ref_feats``: one L2-normalised [num_refs, d_e] matrix per encoder. With
-    ``labels`` (one per reference), the nearest distinct reference is taken within the class."""
+    ``labels`` (one per reference), the nearest distinct reference is taken within the class.
+    ``scores``: a dict that memoises verification scores across calls on the same images (they do
+    not depend on the encoders), keyed by (seed, row, kind) and (row, other row)."""
+    scores = {} if scores is None else scores
     from index.embed import embed_images
 
     refs = [np.asarray(r, np.float32) for r in ref_feats]
@@ -112,7 +116,11 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
         pos_mean[ki] = mean[own]
         pos_rank[ki] = (mean > mean[own][:, None]).sum(axis=1)
         if verify != "none":
-            pos_ver[ki] = [copy_score(Thumb.of(c), t) for c, t in zip(copies, thumbs)]
+            for i, (c, t, r) in enumerate(zip(copies, thumbs, rows)):
+                key = (seed, int(r), kind)
+                if key not in scores:
+                    scores[key] = copy_score(Thumb.of(c), t)
+                pos_ver[ki, i] = scores[key]
     sims = [r[rows] @ r.T for r in refs]
     mean = sum(sims) / e
     mean[np.arange(n), rows] = -np.inf
@@ -125,8 +133,12 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
     neg_ver = np.full(n, np.nan)
     if verify != "none":
         by_row = {int(r): i for i, r in enumerate(rows)}
-        neg_ver = np.array([copy_score(thumbs[i], thumbs[by_row[int(j)]] if int(j) in by_row
-                                       else Thumb.of(_load(images, j))) for i, j in enumerate(nearest)])
+        for i, j in enumerate(nearest):
+            key = (int(rows[i]), int(j))
+            if key not in scores:
+                scores[key] = copy_score(thumbs[i], thumbs[by_row[int(j)]] if int(j) in by_row
+                                         else Thumb.of(_load(images, j)))
+            neg_ver[i] = scores[key]
     return Measurements(tuple(kinds), pos_max, pos_mean, pos_rank, pos_ver, neg_max, neg_mean, neg_ver)
 
 
