@@ -63,7 +63,7 @@ def run_one(models, images, labels, seed: int, recall: float, scores: dict) -> d
         "copy_similarity_min": {k: round(float(m_test.pos_max[i].min()), 4) for i, k in enumerate(m_test.kinds)},
         "copy_similarity_median": {k: round(float(np.median(m_test.pos_max[i])), 4)
                                    for i, k in enumerate(m_test.kinds)},
-        "distinct_similarity_max": round(float(m_test.neg_max.max()), 4),
+        "distinct_similarity_max": round(float(m_test.neg_max[:, 0].max()), 4),
     }
 
 

@@ -18,7 +18,9 @@ of one class reach it. So the thresholds are measured, not assumed:
    threshold is set in the gap between copies' scores (kind-wise quantile at `recall`) and the
    look-alikes' (99th percentile), in its middle when there is one, else at the copies' quantile
    (a pair with a flat image cannot be scored and is never confirmed);
-5. report the false-positive rate the chosen decision gives on the nearest distinct references.
+5. report the false-positive rate the chosen decision gives: the fraction of sampled references
+   confirmed as a copy of one of the distinct references they would be verified against (their
+   `neighbours` nearest), as a retrieved look-alike would be.
 
 `calibrate` is a pure function of (encoders, reference images, their features, options);
 `cached_calibration` stores its result as JSON keyed by a fingerprint of the encoder identities,
@@ -73,9 +75,9 @@ class Measurements:
     pos_mean: np.ndarray       # [kinds, n] the same, mean over encoders
     pos_rank: np.ndarray       # [kinds, n] references more similar to the copy than its source
     pos_verify: np.ndarray     # [kinds, n] copy_score(copy, source); NaN when unscored
-    neg_max: np.ndarray        # [n] nearest distinct reference, max over encoders
-    neg_mean: np.ndarray       # [n] the same, mean over encoders
-    neg_verify: np.ndarray     # [n]
+    neg_max: np.ndarray        # [n, k] the k nearest distinct references, max over encoders (-inf: none)
+    neg_mean: np.ndarray       # [n, k] the same, mean over encoders
+    neg_verify: np.ndarray     # [n, k] copy_score(reference, distinct reference)
 
 
 def _lower_quantile(x: np.ndarray, keep: float) -> float:
@@ -89,10 +91,11 @@ def _lower_quantile(x: np.ndarray, keep: float) -> float:
 def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_rows: np.ndarray,
             seed: int = 0, batch_size: int = 64, verify: str = "align",
             kinds: Sequence[str] = tuple(COPY_KINDS), labels: np.ndarray | None = None,
-            scores: dict | None = None) -> Measurements:
+            scores: dict | None = None, negatives: int = MAX_NEIGHBOURS) -> Measurements:
     """Copies of ``images`` (the references at ``sample_rows`` of ``ref_feats``) against the
     references; ``ref_feats``: one L2-normalised [num_refs, d_e] matrix per encoder. With
-    ``labels`` (one per reference), the nearest distinct reference is taken within the class.
+    ``labels`` (one per reference), the nearest distinct references are taken within the class;
+    ``negatives`` of them are kept per image, as a candidate is verified against that many.
     ``scores``: a dict that memoises verification scores across calls on the same images (they do
     not depend on the encoders), keyed by (seed, row, kind) and (row, other row)."""
     scores = {} if scores is None else scores
@@ -127,18 +130,22 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
     if labels is not None:
         labels = np.asarray(labels)
         mean[labels[rows][:, None] != labels[None, :]] = -np.inf
-    nearest = np.argmax(mean, axis=1)
-    neg_mean = mean[np.arange(n), nearest]
-    neg_max = np.max([s[np.arange(n), nearest] for s in sims], axis=0)
-    neg_ver = np.full(n, np.nan)
+    k = min(negatives, mean.shape[1])
+    nearest = np.argsort(-mean, axis=1, kind="stable")[:, :k]            # [n, k] distinct references
+    valid = np.isfinite(np.take_along_axis(mean, nearest, axis=1))
+    neg_mean = np.where(valid, np.take_along_axis(mean, nearest, axis=1), -np.inf)
+    neg_max = np.where(valid, np.max([np.take_along_axis(s, nearest, axis=1) for s in sims], axis=0), -np.inf)
+    neg_ver = np.full(nearest.shape, np.nan)
     if verify != "none":
-        by_row = {int(r): i for i, r in enumerate(rows)}
-        for i, j in enumerate(nearest):
-            key = (int(rows[i]), int(j))
+        by_row = {int(r): thumbs[i] for i, r in enumerate(rows)}
+        for i, j in zip(*np.nonzero(valid)):
+            key = (int(rows[i]), int(nearest[i, j]))
             if key not in scores:
-                scores[key] = copy_score(thumbs[i], thumbs[by_row[int(j)]] if int(j) in by_row
-                                         else Thumb.of(_load(images, j)))
-            neg_ver[i] = scores[key]
+                other = int(nearest[i, j])
+                if other not in by_row:
+                    by_row[other] = Thumb.of(_load(images, other))
+                scores[key] = copy_score(thumbs[i], by_row[other])
+            neg_ver[i, j] = scores[key]
     return Measurements(tuple(kinds), pos_max, pos_mean, pos_rank, pos_ver, neg_max, neg_mean, neg_ver)
 
 
@@ -172,14 +179,16 @@ def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
         cand = (m.pos_max > t_leak) & (m.pos_rank < neighbours) & np.isfinite(m.pos_verify)
         per_kind = [_lower_quantile(m.pos_verify[k][cand[k]], recall) for k in kinds]
         pos_q = max(-1.0, min(per_kind))
-        neg = m.neg_verify[np.isfinite(m.neg_verify)]
+        # look-alikes: per image, the best score over the distinct references it would be verified against
+        neg = np.nanmax(np.where(np.isfinite(m.neg_verify[:, :neighbours]), m.neg_verify[:, :neighbours], -1.0),
+                        axis=1) if m.neg_verify.size else np.zeros(0)
         neg_q = float(np.quantile(neg, 0.99)) if neg.size else -1.0
         t_ver = (pos_q + neg_q) / 2 if pos_q > neg_q else pos_q
     t_leak, t_dedup = round(t_leak, 6), round(t_dedup, 6)
     t_ver = None if t_ver is None else round(t_ver, 6)
     ev = evaluate(m, t_leak, t_ver, neighbours)
     return Calibration(
-        recall_target=recall, verify=verify, num_images=int(m.neg_max.size),
+        recall_target=recall, verify=verify, num_images=int(m.neg_max.shape[0]),
         leak_threshold=t_leak, dedup_threshold=t_dedup, verify_threshold=t_ver,
         recall=ev["recall"], false_positive_rate=ev["false_positive_rate"], neighbours=neighbours,
         source_in_neighbours={k: float((m.pos_rank[i] < neighbours).mean()) for i, k in enumerate(m.kinds)},
@@ -198,7 +207,9 @@ def evaluate(m: Measurements, leak_threshold: float, verify_threshold: float | N
         return ok
 
     pos = decide(m.pos_max, m.pos_rank, m.pos_verify)
-    neg = decide(m.neg_max, np.zeros(m.neg_max.shape, np.int64), m.neg_verify)
+    # an image is a false positive when any distinct reference it is checked against is confirmed
+    neg = decide(m.neg_max, np.broadcast_to(np.arange(m.neg_max.shape[1]), m.neg_max.shape), m.neg_verify)
+    neg = neg.any(axis=1)
     return {"recall": {k: float(pos[i].mean()) for i, k in enumerate(m.kinds)},
             "false_positive_rate": float(neg.mean()) if neg.size else 0.0}
 
@@ -210,8 +221,8 @@ def curves(m: Measurements) -> dict[str, Any]:
     return {"grid": GRID.tolist(),
             "copies_similarity": {k: above(m.pos_max[i]) for i, k in enumerate(m.kinds)},
             "copies_verify": {k: above(np.nan_to_num(m.pos_verify[i], nan=-1.0)) for i, k in enumerate(m.kinds)},
-            "distinct_similarity": above(m.neg_max),
-            "distinct_verify": above(np.nan_to_num(m.neg_verify, nan=-1.0))}
+            "distinct_similarity": above(m.neg_max[:, 0]),
+            "distinct_verify": above(np.nan_to_num(m.neg_verify[:, 0], nan=-1.0))}
 
 
 def sample_rows(num_refs: int, size: int, seed: int) -> np.ndarray:

@@ -81,6 +81,7 @@ def test_copy_score_aligns_crops_pads_and_flips_exactly(fm_images):
 
 def _measurements(pos: np.ndarray, neg: np.ndarray, pos_v: np.ndarray, neg_v: np.ndarray) -> Measurements:
     kinds = tuple(f"k{i}" for i in range(pos.shape[0]))
+    neg, neg_v = neg[:, None], neg_v[:, None]   # one distinct reference per image
     return Measurements(kinds, pos, pos, np.zeros(pos.shape, np.int64), pos_v, neg, neg, neg_v)
 
 
@@ -89,7 +90,7 @@ def test_choose_keeps_recall_for_every_kind_and_sets_verification_in_the_gap():
     neg = np.linspace(0.5, 0.95, 100)
     pos_v = np.full(pos.shape, 0.98)
     neg_v = np.linspace(0.0, 0.8, 100)
-    cal = choose(_measurements(pos, neg, pos_v, neg, ) if False else _measurements(pos, neg, pos_v, neg_v), 0.99)
+    cal = choose(_measurements(pos, neg, pos_v, neg_v), 0.99)
     assert cal.leak_threshold < 0.60 + 0.4 * 0.01   # set by the lower kind, not by the average
     assert all(r >= 0.99 for r in cal.recall.values())
     q99 = float(np.quantile(neg_v, 0.99))
@@ -155,6 +156,8 @@ def test_verify_leaks_moves_unconfirmed_candidates_to_rejected():
 # ---------------------------------------------------------------- planted copies of real images
 
 POOLS = {"fashion_mnist": 200, "stamps": 120, "skimage": 120}
+NEGATIVES = 16   # distinct same-class images checked per held-out image (a lower bound on false
+                 # positives where the calibration verifies a candidate against more references)
 ENCODERS = {"efficientnet_lite0": 64, "test-tiny-clip": None}
 
 
@@ -179,24 +182,25 @@ def planted() -> dict:
         for enc, size in ENCODERS.items():
             models = [build_encoder(resolve_encoder(enc, image_size=size))]
             feats = embed_images(models, images, 32)
-            cal = choose(measure(models, _Images(images, cal_rows), feats, cal_rows, seed=0, scores=scores), 0.99)
+            cal = choose(measure(models, _Images(images, cal_rows), feats, cal_rows, seed=0, scores=scores,
+                                 negatives=NEGATIVES), 0.99)
             test = measure(models, _Images(images, test_rows), feats, test_rows, seed=1, labels=labels,
-                           scores=scores)
+                           scores=scores, negatives=NEGATIVES)
             out[name, enc] = (cal, test)
     return out
 
 
 # The goal is recall >= 0.99 for every kind and a false-positive rate <= 0.01. Measured on these
 # pools (120 held-out images per set at most), the decision reaches the recall goal for most
-# kinds but not the false-positive goal: the nearest distinct same-class image passes
-# verification for 7.5-16% of held-out images (Fashion-MNIST silhouettes of one class, tiles of
+# kinds but not the false-positive goal: one of the distinct same-class images a held-out image
+# is verified against passes for 8-26% of them (Fashion-MNIST silhouettes of one class, tiles of
 # one texture photo and stamp variants correlate as strongly as a half-size JPEG copy does with
-# its source). Recall also loses the flat images (dark sky or blank page tiles): a pair with a
+# its source, and every extra reference verified is another chance). Recall also loses the flat images (dark sky or blank page tiles): a pair with a
 # flat image cannot be scored and is never confirmed, about 2% of every kind on 60 skimage tiles.
 # These bounds pin what is reached, so a regression fails; they are not the goal.
 MIN_RECALL_ANY_KIND = 0.90      # measured 0.90 .. 1.0
 MIN_RECALL_MEAN = 0.97          # measured 0.973 .. 1.0
-MAX_FALSE_POSITIVE_RATE = 0.20  # measured 0.075 .. 0.1625
+MAX_FALSE_POSITIVE_RATE = 0.35  # measured 0.08 .. 0.26
 
 
 @pytest.mark.slow
@@ -214,4 +218,4 @@ def test_planted_copies_are_caught_and_most_look_alikes_kept(planted, name: str,
     if enc == "efficientnet_lite0":   # the paper's threshold misses most copies of some kind
         assert paper_recall.min() < 0.8 and recall.min() > paper_recall.min() + 0.15
     else:                             # random-init: everything is > 0.95; calibration rejects most
-        assert paper["false_positive_rate"] > 0.9 and got["false_positive_rate"] < 0.25
+        assert paper["false_positive_rate"] > 0.9 and got["false_positive_rate"] < MAX_FALSE_POSITIVE_RATE
