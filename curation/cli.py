@@ -10,6 +10,7 @@ import sys
 from curation.pipeline import CurateConfig, curate
 from curation.querysets import list_query_sets
 from curation.selection import SELECTORS
+from curation.verify import VERIFIERS
 
 
 def parse(argv: list[str] | None = None) -> CurateConfig:
@@ -22,8 +23,16 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
     p.add_argument("--strategy", default="query_balanced", help=f"one of: {', '.join(SELECTORS.names())}")
     p.add_argument("--seed", type=int, default=0, help="query draw and random-drop seed")
     p.add_argument("--data-root", default=None, help="where the query set's dataset lives")
-    p.add_argument("--dedup-threshold", type=float, default=0.99)
-    p.add_argument("--leak-threshold", type=float, default=0.95)
+    p.add_argument("--dedup-threshold", default="auto",
+                   help="'auto' (calibrated for the index's encoders) or a mean cosine; the paper: 0.99")
+    p.add_argument("--leak-threshold", default="auto",
+                   help="'auto' (calibrated) or a max cosine over encoders; the paper: 0.95")
+    p.add_argument("--verify", default="align", choices=list(VERIFIERS),
+                   help="second signal that confirms copies among the candidates (none: threshold only)")
+    p.add_argument("--verify-threshold", default="auto", help="'auto' (calibrated) or a score in [-1, 1]")
+    p.add_argument("--copy-recall", type=float, default=0.99,
+                   help="calibration target: recall of every kind of synthetic near-copy")
+    p.add_argument("--calibration-images", type=int, default=300, help="references sampled for calibration")
     p.add_argument("--leak-review", default=None,
                    help="JSON list of gallery image ids a person judged not to be leaks")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per transfer shard")
@@ -36,7 +45,8 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
     a = p.parse_args(argv)
     return CurateConfig(queries=a.queries, index=a.index, size=a.size, out=a.out, strategy=a.strategy,
                         seed=a.seed, data_root=a.data_root, dedup_threshold=a.dedup_threshold,
-                        leak_threshold=a.leak_threshold, leak_review=a.leak_review, shard_size=a.shard_size,
+                        leak_threshold=a.leak_threshold, verify=a.verify, verify_threshold=a.verify_threshold,
+                        copy_recall=a.copy_recall, calibration_images=a.calibration_images, leak_review=a.leak_review, shard_size=a.shard_size,
                         nprobe=a.nprobe, max_k=a.max_k, batch_size=a.batch_size, device=a.device,
                         cache_dir=a.cache_dir, executor=a.executor)
 

@@ -4,7 +4,9 @@ Every image of the target dataset (all splits) is a reference. For each original
 retrieved crop and each reference, the paper takes the maximum over the encoders of the cosine
 similarity; an image whose maximum over references exceeds 0.95 is a possible leak. Its 5 nearest
 references (by the mean similarity over encoders) are listed for a person to inspect;
-``apply_review`` un-flags the images that person marked as not-a-leak. All crops of a remaining
+``verify_leaks`` confirms each flagged image by a second, pixel-level signal against those nearest
+references (`curation.verify`), so the decision no longer needs the person; ``apply_review``
+still un-flags the images a person marked as not-a-leak. All crops of a remaining
 flagged image are removed by the caller (then backfilled by re-running the selection).
 
 Flagging is a thresholded join per encoder (``dedup.similar_pairs``): exact FAISS range search for
@@ -17,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import faiss
 import numpy as np
 
 from curation.dedup import check_normalised, similar_pairs
+from curation.verify import passes
 from index.knn import combine_features
 
 Features = np.ndarray | Sequence[np.ndarray]
@@ -48,12 +51,15 @@ class Leak:
     encoder: int                     # the encoder that gave max_similarity
     neighbor_ids: tuple[str, ...]    # nearest references by mean similarity, best first
     neighbor_similarity: tuple[float, ...]
+    verify_score: float | None = None      # best verification score over the neighbours (NaN: unscored)
+    verified_reference: str | None = None  # the neighbour that score was reached with
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "image_id": self.image_id,
                 "max_similarity": self.max_similarity, "encoder": self.encoder,
                 "neighbor_ids": list(self.neighbor_ids),
-                "neighbor_similarity": list(self.neighbor_similarity)}
+                "neighbor_similarity": list(self.neighbor_similarity),
+                "verify_score": self.verify_score, "verified_reference": self.verified_reference}
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,8 @@ class LeakReport:
     num_references: int
     leaks: tuple[Leak, ...]                       # flagged, by max_similarity desc, index asc
     cleared: tuple[Leak, ...] = field(default=())  # flagged, then marked not-a-leak on review
+    rejected: tuple[Leak, ...] = field(default=())  # above the threshold, not copies by verification
+    verify_threshold: float | None = None
 
     @property
     def flagged_indices(self) -> np.ndarray:
@@ -77,8 +85,10 @@ class LeakReport:
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "num_images": self.num_images,
                 "num_references": self.num_references,
+                "verify_threshold": self.verify_threshold,
                 "leaks": [x.to_dict() for x in self.leaks],
-                "cleared": [x.to_dict() for x in self.cleared]}
+                "cleared": [x.to_dict() for x in self.cleared],
+                "rejected": [x.to_dict() for x in self.rejected]}
 
 
 def _flag(images: list[np.ndarray], refs: list[np.ndarray], threshold: float, method: str,
@@ -148,6 +158,25 @@ def find_leaks(image_features: Features, reference_features: Features, threshold
                 neighbor_similarity=tuple(float(s) for s, j in zip(sims[row], nbrs[row]) if j >= 0)))
     leaks.sort(key=lambda x: (-x.max_similarity, x.index))
     return LeakReport(float(threshold), n, nr, tuple(leaks))
+
+
+def verify_leaks(report: LeakReport, score: Callable[[str, str], float], threshold: float) -> LeakReport:
+    """Confirm each flagged image by a second signal: ``score(image_id, reference_id)`` against its
+    nearest references (`Leak.neighbor_ids`, best first); it stays a leak when some score passes
+    (`verify.passes`: above `threshold`), else it moves to `rejected`.
+    """
+    confirmed, rejected = [], []
+    for leak in report.leaks:
+        scores = [score(leak.image_id, r) for r in leak.neighbor_ids]
+        ok = any(passes(v, threshold) for v in scores)
+        # shown: the best finite score (NaN only where no neighbour could be scored)
+        best = max(range(len(scores)), key=lambda i: (not np.isnan(scores[i]), np.nan_to_num(scores[i])),
+                   default=None)
+        leak = replace(leak, verify_score=None if best is None else float(scores[best]),
+                       verified_reference=None if best is None else leak.neighbor_ids[best])
+        (confirmed if ok else rejected).append(leak)
+    return replace(report, leaks=tuple(confirmed), rejected=report.rejected + tuple(rejected),
+                   verify_threshold=float(threshold))
 
 
 def read_review(review_file: str | os.PathLike) -> list[str]:

@@ -20,7 +20,7 @@ either side; the tests and ``bench/curate.py`` measure recall on planted duplica
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import faiss
 import numpy as np
@@ -153,16 +153,23 @@ def duplicate_pairs(features: np.ndarray, threshold: float = 0.99, method: str =
     return pairs[:, 0], pairs[:, 1]
 
 
-def duplicate_clusters(features: np.ndarray, threshold: float = 0.99, method: str = "auto",
-                       nprobe: int = 8, batch_size: int = 8192) -> np.ndarray:
-    """Cluster label per row: connected components of the "similarity > threshold" graph.
+def nearest_partners(i: np.ndarray, j: np.ndarray, sim: np.ndarray, per_image: int) -> np.ndarray:
+    """Mask keeping a pair when it is among the `per_image` most similar pairs of either member
+    (ties by (i, j)): a cap on how many candidate pairs a verification stage has to score."""
+    keep = np.zeros(i.size, bool)
+    if i.size == 0:
+        return keep
+    for end in (i, j):
+        order = np.lexsort((j, i, -sim, end))          # by member, then similarity desc
+        e = end[order]
+        start = np.r_[0, np.flatnonzero(e[1:] != e[:-1]) + 1]
+        rank = np.arange(e.size) - np.repeat(start, np.diff(np.r_[start, e.size]))
+        keep[order[rank < per_image]] = True
+    return keep
 
-    ``features``: one L2-normalised row per unique original image; for several encoders the
-    concatenation with each part scaled by 1/sqrt(E), so the inner product is the mean cosine.
-    Labels are 0..C-1, numbered in the order of each cluster's smallest row index.
-    """
-    n = int(np.asarray(features).shape[0])
-    i, j = duplicate_pairs(features, threshold, method, nprobe, batch_size)
+
+def clusters_from_pairs(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected components of n nodes and edges (i, j), numbered by their smallest member."""
     if n == 0:
         return np.zeros(0, np.int64)
     graph = coo_matrix((np.ones(i.size, np.int8), (i, j)), shape=(n, n))
@@ -172,6 +179,30 @@ def duplicate_clusters(features: np.ndarray, threshold: float = 0.99, method: st
     relabel = np.empty_like(first)
     relabel[np.argsort(first, kind="stable")] = np.arange(first.size)
     return relabel[labels].astype(np.int64)
+
+
+def duplicate_clusters(features: np.ndarray, threshold: float = 0.99, method: str = "auto",
+                       nprobe: int = 8, batch_size: int = 8192,
+                       keep_pair: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                       per_image: int | None = None) -> np.ndarray:
+    """Cluster label per row: connected components of the "similarity > threshold" graph.
+
+    ``features``: one L2-normalised row per unique original image; for several encoders the
+    concatenation with each part scaled by 1/sqrt(E), so the inner product is the mean cosine.
+    ``per_image`` keeps only each image's most similar candidate pairs; ``keep_pair(i, j)``, a
+    verification stage (`curation.verify`), returns a mask of the candidate pairs that are copies.
+    Labels are 0..C-1, numbered in the order of each cluster's smallest row index.
+    """
+    n = int(np.asarray(features).shape[0])
+    i, j = duplicate_pairs(features, threshold, method, nprobe, batch_size)
+    if per_image is not None and i.size:
+        x = np.asarray(features, np.float32)
+        m = nearest_partners(i, j, (x[i] * x[j]).sum(axis=1), per_image)
+        i, j = i[m], j[m]
+    if keep_pair is not None and i.size:
+        m = np.asarray(keep_pair(i, j), bool)
+        i, j = i[m], j[m]
+    return clusters_from_pairs(n, i, j)
 
 
 def keep_one_per_cluster(labels: np.ndarray, order: np.ndarray) -> np.ndarray:

@@ -28,19 +28,35 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from curation import report as rpt
-from curation.decontam import find_leaks, read_review
+from curation.calibrate import Calibration, cached_calibration
+from curation.decontam import find_leaks, read_review, verify_leaks
 from curation.dedup import duplicate_clusters, keep_one_per_cluster
 from curation.features import FeatureCache, embed_labeled, embed_originals
 from curation.querysets import QuerySet, get_query_set
 from curation.selection import (SELECTORS, Selection, class_prompts, class_text_queries,
                                 select_with_search)
-from curation.shards import write_query_shards, write_transfer_shards
+from curation.shards import read_originals, write_query_shards, write_transfer_shards
+from curation.verify import VERIFIERS, Thumb, copy_score, passes
 from index import contract
 from index.atomic import CODE_VERSION, write_json
 from index.encoders import build_encoder
 from index.embed import pick_device
 from index.gallery_index import GalleryIndex
 from index.knn import combine_features
+
+
+def parse_threshold(value: float | str, name: str = "threshold") -> float | str:
+    """"auto", or a number in [-1, 1] (strings from a CLI or a config file are converted)."""
+    if isinstance(value, str):
+        if value == "auto":
+            return value
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be 'auto' or a number in [-1, 1]; got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be 'auto' or a number in [-1, 1]; got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -52,8 +68,12 @@ class CurateConfig:
     strategy: str = "query_balanced"
     seed: int = 0
     data_root: str | None = None
-    dedup_threshold: float = 0.99
-    leak_threshold: float = 0.95
+    dedup_threshold: float | str = "auto"     # "auto" (calibrated) or a mean cosine
+    leak_threshold: float | str = "auto"      # "auto" (calibrated) or a max cosine
+    verify: str = "align"                     # second signal on candidates: align | none
+    verify_threshold: float | str = "auto"    # "auto" (calibrated) or a verify.copy_score value
+    copy_recall: float = 0.99                 # calibration target: recall of every copy kind
+    calibration_images: int = 300             # references sampled for calibration
     leak_neighbours: int = 5
     leak_review: str | None = None
     k0: int | None = None              # first search depth (default: from N and the query count)
@@ -71,10 +91,14 @@ class CurateConfig:
         SELECTORS.get(self.strategy)  # raises with the valid names
         if self.size < 1:
             raise ValueError(f"size must be >= 1; got {self.size}")
-        for name in ("dedup_threshold", "leak_threshold"):
-            v = getattr(self, name)
-            if not -1.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be a cosine similarity in [-1, 1]; got {v}")
+        for name in ("dedup_threshold", "leak_threshold", "verify_threshold"):
+            object.__setattr__(self, name, parse_threshold(getattr(self, name), name))
+        if self.verify not in VERIFIERS:
+            raise ValueError(f"verify must be one of {', '.join(VERIFIERS)}; got {self.verify!r}")
+        if not 0.0 < self.copy_recall < 1.0:
+            raise ValueError(f"copy_recall must be in (0, 1); got {self.copy_recall}")
+        if self.calibration_images < 2:
+            raise ValueError(f"calibration_images must be >= 2; got {self.calibration_images}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,6 +201,11 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     ref_ids = [r.id for r in qs.references]
     timings["embed_references"] = time.perf_counter() - tr
 
+    tc = time.perf_counter()
+    th, calibration = resolve_thresholds(cfg, models, qs, ref_feats, cache.root)
+    timings["calibrate"] = time.perf_counter() - tc
+    verifier = _Verifier(gindex, {r.id: r for r in qs.references})
+
     sel = select(np.zeros(0, np.int64))
     first = sel
     filtered = Filtered()
@@ -197,8 +226,11 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         seen = sorted(orig)
         per_enc = [np.stack([orig[i][e] for i in seen]) for e in range(len(specs))] if seen else \
             [np.zeros((0, s.embed_dim), np.float32) for s in specs]
-        leak_report = find_leaks(per_enc, ref_feats, cfg.leak_threshold, cfg.leak_neighbours,
+        leak_report = find_leaks(per_enc, ref_feats, th["leak"], th["neighbours"],
                                  reference_ids=ref_ids, image_ids=seen)
+        if th["verify"] is not None:
+            verifier.prefetch(x.image_id for x in leak_report.leaks)
+            leak_report = verify_leaks(leak_report, verifier.score, th["verify"])
         if review:  # un-flag reviewed images among those seen so far; unknown ids are checked below
             leak_report = dataclasses.replace(
                 leak_report, leaks=tuple(x for x in leak_report.leaks if x.image_id not in review),
@@ -211,7 +243,12 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         if alive.size:
             uniq, inv = np.unique(img_of[alive], return_inverse=True)
             f = combine_features([np.stack([orig[i][e] for i in uniq]) for e in range(len(specs))])
-            labels = duplicate_clusters(f, cfg.dedup_threshold)[inv]
+            def keep_pair(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+                verifier.prefetch(uniq[np.r_[i, j]])
+                return np.array([passes(verifier.score(str(uniq[a]), str(uniq[b]), gallery=True), th["verify"])
+                                 for a, b in zip(i, j)], bool)
+            labels = duplicate_clusters(f, th["dedup"], keep_pair=None if th["verify"] is None else keep_pair,
+                                        per_image=None if th["verify"] is None else th["neighbours"])[inv]
             keep = keep_one_per_cluster(labels, alive)   # selection order = curated rank
             dups = {int(g) for g in sel.ids[alive[~keep]]}
             for lab in np.unique(labels[~keep]):
@@ -226,6 +263,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         filtered.duplicates |= dups
         sel = select(filtered.all())
     timings["filters"] = time.perf_counter() - tf
+    timings["verify"] = verifier.seconds
     if review:
         unknown = sorted(review - {x.image_id for x in leak_report.cleared})
         if unknown:
@@ -269,7 +307,9 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         "encoders": [s.to_dict() for s in specs],
         "seed": cfg.seed,
         "strategy": cfg.strategy,
-        "thresholds": {"dedup": cfg.dedup_threshold, "leak": cfg.leak_threshold},
+        "thresholds": th,
+        "calibration": calibration.to_dict() if calibration else None,
+        "verified_pairs": verifier.count,
         "counts": counts,
         "message": sel.message,
         "leaks": leak_report.to_dict() if leak_report else None,
@@ -277,7 +317,8 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "code_version": CODE_VERSION,
     }
-    _write_report(out, cfg, qs, gindex, sel, records, filtered, leak_report, counts, specs, query_ids)
+    _write_report(out, cfg, qs, gindex, sel, records, filtered, leak_report, counts, specs, query_ids, th,
+                  calibration)
     write_json(out / contract.MANIFEST_FILE, manifest)
     seconds = time.perf_counter() - t0
     print(summary_line(manifest, seconds), flush=True)
@@ -290,8 +331,83 @@ def summary_line(manifest: dict[str, Any], seconds: float) -> str:
     return (f"curate: {c['written']}/{c['requested']} written ({manifest['strategy']}, k={c['depth_k']}), "
             f"retrieved {c['retrieved']}, removed {c['removed_duplicate']} duplicate / {c['removed_leak']} leak / "
             f"{c['removed_unreadable']} unreadable, backfilled {c['backfilled']}, "
-            f"thresholds dedup {th['dedup']} leak {th['leak']}, {seconds:.1f} s"
+            f"thresholds ({th.get('source', 'given')}) dedup {_fmt(th['dedup'])} leak {_fmt(th['leak'])} "
+            f"verify {th.get('verifier', 'none')} {_fmt(th.get('verify'))}, {seconds:.1f} s"
             + (f" -- {manifest['message']}" if manifest.get("message") else ""))
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[np.ndarray],
+                       cache_dir) -> tuple[dict[str, Any], Calibration | None]:
+    """The thresholds in force: given numbers as they are, "auto" ones from a calibration on the
+    query set's references (cached by encoders + sampled reference ids; see curation.calibrate)."""
+    verifying = cfg.verify != "none"
+    auto = [cfg.dedup_threshold == "auto", cfg.leak_threshold == "auto", verifying and cfg.verify_threshold == "auto"]
+    cal = None
+    if any(auto) and qs.references:
+        cal, reused = cached_calibration(models, qs.references, ref_feats, cache_dir, size=cfg.calibration_images,
+                                         recall=cfg.copy_recall, verify=cfg.verify, batch_size=cfg.batch_size)
+        print(f"curate: calibration {'reused' if reused else 'computed'}: leak {cal.leak_threshold:.4g} "
+              f"dedup {cal.dedup_threshold:.4g} verify {_fmt(cal.verify_threshold)}, "
+              f"estimated false-positive rate {cal.false_positive_rate:.3g}", flush=True)
+
+    def pick(value, calibrated, paper):
+        if value != "auto":
+            return value
+        return calibrated if cal is not None else paper   # no references: nothing to calibrate on
+
+    th = {"dedup": pick(cfg.dedup_threshold, cal and cal.dedup_threshold, 0.99),
+          "leak": pick(cfg.leak_threshold, cal and cal.leak_threshold, 0.95),
+          "verify": pick(cfg.verify_threshold, cal and cal.verify_threshold, 0.9) if verifying else None,
+          "verifier": cfg.verify,
+          "neighbours": max(cfg.leak_neighbours, cal.neighbours if cal and verifying else 0),
+          "source": "calibrated" if all(auto[:2]) and cal else "given" if not any(auto) else "mixed"}
+    return th, cal
+
+
+class _Verifier:
+    """Verification scores of (gallery image, reference or gallery image) pairs, memoised across
+    rounds; gallery images are read once each (as thumbnails), by shard."""
+
+    def __init__(self, gindex, references: dict):
+        self.gindex, self.references = gindex, references
+        self.thumbs: dict[str, Thumb | None] = {}
+        self.memo: dict[tuple[str, str], float] = {}
+        self.seconds = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.memo)
+
+    def _thumb(self, iid: str, gallery: bool) -> Thumb | None:
+        if iid not in self.thumbs:
+            if gallery:
+                self.prefetch([iid])
+            else:
+                self.thumbs[iid] = Thumb.of(self.references[iid].load())
+        return self.thumbs[iid]
+
+    def prefetch(self, gallery_ids) -> None:
+        """Read these gallery images (by shard) before scoring them; unreadable ones score NaN."""
+        missing = {str(i) for i in gallery_ids} - set(self.thumbs)
+        if missing:
+            t = time.perf_counter()
+            found = read_originals(self.gindex, missing)
+            for i in missing:
+                self.thumbs[i] = Thumb.of(found[i]) if i in found else None
+            self.seconds += time.perf_counter() - t
+
+    def score(self, image_id: str, other_id: str, gallery: bool = False) -> float:
+        key = (image_id, other_id)
+        if key not in self.memo:
+            t = time.perf_counter()
+            a, b = self._thumb(image_id, True), self._thumb(other_id, gallery)
+            self.memo[key] = float("nan") if a is None or b is None else copy_score(a, b)
+            self.seconds += time.perf_counter() - t
+        return self.memo[key]
 
 
 def _records(sel: Selection, rows, query_ids: list[str]) -> list[contract.TransferRecord]:
@@ -305,7 +421,8 @@ def _records(sel: Selection, rows, query_ids: list[str]) -> list[contract.Transf
     return out
 
 
-def _write_report(out, cfg, qs, gindex, sel, records, filtered, leak_report, counts, specs, query_ids):
+def _write_report(out, cfg, qs, gindex, sel, records, filtered, leak_report, counts, specs, query_ids, th,
+                  calibration):
     from curation.shards import load_thumbs
 
     by_query: dict[str, list[contract.TransferRecord]] = defaultdict(list)
@@ -316,7 +433,10 @@ def _write_report(out, cfg, qs, gindex, sel, records, filtered, leak_report, cou
     panels_q = list(by_query)[: shown.max_queries * 4]
     wanted = {(r.source_id, r.crop): r.recipe for q in panels_q
               for r in sorted(by_query[q], key=lambda r: r.rank)[:shown.max_per_query]}
-    leak_imgs = [x.image_id for x in (leak_report.leaks + leak_report.cleared)] if leak_report else []
+    rejected = sorted(leak_report.rejected, key=lambda x: -np.nan_to_num(x.verify_score or 0.0))[
+        :shown.max_rejected] if leak_report else []
+    leak_imgs = [x.image_id for x in (leak_report.leaks + leak_report.cleared + tuple(rejected))] \
+        if leak_report else []
     clusters = sorted(filtered.clusters({r.source_id for r in records}), key=len,
                       reverse=True)[:shown.max_clusters]
     cluster_imgs = {i for c in clusters for i, _ in c[:shown.max_cluster_members]}
@@ -338,22 +458,33 @@ def _write_report(out, cfg, qs, gindex, sel, records, filtered, leak_report, cou
     refs = {r.id: r for r in qs.references}
     leak_panels = []
     if leak_report:
-        for leak, cleared in [(x, False) for x in leak_report.leaks] + [(x, True) for x in leak_report.cleared]:
+        for leak, state in ([(x, "removed") for x in leak_report.leaks] + [(x, "cleared") for x in leak_report.cleared]
+                            + [(x, "rejected") for x in rejected]):
+            nbrs = list(zip(leak.neighbor_ids, leak.neighbor_similarity))[:shown.max_neighbours]
+            if leak.verified_reference and leak.verified_reference not in dict(nbrs):
+                k = leak.neighbor_ids.index(leak.verified_reference)   # the best-verifying one is always shown
+                nbrs = nbrs[:-1] + [(leak.verified_reference, leak.neighbor_similarity[k])]
             leak_panels.append(rpt.LeakPanel(
                 source_id=leak.image_id, image=thumbs["originals"].get(leak.image_id),
                 max_similarity=leak.max_similarity,
-                neighbours=[rpt.ReferenceMatch(id=i, similarity=s, image=refs[i].load() if i in refs else None)
-                            for i, s in zip(leak.neighbor_ids, leak.neighbor_similarity)],
-                crops_removed=0 if cleared else filtered.leak_items.get(leak.image_id, 0),
-                unflagged=cleared, review_note="marked not a leak on review" if cleared else ""))
+                neighbours=[rpt.ReferenceMatch(id=i, similarity=s, image=refs[i].load() if i in refs else None,
+                                               verified=i == leak.verified_reference)
+                            for i, s in nbrs],
+                crops_removed=filtered.leak_items.get(leak.image_id, 0) if state == "removed" else 0,
+                unflagged=state == "cleared", review_note="marked not a leak on review" if state == "cleared" else "",
+                verify_score=leak.verify_score, rejected=state == "rejected"))
     per_query, per_class = rpt.count_per_query_and_class(records, {q: label.get(q, q) for q in query_ids})
     data = rpt.ReportData(
         title=f"Curated transfer set: {qs.name}", query_set=qs.name, requested=cfg.size,
         retrieved=counts["retrieved"], removed_duplicates=counts["removed_duplicate"],
         removed_leaks=counts["removed_leak"], backfilled=counts["backfilled"], written=counts["written"],
         unreadable=counts["removed_unreadable"] + counts["unreadable_at_write"],
-        thresholds={"dedup": cfg.dedup_threshold, "leak": cfg.leak_threshold},
-        encoders=[s.name for s in specs], extra={"strategy": cfg.strategy, "depth k": counts["depth_k"]},
+        thresholds={k: th[k] for k in ("dedup", "leak", "verify") if th[k] is not None},
+        calibration=calibration.to_dict() if calibration else None,
+        rejected_total=len(leak_report.rejected) if leak_report else 0,
+        encoders=[s.name for s in specs],
+        extra={"strategy": cfg.strategy, "depth k": counts["depth_k"], "verifier": th["verifier"],
+               "thresholds from": th["source"], "references verified per candidate": th["neighbours"]},
         queries=panels, leaks=leak_panels,
         dedup_clusters=[rpt.DedupCluster([rpt.DedupMember(id=i, image=thumbs["originals"].get(i), kept=k)
                                           for i, k in c]) for c in clusters],

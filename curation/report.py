@@ -74,6 +74,7 @@ class ReferenceMatch:
     id: str                   # reference (target dataset) image id
     similarity: float
     image: Thumb = None
+    verified: bool = False    # the reference the verification score was reached with
 
 
 @dataclass
@@ -85,6 +86,8 @@ class LeakPanel:
     crops_removed: int = 0
     unflagged: bool = False   # a review judged it not a leak; its crops were kept
     review_note: str = ""
+    verify_score: float | None = None  # verification score (curation.verify); None: not verified
+    rejected: bool = False    # above the similarity threshold, but not a copy by verification: kept
 
 
 @dataclass
@@ -106,6 +109,8 @@ class ReportData:
     leaks: list[LeakPanel] = field(default_factory=list)
     per_query_counts: dict[str, int] = field(default_factory=dict)
     per_class_counts: dict[str, int] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None   # curation.calibrate.Calibration.to_dict()
+    rejected_total: int = 0   # candidates rejected by verification (the report shows the top ones)
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ class ReportLimits:
     max_clusters: int = 20
     max_cluster_members: int = 12
     max_neighbours: int = 5
+    max_rejected: int = 30    # candidates rejected by verification shown (highest scores first)
     thumb_size: int = 96      # longest side of an embedded thumbnail, and its display size
     jpeg_quality: int = 85
 
@@ -228,7 +234,8 @@ table.nums td,table.nums th{padding:.15em .8em;text-align:left}table.nums td.n{t
 .member{width:__Q__px;font-size:11px}.member.kept .t{outline:3px solid #2a2}
 .leak.removed{border-left:6px solid #c33}.leak.unflagged{border-left:6px solid #999}
 .badge{display:inline-block;padding:0 .4em;border-radius:3px;color:#fff;font-size:12px}
-.badge.removed{background:#c33}.badge.unflagged{background:#777}
+.badge.removed{background:#c33}.badge.unflagged{background:#777}.badge.rejected{background:#486}
+.leak.rejected{border-left:6px solid #486}.member.verified .t{outline:3px solid #c33}
 .bars td{padding:1px .5em;font-size:12px}.bar{background:#468;height:12px}
 .note{color:#865;font-style:italic}
 """
@@ -250,7 +257,37 @@ def _summary(data: ReportData) -> str:
     body = "".join(f'<tr><th>{_e(k)}</th><td class="n">{_e(_fmt(v))}</td></tr>'
                    for k, v in rows if v is not None and v != "")
     enc = "".join(f"<li>{_e(e)}</li>" for e in data.encoders) or "<li>none recorded</li>"
-    return f'<table class="nums">{body}</table>\n<h3>Encoders</h3><ul>{enc}</ul>'
+    return (f'<table class="nums">{body}</table>\n<h3>Encoders</h3><ul>{enc}</ul>'
+            + (_calibration(data.calibration) if data.calibration else ""))
+
+
+def _calibration(cal: dict[str, Any]) -> str:
+    """The calibrated thresholds, recall per copy kind, and the measured curves (every 0.05)."""
+    rows = "".join(f'<tr><td>{_e(k)}</td><td class="n">{r:.3f}</td>'
+                   f'<td class="n">{cal["source_in_neighbours"].get(k, 0):.3f}</td></tr>'
+                   for k, r in cal["recall"].items())
+    head = (f'<h3>Calibration</h3><p class="small">{cal["num_images"]} reference images, one synthetic '
+            f'copy per kind each; target recall {cal["recall_target"]} per kind; leak threshold '
+            f'{cal["leak_threshold"]:.4g}, dedup threshold {cal["dedup_threshold"]:.4g}, verifier '
+            f'{_e(cal["verify"])} threshold {_fmt(cal["verify_threshold"])}, {cal["neighbours"]} nearest '
+            f'references verified; estimated false-positive rate on each image\'s nearest distinct '
+            f'reference {cal["false_positive_rate"]:.3f}</p>'
+            f'<table class="nums"><tr><th>copy kind</th><th>recall</th><th>source among verified '
+            f'references</th></tr>{rows}</table>')
+    cv = cal.get("curves") or {}
+    if not cv:
+        return head
+    pick = [i for i, t in enumerate(cv["grid"]) if abs(round(t * 20) - t * 20) < 1e-6]
+    cols = "".join(f"<th>{cv['grid'][i]:.2f}</th>" for i in pick)
+    lines = [("copies: " + k, v) for k, v in cv["copies_similarity"].items()]
+    lines += [("distinct nearest", cv["distinct_similarity"])]
+    lines += [("verify, copies: " + k, v) for k, v in cv["copies_verify"].items()]
+    lines += [("verify, distinct nearest", cv["distinct_verify"])]
+    body = "".join(f"<tr><td>{_e(n)}</td>" + "".join(f'<td class="n">{v[i]:.2f}</td>' for i in pick) + "</tr>"
+                   for n, v in lines)
+    return (head + '<p class="small">Fraction of pairs above each threshold (similarity: max cosine '
+            f'over encoders; verify: the verification score)</p><table class="nums"><tr><th></th>{cols}</tr>'
+            f"{body}</table>")
 
 
 def _spread_by_class(queries: Sequence[QueryPanel], limit: int) -> list[QueryPanel]:
@@ -327,19 +364,27 @@ def _leaks(data: ReportData, limits: ReportLimits, th: _Thumbs) -> str:
     if not data.leaks:
         return "<p>No leaks flagged.</p>"
     n_unflagged = sum(lk.unflagged for lk in data.leaks)
-    out = [f"<p>{len(data.leaks)} gallery images flagged; {len(data.leaks) - n_unflagged} removed, "
+    n_rejected = sum(lk.rejected for lk in data.leaks)
+    n_removed = len(data.leaks) - n_unflagged - n_rejected
+    out = [f"<p>{n_removed + n_unflagged} gallery images flagged; {n_removed} removed, "
            f"{n_unflagged} un-flagged by review.</p>"]
-    for lk in sorted(data.leaks, key=lambda lk: (-lk.max_similarity, lk.source_id)):
-        state = "unflagged" if lk.unflagged else "removed"
-        badge = ("un-flagged by review: kept" if lk.unflagged
-                 else f"removed as leak ({lk.crops_removed} crops)")
+    if data.rejected_total:
+        out.append(f"<p>{data.rejected_total} more were above the similarity threshold but not copies by "
+                   f"verification, and kept; the {n_rejected} highest-scoring are shown for audit.</p>")
+    order = sorted(data.leaks, key=lambda lk: (lk.rejected, -lk.max_similarity, lk.source_id))
+    for lk in order:
+        state = "rejected" if lk.rejected else "unflagged" if lk.unflagged else "removed"
+        badge = {"rejected": "not a copy by verification: kept", "unflagged": "un-flagged by review: kept",
+                 "removed": f"removed as leak ({lk.crops_removed} crops)"}[state]
         note = f'<div class="small">review: {_e(lk.review_note)}</div>' if lk.review_note else ""
-        refs = [f'<div class="member">{th.img(r.image, f"reference {r.id}")}'
-                f'<div class="small">sim {r.similarity:.3f}<br>{_e(r.id)}</div></div>'
+        ver = "" if lk.verify_score is None else f", verification score {_fmt(lk.verify_score)}"
+        refs = [f'<div class="member{" verified" if r.verified else ""}">{th.img(r.image, f"reference {r.id}")}'
+                f'<div class="small">sim {r.similarity:.3f}{" (verified pair)" if r.verified else ""}'
+                f'<br>{_e(r.id)}</div></div>'
                 for r in lk.neighbours[:limits.max_neighbours]]
         out.append(
             f'<div class="leak {state}"><div class="small"><span class="badge {state}">{_e(badge)}</span> '
-            f"max similarity {lk.max_similarity:.4f}</div>{note}"
+            f"max similarity {lk.max_similarity:.4f}{ver}</div>{note}"
             f'<div class="grid"><div class="member">{th.img(lk.image, f"flagged {lk.source_id}")}'
             f'<div class="small"><b>gallery</b><br>{_e(lk.source_id)}</div></div>'
             f'{"".join(refs)}</div></div>')

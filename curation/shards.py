@@ -133,18 +133,22 @@ def write_query_shards(out: Path, qs, shard_size: int = 1000) -> list[str]:
     return files
 
 
-def load_thumbs(gindex, crops: dict[tuple[str, int], dict], originals: set[str]) -> dict[str, dict]:
-    """Crops (by (image id, crop)) and originals (by image id) for the report, each shard read once."""
+def read_originals(gindex, ids: Iterable[str]) -> dict[str, Image.Image]:
+    """Original gallery images by id, each shard read once; unreadable ids are absent."""
     wanted: dict[str, set[str]] = defaultdict(set)
-    for iid in {i for i, _ in crops} | set(originals):
+    for iid in ids:
         shard, key = contract.split_image_id(iid)
         wanted[shard].add(key)
-    out: dict[str, dict] = {"crops": {}, "originals": {}}
+    out: dict[str, Image.Image] = {}
     for shard, keys in sorted(wanted.items()):
-        images = read_images(gindex.shard_ref(shard), keys, SkipCounts())
-        for key, im in images.items():
-            iid = contract.image_id(shard, key)
-            out["originals"][iid] = im
+        for key, im in read_images(gindex.shard_ref(shard), keys, SkipCounts()).items():
+            out[contract.image_id(shard, key)] = im
+    return out
+
+
+def load_thumbs(gindex, crops: dict[tuple[str, int], dict], originals: set[str]) -> dict[str, dict]:
+    """Crops (by (image id, crop)) and originals (by image id) for the report, each shard read once."""
+    out: dict[str, dict] = {"crops": {}, "originals": read_originals(gindex, {i for i, _ in crops} | set(originals))}
     for (iid, c), recipe in crops.items():
         if iid in out["originals"]:
             out["crops"][(iid, c)] = materialize(out["originals"][iid], CropRecipe.from_dict(recipe))

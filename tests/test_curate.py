@@ -25,6 +25,7 @@ from PIL import Image
 
 from curation import cli
 from curation.build_index import main as build_index_main
+from curation.copies import COPY_KINDS
 from curation.pipeline import CurateConfig, curate
 from curation.shards import write_transfer_shards
 from index import contract
@@ -225,7 +226,13 @@ def test_manifest_counts_add_up_and_backfill_reaches_n(base):
     assert (f"removed {c['removed_duplicate']} duplicate / {c['removed_leak']} leak / 0 unreadable, "
             f"backfilled {c['backfilled']}") in stdout
     assert m["strategy"] == "query_balanced" and m["seed"] == 0
-    assert m["thresholds"] == {"dedup": 0.99, "leak": 0.95}
+    th, cal = m["thresholds"], m["calibration"]
+    assert th["source"] == "calibrated" and th["verifier"] == "align"
+    assert (th["dedup"], th["leak"], th["verify"]) == (cal["dedup_threshold"], cal["leak_threshold"],
+                                                       cal["verify_threshold"])
+    assert set(cal["recall"]) == set(COPY_KINDS) and cal["num_images"] == 6 * len(CLASSES)
+    assert (f"thresholds (calibrated) dedup {th['dedup']:.4g} leak {th['leak']:.4g} "
+            f"verify align {th['verify']:.4g}") in stdout
     assert [e["name"] for e in m["encoders"]] == ["test-tiny-timm"]
     assert m["shards"] == ["transfer-000000.tar"]
 
@@ -285,16 +292,23 @@ def test_decontamination_removes_planted_copies_and_keeps_the_look_alike(world: 
     assert set(flagged) == set(world.fx.leaks), "exactly the planted copies are flagged"
     for gid, rid in world.fx.leaks.items():
         assert gid not in sources
-        assert flagged[gid]["neighbor_ids"][0] == rid
-        assert len(flagged[gid]["neighbor_ids"]) == 5
-        assert flagged[gid]["max_similarity"] > 0.95
-    alike, _ = world.fx.look_alike
-    assert alike in sources, "a look-alike below the threshold is a legitimate retrieval"
+        assert rid in flagged[gid]["neighbor_ids"]
+        assert len(flagged[gid]["neighbor_ids"]) == m["thresholds"]["neighbours"] >= 5
+        assert flagged[gid]["max_similarity"] > m["thresholds"]["leak"]
+        # confirmed by verification against the planted source
+        assert flagged[gid]["verified_reference"] == rid
+        assert flagged[gid]["verify_score"] > m["leaks"]["verify_threshold"] == m["thresholds"]["verify"]
+    alike, alike_ref = world.fx.look_alike
+    assert alike in sources, "a look-alike is a legitimate retrieval"
+    # the random-init encoder puts it above the loose candidate threshold; verification keeps it
+    rejected = {x["image_id"]: x for x in m["leaks"]["rejected"]}
+    assert alike in rejected and rejected[alike]["verify_score"] < m["thresholds"]["verify"]
     assert m["leaks"]["num_references"] == 6 * len(CLASSES)
     leaks_html = _section((out / contract.REPORT_FILE).read_text(), "leaks")
     for gid, rid in world.fx.leaks.items():
         assert gid in leaks_html and rid in leaks_html
-    assert alike not in leaks_html
+    assert "not a copy by verification: kept" in leaks_html and "verification score" in leaks_html
+    assert "Calibration" in _section((out / contract.REPORT_FILE).read_text(), "summary")
 
 
 def test_leak_review_unflags_an_image_and_its_crops_come_back(world: World, base):
@@ -375,7 +389,9 @@ def test_unreadable_gallery_images_are_counted_and_n_still_reached(world: World,
 
 def test_when_every_image_is_flagged_nothing_is_written_and_the_manifest_says_so(world: World):
     out = world.root / "all-leaks"
-    m = _run(world, out, "--leak-threshold", "-1", size=N)
+    m = _run(world, out, "--leak-threshold", "-1", "--verify", "none", size=N)
+    assert m["thresholds"]["leak"] == -1.0 and m["thresholds"]["verify"] is None
+    assert m["thresholds"]["source"] == "mixed"   # the dedup threshold is still calibrated
     c = m["counts"]
     assert c["written"] == 0 and not list(out.glob("transfer-*.tar")) and c["exhausted"]
     assert c["removed_leak"] == c["retrieved"] == N and c["backfilled"] == 0
@@ -390,6 +406,25 @@ def test_when_every_image_is_flagged_nothing_is_written_and_the_manifest_says_so
 @pytest.fixture(scope="module")
 def clip_index(world: World) -> Path:
     return _build_index(world.root, world.fx.gallery, ["test-tiny-clip"], "idx-clip")
+
+
+def test_paper_thresholds_without_verification(world: World, capsys):
+    out = world.root / "paper"
+    m = _run(world, out, "--dedup-threshold", "0.99", "--leak-threshold", "0.95", "--verify", "none")
+    assert m["thresholds"] == {"dedup": 0.99, "leak": 0.95, "verify": None, "verifier": "none",
+                               "neighbours": 5, "source": "given"}
+    assert m["calibration"] is None
+    assert "thresholds (given) dedup 0.99 leak 0.95 verify none -" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field,value,valid", [("dedup_threshold", "high", "'auto' or a number"),
+                                               ("leak_threshold", 1.5, "'auto' or a number"),
+                                               ("verify_threshold", "x", "'auto' or a number"),
+                                               ("verify", "orb", "align, none")])
+def test_bad_threshold_settings_list_the_valid_choices(field: str, value, valid: str):
+    with pytest.raises(ValueError, match=valid):
+        CurateConfig(queries="x", index="y", size=1, out="z", **{field: value})
+    assert CurateConfig(queries="x", index="y", size=1, out="z", leak_threshold="0.9").leak_threshold == 0.9
 
 
 def test_text_strategy_with_a_clip_encoder(world: World, clip_index: Path):

@@ -1,0 +1,146 @@
+"""Benchmark: leak (copy) detection per transformation kind, per encoder, per image set.
+
+For each image set of `curation.samples` and each encoder: a pool of labelled real images is
+embedded; thresholds are calibrated (`curation.calibrate`) on one half of the pool and measured on
+the other half with fresh copies (another seed). Recall = copies of a held-out image that the
+decision flags, per kind of `curation.copies`; false-positive rate = held-out images flagged
+against their nearest distinct image of the same class (by embedding). Two decisions:
+
+- ``paper``: max cosine > 0.95, no verification (the paper's fixed leak threshold);
+- ``calibrated``: calibrated embedding threshold, source among the 5 nearest references, and
+  verification (`curation.verify.copy_score`) above its calibrated threshold.
+
+``verifiers`` compares pixel verifiers on the same pairs (alignment NCC, pHash when ``imagehash``
+is installed), and ``time_per_1000_candidates_s`` is the verification cost. Prints one JSON object.
+
+    python bench/copydetect.py [--quick] [--pool 600] [--encoders efficientnet_lite0,test-tiny-clip]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+from curation.calibrate import choose, evaluate, measure
+from curation.copies import COPY_KINDS, copy_rng, make_copy
+from curation.samples import SAMPLES
+from curation.verify import Thumb, copy_score
+from index.embed import embed_images
+from index.encoders import build_encoder, resolve_encoder
+
+PAPER_LEAK = 0.95
+
+
+class _Images(list):
+    def __init__(self, images, rows):
+        super().__init__(images[int(r)] for r in rows)
+        self._all = images
+
+    def load_reference(self, row: int):
+        return self._all[row]
+
+
+def run_one(models, images, labels, seed: int, recall: float, scores: dict) -> dict:
+    feats = embed_images(models, images, 32)
+    rows = np.arange(len(images))
+    cal_rows, test_rows = rows[0::2], rows[1::2]
+    m_cal = measure(models, _Images(images, cal_rows), feats, cal_rows, seed=seed, scores=scores)
+    cal = choose(m_cal, recall)
+    m_test = measure(models, _Images(images, test_rows), feats, test_rows, seed=seed + 1, labels=labels,
+                     scores=scores)
+    paper = evaluate(m_test, PAPER_LEAK, None)
+    ours = evaluate(m_test, cal.leak_threshold, cal.verify_threshold, cal.neighbours)
+    embed_only = evaluate(m_test, min(choose(m_cal, recall, verify="none").leak_threshold, 1.0), None)
+    return {
+        "thresholds": {"leak": cal.leak_threshold, "dedup": cal.dedup_threshold, "verify": cal.verify_threshold,
+                       "neighbours": cal.neighbours,
+                       "estimated_false_positive_rate": cal.false_positive_rate},
+        "paper": paper, "calibrated_embedding_only": embed_only, "calibrated_with_verification": ours,
+        "copy_similarity_min": {k: round(float(m_test.pos_max[i].min()), 4) for i, k in enumerate(m_test.kinds)},
+        "copy_similarity_median": {k: round(float(np.median(m_test.pos_max[i])), 4)
+                                   for i, k in enumerate(m_test.kinds)},
+        "distinct_similarity_max": round(float(m_test.neg_max[:, 0].max()), 4),
+    }
+
+
+def verifier_comparison(images, labels, seed: int) -> dict:
+    """Verifier scores alone: copies (1st percentile per kind) vs nearest same-class distinct
+    images by pixels (99th percentile), the hardest look-alikes for a pixel verifier."""
+    px = np.stack([np.asarray(im.convert("L").resize((16, 16)), np.float32).ravel() for im in images])
+    px -= px.mean(1, keepdims=True)
+    px /= np.linalg.norm(px, axis=1, keepdims=True) + 1e-6
+    s = px @ px.T
+    np.fill_diagonal(s, -2)
+    s[labels[:, None] != labels[None, :]] = -2
+    nn = s.argmax(1)
+    fns = {"align_ncc": copy_score}
+    try:
+        import imagehash
+        from PIL import ImageOps
+
+        def phash(a, b):
+            ha = imagehash.phash(a)
+            return 1 - min(ha - imagehash.phash(b), ha - imagehash.phash(ImageOps.mirror(b))) / 32
+
+        fns["phash"] = phash
+    except ImportError:
+        pass
+    out = {}
+    for name, fn in fns.items():
+        t = time.perf_counter()
+        neg = np.nan_to_num([fn(images[i], images[nn[i]]) for i in range(len(images))], nan=-1.0)
+        dt = time.perf_counter() - t
+        pos = {k: round(float(np.quantile(np.nan_to_num(
+            [fn(make_copy(im, k, copy_rng(seed, i, k)), im) for i, im in enumerate(images)], nan=-1.0), 0.01)), 3)
+            for k in COPY_KINDS}
+        out[name] = {"copies_p01": pos, "lookalike_p99": round(float(np.quantile(neg, 0.99)), 3),
+                     "ms_per_pair": round(1e3 * dt / len(images), 2)}
+    return out
+
+
+def time_candidates(images, n: int = 200) -> float:
+    """Seconds to verify 1,000 candidate pairs (thumbnails made per pair, as in curation)."""
+    pairs = [(images[i % len(images)], images[(i * 7 + 1) % len(images)]) for i in range(n)]
+    t = time.perf_counter()
+    for a, b in pairs:
+        copy_score(Thumb.of(a), Thumb.of(b))
+    return round((time.perf_counter() - t) * 1000 / n, 2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small smoke run")
+    p.add_argument("--pool", type=int, default=600, help="labelled images per set (half calibrate, half test)")
+    p.add_argument("--sets", default=",".join(SAMPLES), help=f"from: {', '.join(SAMPLES)}")
+    p.add_argument("--encoders", default="efficientnet_lite0,test-tiny-clip")
+    p.add_argument("--image-size", type=int, default=None, help="CNN input size override (default: the encoder's)")
+    p.add_argument("--recall", type=float, default=0.99)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pool = 120 if args.quick else args.pool
+    out: dict = {"bench": "copydetect", "quick": args.quick, "pool": pool, "recall_target": args.recall,
+                 "machine": platform.processor() or platform.machine(), "threads": args.threads,
+                 "results": {}, "verifiers": {}}
+    for name in args.sets.split(","):
+        images, labels = SAMPLES[name](pool, args.seed)
+        out["verifiers"][name] = verifier_comparison(images[:min(len(images), 200)], labels[:200], args.seed)
+        scores: dict = {}   # verification scores, shared by the encoders
+        for enc in args.encoders.split(","):
+            spec = resolve_encoder(enc, image_size=args.image_size if enc != "test-tiny-clip" else None)
+            t = time.perf_counter()
+            r = run_one([build_encoder(spec)], images, labels, args.seed, args.recall, scores)
+            r["seconds"] = round(time.perf_counter() - t, 1)
+            out["results"][f"{name}/{enc}"] = r
+            print(json.dumps({f"{name}/{enc}": r}), flush=True)
+        out.setdefault("time_per_1000_candidates_s", {})[name] = time_candidates(images)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Thresholds for duplicates and leaks, calibrated for the encoders actually in use.
+
+The paper's thresholds (duplicates > 0.99 mean cosine, possible leaks > 0.95 max cosine) were set
+for averaged OpenCLIP ViT-L/14 encoders. Other encoders spread copies differently: with ImageNet
+EfficientNet-Lite0, near-copies of Fashion-MNIST images fall to cosine 0.79 while distinct images
+of one class reach it. So the thresholds are measured, not assumed:
+
+1. draw a sample of reference images (seeded) and make one near-copy of each per kind of
+   `curation.copies.COPY_KINDS` (the edits a web crawl applies);
+2. embed the copies with the index's encoders; per copy record its similarity to its source (max
+   over encoders for leaks, mean for duplicates), and whether the source is among its
+   `neighbours` nearest references (the ones verification looks at); per sampled reference
+   record the similarity to its nearest *distinct* reference, the hardest look-alike;
+3. choose, per kind, the threshold that keeps `recall` of that kind's copies (a kind-wise
+   guarantee, not an average), and take the lowest over kinds;
+4. with verification (`curation.verify`): the embedding thresholds are loosened to keep
+   ``1 - (1 - recall) / 2`` of every kind (they only select candidates), and the verification
+   threshold is set in the gap between copies' scores (kind-wise quantile at `recall`) and the
+   look-alikes' (99th percentile), in its middle when there is one, else at the copies' quantile
+   (a pair with a flat image cannot be scored and is never confirmed);
+5. report the false-positive rate the chosen decision gives: the fraction of sampled references
+   confirmed as a copy of one of the distinct references they would be verified against (their
+   `neighbours` nearest), as a retrieved look-alike would be.
+
+`calibrate` is a pure function of (encoders, reference images, their features, options);
+`cached_calibration` stores its result as JSON keyed by a fingerprint of the encoder identities,
+the sampled reference ids and the options, so a rerun reuses it. The curves (recall per kind and
+false-positive rate over a grid of thresholds) go into the curated set's manifest and report.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from curation.copies import COPY_KINDS, copy_rng, make_copy
+from curation.verify import Thumb, copy_score
+from index.atomic import fingerprint, read_json, write_json
+
+CALIBRATION_VERSION = 1
+MAX_NEIGHBOURS = 32                             # most references verified per candidate
+GRID = np.round(np.linspace(0.5, 1.0, 51), 3)   # thresholds at which the curves are reported
+
+
+@dataclass(frozen=True)
+class Calibration:
+    recall_target: float
+    verify: str                         # "align" or "none"
+    num_images: int
+    leak_threshold: float               # on max-over-encoders cosine
+    dedup_threshold: float              # on mean-over-encoders cosine
+    verify_threshold: float | None      # on verify.copy_score; None without verification
+    recall: dict[str, float]            # per kind, of the chosen decision on the sample
+    false_positive_rate: float          # of the chosen decision on nearest distinct references
+    neighbours: int                     # references verified per candidate (nearest first)
+    source_in_neighbours: dict[str, float]  # per kind: the source among those references
+    curves: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Calibration":
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """Raw per-pair numbers behind a calibration (pure data; `choose` turns it into thresholds)."""
+    kinds: tuple[str, ...]
+    pos_max: np.ndarray        # [kinds, n] copy-to-source similarity, max over encoders
+    pos_mean: np.ndarray       # [kinds, n] the same, mean over encoders
+    pos_rank: np.ndarray       # [kinds, n] references more similar to the copy than its source
+    pos_verify: np.ndarray     # [kinds, n] copy_score(copy, source); NaN when unscored
+    neg_max: np.ndarray        # [n, k] the k nearest distinct references, max over encoders (-inf: none)
+    neg_mean: np.ndarray       # [n, k] the same, mean over encoders
+    neg_verify: np.ndarray     # [n, k] copy_score(reference, distinct reference)
+
+
+def _lower_quantile(x: np.ndarray, keep: float) -> float:
+    """A threshold t with at least `keep` of x strictly above t (x > t is the decision)."""
+    if x.size == 0:
+        return 1.0
+    k = int(np.floor((1.0 - keep) * x.size + 1e-9))
+    return float(np.sort(x)[k]) - 1e-6
+
+
+def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_rows: np.ndarray,
+            seed: int = 0, batch_size: int = 64, verify: str = "align",
+            kinds: Sequence[str] = tuple(COPY_KINDS), labels: np.ndarray | None = None,
+            scores: dict | None = None, negatives: int = MAX_NEIGHBOURS) -> Measurements:
+    """Copies of ``images`` (the references at ``sample_rows`` of ``ref_feats``) against the
+    references; ``ref_feats``: one L2-normalised [num_refs, d_e] matrix per encoder. With
+    ``labels`` (one per reference), the nearest distinct references are taken within the class;
+    ``negatives`` of them are kept per image, as a candidate is verified against that many.
+    ``scores``: a dict that memoises verification scores across calls on the same images (they do
+    not depend on the encoders), keyed by (seed, row, kind) and (row, other row)."""
+    scores = {} if scores is None else scores
+    from index.embed import embed_images
+
+    refs = [np.asarray(r, np.float32) for r in ref_feats]
+    n, rows = len(images), np.asarray(sample_rows)
+    nk = len(kinds)
+    pos_max, pos_mean = np.zeros((nk, n)), np.zeros((nk, n))
+    pos_rank = np.zeros((nk, n), np.int64)
+    pos_ver = np.full((nk, n), np.nan)
+    thumbs = [Thumb.of(im) for im in images]
+    e = len(refs)
+    for ki, kind in enumerate(kinds):
+        copies = [make_copy(im, kind, copy_rng(seed, int(r), kind)) for im, r in zip(images, rows)]
+        feats = embed_images(models, copies, batch_size)
+        sims = [f @ r.T for f, r in zip(feats, refs)]            # [n, num_refs] per encoder
+        mean = sum(sims) / e
+        own = np.arange(n), rows
+        pos_max[ki] = np.max([s[own] for s in sims], axis=0)
+        pos_mean[ki] = mean[own]
+        pos_rank[ki] = (mean > mean[own][:, None]).sum(axis=1)
+        if verify != "none":
+            for i, (c, t, r) in enumerate(zip(copies, thumbs, rows)):
+                key = (seed, int(r), kind)
+                if key not in scores:
+                    scores[key] = copy_score(Thumb.of(c), t)
+                pos_ver[ki, i] = scores[key]
+    sims = [r[rows] @ r.T for r in refs]
+    mean = sum(sims) / e
+    mean[np.arange(n), rows] = -np.inf
+    if labels is not None:
+        labels = np.asarray(labels)
+        mean[labels[rows][:, None] != labels[None, :]] = -np.inf
+    k = min(negatives, mean.shape[1])
+    nearest = np.argsort(-mean, axis=1, kind="stable")[:, :k]            # [n, k] distinct references
+    valid = np.isfinite(np.take_along_axis(mean, nearest, axis=1))
+    neg_mean = np.where(valid, np.take_along_axis(mean, nearest, axis=1), -np.inf)
+    neg_max = np.where(valid, np.max([np.take_along_axis(s, nearest, axis=1) for s in sims], axis=0), -np.inf)
+    neg_ver = np.full(nearest.shape, np.nan)
+    if verify != "none":
+        by_row = {int(r): thumbs[i] for i, r in enumerate(rows)}
+        for i, j in zip(*np.nonzero(valid)):
+            key = (int(rows[i]), int(nearest[i, j]))
+            if key not in scores:
+                other = int(nearest[i, j])
+                if other not in by_row:
+                    by_row[other] = Thumb.of(_load(images, other))
+                scores[key] = copy_score(thumbs[i], by_row[other])
+            neg_ver[i, j] = scores[key]
+    return Measurements(tuple(kinds), pos_max, pos_mean, pos_rank, pos_ver, neg_max, neg_mean, neg_ver)
+
+
+def _load(images, j):
+    loader = getattr(images, "load_reference", None)
+    if loader is None:
+        raise ValueError("the nearest distinct reference is outside the sample; pass images with a "
+                         "load_reference(row) method")
+    return loader(int(j))
+
+
+def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
+           max_neighbours: int = MAX_NEIGHBOURS) -> Calibration:
+    """Thresholds from measurements: kind-wise recall first, then the widest margin."""
+    if not 0.0 < recall < 1.0:
+        raise ValueError(f"recall must be in (0, 1); got {recall}")
+    kinds = range(len(m.kinds))
+    embed_keep = recall if verify == "none" else 1.0 - (1.0 - recall) / 2
+    t_leak = min(_lower_quantile(m.pos_max[k], embed_keep) for k in kinds)
+    t_dedup = min(_lower_quantile(m.pos_mean[k], embed_keep) for k in kinds)
+    # the fewest nearest references that hold the source of `embed_keep` of every kind's copies
+    k_need = max(int(np.sort(m.pos_rank[k])[min(m.pos_rank.shape[1] - 1,
+                                                 int(np.ceil(embed_keep * m.pos_rank.shape[1])) - 1)]) + 1
+                 for k in kinds)
+    neighbours = int(min(max_neighbours, max(1, k_need)))
+    t_ver = None
+    if verify != "none":
+        # the score threshold keeps `recall` of every kind's copies among those that reach
+        # verification and can be scored (a pair with a flat image is never confirmed: lowering
+        # the threshold would not bring it back, only let look-alikes through)
+        cand = (m.pos_max > t_leak) & (m.pos_rank < neighbours) & np.isfinite(m.pos_verify)
+        per_kind = [_lower_quantile(m.pos_verify[k][cand[k]], recall) for k in kinds]
+        pos_q = max(-1.0, min(per_kind))
+        # look-alikes: per image, the best score over the distinct references it would be verified against
+        neg = np.nanmax(np.where(np.isfinite(m.neg_verify[:, :neighbours]), m.neg_verify[:, :neighbours], -1.0),
+                        axis=1) if m.neg_verify.size else np.zeros(0)
+        neg_q = float(np.quantile(neg, 0.99)) if neg.size else -1.0
+        t_ver = (pos_q + neg_q) / 2 if pos_q > neg_q else pos_q
+    t_leak, t_dedup = round(t_leak, 6), round(t_dedup, 6)
+    t_ver = None if t_ver is None else round(t_ver, 6)
+    ev = evaluate(m, t_leak, t_ver, neighbours)
+    return Calibration(
+        recall_target=recall, verify=verify, num_images=int(m.neg_max.shape[0]),
+        leak_threshold=t_leak, dedup_threshold=t_dedup, verify_threshold=t_ver,
+        recall=ev["recall"], false_positive_rate=ev["false_positive_rate"], neighbours=neighbours,
+        source_in_neighbours={k: float((m.pos_rank[i] < neighbours).mean()) for i, k in enumerate(m.kinds)},
+        curves=curves(m))
+
+
+def evaluate(m: Measurements, leak_threshold: float, verify_threshold: float | None,
+             neighbours: int = MAX_NEIGHBOURS) -> dict[str, Any]:
+    """Recall per kind and false-positive rate of the decision "max similarity > leak_threshold,
+    and (with a verify threshold) the source among the `neighbours` nearest references and its
+    score above the threshold"."""
+    def decide(sim, rank, ver):
+        ok = sim > leak_threshold
+        if verify_threshold is not None:
+            ok &= (rank < neighbours) & (np.nan_to_num(ver, nan=-np.inf) > verify_threshold)
+        return ok
+
+    pos = decide(m.pos_max, m.pos_rank, m.pos_verify)
+    # an image is a false positive when any distinct reference it is checked against is confirmed
+    neg = decide(m.neg_max, np.broadcast_to(np.arange(m.neg_max.shape[1]), m.neg_max.shape), m.neg_verify)
+    neg = neg.any(axis=1)
+    return {"recall": {k: float(pos[i].mean()) for i, k in enumerate(m.kinds)},
+            "false_positive_rate": float(neg.mean()) if neg.size else 0.0}
+
+
+def curves(m: Measurements) -> dict[str, Any]:
+    """Fraction above each GRID threshold: copies per kind (embedding max, and verify score) and
+    the nearest distinct references."""
+    above = lambda x: [round(float((x > t).mean()), 4) for t in GRID]  # noqa: E731
+    return {"grid": GRID.tolist(),
+            "copies_similarity": {k: above(m.pos_max[i]) for i, k in enumerate(m.kinds)},
+            "copies_verify": {k: above(np.nan_to_num(m.pos_verify[i], nan=-1.0)) for i, k in enumerate(m.kinds)},
+            "distinct_similarity": above(m.neg_max[:, 0]),
+            "distinct_verify": above(np.nan_to_num(m.neg_verify[:, 0], nan=-1.0))}
+
+
+def sample_rows(num_refs: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 0xCA1])
+    return np.sort(rng.choice(num_refs, size=min(size, num_refs), replace=False))
+
+
+class _References(list):
+    """Sampled reference images, and a loader for any other reference (the nearest distinct)."""
+
+    def __init__(self, items, rows):
+        super().__init__(items[int(r)].load() for r in rows)
+        self._items = items
+
+    def load_reference(self, row: int):
+        return self._items[row].load()
+
+
+def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndarray], cache_dir: str | os.PathLike,
+                       size: int = 300, recall: float = 0.99, verify: str = "align", max_neighbours: int = MAX_NEIGHBOURS,
+                       seed: int = 0, batch_size: int = 64) -> tuple[Calibration, bool]:
+    """(calibration, reused): computed once per (encoders, sampled reference ids, options).
+
+    ``references``: items with ``.id`` and ``.load()`` (`querysets.LabeledImage`), rows aligned
+    with ``ref_feats``.
+    """
+    rows = sample_rows(len(references), size, seed)
+    key = {"kind": "calibration", "version": CALIBRATION_VERSION,
+           "encoders": [m.spec.identity() for m in models], "sample": [references[int(r)].id for r in rows],
+           "recall": recall, "verify": verify, "max_neighbours": max_neighbours, "seed": seed,
+           "copy_kinds": list(COPY_KINDS)}
+    path = Path(cache_dir) / f"calibration-{fingerprint(key)}.json"
+    if path.is_file():
+        return Calibration.from_dict(read_json(path)["calibration"]), True
+    images = _References(references, rows)
+    m = measure(models, images, ref_feats, rows, seed, batch_size, verify)
+    cal = choose(m, recall, verify, max_neighbours)
+    write_json(path, {"key": key, "calibration": cal.to_dict()})
+    return cal, False

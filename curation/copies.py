@@ -1,0 +1,114 @@
+"""Synthetic near-copies: the edits a web crawl applies to an image it re-publishes.
+
+``COPY_KINDS[kind](image, rng) -> image`` is a pure function of the PIL image and the numpy
+generator (same inputs, same output). Calibration (`curation.calibrate`), the tests and
+``bench/copydetect.py`` all draw copies from this one family:
+
+    jpeg        re-encode as JPEG at quality 40..95
+    resize      scale both sides by 0.5..1.0 (bilinear, bicubic or Lanczos)
+    crop        keep 85..100% of the area, aspect within +-5%, at a random position
+    colour      brightness x0.9..1.1, contrast x0.85..1.15, saturation x0.8..1.2
+    flip        horizontal mirror
+    format      re-save as lossy WebP (quality 50..90) or as a 256-colour GIF
+    pad         letterbox: bands of 5..20% of the side on two opposite sides, black, white or grey
+    resize_jpeg a downscale (0.5..1.0) then a JPEG re-encode (40..95): the usual thumbnailer
+
+Every output is RGB. Ranges are the documented family; they are what calibrated thresholds are
+calibrated for, so a wider family (heavier crops, rotations, overlays) needs its own kinds here.
+"""
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+CopyFn = Callable[[Image.Image, np.random.Generator], Image.Image]
+
+_RESAMPLE = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS)
+
+
+def _rgb(im: Image.Image) -> Image.Image:
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> Image.Image:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    buf.seek(0)
+    with Image.open(buf) as out:
+        return out.convert("RGB")
+
+
+def jpeg(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return _encode(_rgb(im), "JPEG", quality=int(rng.integers(40, 96)))
+
+
+def resize(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    s = float(rng.uniform(0.5, 1.0))
+    w, h = im.size
+    return _rgb(im).resize((max(1, round(w * s)), max(1, round(h * s))),
+                           _RESAMPLE[int(rng.integers(len(_RESAMPLE)))])
+
+
+def crop(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    area = float(rng.uniform(0.85, 1.0))
+    aspect = float(np.exp(rng.uniform(np.log(0.95), np.log(1.05))))
+    w, h = im.size
+    cw = min(w, max(1, round(w * np.sqrt(area * aspect))))
+    ch = min(h, max(1, round(h * np.sqrt(area / aspect))))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return _rgb(im).crop((x, y, x + cw, y + ch))
+
+
+def colour(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    out = _rgb(im)
+    for enhancer, lo, hi in ((ImageEnhance.Brightness, 0.9, 1.1), (ImageEnhance.Contrast, 0.85, 1.15),
+                             (ImageEnhance.Color, 0.8, 1.2)):
+        out = enhancer(out).enhance(float(rng.uniform(lo, hi)))
+    return out
+
+
+def flip(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return ImageOps.mirror(_rgb(im))
+
+
+def format_change(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    if rng.random() < 0.5:
+        return _encode(_rgb(im), "WEBP", quality=int(rng.integers(50, 91)))
+    return _encode(_rgb(im).quantize(256), "GIF")
+
+
+def pad(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    w, h = im.size
+    fill = [(0, 0, 0), (255, 255, 255), (128, 128, 128)][int(rng.integers(3))]
+    if rng.random() < 0.5:   # bands above and below
+        band = max(1, round(h * rng.uniform(0.05, 0.2)))
+        border = (0, band, 0, band)
+    else:                    # bands left and right
+        band = max(1, round(w * rng.uniform(0.05, 0.2)))
+        border = (band, 0, band, 0)
+    return ImageOps.expand(_rgb(im), border=border, fill=fill)
+
+
+def resize_jpeg(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return jpeg(resize(im, rng), rng)
+
+
+COPY_KINDS: dict[str, CopyFn] = {
+    "jpeg": jpeg, "resize": resize, "crop": crop, "colour": colour, "flip": flip,
+    "format": format_change, "pad": pad, "resize_jpeg": resize_jpeg,
+}
+
+
+def make_copy(im: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
+    """One near-copy of `im` of the given kind; unknown kinds raise with the valid names."""
+    if kind not in COPY_KINDS:
+        raise ValueError(f"unknown copy kind {kind!r}; valid: {', '.join(COPY_KINDS)}")
+    return COPY_KINDS[kind](im, rng)
+
+
+def copy_rng(seed: int, image_index: int, kind: str) -> np.random.Generator:
+    """The generator for one (image, kind) copy: independent of the order copies are made in."""
+    return np.random.default_rng([seed, image_index, list(COPY_KINDS).index(kind)])

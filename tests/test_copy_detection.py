@@ -1,0 +1,221 @@
+"""Copy detection: the copy family, the verification score, calibration, and planted copies of
+real images (Fashion-MNIST, Tux Paint stamps, scikit-image photos) with two encoders.
+
+The planted-copy tests calibrate on one half of a labelled pool and measure on the other half
+with fresh copies: recall per copy kind, and the false-positive rate of each held-out image
+against its nearest distinct image of the same class (by embedding), the hardest look-alike.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curation.calibrate import Measurements, cached_calibration, choose, evaluate, measure
+from curation.copies import COPY_KINDS, copy_rng, make_copy
+from curation.decontam import Leak, LeakReport, verify_leaks
+from curation.dedup import duplicate_clusters, nearest_partners
+from curation.samples import SAMPLES
+from curation.verify import Thumb, copy_score, passes
+from index.embed import embed_images
+from index.encoders import build_encoder, resolve_encoder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fm_images():
+    return SAMPLES["fashion_mnist"](40, 3)[0]
+
+
+# ---------------------------------------------------------------- the copy family
+
+
+@pytest.mark.parametrize("kind", list(COPY_KINDS))
+def test_each_copy_kind_is_a_deterministic_rgb_edit(kind: str, fm_images):
+    im = SAMPLES["skimage"](1, 0)[0][0]
+    a, b = make_copy(im, kind, copy_rng(0, 1, kind)), make_copy(im, kind, copy_rng(0, 1, kind))
+    assert a.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
+    assert a.size != im.size or not np.array_equal(np.asarray(a), np.asarray(im)), "a copy differs"
+
+
+def test_unknown_copy_kind_lists_the_kinds():
+    with pytest.raises(ValueError, match="jpeg, resize"):
+        make_copy(Image.new("RGB", (8, 8)), "rotate", np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------- verification score
+
+
+def test_copy_score_is_symmetric_and_one_for_the_same_image(fm_images):
+    a, b = fm_images[0], fm_images[1]
+    assert copy_score(a, a) == pytest.approx(1.0, abs=1e-4)
+    assert copy_score(a, b) == pytest.approx(copy_score(b, a), abs=1e-6)
+    assert copy_score(a, b) < 0.99
+
+
+def test_flat_images_cannot_be_verified():
+    flat = Image.new("RGB", (32, 32), (200, 10, 10))
+    assert np.isnan(copy_score(flat, flat))
+    assert not passes(float("nan"), 0.5) and passes(0.9, 0.5) and not passes(0.5, 0.5)
+
+
+def test_copy_score_aligns_crops_pads_and_flips_exactly(fm_images):
+    for kind in ("crop", "pad", "flip"):
+        for i, im in enumerate(fm_images[:10]):
+            assert copy_score(make_copy(im, kind, copy_rng(0, i, kind)), im) > 0.99, kind
+
+
+# ---------------------------------------------------------------- calibration (pure parts)
+
+
+def _measurements(pos: np.ndarray, neg: np.ndarray, pos_v: np.ndarray, neg_v: np.ndarray) -> Measurements:
+    kinds = tuple(f"k{i}" for i in range(pos.shape[0]))
+    neg, neg_v = neg[:, None], neg_v[:, None]   # one distinct reference per image
+    return Measurements(kinds, pos, pos, np.zeros(pos.shape, np.int64), pos_v, neg, neg, neg_v)
+
+
+def test_choose_keeps_recall_for_every_kind_and_sets_verification_in_the_gap():
+    pos = np.array([np.linspace(0.90, 1.0, 100), np.linspace(0.60, 1.0, 100)])   # kind 1 spreads lower
+    neg = np.linspace(0.5, 0.95, 100)
+    pos_v = np.full(pos.shape, 0.98)
+    neg_v = np.linspace(0.0, 0.8, 100)
+    cal = choose(_measurements(pos, neg, pos_v, neg_v), 0.99)
+    assert cal.leak_threshold < 0.60 + 0.4 * 0.01   # set by the lower kind, not by the average
+    assert all(r >= 0.99 for r in cal.recall.values())
+    q99 = float(np.quantile(neg_v, 0.99))
+    assert cal.verify_threshold == pytest.approx((0.98 - 1e-6 + q99) / 2, abs=1e-5)
+    assert cal.false_positive_rate == 0.0
+    none = choose(_measurements(pos, neg, pos_v, neg_v), 0.99, verify="none")
+    assert none.verify_threshold is None and none.leak_threshold > cal.leak_threshold
+    assert none.false_positive_rate == evaluate(_measurements(pos, neg, pos_v, neg_v), none.leak_threshold,
+                                                None)["false_positive_rate"] > 0.5
+
+
+def test_choose_rejects_a_bad_recall():
+    m = _measurements(np.ones((1, 4)), np.zeros(4), np.ones((1, 4)), np.zeros(4))
+    with pytest.raises(ValueError, match="recall"):
+        choose(m, 1.0)
+
+
+def test_calibration_is_cached_by_encoder_and_reference_sample(tmp_path, fm_images):
+    from curation.querysets import LabeledImage
+
+    models = [build_encoder(resolve_encoder("test-tiny-clip"))]
+    refs = [LabeledImage(f"r{i}", 0, (lambda im=im: im)) for i, im in enumerate(fm_images[:12])]
+    feats = embed_images(models, [r.load() for r in refs], 16)
+    a, reused_a = cached_calibration(models, refs, feats, tmp_path, size=8)
+    b, reused_b = cached_calibration(models, refs, feats, tmp_path, size=8)
+    assert (reused_a, reused_b) == (False, True) and a == b
+    assert len(list(tmp_path.glob("calibration-*.json"))) == 1
+    c, reused_c = cached_calibration(models, refs, feats, tmp_path, size=10)   # another sample
+    assert not reused_c and len(list(tmp_path.glob("calibration-*.json"))) == 2
+    saved = json.loads(next(tmp_path.glob("calibration-*.json")).read_text())
+    assert saved["key"]["encoders"][0]["name"] == "test-tiny-clip"
+
+
+# ---------------------------------------------------------------- dedup / decontam wiring
+
+
+def test_nearest_partners_caps_pairs_per_image():
+    i = np.array([0, 0, 0, 1])
+    j = np.array([1, 2, 3, 2])
+    s = np.array([0.9, 0.8, 0.7, 0.95])
+    assert nearest_partners(i, j, s, 1).tolist() == [True, False, True, True]   # (0,3): 3's best
+
+
+def test_duplicate_clusters_keep_only_verified_pairs():
+    x = np.eye(4, dtype=np.float32)[[0, 0, 1, 1]]
+    assert duplicate_clusters(x, 0.9).tolist() == [0, 0, 1, 1]
+    labels = duplicate_clusters(x, 0.9, keep_pair=lambda i, j: i == 0)
+    assert labels.tolist() == [0, 0, 1, 2]
+
+
+def test_verify_leaks_moves_unconfirmed_candidates_to_rejected():
+    leaks = tuple(Leak(index=k, image_id=f"g{k}", max_similarity=0.9, encoder=0, neighbor_ids=("a", "b"),
+                       neighbor_similarity=(0.9, 0.8)) for k in range(3))
+    scores = {("g0", "a"): 0.2, ("g0", "b"): 0.97, ("g1", "a"): 0.5, ("g1", "b"): float("nan"),
+              ("g2", "a"): float("nan"), ("g2", "b"): float("nan")}
+    r = verify_leaks(LeakReport(0.5, 3, 2, leaks), lambda g, ref: scores[(g, ref)], 0.9)
+    assert [x.image_id for x in r.leaks] == ["g0"] and r.leaks[0].verified_reference == "b"
+    assert [x.image_id for x in r.rejected] == ["g1", "g2"]
+    assert r.rejected[0].verify_score == 0.5 and np.isnan(r.rejected[1].verify_score)
+    assert r.to_dict()["verify_threshold"] == 0.9
+
+
+# ---------------------------------------------------------------- planted copies of real images
+
+POOLS = {"fashion_mnist": 200, "stamps": 120, "skimage": 120}
+NEGATIVES = 16   # distinct same-class images checked per held-out image (a lower bound on false
+                 # positives where the calibration verifies a candidate against more references)
+ENCODERS = {"efficientnet_lite0": 64, "test-tiny-clip": None}
+
+
+class _Images(list):
+    def __init__(self, images, rows):
+        super().__init__(images[int(r)] for r in rows)
+        self._all = images
+
+    def load_reference(self, row: int):
+        return self._all[row]
+
+
+@pytest.fixture(scope="module")
+def planted() -> dict:
+    """(set, encoder) -> (calibration on one half, measurements on the other half)."""
+    out = {}
+    for name, pool in POOLS.items():
+        images, labels = SAMPLES[name](pool, 0)
+        rows = np.arange(len(images))
+        cal_rows, test_rows = rows[0::2], rows[1::2]
+        scores: dict = {}   # verification scores do not depend on the encoder
+        for enc, size in ENCODERS.items():
+            models = [build_encoder(resolve_encoder(enc, image_size=size))]
+            feats = embed_images(models, images, 32)
+            cal = choose(measure(models, _Images(images, cal_rows), feats, cal_rows, seed=0, scores=scores,
+                                 negatives=NEGATIVES), 0.99)
+            test = measure(models, _Images(images, test_rows), feats, test_rows, seed=1, labels=labels,
+                           scores=scores, negatives=NEGATIVES)
+            out[name, enc] = (cal, test)
+    return out
+
+
+# The goal is recall >= 0.99 for every kind and a false-positive rate <= 0.01. Measured on these
+# pools (120 held-out images per set at most), the decision reaches the recall goal for most
+# kinds but not the false-positive goal: one of the distinct same-class images a held-out image
+# is verified against passes for 8-26% of them (Fashion-MNIST silhouettes of one class, tiles of
+# one texture photo and stamp variants correlate as strongly as a half-size JPEG copy does with
+# its source, and every extra reference verified is another chance). Recall also loses the flat images (dark sky or blank page tiles): a pair with a
+# flat image cannot be scored and is never confirmed, about 2% of every kind on 60 skimage tiles.
+# These bounds pin what is reached, so a regression fails; they are not the goal.
+MIN_RECALL_ANY_KIND = 0.90      # measured 0.90 .. 1.0
+MIN_RECALL_MEAN = 0.97          # measured 0.973 .. 1.0
+MAX_FALSE_POSITIVE_RATE = 0.35  # measured 0.08 .. 0.26
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(POOLS))
+@pytest.mark.parametrize("enc", list(ENCODERS))
+def test_planted_copies_are_caught_and_most_look_alikes_kept(planted, name: str, enc: str):
+    cal, test = planted[name, enc]
+    got = evaluate(test, cal.leak_threshold, cal.verify_threshold, cal.neighbours)
+    paper = evaluate(test, 0.95, None)
+    print(name, enc, json.dumps({"calibrated": got, "paper": paper}))
+    recall = np.array(list(got["recall"].values()))
+    assert recall.min() >= MIN_RECALL_ANY_KIND and recall.mean() >= MIN_RECALL_MEAN, got["recall"]
+    assert got["false_positive_rate"] <= MAX_FALSE_POSITIVE_RATE, got
+    paper_recall = np.array(list(paper["recall"].values()))
+    if enc == "efficientnet_lite0":   # the paper's threshold misses most copies of some kind
+        assert paper_recall.min() < 0.8 and recall.min() > paper_recall.min() + 0.15
+    else:                             # random-init: everything is > 0.95; calibration rejects most
+        assert paper["false_positive_rate"] > 0.9 and got["false_positive_rate"] < MAX_FALSE_POSITIVE_RATE
