@@ -61,6 +61,8 @@ from index.gallery_index import GalleryIndex  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 QUERIES = "fashion_mnist_10shot"
 STRATEGIES = ("query_balanced", "best_matches", "random")
+# the paper's fixed copy thresholds, as in `make demo` (jobs/demo.py says why)
+PAPER_RULE = dict(dedup_threshold=0.99, leak_threshold=0.95, verify="none")
 TEACHER, TEACHER_SIZE, STUDENT, RESOLUTION = "efficientnet_lite0", 96, "mobilenetv3_small_050", 64
 
 
@@ -353,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                 elif not (out / contract.MANIFEST_FILE).is_file():
                     with contextlib.redirect_stdout(sys.stderr):   # stdout is the JSON result alone
                         curate(CurateConfig(queries=QUERIES, index=str(idx), size=size, out=str(out), strategy=strategy,
-                                            seed=seed, cache_dir=cache_dir))
+                                            seed=seed, cache_dir=cache_dir, **PAPER_RULE))
                 st = retrieval_stats(out, truth, ncls)
                 st["written"] = read_json(out / contract.MANIFEST_FILE)["counts"]["written"]
                 retrieval[strategy].setdefault(size, {})[seed] = st
