@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from curation.calibrate import choose, evaluate, measure
+from curation.calibrate import SampledImages, choose, evaluate, measure
 from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.samples import SAMPLES
 from curation.verify import Thumb, copy_score
@@ -35,22 +35,13 @@ from index.encoders import build_encoder, resolve_encoder
 PAPER_LEAK = 0.95
 
 
-class _Images(list):
-    def __init__(self, images, rows):
-        super().__init__(images[int(r)] for r in rows)
-        self._all = images
-
-    def load_reference(self, row: int):
-        return self._all[row]
-
-
 def run_one(models, images, labels, seed: int, recall: float, scores: dict) -> dict:
     feats = embed_images(models, images, 32)
     rows = np.arange(len(images))
     cal_rows, test_rows = rows[0::2], rows[1::2]
-    m_cal = measure(models, _Images(images, cal_rows), feats, cal_rows, seed=seed, scores=scores)
+    m_cal = measure(models, SampledImages(images, cal_rows), feats, cal_rows, seed=seed, scores=scores)
     cal = choose(m_cal, recall)
-    m_test = measure(models, _Images(images, test_rows), feats, test_rows, seed=seed + 1, labels=labels,
+    m_test = measure(models, SampledImages(images, test_rows), feats, test_rows, seed=seed + 1, labels=labels,
                      scores=scores)
     paper = evaluate(m_test, PAPER_LEAK, None)
     ours = evaluate(m_test, cal.leak_threshold, cal.verify_threshold, cal.neighbours)

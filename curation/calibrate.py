@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -230,15 +230,16 @@ def sample_rows(num_refs: int, size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(num_refs, size=min(size, num_refs), replace=False))
 
 
-class _References(list):
-    """Sampled reference images, and a loader for any other reference (the nearest distinct)."""
+class SampledImages(list):
+    """The sampled rows of `items` as images, and a loader for any other row (the nearest distinct
+    reference of a sampled image lies outside the sample); `load` turns an item into an image."""
 
-    def __init__(self, items, rows):
-        super().__init__(items[int(r)].load() for r in rows)
-        self._items = items
+    def __init__(self, items: Sequence, rows, load: Callable[[Any], Any] = lambda item: item):
+        super().__init__(load(items[int(r)]) for r in rows)
+        self._items, self._load = items, load
 
     def load_reference(self, row: int):
-        return self._items[row].load()
+        return self._load(self._items[row])
 
 
 def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndarray], cache_dir: str | os.PathLike,
@@ -257,7 +258,7 @@ def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndar
     path = Path(cache_dir) / f"calibration-{fingerprint(key)}.json"
     if path.is_file():
         return Calibration.from_dict(read_json(path)["calibration"]), True
-    images = _References(references, rows)
+    images = SampledImages(references, rows, load=lambda item: item.load())
     m = measure(models, images, ref_feats, rows, seed, batch_size, verify)
     cal = choose(m, recall, verify, max_neighbours)
     write_json(path, {"key": key, "calibration": cal.to_dict()})

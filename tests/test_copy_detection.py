@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.calibrate import Measurements, cached_calibration, choose, evaluate, measure
+from curation.calibrate import Measurements, SampledImages, cached_calibration, choose, evaluate, measure
 from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.decontam import Leak, LeakReport, verify_leaks
 from curation.dedup import duplicate_clusters, nearest_partners
@@ -161,15 +161,6 @@ NEGATIVES = 16   # distinct same-class images checked per held-out image (a lowe
 ENCODERS = {"efficientnet_lite0": 64, "test-tiny-clip": None}
 
 
-class _Images(list):
-    def __init__(self, images, rows):
-        super().__init__(images[int(r)] for r in rows)
-        self._all = images
-
-    def load_reference(self, row: int):
-        return self._all[row]
-
-
 @pytest.fixture(scope="module")
 def planted() -> dict:
     """(set, encoder) -> (calibration on one half, measurements on the other half)."""
@@ -182,9 +173,9 @@ def planted() -> dict:
         for enc, size in ENCODERS.items():
             models = [build_encoder(resolve_encoder(enc, image_size=size))]
             feats = embed_images(models, images, 32)
-            cal = choose(measure(models, _Images(images, cal_rows), feats, cal_rows, seed=0, scores=scores,
+            cal = choose(measure(models, SampledImages(images, cal_rows), feats, cal_rows, seed=0, scores=scores,
                                  negatives=NEGATIVES), 0.99)
-            test = measure(models, _Images(images, test_rows), feats, test_rows, seed=1, labels=labels,
+            test = measure(models, SampledImages(images, test_rows), feats, test_rows, seed=1, labels=labels,
                            scores=scores, negatives=NEGATIVES)
             out[name, enc] = (cal, test)
     return out
