@@ -8,24 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fixtures_gallery import pattern
+
 from curation.decontam import apply_review, combine_features, find_leaks
 from curation.dedup import (clusters_for_items, duplicate_clusters, duplicate_pairs, image_index,
                             keep_one_per_cluster)
 
 # ---------------------------------------------------------------- fixtures: images and features
-
-
-def pattern(seed: int, size: int = 96) -> Image.Image:
-    """A smooth colour image: a few random plane waves per channel."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    img = np.zeros((size, size, 3))
-    for c in range(3):
-        for _ in range(4):
-            fx, fy = rng.uniform(0.5, 6, 2)
-            img[..., c] += np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 6.28)) * rng.uniform(.3, 1)
-    img = (img - img.min()) / (img.max() - img.min()) * 255
-    return Image.fromarray(img.astype(np.uint8))
 
 
 def jpeg_copy(im: Image.Image, quality: int = 70) -> Image.Image:
