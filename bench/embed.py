@@ -41,6 +41,7 @@ from PIL import Image
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from curation.samples import bundled_skimage, flatten_on_white  # noqa: E402
 from index.crops import CropConfig, materialize, recipes_for  # noqa: E402
 from index.embed import EmbedTask, Embedder, embed_shard, pick_device, prepare  # noqa: E402
 from index.encoders import resolve_encoder  # noqa: E402
@@ -53,28 +54,16 @@ SKIMAGE_SAMPLES = ("astronaut", "camera", "chelsea", "coffee", "coins", "colorwh
 
 def real_images(n: int) -> list[Image.Image]:
     """scikit-image's bundled samples, then Tux Paint stamps (flattened on white) spread over its folders."""
-    import skimage.data
-
-    images = []
-    for name in SKIMAGE_SAMPLES:
-        try:
-            arr = getattr(skimage.data, name)()
-        except Exception:  # noqa: BLE001 - a sample that needs a download is left out
-            continue
-        images.append(Image.fromarray(arr).convert("RGB"))
+    arrays = (bundled_skimage(name) for name in SKIMAGE_SAMPLES)
+    images = [Image.fromarray(arr).convert("RGB") for arr in arrays if arr is not None]
     stamps = sorted(STAMPS.rglob("*.png")) if STAMPS.is_dir() else []
     if len(images) + len(stamps) < n:
         raise SystemExit(f"only {len(images) + len(stamps)} real images found (need {n}); install "
                          "tuxpaint-stamps-default or pass a smaller --images")
     step = max(1, len(stamps) // max(1, n - len(images)))
     for p in stamps[::step][: n - len(images)]:
-        im = Image.open(p)
-        im.load()
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        images.append(im.convert("RGB"))
+        with Image.open(p) as im:
+            images.append(flatten_on_white(im))
     return images[:n]
 
 

@@ -33,7 +33,8 @@ def fashion_mnist(n: int, seed: int = 0) -> tuple[list[Image.Image], np.ndarray]
     return [Image.fromarray(x[i]).convert("RGB") for i in idx], y[idx].copy()
 
 
-def _flatten(im: Image.Image) -> Image.Image:
+def flatten_on_white(im: Image.Image) -> Image.Image:
+    """An RGB image; transparent pixels (stamps are RGBA/LA/P cut-outs) become white."""
     im = im.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
 
@@ -46,24 +47,31 @@ def stamps(n: int, seed: int = 0) -> tuple[list[Image.Image], np.ndarray]:
     images, labels = [], []
     for i in idx:
         with Image.open(pngs[i]) as im:
-            im = _flatten(im)
+            im = flatten_on_white(im)
         im.thumbnail((128, 128))
         images.append(im)
         labels.append(pngs[i].relative_to(STAMPS_DIR).parts[0])
     return images, np.array(labels)
 
 
-def skimage_tiles(n: int, seed: int = 0, tile: int = 96) -> tuple[list[Image.Image], np.ndarray]:
+def bundled_skimage(name: str) -> np.ndarray | None:
+    """scikit-image's sample `name`, or None where it is not bundled (it would need a download)."""
     import skimage.data
 
+    try:
+        return np.asarray(getattr(skimage.data, name)())
+    except BaseException as e:  # noqa: BLE001 - a sample that needs a download is not here
+        # (under pytest, scikit-image reports that as a skip, a BaseException)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        return None
+
+
+def skimage_tiles(n: int, seed: int = 0, tile: int = 96) -> tuple[list[Image.Image], np.ndarray]:
     images, labels = [], []
     for name in SKIMAGE_PHOTOS:
-        try:
-            arr = np.asarray(getattr(skimage.data, name)())
-        except BaseException as e:  # noqa: BLE001 - a sample that needs a download is not here
-            # (under pytest, scikit-image reports that as a skip, a BaseException)
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
+        arr = bundled_skimage(name)
+        if arr is None:
             continue
         if arr.dtype == bool:
             arr = arr.astype(np.uint8) * 255
