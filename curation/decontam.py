@@ -207,6 +207,11 @@ def apply_review(report: LeakReport, review_file: str | os.PathLike) -> LeakRepo
             f"{review_file}: {len(unknown)} reviewed id(s) are not flagged in this leak report "
             f"(e.g. {unknown[:5]}); flagged ids: {sorted(flagged)[:20]}"
             f"{' ...' if len(flagged) > 20 else ''}")
+    return clear_reviewed(report, marked)
+
+
+def clear_reviewed(report: LeakReport, marked: set[str]) -> LeakReport:
+    """Move the flagged images a person marked as not-a-leak from `leaks` to `cleared`."""
     keep = tuple(x for x in report.leaks if x.image_id not in marked)
     newly = tuple(x for x in report.leaks if x.image_id in marked)
     return replace(report, leaks=keep, cleared=report.cleared + newly)

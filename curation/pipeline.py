@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from curation import report as rpt
 from curation.calibrate import Calibration, cached_calibration
-from curation.decontam import find_leaks, read_review, verify_leaks
+from curation.decontam import clear_reviewed, find_leaks, read_review, verify_leaks
 from curation.dedup import duplicate_clusters, keep_one_per_cluster
 from curation.features import FeatureCache, embed_labeled, embed_originals
 from curation.querysets import QuerySet, get_query_set
@@ -232,9 +232,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
             verifier.prefetch(x.image_id for x in leak_report.leaks)
             leak_report = verify_leaks(leak_report, verifier.score, th["verify"])
         if review:  # un-flag reviewed images among those seen so far; unknown ids are checked below
-            leak_report = dataclasses.replace(
-                leak_report, leaks=tuple(x for x in leak_report.leaks if x.image_id not in review),
-                cleared=tuple(x for x in leak_report.leaks if x.image_id in review))
+            leak_report = clear_reviewed(leak_report, review)
         leaked_imgs = {x.image_id for x in leak_report.leaks}
         leaks = {int(g) for g, i in zip(sel.ids, img_of) if i in leaked_imgs}
         # dedup among the surviving selected items (original-image level)
