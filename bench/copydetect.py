@@ -8,7 +8,8 @@ against their nearest distinct image of the same class (by embedding). Two decis
 
 - ``paper``: max cosine > 0.95, no verification (the paper's fixed leak threshold);
 - ``calibrated``: calibrated embedding threshold, source among the 5 nearest references, and
-  verification (`curation.verify.copy_score`) above its calibrated threshold.
+  verification (`curation.verify.copy_match`) passing its calibrated rule (correlation above a
+  limit, residual at most a limit).
 
 ``verifiers`` compares pixel verifiers on the same pairs (alignment NCC, pHash when ``imagehash``
 is installed), and ``time_per_1000_candidates_s`` is the verification cost. Prints one JSON object.
@@ -28,7 +29,7 @@ import torch
 from curation.calibrate import SampledImages, choose, evaluate, measure
 from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.samples import SAMPLES
-from curation.verify import Thumb, copy_score
+from curation.verify import Thumb, copy_match
 from index.embed import embed_images
 from index.encoders import build_encoder, resolve_encoder
 
@@ -44,10 +45,11 @@ def run_one(models, images, labels, seed: int, recall: float, scores: dict) -> d
     m_test = measure(models, SampledImages(images, test_rows), feats, test_rows, seed=seed + 1, labels=labels,
                      scores=scores)
     paper = evaluate(m_test, PAPER_LEAK, None)
-    ours = evaluate(m_test, cal.leak_threshold, cal.verify_threshold, cal.neighbours)
+    ours = evaluate(m_test, cal.leak_threshold, cal.rule, cal.neighbours)
     embed_only = evaluate(m_test, min(choose(m_cal, recall, verify="none").leak_threshold, 1.0), None)
     return {
         "thresholds": {"leak": cal.leak_threshold, "dedup": cal.dedup_threshold, "verify": cal.verify_threshold,
+                       "verify_max_residual": cal.verify_max_residual,
                        "neighbours": cal.neighbours,
                        "estimated_false_positive_rate": cal.false_positive_rate},
         "paper": paper, "calibrated_embedding_only": embed_only, "calibrated_with_verification": ours,
@@ -68,7 +70,8 @@ def verifier_comparison(images, labels, seed: int) -> dict:
     np.fill_diagonal(s, -2)
     s[labels[:, None] != labels[None, :]] = -2
     nn = s.argmax(1)
-    fns = {"align_ncc": copy_score}
+    fns = {"align_ncc": lambda a, b: copy_match(a, b).score,
+           "align_residual": lambda a, b: -copy_match(a, b).residual}   # negated: higher = more alike
     try:
         import imagehash
         from PIL import ImageOps
@@ -98,7 +101,7 @@ def time_candidates(images, n: int = 200) -> float:
     pairs = [(images[i % len(images)], images[(i * 7 + 1) % len(images)]) for i in range(n)]
     t = time.perf_counter()
     for a, b in pairs:
-        copy_score(Thumb.of(a), Thumb.of(b))
+        copy_match(Thumb.of(a), Thumb.of(b))
     return round((time.perf_counter() - t) * 1000 / n, 2)
 
 

@@ -15,9 +15,11 @@ of one class reach it. So the thresholds are measured, not assumed:
    guarantee, not an average), and take the lowest over kinds;
 4. with verification (`curation.verify`): the embedding thresholds are loosened to keep
    ``1 - (1 - recall) / 2`` of every kind (they only select candidates), and the verification
-   threshold is set in the gap between copies' scores (kind-wise quantile at `recall`) and the
-   look-alikes' (99th percentile), in its middle when there is one, else at the copies' quantile
-   (a pair with a flat image cannot be scored and is never confirmed);
+   rule (`VerifyRule`: correlation above a limit, residual at most a limit) is the one that
+   confirms the fewest look-alikes among those keeping `recall` of every kind's copies that reach
+   verification: for each residual limit (the copies' own residuals), the correlation limit that
+   keeps the recall, moved to the middle of the gap to the look-alikes' 99th percentile where
+   there is one (a pair with a flat image cannot be scored and is never confirmed);
 5. report the false-positive rate the chosen decision gives: the fraction of sampled references
    confirmed as a copy of one of the distinct references they would be verified against (their
    `neighbours` nearest), as a retrieved look-alike would be.
@@ -37,10 +39,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from curation.copies import COPY_KINDS, copy_rng, make_copy
-from curation.verify import Thumb, copy_score
+from curation.verify import NO_MATCH, Thumb, VerifyRule, copy_match
 from index.atomic import fingerprint, read_json, write_json
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 MAX_NEIGHBOURS = 32                             # most references verified per candidate
 GRID = np.round(np.linspace(0.5, 1.0, 51), 3)   # thresholds at which the curves are reported
 
@@ -52,7 +54,8 @@ class Calibration:
     num_images: int
     leak_threshold: float               # on max-over-encoders cosine
     dedup_threshold: float              # on mean-over-encoders cosine
-    verify_threshold: float | None      # on verify.copy_score; None without verification
+    verify_threshold: float | None      # on verify.Match.score; None without verification
+    verify_max_residual: float | None   # on verify.Match.residual; None: no limit
     recall: dict[str, float]            # per kind, of the chosen decision on the sample
     false_positive_rate: float          # of the chosen decision on nearest distinct references
     neighbours: int                     # references verified per candidate (nearest first)
@@ -61,6 +64,12 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def rule(self) -> VerifyRule | None:
+        if self.verify_threshold is None:
+            return None
+        return VerifyRule(self.verify_threshold, _limit(self.verify_max_residual))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Calibration":
@@ -74,17 +83,25 @@ class Measurements:
     pos_max: np.ndarray        # [kinds, n] copy-to-source similarity, max over encoders
     pos_mean: np.ndarray       # [kinds, n] the same, mean over encoders
     pos_rank: np.ndarray       # [kinds, n] references more similar to the copy than its source
-    pos_verify: np.ndarray     # [kinds, n] copy_score(copy, source); NaN when unscored
+    pos_verify: np.ndarray     # [kinds, n] copy_match(copy, source).score; NaN when unscored
+    pos_residual: np.ndarray   # [kinds, n] copy_match(copy, source).residual
     neg_max: np.ndarray        # [n, k] the k nearest distinct references, max over encoders (-inf: none)
     neg_mean: np.ndarray       # [n, k] the same, mean over encoders
-    neg_verify: np.ndarray     # [n, k] copy_score(reference, distinct reference)
+    neg_verify: np.ndarray     # [n, k] copy_match(reference, distinct reference).score
+    neg_residual: np.ndarray   # [n, k] its residual
 
 
-def _lower_quantile(x: np.ndarray, keep: float) -> float:
-    """A threshold t with at least `keep` of x strictly above t (x > t is the decision)."""
+def _lower_quantile(x: np.ndarray, keep: float, within: np.ndarray | None = None) -> float:
+    """A threshold t with at least `keep` of x strictly above t (x > t is the decision), counting
+    only the entries `within` (a mask) as able to pass; -inf where that cannot reach `keep`."""
     if x.size == 0:
         return 1.0
-    k = int(np.floor((1.0 - keep) * x.size + 1e-9))
+    k = int(np.floor((1.0 - keep) * x.size + 1e-9))    # entries allowed to fail
+    if within is not None:
+        k -= int((~within).sum())
+        if k < 0:
+            return -np.inf
+        x = x[within]
     return float(np.sort(x)[k]) - 1e-6
 
 
@@ -106,7 +123,7 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
     nk = len(kinds)
     pos_max, pos_mean = np.zeros((nk, n)), np.zeros((nk, n))
     pos_rank = np.zeros((nk, n), np.int64)
-    pos_ver = np.full((nk, n), np.nan)
+    pos_ver, pos_res = np.full((nk, n), np.nan), np.full((nk, n), np.nan)
     thumbs = [Thumb.of(im) for im in images]
     e = len(refs)
     for ki, kind in enumerate(kinds):
@@ -122,8 +139,8 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
             for i, (c, t, r) in enumerate(zip(copies, thumbs, rows)):
                 key = (seed, int(r), kind)
                 if key not in scores:
-                    scores[key] = copy_score(Thumb.of(c), t)
-                pos_ver[ki, i] = scores[key]
+                    scores[key] = copy_match(Thumb.of(c), t)
+                pos_ver[ki, i], pos_res[ki, i] = scores[key]
     sims = [r[rows] @ r.T for r in refs]
     mean = sum(sims) / e
     mean[np.arange(n), rows] = -np.inf
@@ -135,7 +152,7 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
     valid = np.isfinite(np.take_along_axis(mean, nearest, axis=1))
     neg_mean = np.where(valid, np.take_along_axis(mean, nearest, axis=1), -np.inf)
     neg_max = np.where(valid, np.max([np.take_along_axis(s, nearest, axis=1) for s in sims], axis=0), -np.inf)
-    neg_ver = np.full(nearest.shape, np.nan)
+    neg_ver, neg_res = np.full(nearest.shape, np.nan), np.full(nearest.shape, np.nan)
     if verify != "none":
         by_row = {int(r): thumbs[i] for i, r in enumerate(rows)}
         for i, j in zip(*np.nonzero(valid)):
@@ -144,9 +161,10 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
                 other = int(nearest[i, j])
                 if other not in by_row:
                     by_row[other] = Thumb.of(_load(images, other))
-                scores[key] = copy_score(thumbs[i], by_row[other])
-            neg_ver[i, j] = scores[key]
-    return Measurements(tuple(kinds), pos_max, pos_mean, pos_rank, pos_ver, neg_max, neg_mean, neg_ver)
+                scores[key] = copy_match(thumbs[i], by_row[other])
+            neg_ver[i, j], neg_res[i, j] = scores[key]
+    return Measurements(tuple(kinds), pos_max, pos_mean, pos_rank, pos_ver, pos_res, neg_max, neg_mean, neg_ver,
+                        neg_res)
 
 
 def _load(images, j):
@@ -159,7 +177,7 @@ def _load(images, j):
 
 def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
            max_neighbours: int = MAX_NEIGHBOURS) -> Calibration:
-    """Thresholds from measurements: kind-wise recall first, then the widest margin."""
+    """Thresholds from measurements: kind-wise recall first, then the fewest look-alikes confirmed."""
     if not 0.0 < recall < 1.0:
         raise ValueError(f"recall must be in (0, 1); got {recall}")
     kinds = range(len(m.kinds))
@@ -171,58 +189,108 @@ def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
                                                  int(np.ceil(embed_keep * m.pos_rank.shape[1])) - 1)]) + 1
                  for k in kinds)
     neighbours = int(min(max_neighbours, max(1, k_need)))
-    t_ver = None
-    if verify != "none":
-        # the score threshold keeps `recall` of every kind's copies among those that reach
-        # verification and can be scored (a pair with a flat image is never confirmed: lowering
-        # the threshold would not bring it back, only let look-alikes through)
-        cand = (m.pos_max > t_leak) & (m.pos_rank < neighbours) & np.isfinite(m.pos_verify)
-        per_kind = [_lower_quantile(m.pos_verify[k][cand[k]], recall) for k in kinds]
-        pos_q = max(-1.0, min(per_kind))
-        # look-alikes: per image, the best score over the distinct references it would be verified against
-        neg = np.nanmax(np.where(np.isfinite(m.neg_verify[:, :neighbours]), m.neg_verify[:, :neighbours], -1.0),
-                        axis=1) if m.neg_verify.size else np.zeros(0)
-        neg_q = float(np.quantile(neg, 0.99)) if neg.size else -1.0
-        t_ver = (pos_q + neg_q) / 2 if pos_q > neg_q else pos_q
     t_leak, t_dedup = round(t_leak, 6), round(t_dedup, 6)
-    t_ver = None if t_ver is None else round(t_ver, 6)
-    ev = evaluate(m, t_leak, t_ver, neighbours)
+    rule = None
+    if verify != "none":
+        # among the copies that reach verification and can be scored (a pair with a flat image is
+        # never confirmed: loosening the rule would not bring it back, only let look-alikes through)
+        cand = (m.pos_max > t_leak) & (m.pos_rank < neighbours) & np.isfinite(m.pos_verify)
+        rule = _verify_rule(m, cand, neighbours, recall)
+    ev = evaluate(m, t_leak, rule, neighbours)
     return Calibration(
         recall_target=recall, verify=verify, num_images=int(m.neg_max.shape[0]),
-        leak_threshold=t_leak, dedup_threshold=t_dedup, verify_threshold=t_ver,
+        leak_threshold=t_leak, dedup_threshold=t_dedup,
+        verify_threshold=None if rule is None else rule.min_score,
+        verify_max_residual=None if rule is None else rule.to_dict()["max_residual"],
         recall=ev["recall"], false_positive_rate=ev["false_positive_rate"], neighbours=neighbours,
         source_in_neighbours={k: float((m.pos_rank[i] < neighbours).mean()) for i, k in enumerate(m.kinds)},
         curves=curves(m))
 
 
-def evaluate(m: Measurements, leak_threshold: float, verify_threshold: float | None,
+def _verify_rule(m: Measurements, cand: np.ndarray, neighbours: int, recall: float,
+                 limits: int = 64) -> VerifyRule:
+    """The rule keeping `recall` of every kind's candidate copies that confirms the fewest look-alikes
+    (per image, any of its `neighbours` nearest distinct references); ties: the middle one."""
+    neg_s = np.nan_to_num(m.neg_verify[:, :neighbours], nan=-1.0, neginf=-1.0)
+    neg_r = m.neg_residual[:, :neighbours]
+    res = m.pos_residual[cand]
+    grid = np.unique(np.quantile(res, np.linspace(0.5, 1.0, limits))) if res.size else np.zeros(0)
+
+    def at(r: float) -> tuple[float, float] | None:
+        """(look-alikes confirmed, score limit) with residual limit r; None where r loses recall."""
+        per_kind = [_lower_quantile(m.pos_verify[k][cand[k]], recall, within=m.pos_residual[k][cand[k]] <= r)
+                    for k in range(len(m.kinds))]
+        s = max(-1.0, min(per_kind))
+        if s <= -1.0:
+            return None
+        near = np.where(neg_r <= r, neg_s, -1.0).max(axis=1) if neg_s.size else np.zeros(0)
+        q = float(np.quantile(near, 0.99)) if near.size else -1.0
+        s = (s + q) / 2 if -1.0 < q < s else s   # the middle of the gap to the look-alikes
+        return (float((near > s).mean()) if near.size else 0.0), s
+
+    tried = {float(r): got for r in [*grid, np.inf] if (got := at(float(r))) is not None}
+    if not tried:
+        return VerifyRule(-1.0)
+    fewest = min(fp for fp, _ in tried.values())
+    tied = [r for r, (fp, _) in tried.items() if fp == fewest]
+    if np.isinf(tied[-1]):      # correlation alone does as well: no residual limit
+        return VerifyRule(round(tried[np.inf][1], 6))
+    # the residual limit in the middle of the gap between the least that keeps the recall and the
+    # look-alikes that would pass the score limit (their first percentile)
+    r_lo = tied[0]
+    s_lo = tried[r_lo][1]
+    over = neg_r[(neg_s > s_lo) & (neg_r > r_lo)]
+    r_hi = float(np.quantile(over, 0.01)) if over.size else tied[-1]
+    r = (r_lo + r_hi) / 2 if r_hi > r_lo else r_lo
+    got = at(r)
+    if got is None or got[0] > fewest:
+        r, got = r_lo, tried[r_lo]
+    return VerifyRule(round(got[1], 6), round(r, 4))
+
+
+def _limit(x: float | None) -> float:
+    return np.inf if x is None else float(x)
+
+
+def evaluate(m: Measurements, leak_threshold: float, rule: VerifyRule | None,
              neighbours: int = MAX_NEIGHBOURS) -> dict[str, Any]:
-    """Recall per kind and false-positive rate of the decision "max similarity > leak_threshold,
-    and (with a verify threshold) the source among the `neighbours` nearest references and its
-    score above the threshold"."""
-    def decide(sim, rank, ver):
+    """Recall per kind and false-positive rates of the decision "max similarity > leak_threshold,
+    and (with a verify rule) the source among the `neighbours` nearest references and its match
+    passing the rule": per image (any distinct reference it is checked against confirmed) and per
+    (image, distinct reference) pair checked."""
+    def decide(sim, rank, ver, res):
         ok = sim > leak_threshold
-        if verify_threshold is not None:
-            ok &= (rank < neighbours) & (np.nan_to_num(ver, nan=-np.inf) > verify_threshold)
+        if rule is not None:
+            ok &= (rank < neighbours) & (np.nan_to_num(ver, nan=-np.inf) > rule.min_score)
+            ok &= np.nan_to_num(res, nan=np.inf) <= rule.max_residual
         return ok
 
-    pos = decide(m.pos_max, m.pos_rank, m.pos_verify)
+    pos = decide(m.pos_max, m.pos_rank, m.pos_verify, m.pos_residual)
     # an image is a false positive when any distinct reference it is checked against is confirmed
-    neg = decide(m.neg_max, np.broadcast_to(np.arange(m.neg_max.shape[1]), m.neg_max.shape), m.neg_verify)
-    neg = neg.any(axis=1)
+    neg = decide(m.neg_max, np.broadcast_to(np.arange(m.neg_max.shape[1]), m.neg_max.shape), m.neg_verify,
+                 m.neg_residual)
+    checked = np.isfinite(m.neg_max) & (np.arange(m.neg_max.shape[1]) < (neighbours if rule is not None
+                                                                           else m.neg_max.shape[1]))
     return {"recall": {k: float(pos[i].mean()) for i, k in enumerate(m.kinds)},
-            "false_positive_rate": float(neg.mean()) if neg.size else 0.0}
+            "false_positive_rate": float(neg.any(axis=1).mean()) if neg.size else 0.0,
+            "false_positive_rate_per_pair": float(neg[checked].mean()) if checked.any() else 0.0}
+
+
+RESIDUAL_GRID = np.arange(0.0, 64.1, 2.0)   # grey levels at which the residual curves are reported
 
 
 def curves(m: Measurements) -> dict[str, Any]:
     """Fraction above each GRID threshold: copies per kind (embedding max, and verify score) and
-    the nearest distinct references."""
+    the nearest distinct references; and the fraction at or below each RESIDUAL_GRID limit."""
     above = lambda x: [round(float((x > t).mean()), 4) for t in GRID]  # noqa: E731
-    return {"grid": GRID.tolist(),
+    within = lambda x: [round(float((np.nan_to_num(x, nan=np.inf) <= t).mean()), 4) for t in RESIDUAL_GRID]  # noqa: E731
+    return {"grid": GRID.tolist(), "residual_grid": RESIDUAL_GRID.tolist(),
             "copies_similarity": {k: above(m.pos_max[i]) for i, k in enumerate(m.kinds)},
             "copies_verify": {k: above(np.nan_to_num(m.pos_verify[i], nan=-1.0)) for i, k in enumerate(m.kinds)},
+            "copies_residual": {k: within(m.pos_residual[i]) for i, k in enumerate(m.kinds)},
             "distinct_similarity": above(m.neg_max[:, 0]),
-            "distinct_verify": above(np.nan_to_num(m.neg_verify[:, 0], nan=-1.0))}
+            "distinct_verify": above(np.nan_to_num(m.neg_verify[:, 0], nan=-1.0)),
+            "distinct_residual": within(m.neg_residual[:, 0])}
 
 
 def sample_rows(num_refs: int, size: int, seed: int) -> np.ndarray:

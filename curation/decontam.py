@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from curation.dedup import check_normalised, similar_pairs
-from curation.verify import passes
+from curation.verify import Match, VerifyRule
 from index.knn import combine_features
 
 Features = np.ndarray | Sequence[np.ndarray]
@@ -52,6 +52,7 @@ class Leak:
     neighbor_ids: tuple[str, ...]    # nearest references by mean similarity, best first
     neighbor_similarity: tuple[float, ...]
     verify_score: float | None = None      # best verification score over the neighbours (NaN: unscored)
+    verify_residual: float | None = None   # the residual of that match (grey levels)
     verified_reference: str | None = None  # the neighbour that score was reached with
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,7 +60,8 @@ class Leak:
                 "max_similarity": self.max_similarity, "encoder": self.encoder,
                 "neighbor_ids": list(self.neighbor_ids),
                 "neighbor_similarity": list(self.neighbor_similarity),
-                "verify_score": self.verify_score, "verified_reference": self.verified_reference}
+                "verify_score": self.verify_score, "verify_residual": self.verify_residual,
+                "verified_reference": self.verified_reference}
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class LeakReport:
     leaks: tuple[Leak, ...]                       # flagged, by max_similarity desc, index asc
     cleared: tuple[Leak, ...] = field(default=())  # flagged, then marked not-a-leak on review
     rejected: tuple[Leak, ...] = field(default=())  # above the threshold, not copies by verification
-    verify_threshold: float | None = None
+    verify_rule: VerifyRule | None = None
 
     @property
     def flagged_indices(self) -> np.ndarray:
@@ -85,7 +87,7 @@ class LeakReport:
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "num_images": self.num_images,
                 "num_references": self.num_references,
-                "verify_threshold": self.verify_threshold,
+                "verify_rule": None if self.verify_rule is None else self.verify_rule.to_dict(),
                 "leaks": [x.to_dict() for x in self.leaks],
                 "cleared": [x.to_dict() for x in self.cleared],
                 "rejected": [x.to_dict() for x in self.rejected]}
@@ -160,23 +162,23 @@ def find_leaks(image_features: Features, reference_features: Features, threshold
     return LeakReport(float(threshold), n, nr, tuple(leaks))
 
 
-def verify_leaks(report: LeakReport, score: Callable[[str, str], float], threshold: float) -> LeakReport:
-    """Confirm each flagged image by a second signal: ``score(image_id, reference_id)`` against its
-    nearest references (`Leak.neighbor_ids`, best first); it stays a leak when some score passes
-    (`verify.passes`: above `threshold`), else it moves to `rejected`.
+def verify_leaks(report: LeakReport, match: Callable[[str, str], Match], rule: VerifyRule) -> LeakReport:
+    """Confirm each flagged image by a second signal: ``match(image_id, reference_id)`` against its
+    nearest references (`Leak.neighbor_ids`, best first); it stays a leak when some match passes
+    the `rule`, else it moves to `rejected`. Each keeps the match shown for audit: the passing one
+    with the best score, else the best-scoring one (NaN only where no neighbour could be scored).
     """
     confirmed, rejected = [], []
     for leak in report.leaks:
-        scores = [score(leak.image_id, r) for r in leak.neighbor_ids]
-        ok = any(passes(v, threshold) for v in scores)
-        # shown: the best finite score (NaN only where no neighbour could be scored)
-        best = max(range(len(scores)), key=lambda i: (not np.isnan(scores[i]), np.nan_to_num(scores[i])),
-                   default=None)
-        leak = replace(leak, verify_score=None if best is None else float(scores[best]),
+        found = [match(leak.image_id, r) for r in leak.neighbor_ids]
+        ok = any(rule.passes(m) for m in found)
+        best = max(range(len(found)), default=None,
+                   key=lambda i: (rule.passes(found[i]), not np.isnan(found[i].score), np.nan_to_num(found[i].score)))
+        leak = replace(leak, verify_score=None if best is None else float(found[best].score),
+                       verify_residual=None if best is None else float(found[best].residual),
                        verified_reference=None if best is None else leak.neighbor_ids[best])
         (confirmed if ok else rejected).append(leak)
-    return replace(report, leaks=tuple(confirmed), rejected=report.rejected + tuple(rejected),
-                   verify_threshold=float(threshold))
+    return replace(report, leaks=tuple(confirmed), rejected=report.rejected + tuple(rejected), verify_rule=rule)
 
 
 def read_review(review_file: str | os.PathLike) -> list[str]:

@@ -36,7 +36,7 @@ from curation.querysets import QuerySet, get_query_set
 from curation.selection import (SELECTORS, Selection, class_prompts, class_text_queries,
                                 select_with_search)
 from curation.shards import read_originals, write_query_shards, write_transfer_shards
-from curation.verify import VERIFIERS, Thumb, copy_score, passes
+from curation.verify import NO_MATCH, VERIFIERS, Match, Thumb, VerifyRule, copy_match
 from index import contract
 from index.atomic import CODE_VERSION, write_json
 from index.encoders import build_encoder
@@ -71,7 +71,8 @@ class CurateConfig:
     dedup_threshold: float | str = "auto"     # "auto" (calibrated) or a mean cosine
     leak_threshold: float | str = "auto"      # "auto" (calibrated) or a max cosine
     verify: str = "align"                     # second signal on candidates: align | none
-    verify_threshold: float | str = "auto"    # "auto" (calibrated) or a verify.copy_score value
+    verify_threshold: float | str = "auto"    # "auto" (calibrated) or a verify.Match.score limit
+    verify_max_residual: float | str = "auto"  # "auto" (calibrated) or grey levels (verify.Match.residual)
     copy_recall: float = 0.99                 # calibration target: recall of every copy kind
     calibration_images: int = 300             # references sampled for calibration
     leak_neighbours: int = 5
@@ -93,6 +94,16 @@ class CurateConfig:
             raise ValueError(f"size must be >= 1; got {self.size}")
         for name in ("dedup_threshold", "leak_threshold", "verify_threshold"):
             object.__setattr__(self, name, parse_threshold(getattr(self, name), name))
+        r = self.verify_max_residual
+        if r != "auto":
+            try:
+                r = float(r)
+            except (TypeError, ValueError):
+                r = -1.0
+            if not r >= 0.0 or isinstance(self.verify_max_residual, bool):
+                raise ValueError(f"verify_max_residual must be 'auto' or a number of grey levels >= 0 "
+                                 f"(inf: no limit); got {self.verify_max_residual!r}")
+            object.__setattr__(self, "verify_max_residual", r)
         if self.verify not in VERIFIERS:
             raise ValueError(f"verify must be one of {', '.join(VERIFIERS)}; got {self.verify!r}")
         if not 0.0 < self.copy_recall < 1.0:
@@ -230,7 +241,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
                                  reference_ids=ref_ids, image_ids=seen)
         if th["verify"] is not None:
             verifier.prefetch(x.image_id for x in leak_report.leaks)
-            leak_report = verify_leaks(leak_report, verifier.score, th["verify"])
+            leak_report = verify_leaks(leak_report, verifier.match, th["rule"])
         if review:  # un-flag reviewed images among those seen so far; unknown ids are checked below
             leak_report = clear_reviewed(leak_report, review)
         leaked_imgs = {x.image_id for x in leak_report.leaks}
@@ -243,7 +254,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
             f = combine_features([np.stack([orig[i][e] for i in uniq]) for e in range(len(specs))])
             def keep_pair(i: np.ndarray, j: np.ndarray) -> np.ndarray:
                 verifier.prefetch(uniq[np.r_[i, j]])
-                return np.array([passes(verifier.score(str(uniq[a]), str(uniq[b]), gallery=True), th["verify"])
+                return np.array([th["rule"].passes(verifier.match(str(uniq[a]), str(uniq[b]), gallery=True))
                                  for a, b in zip(i, j)], bool)
             labels = duplicate_clusters(f, th["dedup"], keep_pair=None if th["verify"] is None else keep_pair,
                                         per_image=None if th["verify"] is None else th["neighbours"])[inv]
@@ -305,7 +316,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         "encoders": [s.to_dict() for s in specs],
         "seed": cfg.seed,
         "strategy": cfg.strategy,
-        "thresholds": th,
+        "thresholds": {k: v for k, v in th.items() if k != "rule"},
         "calibration": calibration.to_dict() if calibration else None,
         "verified_pairs": verifier.count,
         "counts": counts,
@@ -330,7 +341,9 @@ def summary_line(manifest: dict[str, Any], seconds: float) -> str:
             f"retrieved {c['retrieved']}, removed {c['removed_duplicate']} duplicate / {c['removed_leak']} leak / "
             f"{c['removed_unreadable']} unreadable, backfilled {c['backfilled']}, "
             f"thresholds ({th.get('source', 'given')}) dedup {_fmt(th['dedup'])} leak {_fmt(th['leak'])} "
-            f"verify {th.get('verifier', 'none')} {_fmt(th.get('verify'))}, {seconds:.1f} s"
+            f"verify {th.get('verifier', 'none')} {_fmt(th.get('verify'))}"
+            + (f" residual<={_fmt(th['max_residual'])}" if th.get("max_residual") is not None else "")
+            + f", {seconds:.1f} s"
             + (f" -- {manifest['message']}" if manifest.get("message") else ""))
 
 
@@ -349,7 +362,8 @@ def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[
         cal, reused = cached_calibration(models, qs.references, ref_feats, cache_dir, size=cfg.calibration_images,
                                          recall=cfg.copy_recall, verify=cfg.verify, batch_size=cfg.batch_size)
         print(f"curate: calibration {'reused' if reused else 'computed'}: leak {cal.leak_threshold:.4g} "
-              f"dedup {cal.dedup_threshold:.4g} verify {_fmt(cal.verify_threshold)}, "
+              f"dedup {cal.dedup_threshold:.4g} verify {_fmt(cal.verify_threshold)} "
+              f"residual<={_fmt(cal.verify_max_residual)}, "
               f"estimated false-positive rate {cal.false_positive_rate:.3g}", flush=True)
 
     def pick(value, calibrated, paper):
@@ -360,20 +374,25 @@ def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[
     th = {"dedup": pick(cfg.dedup_threshold, cal and cal.dedup_threshold, 0.99),
           "leak": pick(cfg.leak_threshold, cal and cal.leak_threshold, 0.95),
           "verify": pick(cfg.verify_threshold, cal and cal.verify_threshold, 0.9) if verifying else None,
+          "max_residual": pick(cfg.verify_max_residual, cal and cal.verify_max_residual, None) if verifying else None,
           "verifier": cfg.verify,
           "neighbours": max(cfg.leak_neighbours, cal.neighbours if cal and verifying else 0),
           "source": "calibrated" if all(auto[:2]) and cal else "given" if not any(auto) else "mixed"}
+    if th["max_residual"] is not None and np.isinf(th["max_residual"]):
+        th["max_residual"] = None
+    th["rule"] = VerifyRule(th["verify"], th["max_residual"] if th["max_residual"] is not None else np.inf) \
+        if verifying else None
     return th, cal
 
 
 class _Verifier:
-    """Verification scores of (gallery image, reference or gallery image) pairs, memoised across
+    """Verification matches of (gallery image, reference or gallery image) pairs, memoised across
     rounds; gallery images are read once each (as thumbnails), by shard."""
 
     def __init__(self, gindex, references: dict):
         self.gindex, self.references = gindex, references
         self.thumbs: dict[str, Thumb | None] = {}
-        self.memo: dict[tuple[str, str], float] = {}
+        self.memo: dict[tuple[str, str], Match] = {}
         self.seconds = 0.0
 
     @property
@@ -398,12 +417,12 @@ class _Verifier:
                 self.thumbs[i] = Thumb.of(found[i]) if i in found else None
             self.seconds += time.perf_counter() - t
 
-    def score(self, image_id: str, other_id: str, gallery: bool = False) -> float:
+    def match(self, image_id: str, other_id: str, gallery: bool = False) -> Match:
         key = (image_id, other_id)
         if key not in self.memo:
             t = time.perf_counter()
             a, b = self._thumb(image_id, True), self._thumb(other_id, gallery)
-            self.memo[key] = float("nan") if a is None or b is None else copy_score(a, b)
+            self.memo[key] = NO_MATCH if a is None or b is None else copy_match(a, b)
             self.seconds += time.perf_counter() - t
         return self.memo[key]
 
@@ -470,14 +489,15 @@ def _write_report(out, cfg, qs, gindex, sel, records, filtered, leak_report, cou
                             for i, s in nbrs],
                 crops_removed=filtered.leak_items.get(leak.image_id, 0) if state == "removed" else 0,
                 unflagged=state == "cleared", review_note="marked not a leak on review" if state == "cleared" else "",
-                verify_score=leak.verify_score, rejected=state == "rejected"))
+                verify_score=leak.verify_score, verify_residual=leak.verify_residual,
+                rejected=state == "rejected"))
     per_query, per_class = rpt.count_per_query_and_class(records, {q: label.get(q, q) for q in query_ids})
     data = rpt.ReportData(
         title=f"Curated transfer set: {qs.name}", query_set=qs.name, requested=cfg.size,
         retrieved=counts["retrieved"], removed_duplicates=counts["removed_duplicate"],
         removed_leaks=counts["removed_leak"], backfilled=counts["backfilled"], written=counts["written"],
         unreadable=counts["removed_unreadable"] + counts["unreadable_at_write"],
-        thresholds={k: th[k] for k in ("dedup", "leak", "verify") if th[k] is not None},
+        thresholds={k: th[k] for k in ("dedup", "leak", "verify", "max_residual") if th[k] is not None},
         calibration=calibration.to_dict() if calibration else None,
         rejected_total=len(leak_report.rejected) if leak_report else 0,
         encoders=[s.name for s in specs],

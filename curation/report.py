@@ -87,6 +87,7 @@ class LeakPanel:
     unflagged: bool = False   # a review judged it not a leak; its crops were kept
     review_note: str = ""
     verify_score: float | None = None  # verification score (curation.verify); None: not verified
+    verify_residual: float | None = None  # its residual in grey levels
     rejected: bool = False    # above the similarity threshold, but not a copy by verification: kept
 
 
@@ -269,7 +270,8 @@ def _calibration(cal: dict[str, Any]) -> str:
     head = (f'<h3>Calibration</h3><p class="small">{cal["num_images"]} reference images, one synthetic '
             f'copy per kind each; target recall {cal["recall_target"]} per kind; leak threshold '
             f'{cal["leak_threshold"]:.4g}, dedup threshold {cal["dedup_threshold"]:.4g}, verifier '
-            f'{_e(cal["verify"])} threshold {_fmt(cal["verify_threshold"])}, {cal["neighbours"]} nearest '
+            f'{_e(cal["verify"])}: score above {_fmt(cal["verify_threshold"])}, residual at most '
+            f'{_fmt(cal.get("verify_max_residual"))} grey levels, {cal["neighbours"]} nearest '
             f'references verified; estimated false-positive rate on each image\'s nearest distinct '
             f'reference {cal["false_positive_rate"]:.3f}</p>'
             f'<table class="nums"><tr><th>copy kind</th><th>recall</th><th>source among verified '
@@ -283,11 +285,20 @@ def _calibration(cal: dict[str, Any]) -> str:
     lines += [("distinct nearest", cv["distinct_similarity"])]
     lines += [("verify, copies: " + k, v) for k, v in cv["copies_verify"].items()]
     lines += [("verify, distinct nearest", cv["distinct_verify"])]
-    body = "".join(f"<tr><td>{_e(n)}</td>" + "".join(f'<td class="n">{v[i]:.2f}</td>' for i in pick) + "</tr>"
-                   for n, v in lines)
-    return (head + '<p class="small">Fraction of pairs above each threshold (similarity: max cosine '
-            f'over encoders; verify: the verification score)</p><table class="nums"><tr><th></th>{cols}</tr>'
-            f"{body}</table>")
+    row = lambda n, v, idx: f"<tr><td>{_e(n)}</td>" + "".join(f'<td class="n">{v[i]:.2f}</td>' for i in idx) + "</tr>"  # noqa: E731
+    body = "".join(row(n, v, pick) for n, v in lines)
+    out = (head + '<p class="small">Fraction of pairs above each threshold (similarity: max cosine '
+           f'over encoders; verify: the verification score)</p><table class="nums"><tr><th></th>{cols}</tr>'
+           f"{body}</table>")
+    if "residual_grid" in cv:
+        rpick = [i for i, t in enumerate(cv["residual_grid"]) if t % 8 == 0]
+        rlines = [("copies: " + k, v) for k, v in cv["copies_residual"].items()]
+        rlines += [("distinct nearest", cv["distinct_residual"])]
+        out += ('<p class="small">Fraction of pairs whose verification residual is at most each limit '
+                '(grey levels)</p><table class="nums"><tr><th></th>'
+                + "".join(f"<th>{cv['residual_grid'][i]:.0f}</th>" for i in rpick) + "</tr>"
+                + "".join(row(n, v, rpick) for n, v in rlines) + "</table>")
+    return out
 
 
 def _spread_by_class(queries: Sequence[QueryPanel], limit: int) -> list[QueryPanel]:
@@ -377,7 +388,8 @@ def _leaks(data: ReportData, limits: ReportLimits, th: _Thumbs) -> str:
         badge = {"rejected": "not a copy by verification: kept", "unflagged": "un-flagged by review: kept",
                  "removed": f"removed as leak ({lk.crops_removed} crops)"}[state]
         note = f'<div class="small">review: {_e(lk.review_note)}</div>' if lk.review_note else ""
-        ver = "" if lk.verify_score is None else f", verification score {_fmt(lk.verify_score)}"
+        ver = "" if lk.verify_score is None else f", verification score {_fmt(lk.verify_score)}" + (
+            "" if lk.verify_residual is None else f", residual {_fmt(lk.verify_residual)}")
         refs = [f'<div class="member{" verified" if r.verified else ""}">{th.img(r.image, f"reference {r.id}")}'
                 f'<div class="small">sim {r.similarity:.3f}{" (verified pair)" if r.verified else ""}'
                 f'<br>{_e(r.id)}</div></div>'

@@ -6,57 +6,81 @@ fall to cosine 0.79 while distinct images of one class reach it). Verification i
 independent signal computed on pixels, run only on the candidate pairs the embedding threshold
 lets through; it replaces the paper's human inspection for the decision.
 
-The score (`copy_score`) is an alignment search on grayscale images: one image is taken as a
-part of the other at its own pixel scale (a crop or a letterboxed copy that was not resized) and
-at a grid of scales (crops keeping 85..100% of the area), mirrored and not, and slid over it; the
-score is the best zero-normalised cross-correlation (scikit-image ``match_template``), taken both
-ways round. Where one image is smaller, the other is reduced to its size first, so a downscaled
-copy is compared at the detail it still has. Normalised correlation ignores brightness and
-contrast changes, grayscale ignores small saturation changes, and exact-scale alignment makes
-crops, letterboxes and flips score 1.0 on Fashion-MNIST. A flat image (grey-level std < 4) cannot
-be scored: NaN, and never confirmed.
+`copy_match` aligns the two grayscale images and measures how well they agree there. The
+alignment search takes one image as a part of the other at its own pixel scale (a crop, or a
+letterboxed copy that was not resized), as the whole of it resized to its exact size (a
+thumbnail; the reference is reduced with each of the box, bilinear, bicubic and Lanczos kernels
+and the best kept, so a resized copy is compared at the detail it still has, with the kernel
+that made it), and as a crop of 88..100% of it at that scale, mirrored and not, slid over it
+(scikit-image ``match_template``), both ways round. At the best alignment it reports two numbers:
 
-Chosen by measurement (``bench/copydetect.py``, ``verifiers``): on 200 Fashion-MNIST test images,
-first percentile of copy scores per kind against the 99th percentile of each image's nearest
-same-class look-alike (by pixels, the hardest case for a pixel verifier):
+    score     zero-normalised cross-correlation, in [-1, 1]: the structure agrees;
+    residual  the RMS grey-level difference left after the best brightness/contrast fit
+              (sigma * sqrt(1 - score**2)): how large the disagreement is, in absolute terms.
 
-    alignment NCC  copies: jpeg 0.97, resize 0.94, crop 1.0, colour 1.0, flip 1.0, format 0.99,
-                   pad 1.0, resize+jpeg 0.93;   look-alikes 0.98;  ~7-13 ms a pair on one core
-    pHash          copies: jpeg 0.75, resize 0.81, crop 0.25, colour 0.88, flip 1.0, format 0.81,
-                   pad 0.13, resize+jpeg 0.75;  look-alikes 0.81;  ~0.4 ms a pair
+A copy needs both (`VerifyRule`): correlation alone rates a JPEG copy of a low-contrast image
+(score 0.97, residual 14 grey levels on Fashion-MNIST) below two distinct high-contrast
+silhouettes of one class (score 0.98, residual 19 and up); the residual alone would confirm any
+two low-texture images. Calibration (`curation.calibrate`) sets both limits for the data at hand.
+A flat image (grey-level std < 4) cannot be scored: NaN, and never confirmed.
 
-pHash (imagehash) does not separate crops and letterboxes from look-alikes at all; the alignment
-score separates every kind but the half-size ones, and even those only overlap with the closest
-look-alikes. Local features (ORB + RANSAC, opencv) were not measured: a 28x28 image offers a
-handful of keypoints at best, and the alignment search already covers the geometric edits of the
-copy family (`curation.copies`). The limit that remains: Fashion-MNIST items of one class (plain
-trousers, bags) correlate as strongly as a half-size q40 JPEG copy does with its source, so at
-recall 0.99 for every kind some nearest look-alikes pass (the measured false-positive rates are in
-tests/test_copy_detection.py and the bench).
+Chosen by measurement (``bench/copydetect.py``, ``verifiers``). pHash (imagehash) does not
+separate crops and letterboxes from look-alikes at all (first percentile of crop copies 0.25
+against look-alikes' 99th percentile 0.81 on Fashion-MNIST). Local features (ORB + RANSAC,
+opencv) were not used: a 28x28 image offers a handful of keypoints at best, and the alignment
+search covers the geometric edits of the copy family (`curation.copies`) exactly.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 from skimage.feature import match_template
 
-WORK = 64                                     # longest side the reference is compared at
+WORK = 128                                    # longest side compared; thumbnails are kept this size
 SCALES = (1.0, 0.97, 0.94, 0.91, 0.88)        # template side as a fraction of the reference's
 TEXTURE = 4.0                                 # grey-level std below which an image is flat
 LOW_BLUR = 0.7                                # sigma (pixels) when comparing at a reduced size
 INNER = 0.08                                  # margin cut from each side of a resampled template
+ASPECT = 0.05                                 # aspect difference a whole-image resize may show
+KERNELS = (Image.Resampling.BOX, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC,
+           Image.Resampling.LANCZOS)          # how a thumbnailer may have reduced the source
+
+
+class Match(NamedTuple):
+    """The agreement of two images at their best alignment (NaN, NaN: not scorable)."""
+    score: float       # zero-normalised cross-correlation
+    residual: float    # RMS grey-level difference after the best brightness/contrast fit
+
+
+NO_MATCH = Match(float("nan"), float("nan"))
+
+
+@dataclass(frozen=True)
+class VerifyRule:
+    """Confirms a candidate as a copy when score > min_score and residual <= max_residual."""
+    min_score: float
+    max_residual: float = math.inf
+
+    def passes(self, m: Match) -> bool:
+        return bool(m.score > self.min_score and m.residual <= self.max_residual)   # NaN: never
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_score": self.min_score,
+                "max_residual": None if math.isinf(self.max_residual) else self.max_residual}
 
 
 @dataclass(frozen=True)
 class Thumb:
-    """A grayscale image kept at most `2 * WORK` pixels a side, for repeated comparisons."""
+    """A grayscale image kept at most `WORK` pixels a side, for repeated comparisons."""
     pixels: Image.Image            # mode L
 
     @classmethod
-    def of(cls, im: Image.Image, max_side: int = 2 * WORK) -> "Thumb":
+    def of(cls, im: Image.Image, max_side: int = WORK) -> "Thumb":
         g = im.convert("L")
         if max(g.size) > max_side:
             g.thumbnail((max_side, max_side), Image.Resampling.BOX)
@@ -66,13 +90,35 @@ class Thumb:
     def size(self) -> tuple[int, int]:
         return self.pixels.size
 
+    @property
+    def flat(self) -> bool:
+        return float(np.asarray(self.pixels, np.float32).std()) < TEXTURE
 
-def _resized(g: Image.Image, w: int, h: int) -> np.ndarray:
+
+def _resized(g: Image.Image, w: int, h: int, kernel=None) -> np.ndarray:
     if (w, h) == g.size:
         return np.asarray(g, np.float32)
     down = w <= g.size[0] and h <= g.size[1]
-    return np.asarray(g.resize((w, h), Image.Resampling.BOX if down else Image.Resampling.BILINEAR),
-                      np.float32)
+    if kernel is None:
+        kernel = Image.Resampling.BOX if down else Image.Resampling.BILINEAR
+    return np.asarray(g.resize((w, h), kernel), np.float32)
+
+
+def _best(ref: np.ndarray, t: np.ndarray, best: Match) -> Match:
+    """`best`, or the best placement of `t` (mirrored or not) inside `ref` where that is better."""
+    if min(t.shape) < 3 or t.std() < 1e-3 or ref.std() < 1e-3:
+        return best
+    for tt in (t, t[:, ::-1]):
+        tt = np.ascontiguousarray(tt)
+        r = match_template(ref, tt)
+        v = float(r.max())
+        if not (v > best.score or math.isnan(best.score)):
+            continue
+        y, x = np.unravel_index(int(r.argmax()), r.shape)
+        patch = ref[y:y + tt.shape[0], x:x + tt.shape[1]]
+        sigma = math.sqrt(float(patch.std()) * float(tt.std()))
+        best = Match(v, sigma * math.sqrt(max(0.0, 1.0 - v * v)))
+    return best
 
 
 def _template_sizes(a: tuple[int, int], b: tuple[int, int], k: float) -> list[tuple[int, int]]:
@@ -88,15 +134,15 @@ def _template_sizes(a: tuple[int, int], b: tuple[int, int], k: float) -> list[tu
     return [t for t in dict.fromkeys(out) if 4 <= t[0] <= aw and 4 <= t[1] <= ah]
 
 
-def _one_way(a: Thumb, b: Thumb) -> float:
-    """Best NCC of `b`, taken as a part of `a` (each size, mirrored or not), slid over `a`.
+def _one_way(a: Thumb, b: Thumb) -> Match:
+    """Best match of `b`, taken as a part of `a` (each size, mirrored or not), slid over `a`.
 
     `a` is compared at WORK pixels at most, and never enlarged `b`: where `b` would have to be
     enlarged, `a` is reduced instead, so a downscaled copy is compared at the detail it has.
     """
     k = min(1.0, max(WORK / max(a.size), 8 / min(a.size)))  # thin images keep 8 px across
     aw, ah = round(a.size[0] * k), round(a.size[1] * k)
-    best = -1.0
+    best = NO_MATCH
     for tw, th in _template_sizes(a.size, b.size, k):
         up = max(1.0, tw / b.size[0], th / b.size[1])
         rw, rh = round(aw / up), round(ah / up)
@@ -110,29 +156,35 @@ def _one_way(a: Thumb, b: Thumb) -> float:
                 ref, t = gaussian_filter(ref, LOW_BLUR), gaussian_filter(t, LOW_BLUR)
             mh, mw = round(INNER * th), round(INNER * tw)
             t = t[mh:th - mh, mw:tw - mw]
-        if min(t.shape) < 3 or t.std() < 1e-3 or ref.std() < 1e-3:
-            continue
-        for tt in (t, t[:, ::-1]):
-            best = max(best, float(match_template(ref, np.ascontiguousarray(tt)).max()))
+        best = _best(ref, t, best)
     return best
 
 
-def copy_score(a: Thumb | Image.Image, b: Thumb | Image.Image) -> float:
-    """Zero-normalised cross-correlation after the best alignment, in [-1, 1]; symmetric.
+def _whole_resized(a: Thumb, b: Thumb) -> Match:
+    """`b` as the whole of `a` reduced to b's exact size, by whichever kernel matches best."""
+    (aw, ah), (bw, bh) = a.size, b.size
+    if (bw, bh) == (aw, ah) or bw > aw or bh > ah or abs(math.log((aw / ah) / (bw / bh))) > ASPECT:
+        return NO_MATCH
+    t = np.asarray(b.pixels, np.float32)
+    best = NO_MATCH
+    for kernel in KERNELS:
+        best = _best(_resized(a.pixels, bw, bh, kernel), t, best)
+    return best
 
-    NaN where either image has no texture to align (a flat image): pixels cannot tell a copy from
-    a look-alike there, and `passes` does not confirm it.
+
+def copy_match(a: Thumb | Image.Image, b: Thumb | Image.Image) -> Match:
+    """The best alignment of the two images, either way round; symmetric.
+
+    NO_MATCH (NaN) where either image has no texture to align (a flat image): pixels cannot tell
+    a copy from a look-alike there, and no `VerifyRule` confirms it.
     """
     a = a if isinstance(a, Thumb) else Thumb.of(a)
     b = b if isinstance(b, Thumb) else Thumb.of(b)
-    if min(np.asarray(a.pixels, np.float32).std(), np.asarray(b.pixels, np.float32).std()) < TEXTURE:
-        return float("nan")
-    return max(_one_way(a, b), _one_way(b, a))
-
-
-def passes(score: float, threshold: float) -> bool:
-    """A candidate is confirmed as a copy when its score exceeds the threshold (NaN never does)."""
-    return bool(score > threshold)
+    if a.flat or b.flat:
+        return NO_MATCH
+    found = [m for m in (_one_way(a, b), _one_way(b, a), _whole_resized(a, b), _whole_resized(b, a))
+             if not math.isnan(m.score)]
+    return max(found, key=lambda m: m.score, default=NO_MATCH)
 
 
 VERIFIERS = ("align", "none")

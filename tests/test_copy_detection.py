@@ -18,7 +18,7 @@ from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.decontam import Leak, LeakReport, verify_leaks
 from curation.dedup import duplicate_clusters, nearest_partners
 from curation.samples import SAMPLES
-from curation.verify import Thumb, copy_score, passes
+from curation.verify import NO_MATCH, Match, VerifyRule, copy_match
 from index.embed import embed_images
 from index.encoders import build_encoder, resolve_encoder
 
@@ -57,32 +57,40 @@ def test_unknown_copy_kind_lists_the_kinds():
 # ---------------------------------------------------------------- verification score
 
 
-def test_copy_score_is_symmetric_and_one_for_the_same_image(fm_images):
+def test_copy_match_is_symmetric_and_exact_for_the_same_image(fm_images):
     a, b = fm_images[0], fm_images[1]
-    assert copy_score(a, a) == pytest.approx(1.0, abs=1e-4)
-    assert copy_score(a, b) == pytest.approx(copy_score(b, a), abs=1e-6)
-    assert copy_score(a, b) < 0.99
+    assert copy_match(a, a).score == pytest.approx(1.0, abs=1e-4) and copy_match(a, a).residual < 0.5
+    assert copy_match(a, b).score == pytest.approx(copy_match(b, a).score, abs=1e-6)
+    assert copy_match(a, b).residual == pytest.approx(copy_match(b, a).residual, rel=1e-3)
+    assert copy_match(a, b).score < 0.99 and copy_match(a, b).residual > 10
 
 
 def test_flat_images_cannot_be_verified():
     flat = Image.new("RGB", (32, 32), (200, 10, 10))
-    assert np.isnan(copy_score(flat, flat))
-    assert not passes(float("nan"), 0.5) and passes(0.9, 0.5) and not passes(0.5, 0.5)
+    assert np.isnan(copy_match(flat, flat).score)
+    rule = VerifyRule(0.5, 10.0)
+    assert not rule.passes(NO_MATCH) and rule.passes(Match(0.9, 3.0)) and not rule.passes(Match(0.5, 3.0))
+    assert not rule.passes(Match(0.99, 10.5)) and VerifyRule(0.5).passes(Match(0.9, 1e6))
+    assert rule.to_dict() == {"min_score": 0.5, "max_residual": 10.0} and VerifyRule(0.5).to_dict()["max_residual"] is None
 
 
-def test_copy_score_aligns_crops_pads_and_flips_exactly(fm_images):
-    for kind in ("crop", "pad", "flip"):
+def test_copy_match_aligns_crops_pads_flips_and_resizes_exactly(fm_images):
+    for kind in ("crop", "pad", "flip", "resize"):
         for i, im in enumerate(fm_images[:10]):
-            assert copy_score(make_copy(im, kind, copy_rng(0, i, kind)), im) > 0.99, kind
+            m = copy_match(make_copy(im, kind, copy_rng(0, i, kind)), im)
+            assert m.score > 0.999 and m.residual < 1.0, (kind, m)
 
 
 # ---------------------------------------------------------------- calibration (pure parts)
 
 
-def _measurements(pos: np.ndarray, neg: np.ndarray, pos_v: np.ndarray, neg_v: np.ndarray) -> Measurements:
+def _measurements(pos: np.ndarray, neg: np.ndarray, pos_v: np.ndarray, neg_v: np.ndarray,
+                  pos_r: np.ndarray | None = None, neg_r: np.ndarray | None = None) -> Measurements:
     kinds = tuple(f"k{i}" for i in range(pos.shape[0]))
-    neg, neg_v = neg[:, None], neg_v[:, None]   # one distinct reference per image
-    return Measurements(kinds, pos, pos, np.zeros(pos.shape, np.int64), pos_v, neg, neg, neg_v)
+    pos_r = np.zeros(pos.shape) if pos_r is None else pos_r
+    neg_r = np.zeros(neg.shape) if neg_r is None else neg_r
+    neg, neg_v, neg_r = neg[:, None], neg_v[:, None], neg_r[:, None]   # one distinct reference per image
+    return Measurements(kinds, pos, pos, np.zeros(pos.shape, np.int64), pos_v, pos_r, neg, neg, neg_v, neg_r)
 
 
 def test_choose_keeps_recall_for_every_kind_and_sets_verification_in_the_gap():
@@ -95,11 +103,25 @@ def test_choose_keeps_recall_for_every_kind_and_sets_verification_in_the_gap():
     assert all(r >= 0.99 for r in cal.recall.values())
     q99 = float(np.quantile(neg_v, 0.99))
     assert cal.verify_threshold == pytest.approx((0.98 - 1e-6 + q99) / 2, abs=1e-5)
-    assert cal.false_positive_rate == 0.0
+    assert cal.false_positive_rate == 0.0 and cal.verify_max_residual is None   # the residual is not needed
     none = choose(_measurements(pos, neg, pos_v, neg_v), 0.99, verify="none")
     assert none.verify_threshold is None and none.leak_threshold > cal.leak_threshold
     assert none.false_positive_rate == evaluate(_measurements(pos, neg, pos_v, neg_v), none.leak_threshold,
                                                 None)["false_positive_rate"] > 0.5
+
+
+def test_choose_limits_the_residual_where_correlation_cannot_separate():
+    # copies of low-contrast images correlate less (0.96..0.98) than high-contrast look-alikes (0.985),
+    # but differ from their source by a small residual (grey levels) where look-alikes differ by a large one
+    pos = np.full((2, 200), 0.99)
+    pos_v = np.stack([np.linspace(0.96, 0.999, 200)] * 2)
+    pos_r = np.stack([np.linspace(2.0, 14.0, 200), np.linspace(0.0, 6.0, 200)])
+    neg, neg_v, neg_r = np.full(200, 0.99), np.full(200, 0.985), np.linspace(19.0, 40.0, 200)
+    m = _measurements(pos, neg, pos_v, neg_v, pos_r, neg_r)
+    cal = choose(m, 0.99)
+    assert cal.false_positive_rate == 0.0 and min(cal.recall.values()) >= 0.99
+    assert 13.0 <= cal.verify_max_residual < 19.0 and cal.verify_threshold < 0.961
+    assert evaluate(m, cal.leak_threshold, VerifyRule(cal.verify_threshold), cal.neighbours)["false_positive_rate"] == 1.0
 
 
 def test_choose_rejects_a_bad_recall():
@@ -144,13 +166,14 @@ def test_duplicate_clusters_keep_only_verified_pairs():
 def test_verify_leaks_moves_unconfirmed_candidates_to_rejected():
     leaks = tuple(Leak(index=k, image_id=f"g{k}", max_similarity=0.9, encoder=0, neighbor_ids=("a", "b"),
                        neighbor_similarity=(0.9, 0.8)) for k in range(3))
-    scores = {("g0", "a"): 0.2, ("g0", "b"): 0.97, ("g1", "a"): 0.5, ("g1", "b"): float("nan"),
-              ("g2", "a"): float("nan"), ("g2", "b"): float("nan")}
-    r = verify_leaks(LeakReport(0.5, 3, 2, leaks), lambda g, ref: scores[(g, ref)], 0.9)
-    assert [x.image_id for x in r.leaks] == ["g0"] and r.leaks[0].verified_reference == "b"
+    found = {("g0", "a"): Match(0.99, 30.0), ("g0", "b"): Match(0.97, 5.0), ("g1", "a"): Match(0.5, 3.0),
+             ("g1", "b"): NO_MATCH, ("g2", "a"): NO_MATCH, ("g2", "b"): NO_MATCH}
+    r = verify_leaks(LeakReport(0.5, 3, 2, leaks), lambda g, ref: found[(g, ref)], VerifyRule(0.9, 10.0))
+    assert [x.image_id for x in r.leaks] == ["g0"]
+    assert r.leaks[0].verified_reference == "b" and r.leaks[0].verify_residual == 5.0   # the passing match is shown
     assert [x.image_id for x in r.rejected] == ["g1", "g2"]
     assert r.rejected[0].verify_score == 0.5 and np.isnan(r.rejected[1].verify_score)
-    assert r.to_dict()["verify_threshold"] == 0.9
+    assert r.to_dict()["verify_rule"] == {"min_score": 0.9, "max_residual": 10.0}
 
 
 # ---------------------------------------------------------------- planted copies of real images
@@ -199,7 +222,7 @@ MAX_FALSE_POSITIVE_RATE = 0.35  # measured 0.08 .. 0.26
 @pytest.mark.parametrize("enc", list(ENCODERS))
 def test_planted_copies_are_caught_and_most_look_alikes_kept(planted, name: str, enc: str):
     cal, test = planted[name, enc]
-    got = evaluate(test, cal.leak_threshold, cal.verify_threshold, cal.neighbours)
+    got = evaluate(test, cal.leak_threshold, cal.rule, cal.neighbours)
     paper = evaluate(test, 0.95, None)
     print(name, enc, json.dumps({"calibrated": got, "paper": paper}))
     recall = np.array(list(got["recall"].values()))

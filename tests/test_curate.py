@@ -230,6 +230,7 @@ def test_manifest_counts_add_up_and_backfill_reaches_n(base):
     assert th["source"] == "calibrated" and th["verifier"] == "align"
     assert (th["dedup"], th["leak"], th["verify"]) == (cal["dedup_threshold"], cal["leak_threshold"],
                                                        cal["verify_threshold"])
+    assert th["max_residual"] == cal["verify_max_residual"]
     assert set(cal["recall"]) == set(COPY_KINDS) and cal["num_images"] == 6 * len(CLASSES)
     assert (f"thresholds (calibrated) dedup {th['dedup']:.4g} leak {th['leak']:.4g} "
             f"verify align {th['verify']:.4g}") in stdout
@@ -297,12 +298,16 @@ def test_decontamination_removes_planted_copies_and_keeps_the_look_alike(world: 
         assert flagged[gid]["max_similarity"] > m["thresholds"]["leak"]
         # confirmed by verification against the planted source
         assert flagged[gid]["verified_reference"] == rid
-        assert flagged[gid]["verify_score"] > m["leaks"]["verify_threshold"] == m["thresholds"]["verify"]
+        rule = m["leaks"]["verify_rule"]
+        assert flagged[gid]["verify_score"] > rule["min_score"] == m["thresholds"]["verify"]
+        assert rule["max_residual"] is None or flagged[gid]["verify_residual"] <= rule["max_residual"]
     alike, alike_ref = world.fx.look_alike
     assert alike in sources, "a look-alike is a legitimate retrieval"
     # the random-init encoder puts it above the loose candidate threshold; verification keeps it
     rejected = {x["image_id"]: x for x in m["leaks"]["rejected"]}
-    assert alike in rejected and rejected[alike]["verify_score"] < m["thresholds"]["verify"]
+    limit = m["thresholds"]["max_residual"] or np.inf
+    assert alike in rejected and (rejected[alike]["verify_score"] <= m["thresholds"]["verify"]
+                                  or rejected[alike]["verify_residual"] > limit)
     assert m["leaks"]["num_references"] == 6 * len(CLASSES)
     leaks_html = _section((out / contract.REPORT_FILE).read_text(), "leaks")
     for gid, rid in world.fx.leaks.items():
@@ -411,7 +416,7 @@ def clip_index(world: World) -> Path:
 def test_paper_thresholds_without_verification(world: World, capsys):
     out = world.root / "paper"
     m = _run(world, out, "--dedup-threshold", "0.99", "--leak-threshold", "0.95", "--verify", "none")
-    assert m["thresholds"] == {"dedup": 0.99, "leak": 0.95, "verify": None, "verifier": "none",
+    assert m["thresholds"] == {"dedup": 0.99, "leak": 0.95, "verify": None, "max_residual": None, "verifier": "none",
                                "neighbours": 5, "source": "given"}
     assert m["calibration"] is None
     assert "thresholds (given) dedup 0.99 leak 0.95 verify none -" in capsys.readouterr().out
@@ -420,7 +425,8 @@ def test_paper_thresholds_without_verification(world: World, capsys):
 @pytest.mark.parametrize("field,value,valid", [("dedup_threshold", "high", "'auto' or a number"),
                                                ("leak_threshold", 1.5, "'auto' or a number"),
                                                ("verify_threshold", "x", "'auto' or a number"),
-                                               ("verify", "orb", "align, none")])
+                                               ("verify", "orb", "align, none"),
+                                               ("verify_max_residual", -3, "grey levels >= 0")])
 def test_bad_threshold_settings_list_the_valid_choices(field: str, value, valid: str):
     with pytest.raises(ValueError, match=valid):
         CurateConfig(queries="x", index="y", size=1, out="z", **{field: value})
