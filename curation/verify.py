@@ -24,8 +24,13 @@ silhouettes of one class (score 0.98, residual 19 and up); the residual alone wo
 two low-texture images. Calibration (`curation.calibrate`) sets both limits for the data at hand.
 A flat image (grey-level std < 4) cannot be scored: NaN, and never confirmed.
 
-Chosen by measurement (``bench/copydetect.py``, ``verifiers``). pHash (imagehash) does not
-separate crops and letterboxes from look-alikes at all (first percentile of crop copies 0.25
+Chosen by measurement (``bench/copydetect.py``, ``verifiers``). On 200 Fashion-MNIST test images,
+one copy of each kind, against each image's 8 nearest same-class images by EfficientNet-Lite0:
+copies' first-percentile score is 0.97 (JPEG), 0.98 (resize + JPEG), 1.0 (resize, crop, flip,
+pad), their 99th-percentile residual 15 grey levels at most; the look-alikes' 99th-percentile score
+is 0.97 but their first-percentile residual 23 (0.1%: 19), so the two together separate what
+either alone cannot (~8 ms a pair at 28 px, ~65 ms at 128 px, one core). pHash (imagehash) does
+not separate crops and letterboxes from look-alikes at all (first percentile of crop copies 0.25
 against look-alikes' 99th percentile 0.81 on Fashion-MNIST). Local features (ORB + RANSAC,
 opencv) were not used: a 28x28 image offers a handful of keypoints at best, and the alignment
 search covers the geometric edits of the copy family (`curation.copies`) exactly.

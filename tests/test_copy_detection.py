@@ -205,16 +205,21 @@ def planted() -> dict:
 
 
 # The goal is recall >= 0.99 for every kind and a false-positive rate <= 0.01. Measured on these
-# pools (120 held-out images per set at most), the decision reaches the recall goal for most
-# kinds but not the false-positive goal: one of the distinct same-class images a held-out image
-# is verified against passes for 8-26% of them (Fashion-MNIST silhouettes of one class, tiles of
-# one texture photo and stamp variants correlate as strongly as a half-size JPEG copy does with
-# its source, and every extra reference verified is another chance). Recall also loses the flat images (dark sky or blank page tiles): a pair with a
-# flat image cannot be scored and is never confirmed, about 2% of every kind on 60 skimage tiles.
-# These bounds pin what is reached, so a regression fails; they are not the goal.
-MIN_RECALL_ANY_KIND = 0.90      # measured 0.90 .. 1.0
+# pools (60..100 held-out images per set), with the correlation + residual rule:
+#   fashion_mnist  no look-alike confirmed (0 of 100 images, 0 of ~1,600 pairs); recall 0.96..1.0
+#                  per kind (the misses are JPEG copies of low-contrast items just past the residual
+#                  limit calibrated on the other half; test-tiny-clip also misses crops whose source
+#                  is not among the nearest references by its random embedding);
+#   stamps         2 of 60 images (0.3-0.5% of pairs): stamp variants drawn alike; recall 0.95..1.0;
+#   skimage        12-13% of images (4-6% of pairs): tiles of one repetitive photo (brick, text,
+#                  gravel) are shifted near-copies of each other; recall 0.95..0.98, the misses are
+#                  flat tiles (dark sky, blank page), which cannot be scored and are never confirmed.
+# These bounds pin what is reached, so a regression fails; where they are looser than the goal,
+# the goal is not reached.
+MIN_RECALL_ANY_KIND = 0.92      # measured 0.93 .. 1.0
 MIN_RECALL_MEAN = 0.97          # measured 0.973 .. 1.0
-MAX_FALSE_POSITIVE_RATE = 0.35  # measured 0.08 .. 0.26
+MAX_FALSE_POSITIVE_RATE = {"fashion_mnist": 0.01, "stamps": 0.05, "skimage": 0.16}   # per image
+MAX_FALSE_POSITIVE_RATE_PER_PAIR = {"fashion_mnist": 0.01, "stamps": 0.01, "skimage": 0.08}
 
 
 @pytest.mark.slow
@@ -227,9 +232,10 @@ def test_planted_copies_are_caught_and_most_look_alikes_kept(planted, name: str,
     print(name, enc, json.dumps({"calibrated": got, "paper": paper}))
     recall = np.array(list(got["recall"].values()))
     assert recall.min() >= MIN_RECALL_ANY_KIND and recall.mean() >= MIN_RECALL_MEAN, got["recall"]
-    assert got["false_positive_rate"] <= MAX_FALSE_POSITIVE_RATE, got
+    assert got["false_positive_rate"] <= MAX_FALSE_POSITIVE_RATE[name], got
+    assert got["false_positive_rate_per_pair"] <= MAX_FALSE_POSITIVE_RATE_PER_PAIR[name], got
     paper_recall = np.array(list(paper["recall"].values()))
     if enc == "efficientnet_lite0":   # the paper's threshold misses most copies of some kind
         assert paper_recall.min() < 0.8 and recall.min() > paper_recall.min() + 0.15
     else:                             # random-init: everything is > 0.95; calibration rejects most
-        assert paper["false_positive_rate"] > 0.9 and got["false_positive_rate"] < MAX_FALSE_POSITIVE_RATE
+        assert paper["false_positive_rate"] > 0.9 and got["false_positive_rate"] < 0.2
