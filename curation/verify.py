@@ -46,7 +46,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from skimage.feature import match_template
 
-WORK = 128                                    # longest side compared; thumbnails are kept this size
+WORK = 160                                    # longest side compared; thumbnails are kept this size
 SCALES = (1.0, 0.97, 0.94, 0.91, 0.88)        # template side as a fraction of the reference's
 TEXTURE = 4.0                                 # grey-level std below which an image is flat
 LOW_BLUR = 0.7                                # sigma (pixels) when comparing at a reduced size

@@ -210,16 +210,17 @@ def planted() -> dict:
 #                  per kind (the misses are JPEG copies of low-contrast items just past the residual
 #                  limit calibrated on the other half; test-tiny-clip also misses crops whose source
 #                  is not among the nearest references by its random embedding);
-#   stamps         2 of 60 images (0.3-0.5% of pairs): stamp variants drawn alike; recall 0.95..1.0;
-#   skimage        12-13% of images (4-6% of pairs): tiles of one repetitive photo (brick, text,
-#                  gravel) are shifted near-copies of each other; recall 0.95..0.98, the misses are
-#                  flat tiles (dark sky, blank page), which cannot be scored and are never confirmed.
+#   stamps         2 of 60 images (0.3-0.5% of pairs): stamp variants drawn alike; recall 0.95..1.0
+#                  (letterboxed copies of 128 px stamps are reduced to 160 px, so not compared exactly);
+#   skimage        4 of 60 images (3% of pairs): smooth tiles of one photo (the clock's wall) agree
+#                  as well as a copy does, within a grey level or two; recall 0.95..0.98, the misses
+#                  are flat tiles (the moon's dark sky), which cannot be scored and are never confirmed.
 # These bounds pin what is reached, so a regression fails; where they are looser than the goal,
 # the goal is not reached.
 MIN_RECALL_ANY_KIND = 0.92      # measured 0.93 .. 1.0
 MIN_RECALL_MEAN = 0.97          # measured 0.973 .. 1.0
-MAX_FALSE_POSITIVE_RATE = {"fashion_mnist": 0.01, "stamps": 0.05, "skimage": 0.16}   # per image
-MAX_FALSE_POSITIVE_RATE_PER_PAIR = {"fashion_mnist": 0.01, "stamps": 0.01, "skimage": 0.08}
+MAX_FALSE_POSITIVE_RATE = {"fashion_mnist": 0.01, "stamps": 0.05, "skimage": 0.09}   # per image
+MAX_FALSE_POSITIVE_RATE_PER_PAIR = {"fashion_mnist": 0.01, "stamps": 0.01, "skimage": 0.05}
 
 
 @pytest.mark.slow
