@@ -86,12 +86,14 @@ def verifier_comparison(images, labels, seed: int) -> dict:
     out = {}
     for name, fn in fns.items():
         t = time.perf_counter()
-        neg = np.nan_to_num([fn(images[i], images[nn[i]]) for i in range(len(images))], nan=-1.0)
+        neg = np.array([fn(images[i], images[nn[i]]) for i in range(len(images))], np.float64)
         dt = time.perf_counter() - t
-        pos = {k: round(float(np.quantile(np.nan_to_num(
-            [fn(make_copy(im, k, copy_rng(seed, i, k)), im) for i, im in enumerate(images)], nan=-1.0), 0.01)), 3)
-            for k in COPY_KINDS}
-        out[name] = {"copies_p01": pos, "lookalike_p99": round(float(np.quantile(neg, 0.99)), 3),
+        pos = {k: np.array([fn(make_copy(im, k, copy_rng(seed, i, k)), im) for i, im in enumerate(images)], np.float64)
+               for k in COPY_KINDS}
+        # quantiles over the pairs that can be scored (a flat image cannot: counted apart)
+        out[name] = {"copies_p01": {k: round(float(np.nanquantile(v, 0.01)), 3) for k, v in pos.items()},
+                     "lookalike_p99": round(float(np.nanquantile(neg, 0.99)), 3),
+                     "unscorable": round(float(np.mean([np.isnan(v).mean() for v in pos.values()])), 4),
                      "ms_per_pair": round(1e3 * dt / len(images), 2)}
     return out
 
