@@ -356,7 +356,8 @@ def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[
     """The thresholds in force: given numbers as they are, "auto" ones from a calibration on the
     query set's references (cached by encoders + sampled reference ids; see curation.calibrate)."""
     verifying = cfg.verify != "none"
-    auto = [cfg.dedup_threshold == "auto", cfg.leak_threshold == "auto", verifying and cfg.verify_threshold == "auto"]
+    auto = [cfg.dedup_threshold == "auto", cfg.leak_threshold == "auto",
+            verifying and "auto" in (cfg.verify_threshold, cfg.verify_max_residual)]
     cal = None
     if any(auto) and qs.references:
         cal, reused = cached_calibration(models, qs.references, ref_feats, cache_dir, size=cfg.calibration_images,

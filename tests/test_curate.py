@@ -431,6 +431,7 @@ def test_bad_threshold_settings_list_the_valid_choices(field: str, value, valid:
     with pytest.raises(ValueError, match=valid):
         CurateConfig(queries="x", index="y", size=1, out="z", **{field: value})
     assert CurateConfig(queries="x", index="y", size=1, out="z", leak_threshold="0.9").leak_threshold == 0.9
+    assert CurateConfig(queries="x", index="y", size=1, out="z", verify_max_residual="12").verify_max_residual == 12.0
 
 
 def test_text_strategy_with_a_clip_encoder(world: World, clip_index: Path):
