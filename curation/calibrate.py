@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from curation.copies import COPY_KINDS, copy_rng, make_copy
-from curation.verify import NO_MATCH, Thumb, VerifyRule, copy_match
+from curation.verify import Thumb, VerifyRule, copy_match
 from index.atomic import fingerprint, read_json, write_json
 
 CALIBRATION_VERSION = 2
@@ -69,7 +69,7 @@ class Calibration:
     def rule(self) -> VerifyRule | None:
         if self.verify_threshold is None:
             return None
-        return VerifyRule(self.verify_threshold, _limit(self.verify_max_residual))
+        return VerifyRule.of(self.verify_threshold, self.verify_max_residual)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Calibration":
@@ -246,10 +246,6 @@ def _verify_rule(m: Measurements, cand: np.ndarray, neighbours: int, recall: flo
     if got is None or got[0] > fewest:
         r, got = r_lo, tried[r_lo]
     return VerifyRule(round(got[1], 6), round(r, 4))
-
-
-def _limit(x: float | None) -> float:
-    return np.inf if x is None else float(x)
 
 
 def evaluate(m: Measurements, leak_threshold: float, rule: VerifyRule | None,

@@ -381,8 +381,7 @@ def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[
           "source": "calibrated" if all(auto[:2]) and cal else "given" if not any(auto) else "mixed"}
     if th["max_residual"] is not None and np.isinf(th["max_residual"]):
         th["max_residual"] = None
-    th["rule"] = VerifyRule(th["verify"], th["max_residual"] if th["max_residual"] is not None else np.inf) \
-        if verifying else None
+    th["rule"] = VerifyRule.of(th["verify"], th["max_residual"]) if verifying else None
     return th, cal
 
 

@@ -71,6 +71,11 @@ class VerifyRule:
     min_score: float
     max_residual: float = math.inf
 
+    @classmethod
+    def of(cls, min_score: float, max_residual: float | None) -> "VerifyRule":
+        """From stored limits, where a residual limit of None means none (inf)."""
+        return cls(float(min_score), math.inf if max_residual is None else float(max_residual))
+
     def passes(self, m: Match) -> bool:
         return bool(m.score > self.min_score and m.residual <= self.max_residual)   # NaN: never
 
