@@ -42,7 +42,7 @@ from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.verify import Thumb, VerifyRule, copy_match
 from index.atomic import fingerprint, read_json, write_json
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 MAX_NEIGHBOURS = 32                             # most references verified per candidate
 GRID = np.round(np.linspace(0.5, 1.0, 51), 3)   # thresholds at which the curves are reported
 

@@ -12,28 +12,35 @@ letterboxed copy that was not resized), as the whole of it resized to its exact 
 thumbnail; the reference is reduced with each of the box, bilinear, bicubic and Lanczos kernels
 and the best kept, so a resized copy is compared at the detail it still has, with the kernel
 that made it), and as a crop of 88..100% of it at that scale, mirrored and not, slid over it
-(OpenCV ``matchTemplate``), both ways round. At the best alignment it reports two numbers:
+(OpenCV ``matchTemplate``), both ways round. The placement is the one where the raw pixels
+correlate best; there, both aligned images are low-passed (a Gaussian of sigma = 1/48 of the
+compared side, 2 px at 96 px) and two numbers are reported:
 
     score     zero-normalised cross-correlation, in [-1, 1]: the structure agrees;
     residual  the RMS grey-level difference left after the best brightness/contrast fit
               (sigma * sqrt(1 - score**2)): how large the disagreement is, in absolute terms.
 
+The low-pass keeps what every edit of the copy family keeps and drops what they destroy: JPEG,
+WebP, GIF quantisation and resampling remove fine detail (sensor noise, grain), so a JPEG copy of
+a grass tile correlates 0.83 with its source on raw pixels and 0.98 after the low-pass, while two
+distinct images differ in their coarse structure, which the low-pass keeps.
+
 A copy needs both (`VerifyRule`): correlation alone rates a JPEG copy of a low-contrast image
-(score 0.97, residual 14 grey levels on Fashion-MNIST) below two distinct high-contrast
-silhouettes of one class (score 0.98, residual 19 and up); the residual alone would confirm any
+below two distinct high-contrast silhouettes of one class; the residual alone would confirm any
 two low-texture images. Calibration (`curation.calibrate`) sets both limits for the data at hand.
 A flat image (grey-level std < 4) cannot be scored: NaN, and never confirmed.
 
-Chosen by measurement (``bench/copydetect.py``, ``verifiers``). On 200 Fashion-MNIST test images,
-one copy of each kind, against each image's 8 nearest same-class images by EfficientNet-Lite0:
-copies' first-percentile score is 0.97 (JPEG), 0.98 (resize + JPEG), 1.0 (resize, crop, flip,
-pad), their 99th-percentile residual 15 grey levels at most; the look-alikes' 99th-percentile score
-is 0.97 but their first-percentile residual 23 (0.1%: 19), so the two together separate what
-either alone cannot (~1.4 ms a pair at 28 px, ~4.5 ms at 96-128 px, one core). pHash (imagehash) does
-not separate crops and letterboxes from look-alikes at all (first percentile of crop copies 0.25
-against look-alikes' 99th percentile 0.81 on Fashion-MNIST). Local features (ORB + RANSAC,
-opencv) were not used: a 28x28 image offers a handful of keypoints at best, and the alignment
-search covers the geometric edits of the copy family (`curation.copies`) exactly.
+Chosen by measurement (the planted-copy tests, ``tests/test_copy_detection.py``: limits calibrated
+on one half of each pool, measured on the other; ``bench/copydetect.py`` reports the same). Against
+each held-out image's nearest distinct images of its class, raw-pixel correlation and residual
+confirmed 0 / 2 / 4 of 100 / 60 / 60 Fashion-MNIST / Tux Paint stamp / scikit-image tile images as
+copies of a look-alike; after the low-pass, 0 / 1 / 0, with the weakest kind's recall 0.94 / 1.0 /
+0.97 (raw: 0.96 / 0.98 / 0.97). pHash (imagehash) does not separate crops and letterboxes from
+look-alikes at all (first percentile of crop copies 0.25 against look-alikes' 99th percentile 0.81
+on Fashion-MNIST). Local features (ORB + RANSAC, opencv) were not used: a 28x28 image offers a
+handful of keypoints at best, and the alignment search covers the geometric edits of the copy
+family (`curation.copies`) exactly. A pair costs ~2 ms at 28 px and ~5-6 ms at 96-128 px on one
+core.
 """
 from __future__ import annotations
 
@@ -41,15 +48,16 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import cv2
 import numpy as np
 from PIL import Image
-import cv2
 from scipy.ndimage import gaussian_filter
 
 WORK = 160                                    # longest side compared; thumbnails are kept this size
 SCALES = (1.0, 0.97, 0.94, 0.91, 0.88)        # template side as a fraction of the reference's
 TEXTURE = 4.0                                 # grey-level std below which an image is flat
-LOW_BLUR = 0.7                                # sigma (pixels) when comparing at a reduced size
+LOW_BLUR = 0.7                                # sigma (pixels) when aligning at a reduced size
+BLUR = 1 / 48                                 # sigma of the low-pass the match is measured on, per side
 INNER = 0.08                                  # margin cut from each side of a resampled template
 ASPECT = 0.05                                 # aspect difference a whole-image resize may show
 KERNELS = (Image.Resampling.BOX, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC,
@@ -114,25 +122,40 @@ def _resized(g: Image.Image, w: int, h: int, kernel=None) -> np.ndarray:
     return np.asarray(g.resize((w, h), kernel), np.float32)
 
 
-def _best(ref: np.ndarray, t: np.ndarray, best: Match) -> Match:
-    """`best`, or the best placement of `t` (mirrored or not) inside `ref` where that is better."""
+class _Placement(NamedTuple):
+    fit: float       # correlation of the raw pixels there: what the alignment search maximises
+    match: Match     # what is reported there (after the BLUR low-pass)
+
+
+_NONE = _Placement(-math.inf, NO_MATCH)
+
+
+def _agreement(p: np.ndarray, q: np.ndarray) -> Match:
+    """Correlation and residual (after the best brightness/contrast fit) of two aligned arrays."""
+    p, q = p - p.mean(), q - q.mean()
+    sp, sq = math.sqrt(float((p * p).mean())), math.sqrt(float((q * q).mean()))
+    if sp < 1e-3 or sq < 1e-3:
+        return NO_MATCH
+    v = float((p * q).mean()) / (sp * sq)
+    return Match(v, math.sqrt(sp * sq) * math.sqrt(max(0.0, 1.0 - v * v)))
+
+
+def _best(ref: np.ndarray, t: np.ndarray, best: _Placement) -> _Placement:
+    """`best`, or the best placement of `t` (mirrored or not) inside `ref` where that fits better."""
     if min(t.shape) < 3 or t.std() < 1e-3 or ref.std() < 1e-3:
         return best
     for tt in (t, t[:, ::-1]):
         tt = np.ascontiguousarray(tt)
         r = cv2.matchTemplate(ref, tt, cv2.TM_CCOEFF_NORMED)   # flat windows score 0
         y, x = np.unravel_index(int(r.argmax()), r.shape)
-        if not (float(r[y, x]) > best.score or math.isnan(best.score)):
+        if not float(r[y, x]) > best.fit:
             continue
-        # the score and residual at that placement, exactly (float64)
         p = ref[y:y + tt.shape[0], x:x + tt.shape[1]].astype(np.float64)
         q = tt.astype(np.float64)
-        p, q = p - p.mean(), q - q.mean()
-        sp, sq = math.sqrt(float((p * p).mean())), math.sqrt(float((q * q).mean()))
-        if sp < 1e-3:
-            continue
-        v = float((p * q).mean()) / (sp * sq)
-        best = Match(v, math.sqrt(sp * sq) * math.sqrt(max(0.0, 1.0 - v * v)))
+        fit = _agreement(p, q).score                        # exactly, in float64
+        if fit > best.fit:
+            s = BLUR * max(q.shape)
+            best = _Placement(fit, _agreement(gaussian_filter(p, s), gaussian_filter(q, s)))
     return best
 
 
@@ -149,7 +172,7 @@ def _template_sizes(a: tuple[int, int], b: tuple[int, int], k: float) -> list[tu
     return [t for t in dict.fromkeys(out) if 4 <= t[0] <= aw and 4 <= t[1] <= ah]
 
 
-def _one_way(a: Thumb, b: Thumb) -> Match:
+def _one_way(a: Thumb, b: Thumb) -> _Placement:
     """Best match of `b`, taken as a part of `a` (each size, mirrored or not), slid over `a`.
 
     `a` is compared at WORK pixels at most, and never enlarged `b`: where `b` would have to be
@@ -157,7 +180,7 @@ def _one_way(a: Thumb, b: Thumb) -> Match:
     """
     k = min(1.0, max(WORK / max(a.size), 8 / min(a.size)))  # thin images keep 8 px across
     aw, ah = round(a.size[0] * k), round(a.size[1] * k)
-    best = NO_MATCH
+    best = _NONE
     for tw, th in _template_sizes(a.size, b.size, k):
         up = max(1.0, tw / b.size[0], th / b.size[1])
         rw, rh = round(aw / up), round(ah / up)
@@ -175,13 +198,13 @@ def _one_way(a: Thumb, b: Thumb) -> Match:
     return best
 
 
-def _whole_resized(a: Thumb, b: Thumb) -> Match:
+def _whole_resized(a: Thumb, b: Thumb) -> _Placement:
     """`b` as the whole of `a` reduced to b's exact size, by whichever kernel matches best."""
     (aw, ah), (bw, bh) = a.size, b.size
     if (bw, bh) == (aw, ah) or bw > aw or bh > ah or abs(math.log((aw / ah) / (bw / bh))) > ASPECT:
-        return NO_MATCH
+        return _NONE
     t = np.asarray(b.pixels, np.float32)
-    best = NO_MATCH
+    best = _NONE
     for kernel in KERNELS:
         best = _best(_resized(a.pixels, bw, bh, kernel), t, best)
     return best
@@ -197,9 +220,8 @@ def copy_match(a: Thumb | Image.Image, b: Thumb | Image.Image) -> Match:
     b = b if isinstance(b, Thumb) else Thumb.of(b)
     if a.flat or b.flat:
         return NO_MATCH
-    found = [m for m in (_one_way(a, b), _one_way(b, a), _whole_resized(a, b), _whole_resized(b, a))
-             if not math.isnan(m.score)]
-    return max(found, key=lambda m: m.score, default=NO_MATCH)
+    return max((_one_way(a, b), _one_way(b, a), _whole_resized(a, b), _whole_resized(b, a)),
+               key=lambda p: p.fit).match
 
 
 VERIFIERS = ("align", "none")

@@ -205,22 +205,23 @@ def planted() -> dict:
 
 
 # The goal is recall >= 0.99 for every kind and a false-positive rate <= 0.01. Measured on these
-# pools (60..100 held-out images per set), with the correlation + residual rule:
-#   fashion_mnist  no look-alike confirmed (0 of 100 images, 0 of ~1,600 pairs); recall 0.96..1.0
-#                  per kind (the misses are JPEG copies of low-contrast items just past the residual
-#                  limit calibrated on the other half; test-tiny-clip also misses crops whose source
-#                  is not among the nearest references by its random embedding);
-#   stamps         2 of 60 images (0.3-0.5% of pairs): stamp variants drawn alike; recall 0.95..1.0
-#                  (letterboxed copies of 128 px stamps are reduced to 160 px, so not compared exactly);
-#   skimage        4 of 60 images (3% of pairs): smooth tiles of one photo (the clock's wall) agree
-#                  as well as a copy does, within a grey level or two; recall 0.95..0.98, the misses
-#                  are flat tiles (the moon's dark sky), which cannot be scored and are never confirmed.
+# pools (60..100 held-out images per set; one image is 0.017 of 60), Lite0 [test-tiny-clip]:
+#   fashion_mnist  no look-alike confirmed (0 of 100 images) [0]; recall 0.94..1.0 [0.93..1.0] per
+#                  kind: the misses are half-size JPEG copies whose embedding falls below the
+#                  threshold calibrated on the other half, or whose source is not among the nearest
+#                  references verified (4 of 6), and two whose low-pass residual passes the limit;
+#   stamps         1 of 60 images [1]: an 'N' stamp inside the 'Ñ' stamp, as a crop of it would be;
+#                  recall 1.0 [0.97..1.0];
+#   skimage        0 of 60 images [2]: smooth tiles of one photo (the clock's wall); recall 0.97..0.98
+#                  [0.95..], the misses are flat tiles (std < 4 grey levels), which cannot be scored
+#                  and are never confirmed, and copies whose source is not among the 2 references
+#                  the calibration chose to verify against.
 # These bounds pin what is reached, so a regression fails; where they are looser than the goal,
 # the goal is not reached.
 MIN_RECALL_ANY_KIND = 0.92      # measured 0.93 .. 1.0
-MIN_RECALL_MEAN = 0.97          # measured 0.973 .. 1.0
-MAX_FALSE_POSITIVE_RATE = {"fashion_mnist": 0.01, "stamps": 0.05, "skimage": 0.09}   # per image
-MAX_FALSE_POSITIVE_RATE_PER_PAIR = {"fashion_mnist": 0.01, "stamps": 0.01, "skimage": 0.05}
+MIN_RECALL_MEAN = 0.97          # measured 0.975 .. 1.0
+MAX_FALSE_POSITIVE_RATE = {"fashion_mnist": 0.01, "stamps": 0.02, "skimage": 0.04}   # per image
+MAX_FALSE_POSITIVE_RATE_PER_PAIR = {"fashion_mnist": 0.001, "stamps": 0.005, "skimage": 0.01}
 
 
 @pytest.mark.slow
