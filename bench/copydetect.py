@@ -70,31 +70,36 @@ def verifier_comparison(images, labels, seed: int) -> dict:
     np.fill_diagonal(s, -2)
     s[labels[:, None] != labels[None, :]] = -2
     nn = s.argmax(1)
-    fns = {"align_ncc": lambda a, b: copy_match(a, b).score,
-           "align_residual": lambda a, b: -copy_match(a, b).residual}   # negated: higher = more alike
+    def align(a, b) -> dict[str, float]:
+        m = copy_match(a, b)
+        return {"align_ncc": m.score, "align_residual": -m.residual}   # negated: higher = more alike
+
+    verifiers = {"align": align}
     try:
         import imagehash
         from PIL import ImageOps
 
-        def phash(a, b):
+        def phash(a, b) -> dict[str, float]:
             ha = imagehash.phash(a)
-            return 1 - min(ha - imagehash.phash(b), ha - imagehash.phash(ImageOps.mirror(b))) / 32
+            return {"phash": 1 - min(ha - imagehash.phash(b), ha - imagehash.phash(ImageOps.mirror(b))) / 32}
 
-        fns["phash"] = phash
+        verifiers["phash"] = phash
     except ImportError:
         pass
     out = {}
-    for name, fn in fns.items():
+    for fn in verifiers.values():
         t = time.perf_counter()
-        neg = np.array([fn(images[i], images[nn[i]]) for i in range(len(images))], np.float64)
+        neg = [fn(images[i], images[nn[i]]) for i in range(len(images))]
         dt = time.perf_counter() - t
-        pos = {k: np.array([fn(make_copy(im, k, copy_rng(seed, i, k)), im) for i, im in enumerate(images)], np.float64)
-               for k in COPY_KINDS}
-        # quantiles over the pairs that can be scored (a flat image cannot: counted apart)
-        out[name] = {"copies_p01": {k: round(float(np.nanquantile(v, 0.01)), 3) for k, v in pos.items()},
-                     "lookalike_p99": round(float(np.nanquantile(neg, 0.99)), 3),
-                     "unscorable": round(float(np.mean([np.isnan(v).mean() for v in pos.values()])), 4),
-                     "ms_per_pair": round(1e3 * dt / len(images), 2)}
+        pos = {k: [fn(make_copy(im, k, copy_rng(seed, i, k)), im) for i, im in enumerate(images)] for k in COPY_KINDS}
+        for name in neg[0]:
+            n = np.array([d[name] for d in neg], np.float64)
+            p = {k: np.array([d[name] for d in v], np.float64) for k, v in pos.items()}
+            # quantiles over the pairs that can be scored (a flat image cannot: counted apart)
+            out[name] = {"copies_p01": {k: round(float(np.nanquantile(v, 0.01)), 3) for k, v in p.items()},
+                         "lookalike_p99": round(float(np.nanquantile(n, 0.99)), 3),
+                         "unscorable": round(float(np.mean([np.isnan(v).mean() for v in p.values()])), 4),
+                         "ms_per_pair": round(1e3 * dt / len(images), 2)}
     return out
 
 

@@ -24,10 +24,6 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 QUERIES = "fashion_mnist_10shot"
-# The paper's fixed copy thresholds without verification. curate's calibrated default ("auto" + pixel
-# verification) removes every planted leak here, but also about half of the legitimate pool (28 px
-# items of one class correlate like copies) and takes ~30 min: see README, "What to expect".
-PAPER_RULE = ["--dedup-threshold", "0.99", "--leak-threshold", "0.95", "--verify", "none"]
 
 
 def run(cmd: list[str], done: Path) -> float:
@@ -77,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, strategy in (("curated", "query_balanced"), ("random", "random")):
         steps[f"curate {name}"] = run(
             [str(BIN / "curate"), "--queries", QUERIES, "--index", str(data / "idx"), "--size", str(a.size),
-             "--strategy", strategy, "--out", str(data / name), "--cache-dir", str(data / "feature-cache"),
-             *PAPER_RULE],
+             "--strategy", strategy, "--out", str(data / name), "--cache-dir", str(data / "feature-cache")],
             data / name / "manifest.json")
     runs = [("labels_only", "none (labels only)", data / "curated", data / "runs" / "labels_only"),
             ("kd", f"curated, query_balanced, N={a.size}", data / "curated", data / "runs" / "kd_curated"),
