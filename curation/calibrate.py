@@ -257,8 +257,7 @@ def evaluate(m: Measurements, leak_threshold: float, rule: VerifyRule | None,
     def decide(sim, rank, ver, res):
         ok = sim > leak_threshold
         if rule is not None:
-            ok &= (rank < neighbours) & (np.nan_to_num(ver, nan=-np.inf) > rule.min_score)
-            ok &= np.nan_to_num(res, nan=np.inf) <= rule.max_residual
+            ok &= (rank < neighbours) & rule.accepts(ver, res)
         return ok
 
     pos = decide(m.pos_max, m.pos_rank, m.pos_verify, m.pos_residual)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -45,17 +46,18 @@ from index.gallery_index import GalleryIndex
 from index.knn import combine_features
 
 
-def parse_threshold(value: float | str, name: str = "threshold") -> float | str:
-    """"auto", or a number in [-1, 1] (strings from a CLI or a config file are converted)."""
+def parse_threshold(value: float | str, name: str = "threshold", low: float = -1.0, high: float = 1.0,
+                    what: str = "a number in [-1, 1]") -> float | str:
+    """"auto", or a number in [low, high] (strings from a CLI or a config file are converted)."""
     if isinstance(value, str):
         if value == "auto":
             return value
         try:
             value = float(value)
         except ValueError:
-            raise ValueError(f"{name} must be 'auto' or a number in [-1, 1]; got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be 'auto' or a number in [-1, 1]; got {value!r}")
+            raise ValueError(f"{name} must be 'auto' or {what}; got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be 'auto' or {what}; got {value!r}")
     return float(value)
 
 
@@ -94,16 +96,9 @@ class CurateConfig:
             raise ValueError(f"size must be >= 1; got {self.size}")
         for name in ("dedup_threshold", "leak_threshold", "verify_threshold"):
             object.__setattr__(self, name, parse_threshold(getattr(self, name), name))
-        r = self.verify_max_residual
-        if r != "auto":
-            try:
-                r = float(r)
-            except (TypeError, ValueError):
-                r = -1.0
-            if not r >= 0.0 or isinstance(self.verify_max_residual, bool):
-                raise ValueError(f"verify_max_residual must be 'auto' or a number of grey levels >= 0 "
-                                 f"(inf: no limit); got {self.verify_max_residual!r}")
-            object.__setattr__(self, "verify_max_residual", r)
+        object.__setattr__(self, "verify_max_residual", parse_threshold(
+            self.verify_max_residual, "verify_max_residual", 0.0, math.inf,
+            "a number of grey levels >= 0 (inf: no limit)"))
         if self.verify not in VERIFIERS:
             raise ValueError(f"verify must be one of {', '.join(VERIFIERS)}; got {self.verify!r}")
         if not 0.0 < self.copy_recall < 1.0:
@@ -379,9 +374,9 @@ def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[
           "verifier": cfg.verify,
           "neighbours": max(cfg.leak_neighbours, cal.neighbours if cal and verifying else 0),
           "source": "calibrated" if all(auto[:2]) and cal else "given" if not any(auto) else "mixed"}
-    if th["max_residual"] is not None and np.isinf(th["max_residual"]):
-        th["max_residual"] = None
     th["rule"] = VerifyRule.of(th["verify"], th["max_residual"]) if verifying else None
+    if th["rule"] is not None:   # stored as the rule stores it (no limit: None)
+        th["max_residual"] = th["rule"].to_dict()["max_residual"]
     return th, cal
 
 

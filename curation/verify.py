@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import cv2
@@ -84,8 +85,12 @@ class VerifyRule:
         """From stored limits, where a residual limit of None means none (inf)."""
         return cls(float(min_score), math.inf if max_residual is None else float(max_residual))
 
+    def accepts(self, score, residual):
+        """Elementwise over arrays (or scalars) of scores and residuals; NaN never passes."""
+        return (np.asarray(score) > self.min_score) & (np.asarray(residual) <= self.max_residual)
+
     def passes(self, m: Match) -> bool:
-        return bool(m.score > self.min_score and m.residual <= self.max_residual)   # NaN: never
+        return bool(self.accepts(m.score, m.residual))
 
     def to_dict(self) -> dict[str, Any]:
         return {"min_score": self.min_score,
@@ -108,8 +113,8 @@ class Thumb:
     def size(self) -> tuple[int, int]:
         return self.pixels.size
 
-    @property
-    def flat(self) -> bool:
+    @cached_property
+    def flat(self) -> bool:   # a thumbnail is compared with many others: computed once
         return float(np.asarray(self.pixels, np.float32).std()) < TEXTURE
 
 
