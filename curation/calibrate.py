@@ -17,12 +17,13 @@ of one class reach it. So the thresholds are measured, not assumed:
    ``1 - (1 - recall) / 2`` of every kind (they only select candidates), and the verification
    rule (`VerifyRule`: correlation above a limit, residual at most a limit) is the one that
    confirms the fewest look-alikes among those keeping `recall` of every kind's copies that reach
-   verification: for each residual limit (the copies' own residuals), the correlation limit that
-   keeps the recall, moved to the middle of the gap to the look-alikes' 99th percentile where
-   there is one (a pair with a flat image cannot be scored and is never confirmed);
+   verification, and all of them where that confirms no more: for each residual limit (the
+   copies' own residuals), the correlation limit that keeps them, moved to the middle of the gap
+   to the look-alikes' 99th percentile (at least MIN_SCORE); a pair with a flat image cannot be
+   scored and is never confirmed;
 5. report the false-positive rate the chosen decision gives: the fraction of sampled references
    confirmed as a copy of one of the distinct references they would be verified against (their
-   `neighbours` nearest), as a retrieved look-alike would be.
+   `neighbours` nearest, at least MIN_NEIGHBOURS), as a retrieved look-alike would be.
 
 `calibrate` is a pure function of (encoders, reference images, their features, options);
 `cached_calibration` stores its result as JSON keyed by a fingerprint of the encoder identities,
@@ -42,8 +43,9 @@ from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.verify import Thumb, VerifyRule, copy_match
 from index.atomic import fingerprint, read_json, write_json
 
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 MAX_NEIGHBOURS = 32                             # most references verified per candidate
+MIN_NEIGHBOURS = 5                              # least (the paper's 5 nearest references)
 GRID = np.round(np.linspace(0.5, 1.0, 51), 3)   # thresholds at which the curves are reported
 
 
@@ -176,7 +178,7 @@ def _load(images, j):
 
 
 def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
-           max_neighbours: int = MAX_NEIGHBOURS) -> Calibration:
+           max_neighbours: int = MAX_NEIGHBOURS, min_neighbours: int = MIN_NEIGHBOURS) -> Calibration:
     """Thresholds from measurements: kind-wise recall first, then the fewest look-alikes confirmed."""
     if not 0.0 < recall < 1.0:
         raise ValueError(f"recall must be in (0, 1); got {recall}")
@@ -188,7 +190,7 @@ def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
     k_need = max(int(np.sort(m.pos_rank[k])[min(m.pos_rank.shape[1] - 1,
                                                  int(np.ceil(embed_keep * m.pos_rank.shape[1])) - 1)]) + 1
                  for k in kinds)
-    neighbours = int(min(max_neighbours, max(1, k_need)))
+    neighbours = int(min(max_neighbours, max(min_neighbours, k_need)))
     t_leak, t_dedup = round(t_leak, 6), round(t_dedup, 6)
     rule = None
     if verify != "none":
@@ -207,31 +209,42 @@ def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
         curves=curves(m))
 
 
+MIN_SCORE = 0.5   # least correlation a copy is confirmed with, however far the look-alikes lie
+
+
 def _verify_rule(m: Measurements, cand: np.ndarray, neighbours: int, recall: float,
                  limits: int = 64) -> VerifyRule:
     """The rule keeping `recall` of every kind's candidate copies that confirms the fewest look-alikes
-    (per image, any of its `neighbours` nearest distinct references); ties: the middle one."""
+    (per image, any of its `neighbours` nearest distinct references); where it confirms no more,
+    the one keeping all of them (a sample of a hundred copies a kind says little about their 1%
+    tail). Each limit sits in the middle of its gap to the look-alikes: the score limit halfway
+    to the 99th percentile of the look-alikes within the residual limit (or to MIN_SCORE, where
+    that is higher), the residual limit halfway to the first percentile of the residuals of the
+    look-alikes above the score limit."""
     neg_s = np.nan_to_num(m.neg_verify[:, :neighbours], nan=-1.0, neginf=-1.0)
     neg_r = m.neg_residual[:, :neighbours]
     res = m.pos_residual[cand]
     grid = np.unique(np.quantile(res, np.linspace(0.5, 1.0, limits))) if res.size else np.zeros(0)
 
-    def at(r: float) -> tuple[float, float] | None:
-        """(look-alikes confirmed, score limit) with residual limit r; None where r loses recall."""
-        per_kind = [_lower_quantile(m.pos_verify[k][cand[k]], recall, within=m.pos_residual[k][cand[k]] <= r)
+    def at(r: float, keep: float) -> tuple[float, float] | None:
+        """(look-alikes confirmed, score limit) with residual limit r; None where r loses `keep`."""
+        per_kind = [_lower_quantile(m.pos_verify[k][cand[k]], keep, within=m.pos_residual[k][cand[k]] <= r)
                     for k in range(len(m.kinds))]
         s = max(-1.0, min(per_kind))
         if s <= -1.0:
             return None
         near = np.where(neg_r <= r, neg_s, -1.0).max(axis=1) if neg_s.size else np.zeros(0)
-        q = float(np.quantile(near, 0.99)) if near.size else -1.0
-        s = (s + q) / 2 if -1.0 < q < s else s   # the middle of the gap to the look-alikes
+        q = max(MIN_SCORE, float(np.quantile(near, 0.99)) if near.size else -1.0)
+        s = (s + q) / 2 if q < s else s   # the middle of the gap to the look-alikes
         return (float((near > s).mean()) if near.size else 0.0), s
 
-    tried = {float(r): got for r in [*grid, np.inf] if (got := at(float(r))) is not None}
-    if not tried:
+    tried = {keep: {float(r): got for r in [*grid, np.inf] if (got := at(float(r), keep)) is not None}
+             for keep in (1.0, recall)}
+    if not tried[recall]:
         return VerifyRule(-1.0)
-    fewest = min(fp for fp, _ in tried.values())
+    fewest = {keep: min((fp for fp, _ in t.values()), default=np.inf) for keep, t in tried.items()}
+    keep = 1.0 if fewest[1.0] <= fewest[recall] else recall
+    tried, fewest = tried[keep], fewest[keep]
     tied = [r for r, (fp, _) in tried.items() if fp == fewest]
     if np.isinf(tied[-1]):      # correlation alone does as well: no residual limit
         return VerifyRule(round(tried[np.inf][1], 6))
@@ -242,7 +255,7 @@ def _verify_rule(m: Measurements, cand: np.ndarray, neighbours: int, recall: flo
     over = neg_r[(neg_s > s_lo) & (neg_r > r_lo)]
     r_hi = float(np.quantile(over, 0.01)) if over.size else tied[-1]
     r = (r_lo + r_hi) / 2 if r_hi > r_lo else r_lo
-    got = at(r)
+    got = at(r, keep)
     if got is None or got[0] > fewest:
         r, got = r_lo, tried[r_lo]
     return VerifyRule(round(got[1], 6), round(r, 4))
@@ -307,6 +320,7 @@ class SampledImages(list):
 
 def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndarray], cache_dir: str | os.PathLike,
                        size: int = 300, recall: float = 0.99, verify: str = "align", max_neighbours: int = MAX_NEIGHBOURS,
+                       min_neighbours: int = MIN_NEIGHBOURS,
                        seed: int = 0, batch_size: int = 64) -> tuple[Calibration, bool]:
     """(calibration, reused): computed once per (encoders, sampled reference ids, options).
 
@@ -316,13 +330,14 @@ def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndar
     rows = sample_rows(len(references), size, seed)
     key = {"kind": "calibration", "version": CALIBRATION_VERSION,
            "encoders": [m.spec.identity() for m in models], "sample": [references[int(r)].id for r in rows],
-           "recall": recall, "verify": verify, "max_neighbours": max_neighbours, "seed": seed,
+           "recall": recall, "verify": verify, "max_neighbours": max_neighbours,
+           "min_neighbours": min_neighbours, "seed": seed,
            "copy_kinds": list(COPY_KINDS)}
     path = Path(cache_dir) / f"calibration-{fingerprint(key)}.json"
     if path.is_file():
         return Calibration.from_dict(read_json(path)["calibration"]), True
     images = SampledImages(references, rows, load=lambda item: item.load())
     m = measure(models, images, ref_feats, rows, seed, batch_size, verify)
-    cal = choose(m, recall, verify, max_neighbours)
+    cal = choose(m, recall, verify, max_neighbours, min_neighbours)
     write_json(path, {"key": key, "calibration": cal.to_dict()})
     return cal, False

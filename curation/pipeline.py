@@ -356,7 +356,8 @@ def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[
     cal = None
     if any(auto) and qs.references:
         cal, reused = cached_calibration(models, qs.references, ref_feats, cache_dir, size=cfg.calibration_images,
-                                         recall=cfg.copy_recall, verify=cfg.verify, batch_size=cfg.batch_size)
+                                         recall=cfg.copy_recall, verify=cfg.verify,
+                                         min_neighbours=cfg.leak_neighbours, batch_size=cfg.batch_size)
         print(f"curate: calibration {'reused' if reused else 'computed'}: leak {cal.leak_threshold:.4g} "
               f"dedup {cal.dedup_threshold:.4g} verify {_fmt(cal.verify_threshold)} "
               f"residual<={_fmt(cal.verify_max_residual)}, "

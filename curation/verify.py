@@ -28,19 +28,22 @@ distinct images differ in their coarse structure, which the low-pass keeps.
 A copy needs both (`VerifyRule`): correlation alone rates a JPEG copy of a low-contrast image
 below two distinct high-contrast silhouettes of one class; the residual alone would confirm any
 two low-texture images. Calibration (`curation.calibrate`) sets both limits for the data at hand.
-A flat image (grey-level std < 4) cannot be scored: NaN, and never confirmed.
+A flat image (grey-level std < 1) cannot be scored: NaN, and never confirmed. A placement that
+covers less than MIN_COVER of the other image is a copy only where the rest of it is flat (the
+bands of a letterbox): the family's crops keep 85% of the area, so a glyph inside a larger glyph
+(an 'N' inside an 'Ñ' stamp) or an object inside a scene is not a copy of it.
 
 Chosen by measurement (the planted-copy tests, ``tests/test_copy_detection.py``: limits calibrated
 on one half of each pool, measured on the other; ``bench/copydetect.py`` reports the same). Against
 each held-out image's nearest distinct images of its class, raw-pixel correlation and residual
 confirmed 0 / 2 / 4 of 100 / 60 / 60 Fashion-MNIST / Tux Paint stamp / scikit-image tile images as
-copies of a look-alike; after the low-pass, 0 / 1 / 0, with the weakest kind's recall 0.94 / 1.0 /
-0.97 (raw: 0.96 / 0.98 / 0.97). pHash (imagehash) does not separate crops and letterboxes from
-look-alikes at all (first percentile of crop copies 0.25 against look-alikes' 99th percentile 0.81
-on Fashion-MNIST). Local features (ORB + RANSAC, opencv) were not used: a 28x28 image offers a
-handful of keypoints at best, and the alignment search covers the geometric edits of the copy
-family (`curation.copies`) exactly. A pair costs ~2 ms at 28 px and ~5-6 ms at 96-128 px on one
-core.
+copies of a look-alike; after the low-pass and the cover check, 0 / 0 / 0, and every held-out copy
+that reached verification was confirmed. pHash (imagehash) does not separate crops and letterboxes
+from look-alikes at all (first percentile of crop copies 0.25 against look-alikes' 99th
+percentile 0.81 on Fashion-MNIST). Local features (ORB + RANSAC, opencv) were not used: a 28x28
+image offers a handful of keypoints at best, and the alignment search covers the geometric edits
+of the copy family (`curation.copies`) exactly. A pair costs ~2 ms at 28 px and ~5-6 ms at
+96-128 px on one core.
 """
 from __future__ import annotations
 
@@ -56,7 +59,9 @@ from scipy.ndimage import gaussian_filter
 
 WORK = 160                                    # longest side compared; thumbnails are kept this size
 SCALES = (1.0, 0.97, 0.94, 0.91, 0.88)        # template side as a fraction of the reference's
-TEXTURE = 4.0                                 # grey-level std below which an image is flat
+TEXTURE = 1.0                                 # grey-level std below which an image is flat
+MIN_COVER = 0.8                               # least area a crop copy keeps (the family: 85%)
+GUARD = 2                                     # pixels around a placement not counted as its remainder
 LOW_BLUR = 0.7                                # sigma (pixels) when aligning at a reduced size
 BLUR = 1 / 48                                 # sigma of the low-pass the match is measured on, per side
 INNER = 0.08                                  # margin cut from each side of a resampled template
@@ -145,17 +150,34 @@ def _agreement(p: np.ndarray, q: np.ndarray) -> Match:
     return Match(v, math.sqrt(sp * sq) * math.sqrt(max(0.0, 1.0 - v * v)))
 
 
-def _best(ref: np.ndarray, t: np.ndarray, best: _Placement) -> _Placement:
-    """`best`, or the best placement of `t` (mirrored or not) inside `ref` where that fits better."""
+def _rest_is_flat(ref: np.ndarray, y0: int, x0: int, y1: int, x1: int) -> bool:
+    """Whether `ref` outside the box [y0:y1, x0:x1] (widened by GUARD) is flat: letterbox bands."""
+    keep = np.ones(ref.shape, bool)
+    keep[max(0, y0 - GUARD):y1 + GUARD, max(0, x0 - GUARD):x1 + GUARD] = False
+    return not keep.any() or float(ref[keep].std()) < TEXTURE
+
+
+def _best(ref: np.ndarray, t: np.ndarray, best: _Placement, margin: tuple[int, int] = (0, 0)) -> _Placement:
+    """`best`, or the best placement of `t` (mirrored or not) inside `ref` where that fits better.
+
+    ``margin``: the rows and columns cut from each side of `t` (it stands for a box that much
+    larger). A box covering less than MIN_COVER of `ref` is a copy only as a letterbox, where the
+    rest of `ref` is flat bands; otherwise it is a part of `ref` (a glyph of a word, an object in
+    a scene), which no edit of the copy family produces.
+    """
     if min(t.shape) < 3 or t.std() < 1e-3 or ref.std() < 1e-3:
         return best
+    (mh, mw), (th, tw) = margin, t.shape
+    partial = (th + 2 * mh) * (tw + 2 * mw) < MIN_COVER * ref.size
     for tt in (t, t[:, ::-1]):
         tt = np.ascontiguousarray(tt)
         r = cv2.matchTemplate(ref, tt, cv2.TM_CCOEFF_NORMED)   # flat windows score 0
         y, x = np.unravel_index(int(r.argmax()), r.shape)
         if not float(r[y, x]) > best.fit:
             continue
-        p = ref[y:y + tt.shape[0], x:x + tt.shape[1]].astype(np.float64)
+        if partial and not _rest_is_flat(ref, y - mh, x - mw, y + th + mh, x + tw + mw):
+            continue
+        p = ref[y:y + th, x:x + tw].astype(np.float64)
         q = tt.astype(np.float64)
         fit = _agreement(p, q).score                        # exactly, in float64
         if fit > best.fit:
@@ -199,7 +221,9 @@ def _one_way(a: Thumb, b: Thumb) -> _Placement:
                 ref, t = gaussian_filter(ref, LOW_BLUR), gaussian_filter(t, LOW_BLUR)
             mh, mw = round(INNER * th), round(INNER * tw)
             t = t[mh:th - mh, mw:tw - mw]
-        best = _best(ref, t, best)
+        else:
+            mh = mw = 0
+        best = _best(ref, t, best, (mh, mw))
     return best
 
 
@@ -219,7 +243,8 @@ def copy_match(a: Thumb | Image.Image, b: Thumb | Image.Image) -> Match:
     """The best alignment of the two images, either way round; symmetric.
 
     NO_MATCH (NaN) where either image has no texture to align (a flat image): pixels cannot tell
-    a copy from a look-alike there, and no `VerifyRule` confirms it.
+    a copy from a look-alike there, and no `VerifyRule` confirms it; likewise where no placement
+    the copy family allows exists (one image a small part of the other, the rest not flat).
     """
     a = a if isinstance(a, Thumb) else Thumb.of(a)
     b = b if isinstance(b, Thumb) else Thumb.of(b)

@@ -81,6 +81,18 @@ def test_copy_match_aligns_crops_pads_flips_and_resizes_exactly(fm_images):
             assert m.score > 0.999 and m.residual < 1.0, (kind, m)
 
 
+def test_a_part_of_an_image_is_not_its_copy_but_a_letterbox_is():
+    from PIL import ImageOps
+
+    for im in SAMPLES["skimage"](6, 0)[0]:
+        w, h = im.size
+        part = im.crop((0, 0, w, int(h * 0.7)))          # 70% of the area: outside the crop family
+        box = ImageOps.expand(im, border=(0, h // 5, 0, h // 5), fill=(255, 255, 255))
+        assert not copy_match(part, im).score > 0.9, "a part whose rest is not flat"
+        m = copy_match(box, im)
+        assert m.score > 0.999 and m.residual < 1.0
+
+
 # ---------------------------------------------------------------- calibration (pure parts)
 
 
@@ -206,22 +218,19 @@ def planted() -> dict:
 
 # The goal is recall >= 0.99 for every kind and a false-positive rate <= 0.01. Measured on these
 # pools (60..100 held-out images per set; one image is 0.017 of 60), Lite0 [test-tiny-clip]:
-#   fashion_mnist  no look-alike confirmed (0 of 100 images) [0]; recall 0.94..1.0 [0.93..1.0] per
-#                  kind: the misses are half-size JPEG copies whose embedding falls below the
-#                  threshold calibrated on the other half, or whose source is not among the nearest
-#                  references verified (4 of 6), and two whose low-pass residual passes the limit;
-#   stamps         1 of 60 images [1]: an 'N' stamp inside the 'Ñ' stamp, as a crop of it would be;
-#                  recall 1.0 [0.97..1.0];
-#   skimage        0 of 60 images [2]: smooth tiles of one photo (the clock's wall); recall 0.97..0.98
-#                  [0.95..], the misses are flat tiles (std < 4 grey levels), which cannot be scored
-#                  and are never confirmed, and copies whose source is not among the 2 references
-#                  the calibration chose to verify against.
-# These bounds pin what is reached, so a regression fails; where they are looser than the goal,
-# the goal is not reached.
+#   fashion_mnist  no look-alike confirmed (0 of 100 images) [0]; recall 0.96..1.0 [0.93..1.0] per
+#                  kind: every miss is one the embedding does not retrieve (half-size JPEG copies
+#                  below the leak threshold calibrated on the other half, or whose source is not
+#                  among the references verified; [crops and flips, the same]);
+#   stamps         0 of 60 images [0]; recall 1.0 [0.97..1.0: letterboxes not retrieved];
+#   skimage        0 of 60 images [2: low-texture tiles of the clock's wall]; recall 0.98..1.0
+#                  [0.98..1.0]: a letterboxed tile the embedding does not retrieve.
+# Every copy that reaches verification is confirmed. These bounds pin what is reached, so a
+# regression fails; where they are looser than the goal, the goal is not reached.
 MIN_RECALL_ANY_KIND = 0.92      # measured 0.93 .. 1.0
-MIN_RECALL_MEAN = 0.97          # measured 0.975 .. 1.0
-MAX_FALSE_POSITIVE_RATE = {"fashion_mnist": 0.01, "stamps": 0.02, "skimage": 0.04}   # per image
-MAX_FALSE_POSITIVE_RATE_PER_PAIR = {"fashion_mnist": 0.001, "stamps": 0.005, "skimage": 0.01}
+MIN_RECALL_MEAN = 0.98          # measured 0.9875 .. 1.0
+MAX_FALSE_POSITIVE_RATE = {"fashion_mnist": 0.01, "stamps": 0.01, "skimage": 0.04}   # per image
+MAX_FALSE_POSITIVE_RATE_PER_PAIR = {"fashion_mnist": 0.001, "stamps": 0.001, "skimage": 0.01}
 
 
 @pytest.mark.slow
