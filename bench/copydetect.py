@@ -7,12 +7,15 @@ decision flags, per kind of `curation.copies`; false-positive rate = held-out im
 against their nearest distinct image of the same class (by embedding). Two decisions:
 
 - ``paper``: max cosine > 0.95, no verification (the paper's fixed leak threshold);
-- ``calibrated``: calibrated embedding threshold, source among the 5 nearest references, and
-  verification (`curation.verify.copy_match`) passing its calibrated rule (correlation above a
-  limit, residual at most a limit).
+- ``calibrated_with_verification``: a candidate by the calibrated embedding threshold or the
+  calibrated pixel key threshold (`curation.pixelkey`), its source among the references it is
+  verified against (its nearest by embedding and by pixel key), and verification
+  (`curation.verify.copy_match`) passing its calibrated rule (correlation above a limit, residual
+  at most a limit); ``..._embedding_retrieval_only`` is the same without the pixel key.
 
 ``verifiers`` compares pixel verifiers on the same pairs (alignment NCC, pHash when ``imagehash``
-is installed), and ``time_per_1000_candidates_s`` is the verification cost. Prints one JSON object.
+is installed), ``time_per_1000_candidates_s`` is the verification cost and
+``pixel_key_s_per_1000_images`` the cost of the keys. Prints one JSON object.
 
     python bench/copydetect.py [--quick] [--pool 600] [--encoders efficientnet_lite0,test-tiny-clip]
 """
@@ -26,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from curation import pixelkey
 from curation.calibrate import SampledImages, choose, evaluate, measure
 from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.samples import SAMPLES
@@ -36,23 +40,26 @@ from index.encoders import build_encoder, resolve_encoder
 PAPER_LEAK = 0.95
 
 
-def run_one(models, images, labels, seed: int, recall: float, scores: dict) -> dict:
+def run_one(models, images, labels, seed: int, recall: float, scores: dict, keys: np.ndarray) -> dict:
     feats = embed_images(models, images, 32)
     rows = np.arange(len(images))
     cal_rows, test_rows = rows[0::2], rows[1::2]
-    m_cal = measure(models, SampledImages(images, cal_rows), feats, cal_rows, seed=seed, scores=scores)
+    m_cal = measure(models, SampledImages(images, cal_rows), feats, cal_rows, seed=seed, scores=scores,
+                    ref_keys=keys)
     cal = choose(m_cal, recall)
     m_test = measure(models, SampledImages(images, test_rows), feats, test_rows, seed=seed + 1, labels=labels,
-                     scores=scores)
+                     scores=scores, ref_keys=keys)
     paper = evaluate(m_test, PAPER_LEAK, None)
-    ours = evaluate(m_test, cal.leak_threshold, cal.rule, cal.neighbours)
+    ours = evaluate(m_test, cal.leak_threshold, cal.rule, cal.neighbours, cal.pixel_threshold)
+    no_key = evaluate(m_test, cal.leak_threshold, cal.rule, cal.neighbours)
     embed_only = evaluate(m_test, min(choose(m_cal, recall, verify="none").leak_threshold, 1.0), None)
     return {
         "thresholds": {"leak": cal.leak_threshold, "dedup": cal.dedup_threshold, "verify": cal.verify_threshold,
                        "verify_max_residual": cal.verify_max_residual,
-                       "neighbours": cal.neighbours,
+                       "neighbours": cal.neighbours, "pixel_key": cal.pixel_threshold,
                        "estimated_false_positive_rate": cal.false_positive_rate},
         "paper": paper, "calibrated_embedding_only": embed_only, "calibrated_with_verification": ours,
+        "calibrated_with_verification_embedding_retrieval_only": no_key,
         "copy_similarity_min": {k: round(float(m_test.pos_max[i].min()), 4) for i, k in enumerate(m_test.kinds)},
         "copy_similarity_median": {k: round(float(np.median(m_test.pos_max[i])), 4)
                                    for i, k in enumerate(m_test.kinds)},
@@ -62,11 +69,9 @@ def run_one(models, images, labels, seed: int, recall: float, scores: dict) -> d
 
 def verifier_comparison(images, labels, seed: int) -> dict:
     """Verifier scores alone: copies (1st percentile per kind) vs nearest same-class distinct
-    images by pixels (99th percentile), the hardest look-alikes for a pixel verifier."""
-    px = np.stack([np.asarray(im.convert("L").resize((16, 16)), np.float32).ravel() for im in images])
-    px -= px.mean(1, keepdims=True)
-    px /= np.linalg.norm(px, axis=1, keepdims=True) + 1e-6
-    s = px @ px.T
+    images by pixel key (99th percentile), the hardest look-alikes for a pixel verifier."""
+    keys = pixelkey.keys(images)
+    s = pixelkey.similarity(keys, keys)
     np.fill_diagonal(s, -2)
     s[labels[:, None] != labels[None, :]] = -2
     nn = s.argmax(1)
@@ -130,12 +135,15 @@ def main(argv: list[str] | None = None) -> None:
                  "results": {}, "verifiers": {}}
     for name in args.sets.split(","):
         images, labels = SAMPLES[name](pool, args.seed)
+        t = time.perf_counter()
+        keys = pixelkey.keys(images)
+        out.setdefault("pixel_key_s_per_1000_images", {})[name] = round((time.perf_counter() - t) * 1000 / len(images), 3)
         out["verifiers"][name] = verifier_comparison(images[:min(len(images), 200)], labels[:200], args.seed)
         scores: dict = {}   # verification scores, shared by the encoders
         for enc in args.encoders.split(","):
             spec = resolve_encoder(enc, image_size=args.image_size if enc != "test-tiny-clip" else None)
             t = time.perf_counter()
-            r = run_one([build_encoder(spec)], images, labels, args.seed, args.recall, scores)
+            r = run_one([build_encoder(spec)], images, labels, args.seed, args.recall, scores, keys)
             r["seconds"] = round(time.perf_counter() - t, 1)
             out["results"][f"{name}/{enc}"] = r
             print(json.dumps({f"{name}/{enc}": r}), flush=True)

@@ -8,13 +8,17 @@ of one class reach it. So the thresholds are measured, not assumed:
 1. draw a sample of reference images (seeded) and make one near-copy of each per kind of
    `curation.copies.COPY_KINDS` (the edits a web crawl applies);
 2. embed the copies with the index's encoders; per copy record its similarity to its source (max
-   over encoders for leaks, mean for duplicates), and whether the source is among its
-   `neighbours` nearest references (the ones verification looks at); per sampled reference
-   record the similarity to its nearest *distinct* reference, the hardest look-alike;
+   over encoders for leaks, mean for duplicates), and how many references are nearer (the
+   source must be among the `neighbours` nearest that verification looks at); the same by pixel
+   key (`curation.pixelkey`), a second way to retrieve candidates that does not depend on the
+   encoders; per sampled reference record its nearest *distinct* references by embedding and by
+   pixel key, the hardest look-alikes;
 3. choose, per kind, the threshold that keeps `recall` of that kind's copies (a kind-wise
    guarantee, not an average), and take the lowest over kinds;
 4. with verification (`curation.verify`): the embedding thresholds are loosened to keep
-   ``1 - (1 - recall) / 2`` of every kind (they only select candidates), and the verification
+   ``1 - (1 - recall) / 2`` of every kind (they only select candidates); the pixel key threshold
+   keeps as much by the key alone as far as that flags no more look-alikes than the embedding
+   does, and lower where the embedding leaves copies unretrieved (`_pixel_threshold`); the verification
    rule (`VerifyRule`: correlation above a limit, residual at most a limit) is the one that
    confirms the fewest look-alikes among those keeping `recall` of every kind's copies that reach
    verification, and all of them where that confirms no more: for each residual limit (the
@@ -23,7 +27,8 @@ of one class reach it. So the thresholds are measured, not assumed:
    scored and is never confirmed;
 5. report the false-positive rate the chosen decision gives: the fraction of sampled references
    confirmed as a copy of one of the distinct references they would be verified against (their
-   `neighbours` nearest, at least MIN_NEIGHBOURS), as a retrieved look-alike would be.
+   `neighbours` nearest by embedding and by pixel key, at least MIN_NEIGHBOURS), as a retrieved
+   look-alike would be.
 
 `calibrate` is a pure function of (encoders, reference images, their features, options);
 `cached_calibration` stores its result as JSON keyed by a fingerprint of the encoder identities,
@@ -39,11 +44,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from curation import pixelkey
 from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.verify import Thumb, VerifyRule, copy_match
 from index.atomic import fingerprint, read_json, write_json
 
-CALIBRATION_VERSION = 4
+CALIBRATION_VERSION = 5
 MAX_NEIGHBOURS = 32                             # most references verified per candidate
 MIN_NEIGHBOURS = 5                              # least (the paper's 5 nearest references)
 GRID = np.round(np.linspace(0.5, 1.0, 51), 3)   # thresholds at which the curves are reported
@@ -60,9 +66,10 @@ class Calibration:
     verify_max_residual: float | None   # on verify.Match.residual; None: no limit
     recall: dict[str, float]            # per kind, of the chosen decision on the sample
     false_positive_rate: float          # of the chosen decision on nearest distinct references
-    neighbours: int                     # references verified per candidate (nearest first)
+    neighbours: int                     # references verified per candidate, nearest first, per key
     source_in_neighbours: dict[str, float]  # per kind: the source among those references
     curves: dict[str, Any] = field(default_factory=dict)
+    pixel_threshold: float | None = None   # on the pixel key similarity; None: no pixel retrieval
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +98,17 @@ class Measurements:
     neg_mean: np.ndarray       # [n, k] the same, mean over encoders
     neg_verify: np.ndarray     # [n, k] copy_match(reference, distinct reference).score
     neg_residual: np.ndarray   # [n, k] its residual
+    pos_pix: np.ndarray | None = None       # [kinds, n] pixel key similarity of copy and source
+    pos_pix_rank: np.ndarray | None = None  # [kinds, n] references nearer the copy by pixel key
+    negp_pix: np.ndarray | None = None      # [n, k] the k nearest distinct references by pixel key
+    negp_verify: np.ndarray | None = None   # [n, k] their copy_match score
+    negp_residual: np.ndarray | None = None  # [n, k] its residual
+    neg_ids: np.ndarray | None = None       # [n, k] rows of the embedding-nearest distinct references
+    negp_ids: np.ndarray | None = None      # [n, k] rows of the pixel-nearest ones
+
+    @property
+    def has_pixel(self) -> bool:
+        return self.pos_pix is not None
 
 
 def _lower_quantile(x: np.ndarray, keep: float, within: np.ndarray | None = None) -> float:
@@ -110,22 +128,27 @@ def _lower_quantile(x: np.ndarray, keep: float, within: np.ndarray | None = None
 def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_rows: np.ndarray,
             seed: int = 0, batch_size: int = 64, verify: str = "align",
             kinds: Sequence[str] = tuple(COPY_KINDS), labels: np.ndarray | None = None,
-            scores: dict | None = None, negatives: int = MAX_NEIGHBOURS) -> Measurements:
+            scores: dict | None = None, negatives: int = MAX_NEIGHBOURS,
+            ref_keys: np.ndarray | None = None) -> Measurements:
     """Copies of ``images`` (the references at ``sample_rows`` of ``ref_feats``) against the
     references; ``ref_feats``: one L2-normalised [num_refs, d_e] matrix per encoder. With
     ``labels`` (one per reference), the nearest distinct references are taken within the class;
     ``negatives`` of them are kept per image, as a candidate is verified against that many.
-    ``scores``: a dict that memoises verification scores across calls on the same images (they do
-    not depend on the encoders), keyed by (seed, row, kind) and (row, other row)."""
+    ``ref_keys``: the references' pixel keys (`curation.pixelkey`), to measure retrieval by them
+    too. ``scores``: a dict that memoises verification scores across calls on the same images (they
+    do not depend on the encoders), keyed by (seed, row, kind) and (row, other row)."""
     scores = {} if scores is None else scores
     from index.embed import embed_images
 
     refs = [np.asarray(r, np.float32) for r in ref_feats]
     n, rows = len(images), np.asarray(sample_rows)
     nk = len(kinds)
+    own = np.arange(n), rows
     pos_max, pos_mean = np.zeros((nk, n)), np.zeros((nk, n))
     pos_rank = np.zeros((nk, n), np.int64)
     pos_ver, pos_res = np.full((nk, n), np.nan), np.full((nk, n), np.nan)
+    pixel = ref_keys is not None and verify != "none"
+    pos_pix, pos_pix_rank = np.full((nk, n), -np.inf), np.zeros((nk, n), np.int64)
     thumbs = [Thumb.of(im) for im in images]
     e = len(refs)
     for ki, kind in enumerate(kinds):
@@ -133,40 +156,55 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
         feats = embed_images(models, copies, batch_size)
         sims = [f @ r.T for f, r in zip(feats, refs)]            # [n, num_refs] per encoder
         mean = sum(sims) / e
-        own = np.arange(n), rows
         pos_max[ki] = np.max([s[own] for s in sims], axis=0)
         pos_mean[ki] = mean[own]
         pos_rank[ki] = (mean > mean[own][:, None]).sum(axis=1)
+        if pixel:
+            ps = pixelkey.similarity(pixelkey.keys(copies), ref_keys)
+            pos_pix[ki], pos_pix_rank[ki] = ps[own], (ps > ps[own][:, None]).sum(axis=1)
         if verify != "none":
             for i, (c, t, r) in enumerate(zip(copies, thumbs, rows)):
                 key = (seed, int(r), kind)
                 if key not in scores:
                     scores[key] = copy_match(Thumb.of(c), t)
                 pos_ver[ki, i], pos_res[ki, i] = scores[key]
+    by_row = {int(r): thumbs[i] for i, r in enumerate(rows)}
+
+    def distinct(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows [n, k], validity, verification scores [2, n, k]) of the nearest distinct references."""
+        sim[own] = -np.inf
+        if labels is not None:
+            lab = np.asarray(labels)
+            sim[lab[rows][:, None] != lab[None, :]] = -np.inf
+        k = min(negatives, sim.shape[1])
+        nearest = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        valid = np.isfinite(np.take_along_axis(sim, nearest, axis=1))
+        ver = np.full((2, *nearest.shape), np.nan)
+        if verify != "none":
+            for i, j in zip(*np.nonzero(valid)):
+                other = int(nearest[i, j])
+                key = (int(rows[i]), other)
+                if key not in scores:
+                    if other not in by_row:
+                        by_row[other] = Thumb.of(_load(images, other))
+                    scores[key] = copy_match(thumbs[i], by_row[other])
+                ver[:, i, j] = scores[key]
+        return nearest, valid, ver
+
     sims = [r[rows] @ r.T for r in refs]
     mean = sum(sims) / e
-    mean[np.arange(n), rows] = -np.inf
-    if labels is not None:
-        labels = np.asarray(labels)
-        mean[labels[rows][:, None] != labels[None, :]] = -np.inf
-    k = min(negatives, mean.shape[1])
-    nearest = np.argsort(-mean, axis=1, kind="stable")[:, :k]            # [n, k] distinct references
-    valid = np.isfinite(np.take_along_axis(mean, nearest, axis=1))
+    nearest, valid, (neg_ver, neg_res) = distinct(mean)
     neg_mean = np.where(valid, np.take_along_axis(mean, nearest, axis=1), -np.inf)
     neg_max = np.where(valid, np.max([np.take_along_axis(s, nearest, axis=1) for s in sims], axis=0), -np.inf)
-    neg_ver, neg_res = np.full(nearest.shape, np.nan), np.full(nearest.shape, np.nan)
-    if verify != "none":
-        by_row = {int(r): thumbs[i] for i, r in enumerate(rows)}
-        for i, j in zip(*np.nonzero(valid)):
-            key = (int(rows[i]), int(nearest[i, j]))
-            if key not in scores:
-                other = int(nearest[i, j])
-                if other not in by_row:
-                    by_row[other] = Thumb.of(_load(images, other))
-                scores[key] = copy_match(thumbs[i], by_row[other])
-            neg_ver[i, j], neg_res[i, j] = scores[key]
+    px: dict[str, Any] = {}
+    if pixel:
+        ps = pixelkey.similarity(ref_keys[rows], ref_keys)
+        near_p, valid_p, (ver_p, res_p) = distinct(ps)
+        px = dict(pos_pix=pos_pix, pos_pix_rank=pos_pix_rank,
+                  negp_pix=np.where(valid_p, np.take_along_axis(ps, near_p, axis=1), -np.inf),
+                  negp_verify=ver_p, negp_residual=res_p, neg_ids=nearest, negp_ids=near_p)
     return Measurements(tuple(kinds), pos_max, pos_mean, pos_rank, pos_ver, pos_res, neg_max, neg_mean, neg_ver,
-                        neg_res)
+                        neg_res, **px)
 
 
 def _load(images, j):
@@ -192,37 +230,78 @@ def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
                  for k in kinds)
     neighbours = int(min(max_neighbours, max(min_neighbours, k_need)))
     t_leak, t_dedup = round(t_leak, 6), round(t_dedup, 6)
-    rule = None
+    rule, t_pix = None, None
     if verify != "none":
+        if m.has_pixel:
+            t_pix = _pixel_threshold(m, t_leak, neighbours, embed_keep)
         # among the copies that reach verification and can be scored (a pair with a flat image is
         # never confirmed: loosening the rule would not bring it back, only let look-alikes through)
-        cand = (m.pos_max > t_leak) & (m.pos_rank < neighbours) & np.isfinite(m.pos_verify)
-        rule = _verify_rule(m, cand, neighbours, recall)
-    ev = evaluate(m, t_leak, rule, neighbours)
+        cand = _reached(m, t_leak, neighbours, t_pix) & np.isfinite(m.pos_verify)
+        # the look-alikes: every sampled image's, candidate or not (what other data may flag)
+        looks = _verified_pairs(m, -np.inf, neighbours, None if t_pix is None else -np.inf)
+        rule = _verify_rule(m, cand, looks, recall)
+    ev = evaluate(m, t_leak, rule, neighbours, t_pix)
     return Calibration(
         recall_target=recall, verify=verify, num_images=int(m.neg_max.shape[0]),
         leak_threshold=t_leak, dedup_threshold=t_dedup,
         verify_threshold=None if rule is None else rule.min_score,
         verify_max_residual=None if rule is None else rule.to_dict()["max_residual"],
         recall=ev["recall"], false_positive_rate=ev["false_positive_rate"], neighbours=neighbours,
-        source_in_neighbours={k: float((m.pos_rank[i] < neighbours).mean()) for i, k in enumerate(m.kinds)},
-        curves=curves(m))
+        source_in_neighbours={k: float(v) for k, v in zip(
+            m.kinds, _reached(m, -np.inf, neighbours, None if t_pix is None else -np.inf).mean(axis=1))},
+        curves=curves(m), pixel_threshold=t_pix)
+
+
+def _reached(m: Measurements, leak_threshold: float, neighbours: int, pixel_threshold: float | None) -> np.ndarray:
+    """[kinds, n] the copy is a candidate and its source among the references it is verified
+    against: by embedding (similarity above the leak threshold, source among its `neighbours`
+    nearest) or, with a pixel threshold, by pixel key (the same, with the key)."""
+    ok = (m.pos_max > leak_threshold) & (m.pos_rank < neighbours)
+    if pixel_threshold is not None and m.has_pixel:
+        ok |= (m.pos_pix > pixel_threshold) & (m.pos_pix_rank < neighbours)
+    return ok
+
+
+def _pixel_threshold(m: Measurements, leak_threshold: float, neighbours: int, keep: float) -> float:
+    """The pixel key threshold. It keeps `keep` of every kind's copies by the key alone, as far as
+    that flags no more look-alikes than the embedding already does (the fraction of sampled
+    images whose embedding similarity to a distinct reference exceeds the leak threshold, at least
+    1%): each flagged image costs the verification of its nearest references. Where the embedding
+    leaves more copies unretrieved than `keep` allows, it is lowered until the two together
+    bring them to verification."""
+    by_embedding = _reached(m, leak_threshold, neighbours, None)
+    alone = min(_lower_quantile(m.pos_pix[k], keep, within=m.pos_pix_rank[k] < neighbours)
+                for k in range(len(m.kinds)))
+    nearest = m.negp_pix[:, 0][np.isfinite(m.negp_pix[:, 0])]
+    if nearest.size:
+        flagged = float((np.where(np.isfinite(m.neg_max), m.neg_max, -np.inf) > leak_threshold).any(axis=1).mean())
+        alone = max(alone, float(np.quantile(nearest, 1.0 - max(0.01, flagged))))
+    t = min(1.0, alone)
+    for k in range(len(m.kinds)):
+        missed = ~by_embedding[k]
+        short = int(missed.sum()) - int(np.floor((1.0 - keep) * missed.size + 1e-9))
+        if short > 0:
+            catchable = np.sort(m.pos_pix[k][missed & (m.pos_pix_rank[k] < neighbours)])[::-1]
+            t = min(t, float(catchable[short - 1]) - 1e-6 if catchable.size >= short else -1.0)
+    return round(max(t, -1.0), 6)
 
 
 MIN_SCORE = 0.5   # least correlation a copy is confirmed with, however far the look-alikes lie
 
 
-def _verify_rule(m: Measurements, cand: np.ndarray, neighbours: int, recall: float,
-                 limits: int = 64) -> VerifyRule:
+def _verify_rule(m: Measurements, cand: np.ndarray, looks: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 recall: float, limits: int = 64) -> VerifyRule:
     """The rule keeping `recall` of every kind's candidate copies that confirms the fewest look-alikes
-    (per image, any of its `neighbours` nearest distinct references); where it confirms no more,
+    (per image, any of the distinct references it is verified against: `looks`, the scores,
+    residuals and mask of `_verified_pairs`); where it confirms no more,
     the one keeping all of them (a sample of a hundred copies a kind says little about their 1%
     tail). Each limit sits in the middle of its gap to the look-alikes: the score limit halfway
     to the 99th percentile of the look-alikes within the residual limit (or to MIN_SCORE, where
     that is higher), the residual limit halfway to the first percentile of the residuals of the
     look-alikes above the score limit."""
-    neg_s = np.nan_to_num(m.neg_verify[:, :neighbours], nan=-1.0, neginf=-1.0)
-    neg_r = m.neg_residual[:, :neighbours]
+    score, residual, mask = looks
+    neg_s = np.where(mask, np.nan_to_num(score, nan=-1.0, neginf=-1.0), -1.0)
+    neg_r = np.where(mask, residual, np.inf)
     res = m.pos_residual[cand]
     grid = np.unique(np.quantile(res, np.linspace(0.5, 1.0, limits))) if res.size else np.zeros(0)
 
@@ -261,35 +340,55 @@ def _verify_rule(m: Measurements, cand: np.ndarray, neighbours: int, recall: flo
     return VerifyRule(round(got[1], 6), round(r, 4))
 
 
-def evaluate(m: Measurements, leak_threshold: float, rule: VerifyRule | None,
-             neighbours: int = MAX_NEIGHBOURS) -> dict[str, Any]:
-    """Recall per kind and false-positive rates of the decision "max similarity > leak_threshold,
-    and (with a verify rule) the source among the `neighbours` nearest references and its match
-    passing the rule": per image (any distinct reference it is checked against confirmed) and per
-    (image, distinct reference) pair checked."""
-    def decide(sim, rank, ver, res):
-        ok = sim > leak_threshold
-        if rule is not None:
-            ok &= (rank < neighbours) & rule.accepts(ver, res)
-        return ok
+def _verified_pairs(m: Measurements, leak_threshold: float, neighbours: int,
+                    pixel_threshold: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, residuals, mask), each [n, pairs]: the (image, distinct reference) pairs a curation
+    verifies. An image is a candidate when its embedding similarity to some reference exceeds
+    the leak threshold (or its pixel key similarity the pixel threshold); it is verified against
+    its `neighbours` nearest references by embedding and, with a pixel threshold, by pixel key
+    (a reference both retrieve, once)."""
+    valid = np.isfinite(m.neg_max)
+    flagged = (np.where(valid, m.neg_max, -np.inf) > leak_threshold).any(axis=1)
+    use_pixel = pixel_threshold is not None and m.has_pixel
+    if use_pixel:
+        flagged |= m.negp_pix[:, 0] > pixel_threshold
+    mask = flagged[:, None] & valid & (np.arange(m.neg_max.shape[1]) < neighbours)
+    if not use_pixel:
+        return m.neg_verify, m.neg_residual, mask
+    again = (m.negp_ids[:, :, None] == np.where(mask, m.neg_ids, -1)[:, None, :]).any(axis=2)
+    mask_p = flagged[:, None] & np.isfinite(m.negp_pix) & (np.arange(m.negp_pix.shape[1]) < neighbours) & ~again
+    return (np.concatenate([m.neg_verify, m.negp_verify], axis=1),
+            np.concatenate([m.neg_residual, m.negp_residual], axis=1), np.concatenate([mask, mask_p], axis=1))
 
-    pos = decide(m.pos_max, m.pos_rank, m.pos_verify, m.pos_residual)
-    # an image is a false positive when any distinct reference it is checked against is confirmed
-    neg = decide(m.neg_max, np.broadcast_to(np.arange(m.neg_max.shape[1]), m.neg_max.shape), m.neg_verify,
-                 m.neg_residual)
-    checked = np.isfinite(m.neg_max) & (np.arange(m.neg_max.shape[1]) < (neighbours if rule is not None
-                                                                           else m.neg_max.shape[1]))
+
+def evaluate(m: Measurements, leak_threshold: float, rule: VerifyRule | None,
+             neighbours: int = MAX_NEIGHBOURS, pixel_threshold: float | None = None) -> dict[str, Any]:
+    """Recall per kind and false-positive rates of the decision a curation takes. Without a verify
+    rule an image is a leak when its embedding similarity to some reference exceeds
+    `leak_threshold`; with one, when its match with one of the references it is verified against
+    (`_verified_pairs`) passes the rule. False positives: per image (a held-out image taken for a
+    copy of a distinct reference) and per (image, distinct reference) pair checked."""
+    if rule is None:
+        pos = m.pos_max > leak_threshold
+        pairs = np.isfinite(m.neg_max)
+        confirmed = pairs & (m.neg_max > leak_threshold)
+    else:
+        pos = _reached(m, leak_threshold, neighbours, pixel_threshold) & rule.accepts(m.pos_verify, m.pos_residual)
+        score, residual, pairs = _verified_pairs(m, leak_threshold, neighbours, pixel_threshold)
+        confirmed = pairs & rule.accepts(score, residual)
+    neg_img = confirmed.any(axis=1)
     return {"recall": {k: float(pos[i].mean()) for i, k in enumerate(m.kinds)},
-            "false_positive_rate": float(neg.any(axis=1).mean()) if neg.size else 0.0,
-            "false_positive_rate_per_pair": float(neg[checked].mean()) if checked.any() else 0.0}
+            "false_positive_rate": float(neg_img.mean()) if neg_img.size else 0.0,
+            "false_positive_rate_per_pair": float(confirmed.sum() / pairs.sum()) if pairs.any() else 0.0}
 
 
 RESIDUAL_GRID = np.arange(0.0, 64.1, 2.0)   # grey levels at which the residual curves are reported
 
 
 def curves(m: Measurements) -> dict[str, Any]:
-    """Fraction above each GRID threshold: copies per kind (embedding max, and verify score) and
-    the nearest distinct references; and the fraction at or below each RESIDUAL_GRID limit."""
+    """Fraction above each GRID threshold: copies per kind (embedding max, verify score, pixel key
+    similarity) and the nearest distinct references; and the fraction at or below each
+    RESIDUAL_GRID limit."""
     above = lambda x: [round(float((x > t).mean()), 4) for t in GRID]  # noqa: E731
     within = lambda x: [round(float((np.nan_to_num(x, nan=np.inf) <= t).mean()), 4) for t in RESIDUAL_GRID]  # noqa: E731
     return {"grid": GRID.tolist(), "residual_grid": RESIDUAL_GRID.tolist(),
@@ -298,7 +397,9 @@ def curves(m: Measurements) -> dict[str, Any]:
             "copies_residual": {k: within(m.pos_residual[i]) for i, k in enumerate(m.kinds)},
             "distinct_similarity": above(m.neg_max[:, 0]),
             "distinct_verify": above(np.nan_to_num(m.neg_verify[:, 0], nan=-1.0)),
-            "distinct_residual": within(m.neg_residual[:, 0])}
+            "distinct_residual": within(m.neg_residual[:, 0]),
+            **({"copies_pixel": {k: above(m.pos_pix[i]) for i, k in enumerate(m.kinds)},
+                "distinct_pixel": above(m.negp_pix[:, 0])} if m.has_pixel else {})}
 
 
 def sample_rows(num_refs: int, size: int, seed: int) -> np.ndarray:
@@ -320,24 +421,24 @@ class SampledImages(list):
 
 def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndarray], cache_dir: str | os.PathLike,
                        size: int = 300, recall: float = 0.99, verify: str = "align", max_neighbours: int = MAX_NEIGHBOURS,
-                       min_neighbours: int = MIN_NEIGHBOURS,
-                       seed: int = 0, batch_size: int = 64) -> tuple[Calibration, bool]:
+                       min_neighbours: int = MIN_NEIGHBOURS, seed: int = 0, batch_size: int = 64,
+                       ref_keys: np.ndarray | None = None) -> tuple[Calibration, bool]:
     """(calibration, reused): computed once per (encoders, sampled reference ids, options).
 
     ``references``: items with ``.id`` and ``.load()`` (`querysets.LabeledImage`), rows aligned
-    with ``ref_feats``.
+    with ``ref_feats`` and (when given: retrieval by pixel key too) ``ref_keys``.
     """
     rows = sample_rows(len(references), size, seed)
     key = {"kind": "calibration", "version": CALIBRATION_VERSION,
            "encoders": [m.spec.identity() for m in models], "sample": [references[int(r)].id for r in rows],
            "recall": recall, "verify": verify, "max_neighbours": max_neighbours,
            "min_neighbours": min_neighbours, "seed": seed,
-           "copy_kinds": list(COPY_KINDS)}
+           "copy_kinds": list(COPY_KINDS), "pixel_key": None if ref_keys is None else pixelkey.KEY_VERSION}
     path = Path(cache_dir) / f"calibration-{fingerprint(key)}.json"
     if path.is_file():
         return Calibration.from_dict(read_json(path)["calibration"]), True
     images = SampledImages(references, rows, load=lambda item: item.load())
-    m = measure(models, images, ref_feats, rows, seed, batch_size, verify)
+    m = measure(models, images, ref_feats, rows, seed, batch_size, verify, ref_keys=ref_keys)
     cal = choose(m, recall, verify, max_neighbours, min_neighbours)
     write_json(path, {"key": key, "calibration": cal.to_dict()})
     return cal, False

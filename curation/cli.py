@@ -33,6 +33,9 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
                    help="'auto' (calibrated) or a lower limit on the aligned correlation, in [-1, 1]")
     p.add_argument("--verify-max-residual", default="auto",
                    help="'auto' (calibrated) or an upper limit on the aligned grey-level residual (inf: none)")
+    p.add_argument("--key-threshold", default="auto",
+                   help="'auto' (calibrated) or a pixel key similarity above which an image is also a "
+                        "copy candidate, checked against its nearest references by pixel key (1: off)")
     p.add_argument("--copy-recall", type=float, default=0.99,
                    help="calibration target: recall of every kind of synthetic near-copy")
     p.add_argument("--calibration-images", type=int, default=300, help="references sampled for calibration")
@@ -49,7 +52,7 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
     return CurateConfig(queries=a.queries, index=a.index, size=a.size, out=a.out, strategy=a.strategy,
                         seed=a.seed, data_root=a.data_root, dedup_threshold=a.dedup_threshold,
                         leak_threshold=a.leak_threshold, verify=a.verify, verify_threshold=a.verify_threshold,
-                        verify_max_residual=a.verify_max_residual,
+                        verify_max_residual=a.verify_max_residual, key_threshold=a.key_threshold,
                         copy_recall=a.copy_recall, calibration_images=a.calibration_images, leak_review=a.leak_review, shard_size=a.shard_size,
                         nprobe=a.nprobe, max_k=a.max_k, batch_size=a.batch_size, device=a.device,
                         cache_dir=a.cache_dir, executor=a.executor)

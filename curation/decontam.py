@@ -3,7 +3,10 @@
 Every image of the target dataset (all splits) is a reference. For each original image of a
 retrieved crop and each reference, the paper takes the maximum over the encoders of the cosine
 similarity; an image whose maximum over references exceeds 0.95 is a possible leak. Its 5 nearest
-references (by the mean similarity over encoders) are listed for a person to inspect;
+references (by the mean similarity over encoders) are listed for a person to inspect. With pixel
+keys (`curation.pixelkey`, independent of the encoders), an image whose key similarity to a
+reference exceeds ``key_threshold`` is a candidate too, and its nearest references by key join
+its list: a copy the embedding scatters among look-alikes is still checked against its source;
 ``verify_leaks`` confirms each flagged image by a second, pixel-level signal against those nearest
 references (`curation.verify`), so the decision no longer needs the person; ``apply_review``
 still un-flags the images a person marked as not-a-leak. All crops of a remaining
@@ -25,6 +28,7 @@ import faiss
 import numpy as np
 
 from curation.dedup import check_normalised, similar_pairs
+from curation.pixelkey import Keys
 from curation.verify import Match, VerifyRule
 from index.knn import combine_features
 
@@ -49,11 +53,12 @@ class Leak:
     image_id: str
     max_similarity: float            # max over encoders and references
     encoder: int                     # the encoder that gave max_similarity
-    neighbor_ids: tuple[str, ...]    # nearest references by mean similarity, best first
-    neighbor_similarity: tuple[float, ...]
+    neighbor_ids: tuple[str, ...]    # nearest references by mean similarity, best first, then by pixel key
+    neighbor_similarity: tuple[float, ...]   # their mean similarity over encoders
     verify_score: float | None = None      # best verification score over the neighbours (NaN: unscored)
     verify_residual: float | None = None   # the residual of that match (grey levels)
     verified_reference: str | None = None  # the neighbour that score was reached with
+    key_similarity: float | None = None    # best pixel key similarity to a reference (None: no keys)
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "image_id": self.image_id,
@@ -61,7 +66,7 @@ class Leak:
                 "neighbor_ids": list(self.neighbor_ids),
                 "neighbor_similarity": list(self.neighbor_similarity),
                 "verify_score": self.verify_score, "verify_residual": self.verify_residual,
-                "verified_reference": self.verified_reference}
+                "verified_reference": self.verified_reference, "key_similarity": self.key_similarity}
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class LeakReport:
     cleared: tuple[Leak, ...] = field(default=())  # flagged, then marked not-a-leak on review
     rejected: tuple[Leak, ...] = field(default=())  # above the threshold, not copies by verification
     verify_rule: VerifyRule | None = None
+    key_threshold: float | None = None            # pixel key similarity that flags too (None: off)
 
     @property
     def flagged_indices(self) -> np.ndarray:
@@ -88,6 +94,7 @@ class LeakReport:
         return {"threshold": self.threshold, "num_images": self.num_images,
                 "num_references": self.num_references,
                 "verify_rule": None if self.verify_rule is None else self.verify_rule.to_dict(),
+                "key_threshold": self.key_threshold,
                 "leaks": [x.to_dict() for x in self.leaks],
                 "cleared": [x.to_dict() for x in self.cleared],
                 "rejected": [x.to_dict() for x in self.rejected]}
@@ -112,11 +119,15 @@ def _nearest(xq: np.ndarray, xb: np.ndarray, k: int, batch_size: int) -> tuple[n
 def find_leaks(image_features: Features, reference_features: Features, threshold: float = 0.95,
                k: int = 5, reference_ids: Sequence[str] | None = None,
                image_ids: Sequence[str] | None = None, method: str = "auto", nprobe: int = 16,
-               batch_size: int = 16384) -> LeakReport:
-    """Flag images whose max-over-encoders similarity to any reference exceeds ``threshold``.
+               batch_size: int = 16384, image_keys: np.ndarray | None = None,
+               reference_keys: Keys | None = None, key_threshold: float | None = None) -> LeakReport:
+    """Flag images whose max-over-encoders similarity to any reference exceeds ``threshold``
+    (or, with ``key_threshold``, whose pixel key similarity to one exceeds that).
 
     ``image_features``/``reference_features``: one L2-normalised [rows, d_e] matrix per encoder
     (or a single matrix), encoders in the same order. Ids default to the row numbers as strings.
+    ``image_keys`` ([rows, pixelkey.DIM]) and ``reference_keys`` (`pixelkey.Keys`, rows aligned
+    with the reference features) are needed with ``key_threshold``.
     """
     images = _per_encoder(image_features, "image_features")
     refs = _per_encoder(reference_features, "reference_features")
@@ -133,6 +144,12 @@ def find_leaks(image_features: Features, reference_features: Features, threshold
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     n, nr = images[0].shape[0], refs[0].shape[0]
+    if key_threshold is not None:
+        if image_keys is None or reference_keys is None:
+            raise ValueError("key_threshold needs image_keys and reference_keys")
+        if len(image_keys) != n or len(reference_keys) != nr:
+            raise ValueError(f"pixel keys: {len(image_keys)} image and {len(reference_keys)} reference rows "
+                             f"for {n} images and {nr} references")
     ref_ids = [str(i) for i in range(nr)] if reference_ids is None else [str(i) for i in reference_ids]
     img_ids = [str(i) for i in range(n)] if image_ids is None else [str(i) for i in image_ids]
     if len(ref_ids) != nr:
@@ -142,24 +159,32 @@ def find_leaks(image_features: Features, reference_features: Features, threshold
     if len(set(img_ids)) != n:
         raise ValueError("image_ids must be unique (a review file names images by id)")
     if n == 0 or nr == 0:
-        return LeakReport(float(threshold), n, nr, ())
+        return LeakReport(float(threshold), n, nr, (), key_threshold=key_threshold)
 
     flagged = _flag(images, refs, float(threshold), method, nprobe, batch_size)
+    key_sims = key_rows = None
+    if key_threshold is not None:
+        key_sims, key_rows = reference_keys.nearest(np.asarray(image_keys, np.float32), min(k, nr))
+        flagged = np.union1d(flagged, np.flatnonzero(key_sims[:, 0] > key_threshold))
     leaks: list[Leak] = []
     if flagged.size:
         # exact similarities for the flagged rows: the max per encoder, then neighbours by mean
         best = np.stack([_nearest(x[flagged], r, 1, batch_size)[0][:, 0]
                          for x, r in zip(images, refs)])
         max_sim, enc = best.max(axis=0), best.argmax(axis=0)
-        sims, nbrs = _nearest(combine_features([x[flagged] for x in images]),
-                              combine_features(refs), min(k, nr), batch_size)
+        mixed, mixed_refs = combine_features([x[flagged] for x in images]), combine_features(refs)
+        sims, nbrs = _nearest(mixed, mixed_refs, min(k, nr), batch_size)
         for row, i in enumerate(flagged):
+            near = [int(j) for j in nbrs[row] if j >= 0]
+            if key_rows is not None:   # the nearest by pixel key join, each reference once
+                near += [int(j) for j in key_rows[i] if j >= 0 and j not in near]
             leaks.append(Leak(
                 index=int(i), image_id=img_ids[i], max_similarity=float(max_sim[row]),
-                encoder=int(enc[row]), neighbor_ids=tuple(ref_ids[j] for j in nbrs[row] if j >= 0),
-                neighbor_similarity=tuple(float(s) for s, j in zip(sims[row], nbrs[row]) if j >= 0)))
+                encoder=int(enc[row]), neighbor_ids=tuple(ref_ids[j] for j in near),
+                neighbor_similarity=tuple(float(mixed[row] @ mixed_refs[j]) for j in near),
+                key_similarity=None if key_sims is None else float(key_sims[i, 0])))
     leaks.sort(key=lambda x: (-x.max_similarity, x.index))
-    return LeakReport(float(threshold), n, nr, tuple(leaks))
+    return LeakReport(float(threshold), n, nr, tuple(leaks), key_threshold=key_threshold)
 
 
 def verify_leaks(report: LeakReport, match: Callable[[str, str], Match], rule: VerifyRule) -> LeakReport:

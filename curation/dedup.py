@@ -15,7 +15,9 @@ inputs, an inverted-file join for large ones (``method="auto"``): FAISS k-means 
 vector compared, by one matrix product per cell, with the vectors of its ``nprobe`` nearest cells.
 That is approximate: a pair whose members fall in cells further apart is missed. At threshold
 0.99 the two members are nearly the same vector (distance < 0.15), and a pair is found from
-either side; the tests and ``bench/curate.py`` measure recall on planted duplicates.
+either side; the tests and ``bench/curate.py`` measure recall on planted duplicates. With
+verification, pairs of images whose pixel keys (`curation.pixelkey`) are similar are candidates
+too, so a copy the encoders scatter is still found.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from curation import pixelkey
 from index.registry import choice
 
 SEARCH_METHODS = ("auto", "flat", "ivf")
@@ -184,13 +187,16 @@ def clusters_from_pairs(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 def duplicate_clusters(features: np.ndarray, threshold: float = 0.99, method: str = "auto",
                        nprobe: int = 8, batch_size: int = 8192,
                        keep_pair: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                       per_image: int | None = None) -> np.ndarray:
+                       per_image: int | None = None, keys: np.ndarray | None = None,
+                       key_threshold: float | None = None) -> np.ndarray:
     """Cluster label per row: connected components of the "similarity > threshold" graph.
 
     ``features``: one L2-normalised row per unique original image; for several encoders the
     concatenation with each part scaled by 1/sqrt(E), so the inner product is the mean cosine.
-    ``per_image`` keeps only each image's most similar candidate pairs; ``keep_pair(i, j)``, a
-    verification stage (`curation.verify`), returns a mask of the candidate pairs that are copies.
+    ``per_image`` keeps only each image's most similar candidate pairs; with ``keys`` (pixel keys,
+    one row per image) and ``key_threshold``, the pairs whose key similarity exceeds that join the
+    candidates (`pixelkey.similar_pairs`, as many per image); ``keep_pair(i, j)``, a verification
+    stage (`curation.verify`), returns a mask of the candidate pairs that are copies.
     Labels are 0..C-1, numbered in the order of each cluster's smallest row index.
     """
     n = int(np.asarray(features).shape[0])
@@ -199,6 +205,12 @@ def duplicate_clusters(features: np.ndarray, threshold: float = 0.99, method: st
         x = np.asarray(features, np.float32)
         m = nearest_partners(i, j, (x[i] * x[j]).sum(axis=1), per_image)
         i, j = i[m], j[m]
+    if key_threshold is not None:
+        if keys is None or len(keys) != n:
+            raise ValueError(f"key_threshold needs one pixel key per image ({n})")
+        ki, kj = pixelkey.similar_pairs(keys, key_threshold, per_image or n)
+        both = np.unique(np.stack([np.r_[i, ki], np.r_[j, kj]], axis=1).astype(np.int64), axis=0)
+        i, j = both[:, 0], both[:, 1]
     if keep_pair is not None and i.size:
         m = np.asarray(keep_pair(i, j), bool)
         i, j = i[m], j[m]

@@ -3,6 +3,7 @@
 All are whole images through each encoder's own preprocessing (resize + centre crop), L2-normalised,
 one float32 matrix per encoder. Reference features (every image of the target dataset) are cached on
 disk by a fingerprint of (query set, image ids, encoder identities), so repeated curations reuse them.
+Pixel keys (`curation.pixelkey`) are computed alongside, from the same decoded images.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from curation import pixelkey
 from curation.querysets import LabeledImage, iter_images
 from index.atomic import atomic_path, fingerprint
 from index.embed import embed_images
@@ -32,9 +34,18 @@ def embed_labeled(models, items: Sequence[LabeledImage], batch_size: int = 64,
             for p, m in zip(parts, models)]
 
 
+def labeled_keys(items: Sequence[LabeledImage], batch_size: int = 256) -> np.ndarray:
+    """[len(items), pixelkey.DIM] the pixel keys of labelled images."""
+    parts = [pixelkey.keys(images) for _, images in tqdm(
+        iter_images(items, batch_size, num_workers=2), desc="pixel keys", unit="batch",
+        total=(len(items) + batch_size - 1) // batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, pixelkey.DIM), np.float32)
+
+
 def embed_originals(gindex, models, image_ids: Sequence[str], into: dict[str, list[np.ndarray]],
-                    batch_size: int = 64) -> dict[str, str]:
-    """Embed gallery originals (each gallery shard read once) into `into`; return {id: reason} unreadable."""
+                    batch_size: int = 64, keys_into: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+    """Embed gallery originals (each gallery shard read once) into `into`, and with `keys_into`
+    their pixel keys into that; return {id: reason} unreadable."""
     by_shard: dict[str, list[str]] = defaultdict(list)
     for iid in image_ids:
         shard, key = split_image_id(iid)
@@ -47,6 +58,8 @@ def embed_originals(gindex, models, image_ids: Sequence[str], into: dict[str, li
         feats = embed_images(models, [images[k] for k in ok], batch_size)
         for row, key in enumerate(ok):
             into[f"{shard}/{key}"] = [f[row] for f in feats]
+            if keys_into is not None:
+                keys_into[f"{shard}/{key}"] = pixelkey.key(images[key])
         reason = ",".join(sorted(counts.to_dict())) or "unreadable"
         for key in set(keys) - set(ok):
             unreadable[f"{shard}/{key}"] = reason

@@ -28,11 +28,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from curation import pixelkey
 from curation import report as rpt
 from curation.calibrate import Calibration, cached_calibration
 from curation.decontam import clear_reviewed, find_leaks, read_review, verify_leaks
 from curation.dedup import duplicate_clusters, keep_one_per_cluster
-from curation.features import FeatureCache, embed_labeled, embed_originals
+from curation.features import FeatureCache, embed_labeled, embed_originals, labeled_keys
+from curation.pixelkey import Keys
 from curation.querysets import QuerySet, get_query_set
 from curation.selection import (SELECTORS, Selection, class_prompts, class_text_queries,
                                 select_with_search)
@@ -75,6 +77,7 @@ class CurateConfig:
     verify: str = "align"                     # second signal on candidates: align | none
     verify_threshold: float | str = "auto"    # "auto" (calibrated) or a verify.Match.score limit
     verify_max_residual: float | str = "auto"  # "auto" (calibrated) or grey levels (verify.Match.residual)
+    key_threshold: float | str = "auto"       # "auto" (calibrated) or a pixel key similarity (1: off)
     copy_recall: float = 0.99                 # calibration target: recall of every copy kind
     calibration_images: int = 300             # references sampled for calibration
     leak_neighbours: int = 5
@@ -94,7 +97,7 @@ class CurateConfig:
         SELECTORS.get(self.strategy)  # raises with the valid names
         if self.size < 1:
             raise ValueError(f"size must be >= 1; got {self.size}")
-        for name in ("dedup_threshold", "leak_threshold", "verify_threshold"):
+        for name in ("dedup_threshold", "leak_threshold", "verify_threshold", "key_threshold"):
             object.__setattr__(self, name, parse_threshold(getattr(self, name), name))
         object.__setattr__(self, "verify_max_residual", parse_threshold(
             self.verify_max_residual, "verify_max_residual", 0.0, math.inf,
@@ -208,7 +211,10 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     timings["embed_references"] = time.perf_counter() - tr
 
     tc = time.perf_counter()
-    th, calibration = resolve_thresholds(cfg, models, qs, ref_feats, cache.root)
+    ref_keys = Keys(cache.get_or_compute(
+        {"kind": "pixel-keys", "query_set": qs.name, "ids": ref_ids, "version": pixelkey.KEY_VERSION},
+        lambda: [labeled_keys(qs.references)])[0])
+    th, calibration = resolve_thresholds(cfg, models, qs, ref_feats, ref_keys, cache.root)
     timings["calibrate"] = time.perf_counter() - tc
     verifier = _Verifier(gindex, {r.id: r for r in qs.references})
 
@@ -216,6 +222,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     first = sel
     filtered = Filtered()
     orig: dict[str, list[np.ndarray]] = {}     # gallery image id -> per-encoder feature rows
+    keys: dict[str, np.ndarray] = {}           # gallery image id -> pixel key
     review = set(read_review(cfg.leak_review)) if cfg.leak_review else set()
     leak_report = None
     rounds = 0
@@ -225,7 +232,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         rows = gindex.rows(sel.ids)
         img_of = np.array([r.id for r in rows])
         new = sorted(set(img_of) - set(orig))
-        unreadable_imgs = embed_originals(gindex, models, new, orig, cfg.batch_size)
+        unreadable_imgs = embed_originals(gindex, models, new, orig, cfg.batch_size, keys_into=keys)
         unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs}
         ok = np.array([i not in unreadable_imgs and i in orig for i in img_of], dtype=bool)
         # decontamination over every original image seen so far (stable across rounds)
@@ -233,7 +240,9 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         per_enc = [np.stack([orig[i][e] for i in seen]) for e in range(len(specs))] if seen else \
             [np.zeros((0, s.embed_dim), np.float32) for s in specs]
         leak_report = find_leaks(per_enc, ref_feats, th["leak"], th["neighbours"],
-                                 reference_ids=ref_ids, image_ids=seen)
+                                 reference_ids=ref_ids, image_ids=seen, key_threshold=th["key"],
+                                 image_keys=np.stack([keys[i] for i in seen]) if seen else np.zeros((0, pixelkey.DIM)),
+                                 reference_keys=ref_keys)
         if th["verify"] is not None:
             verifier.prefetch(x.image_id for x in leak_report.leaks)
             leak_report = verify_leaks(leak_report, verifier.match, th["rule"])
@@ -252,7 +261,8 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
                 return np.array([th["rule"].passes(verifier.match(str(uniq[a]), str(uniq[b]), gallery=True))
                                  for a, b in zip(i, j)], bool)
             labels = duplicate_clusters(f, th["dedup"], keep_pair=None if th["verify"] is None else keep_pair,
-                                        per_image=None if th["verify"] is None else th["neighbours"])[inv]
+                                        per_image=None if th["verify"] is None else th["neighbours"],
+                                        keys=np.stack([keys[i] for i in uniq]), key_threshold=th["key"])[inv]
             keep = keep_one_per_cluster(labels, alive)   # selection order = curated rank
             dups = {int(g) for g in sel.ids[alive[~keep]]}
             for lab in np.unique(labels[~keep]):
@@ -338,6 +348,7 @@ def summary_line(manifest: dict[str, Any], seconds: float) -> str:
             f"thresholds ({th.get('source', 'given')}) dedup {_fmt(th['dedup'])} leak {_fmt(th['leak'])} "
             f"verify {th.get('verifier', 'none')} {_fmt(th.get('verify'))}"
             + (f" residual<={_fmt(th['max_residual'])}" if th.get("max_residual") is not None else "")
+            + (f" key {_fmt(th['key'])}" if th.get("key") is not None else "")
             + f", {seconds:.1f} s"
             + (f" -- {manifest['message']}" if manifest.get("message") else ""))
 
@@ -346,21 +357,23 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[np.ndarray],
+def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[np.ndarray], ref_keys: Keys,
                        cache_dir) -> tuple[dict[str, Any], Calibration | None]:
     """The thresholds in force: given numbers as they are, "auto" ones from a calibration on the
-    query set's references (cached by encoders + sampled reference ids; see curation.calibrate)."""
+    query set's references (cached by encoders + sampled reference ids; see curation.calibrate).
+    Retrieval by pixel key (``th["key"]``) serves verification only: None without it."""
     verifying = cfg.verify != "none"
     auto = [cfg.dedup_threshold == "auto", cfg.leak_threshold == "auto",
-            verifying and "auto" in (cfg.verify_threshold, cfg.verify_max_residual)]
+            verifying and "auto" in (cfg.verify_threshold, cfg.verify_max_residual, cfg.key_threshold)]
     cal = None
     if any(auto) and qs.references:
         cal, reused = cached_calibration(models, qs.references, ref_feats, cache_dir, size=cfg.calibration_images,
                                          recall=cfg.copy_recall, verify=cfg.verify,
-                                         min_neighbours=cfg.leak_neighbours, batch_size=cfg.batch_size)
+                                         min_neighbours=cfg.leak_neighbours, batch_size=cfg.batch_size,
+                                         ref_keys=ref_keys.keys if verifying else None)
         print(f"curate: calibration {'reused' if reused else 'computed'}: leak {cal.leak_threshold:.4g} "
               f"dedup {cal.dedup_threshold:.4g} verify {_fmt(cal.verify_threshold)} "
-              f"residual<={_fmt(cal.verify_max_residual)}, "
+              f"residual<={_fmt(cal.verify_max_residual)} key {_fmt(cal.pixel_threshold)}, "
               f"estimated false-positive rate {cal.false_positive_rate:.3g}", flush=True)
 
     def pick(value, calibrated, paper):
@@ -372,6 +385,7 @@ def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[
           "leak": pick(cfg.leak_threshold, cal and cal.leak_threshold, 0.95),
           "verify": pick(cfg.verify_threshold, cal and cal.verify_threshold, 0.9) if verifying else None,
           "max_residual": pick(cfg.verify_max_residual, cal and cal.verify_max_residual, None) if verifying else None,
+          "key": pick(cfg.key_threshold, cal and cal.pixel_threshold, None) if verifying else None,
           "verifier": cfg.verify,
           "neighbours": max(cfg.leak_neighbours, cal.neighbours if cal and verifying else 0),
           "source": "calibrated" if all(auto[:2]) and cal else "given" if not any(auto) else "mixed"}

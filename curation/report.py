@@ -272,7 +272,8 @@ def _calibration(cal: dict[str, Any]) -> str:
             f'{cal["leak_threshold"]:.4g}, dedup threshold {cal["dedup_threshold"]:.4g}, verifier '
             f'{_e(cal["verify"])}: score above {_fmt(cal["verify_threshold"])}, residual at most '
             f'{_fmt(cal.get("verify_max_residual"))} grey levels, {cal["neighbours"]} nearest '
-            f'references verified; estimated false-positive rate on each image\'s nearest distinct '
+            f'references verified (by embedding, and by pixel key where its similarity is above '
+            f'{_fmt(cal.get("pixel_threshold"))}); estimated false-positive rate on each image\'s nearest distinct '
             f'reference {cal["false_positive_rate"]:.3f}</p>'
             f'<table class="nums"><tr><th>copy kind</th><th>recall</th><th>source among verified '
             f'references</th></tr>{rows}</table>')
@@ -285,10 +286,12 @@ def _calibration(cal: dict[str, Any]) -> str:
     lines += [("distinct nearest", cv["distinct_similarity"])]
     lines += [("verify, copies: " + k, v) for k, v in cv["copies_verify"].items()]
     lines += [("verify, distinct nearest", cv["distinct_verify"])]
+    lines += [("pixel key, copies: " + k, v) for k, v in cv.get("copies_pixel", {}).items()]
+    lines += [("pixel key, distinct nearest", cv["distinct_pixel"])] if "distinct_pixel" in cv else []
     row = lambda n, v, idx: f"<tr><td>{_e(n)}</td>" + "".join(f'<td class="n">{v[i]:.2f}</td>' for i in idx) + "</tr>"  # noqa: E731
     body = "".join(row(n, v, pick) for n, v in lines)
     out = (head + '<p class="small">Fraction of pairs above each threshold (similarity: max cosine '
-           f'over encoders; verify: the verification score)</p><table class="nums"><tr><th></th>{cols}</tr>'
+           f'over encoders; verify: the verification score; pixel key: its similarity)</p><table class="nums"><tr><th></th>{cols}</tr>'
            f"{body}</table>")
     if "residual_grid" in cv:
         rpick = [i for i, t in enumerate(cv["residual_grid"]) if t % 8 == 0]

@@ -316,6 +316,20 @@ def test_decontamination_removes_planted_copies_and_keeps_the_look_alike(world: 
     assert "Calibration" in _section((out / contract.REPORT_FILE).read_text(), "summary")
 
 
+def test_pixel_keys_find_leaks_the_embedding_does_not(world: World, capsys):
+    # a leak threshold no embedding similarity exceeds: only the pixel keys make candidates
+    m = _run(world, world.root / "keys-only", "--leak-threshold", "1")
+    th = m["thresholds"]
+    assert th["key"] == m["calibration"]["pixel_threshold"] is not None and m["leaks"]["key_threshold"] == th["key"]
+    assert f"key {th['key']:.4g}" in capsys.readouterr().out
+    flagged = {x["image_id"]: x for x in m["leaks"]["leaks"]}
+    assert set(flagged) == set(world.fx.leaks)
+    for gid, rid in world.fx.leaks.items():
+        assert flagged[gid]["key_similarity"] > th["key"] and flagged[gid]["verified_reference"] == rid
+    none = _run(world, world.root / "no-keys", "--leak-threshold", "1", "--key-threshold", "1")
+    assert none["thresholds"]["key"] == 1.0 and not none["leaks"]["leaks"] and none["counts"]["removed_leak"] == 0
+
+
 def test_leak_review_unflags_an_image_and_its_crops_come_back(world: World, base):
     _, m0, _ = base
     reviewed = "00001/leak_train"
@@ -416,8 +430,8 @@ def clip_index(world: World) -> Path:
 def test_paper_thresholds_without_verification(world: World, capsys):
     out = world.root / "paper"
     m = _run(world, out, "--dedup-threshold", "0.99", "--leak-threshold", "0.95", "--verify", "none")
-    assert m["thresholds"] == {"dedup": 0.99, "leak": 0.95, "verify": None, "max_residual": None, "verifier": "none",
-                               "neighbours": 5, "source": "given"}
+    assert m["thresholds"] == {"dedup": 0.99, "leak": 0.95, "verify": None, "max_residual": None, "key": None,
+                               "verifier": "none", "neighbours": 5, "source": "given"}
     assert m["calibration"] is None
     assert "thresholds (given) dedup 0.99 leak 0.95 verify none -" in capsys.readouterr().out
 
