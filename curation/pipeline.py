@@ -500,7 +500,7 @@ def _write_report(out, cfg, qs, gindex, sel, records, filtered, leak_report, cou
                 crops_removed=filtered.leak_items.get(leak.image_id, 0) if state == "removed" else 0,
                 unflagged=state == "cleared", review_note="marked not a leak on review" if state == "cleared" else "",
                 verify_score=leak.verify_score, verify_residual=leak.verify_residual,
-                rejected=state == "rejected"))
+                key_similarity=leak.key_similarity, rejected=state == "rejected"))
     per_query, per_class = rpt.count_per_query_and_class(records, {q: label.get(q, q) for q in query_ids})
     data = rpt.ReportData(
         title=f"Curated transfer set: {qs.name}", query_set=qs.name, requested=cfg.size,

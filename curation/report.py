@@ -88,6 +88,7 @@ class LeakPanel:
     review_note: str = ""
     verify_score: float | None = None  # verification score (curation.verify); None: not verified
     verify_residual: float | None = None  # its residual in grey levels
+    key_similarity: float | None = None   # best pixel key similarity to a reference (curation.pixelkey)
     rejected: bool = False    # above the similarity threshold, but not a copy by verification: kept
 
 
@@ -392,7 +393,8 @@ def _leaks(data: ReportData, limits: ReportLimits, th: _Thumbs) -> str:
                  "removed": f"removed as leak ({lk.crops_removed} crops)"}[state]
         note = f'<div class="small">review: {_e(lk.review_note)}</div>' if lk.review_note else ""
         ver = "" if lk.verify_score is None else f", verification score {_fmt(lk.verify_score)}" + (
-            "" if lk.verify_residual is None else f", residual {_fmt(lk.verify_residual)}")
+            "" if lk.verify_residual is None else f", residual {_fmt(lk.verify_residual)}") + (
+            "" if lk.key_similarity is None else f", pixel key {_fmt(lk.key_similarity)}")
         refs = [f'<div class="member{" verified" if r.verified else ""}">{th.img(r.image, f"reference {r.id}")}'
                 f'<div class="small">sim {r.similarity:.3f}{" (verified pair)" if r.verified else ""}'
                 f'<br>{_e(r.id)}</div></div>'

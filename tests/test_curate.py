@@ -313,6 +313,7 @@ def test_decontamination_removes_planted_copies_and_keeps_the_look_alike(world: 
     for gid, rid in world.fx.leaks.items():
         assert gid in leaks_html and rid in leaks_html
     assert "not a copy by verification: kept" in leaks_html and "verification score" in leaks_html
+    assert "pixel key " in leaks_html
     assert "Calibration" in _section((out / contract.REPORT_FILE).read_text(), "summary")
 
 
