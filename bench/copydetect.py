@@ -50,13 +50,14 @@ def run_one(models, images, labels, seed: int, recall: float, scores: dict, keys
     m_test = measure(models, SampledImages(images, test_rows), feats, test_rows, seed=seed + 1, labels=labels,
                      scores=scores, ref_keys=keys)
     paper = evaluate(m_test, PAPER_LEAK, None)
-    ours = evaluate(m_test, cal.leak_threshold, cal.rule, cal.neighbours, cal.pixel_threshold)
+    ours = cal.evaluate(m_test)
     no_key = evaluate(m_test, cal.leak_threshold, cal.rule, cal.neighbours)
     embed_only = evaluate(m_test, min(choose(m_cal, recall, verify="none").leak_threshold, 1.0), None)
     return {
         "thresholds": {"leak": cal.leak_threshold, "dedup": cal.dedup_threshold, "verify": cal.verify_threshold,
                        "verify_max_residual": cal.verify_max_residual,
                        "neighbours": cal.neighbours, "pixel_key": cal.pixel_threshold,
+                       "pixel_key_neighbours": cal.pixel_neighbours,
                        "estimated_false_positive_rate": cal.false_positive_rate},
         "paper": paper, "calibrated_embedding_only": embed_only, "calibrated_with_verification": ours,
         "calibrated_with_verification_embedding_retrieval_only": no_key,

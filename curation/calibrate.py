@@ -27,8 +27,9 @@ of one class reach it. So the thresholds are measured, not assumed:
    scored and is never confirmed;
 5. report the false-positive rate the chosen decision gives: the fraction of sampled references
    confirmed as a copy of one of the distinct references they would be verified against (their
-   `neighbours` nearest by embedding and by pixel key, at least MIN_NEIGHBOURS), as a retrieved
-   look-alike would be.
+   `neighbours` nearest by embedding and `pixel_neighbours` nearest by pixel key, each the fewest
+   that hold the source of the loosened share of every kind's copies, at least MIN_NEIGHBOURS),
+   as a retrieved look-alike would be.
 
 `calibrate` is a pure function of (encoders, reference images, their features, options);
 `cached_calibration` stores its result as JSON keyed by a fingerprint of the encoder identities,
@@ -70,6 +71,7 @@ class Calibration:
     source_in_neighbours: dict[str, float]  # per kind: the source among those references
     curves: dict[str, Any] = field(default_factory=dict)
     pixel_threshold: float | None = None   # on the pixel key similarity; None: no pixel retrieval
+    pixel_neighbours: int | None = None    # references verified per candidate by pixel key
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +81,10 @@ class Calibration:
         if self.verify_threshold is None:
             return None
         return VerifyRule.of(self.verify_threshold, self.verify_max_residual)
+
+    def evaluate(self, m: "Measurements") -> dict[str, Any]:
+        """`evaluate` with this calibration's decision."""
+        return evaluate(m, self.leak_threshold, self.rule, self.neighbours, self.pixel_threshold, self.pixel_neighbours)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Calibration":
@@ -225,22 +231,24 @@ def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
     t_leak = min(_lower_quantile(m.pos_max[k], embed_keep) for k in kinds)
     t_dedup = min(_lower_quantile(m.pos_mean[k], embed_keep) for k in kinds)
     # the fewest nearest references that hold the source of `embed_keep` of every kind's copies
-    k_need = max(int(np.sort(m.pos_rank[k])[min(m.pos_rank.shape[1] - 1,
-                                                 int(np.ceil(embed_keep * m.pos_rank.shape[1])) - 1)]) + 1
-                 for k in kinds)
-    neighbours = int(min(max_neighbours, max(min_neighbours, k_need)))
+    def needed(rank: np.ndarray) -> int:
+        k_need = max(int(np.sort(r)[min(r.size - 1, int(np.ceil(embed_keep * r.size)) - 1)]) + 1 for r in rank)
+        return int(min(max_neighbours, max(min_neighbours, k_need)))
+
+    neighbours = needed(m.pos_rank)
     t_leak, t_dedup = round(t_leak, 6), round(t_dedup, 6)
-    rule, t_pix = None, None
+    rule, t_pix, k_pix = None, None, None
     if verify != "none":
         if m.has_pixel:
-            t_pix = _pixel_threshold(m, t_leak, neighbours, embed_keep)
+            k_pix = needed(m.pos_pix_rank)
+            t_pix = _pixel_threshold(m, t_leak, neighbours, k_pix, embed_keep)
         # among the copies that reach verification and can be scored (a pair with a flat image is
         # never confirmed: loosening the rule would not bring it back, only let look-alikes through)
-        cand = _reached(m, t_leak, neighbours, t_pix) & np.isfinite(m.pos_verify)
+        cand = _reached(m, t_leak, neighbours, t_pix, k_pix) & np.isfinite(m.pos_verify)
         # the look-alikes: every sampled image's, candidate or not (what other data may flag)
-        looks = _verified_pairs(m, -np.inf, neighbours, None if t_pix is None else -np.inf)
+        looks = _verified_pairs(m, -np.inf, neighbours, None if t_pix is None else -np.inf, k_pix)
         rule = _verify_rule(m, cand, looks, recall)
-    ev = evaluate(m, t_leak, rule, neighbours, t_pix)
+    ev = evaluate(m, t_leak, rule, neighbours, t_pix, k_pix)
     return Calibration(
         recall_target=recall, verify=verify, num_images=int(m.neg_max.shape[0]),
         leak_threshold=t_leak, dedup_threshold=t_dedup,
@@ -248,21 +256,24 @@ def choose(m: Measurements, recall: float = 0.99, verify: str = "align",
         verify_max_residual=None if rule is None else rule.to_dict()["max_residual"],
         recall=ev["recall"], false_positive_rate=ev["false_positive_rate"], neighbours=neighbours,
         source_in_neighbours={k: float(v) for k, v in zip(
-            m.kinds, _reached(m, -np.inf, neighbours, None if t_pix is None else -np.inf).mean(axis=1))},
-        curves=curves(m), pixel_threshold=t_pix)
+            m.kinds, _reached(m, -np.inf, neighbours, None if t_pix is None else -np.inf, k_pix).mean(axis=1))},
+        curves=curves(m), pixel_threshold=t_pix, pixel_neighbours=k_pix)
 
 
-def _reached(m: Measurements, leak_threshold: float, neighbours: int, pixel_threshold: float | None) -> np.ndarray:
+def _reached(m: Measurements, leak_threshold: float, neighbours: int, pixel_threshold: float | None = None,
+             pixel_neighbours: int | None = None) -> np.ndarray:
     """[kinds, n] the copy is a candidate and its source among the references it is verified
     against: by embedding (similarity above the leak threshold, source among its `neighbours`
-    nearest) or, with a pixel threshold, by pixel key (the same, with the key)."""
+    nearest) or, with a pixel threshold, by pixel key (the same, with the key and its
+    `pixel_neighbours`, by default as many)."""
     ok = (m.pos_max > leak_threshold) & (m.pos_rank < neighbours)
     if pixel_threshold is not None and m.has_pixel:
-        ok |= (m.pos_pix > pixel_threshold) & (m.pos_pix_rank < neighbours)
+        ok |= (m.pos_pix > pixel_threshold) & (m.pos_pix_rank < (pixel_neighbours or neighbours))
     return ok
 
 
-def _pixel_threshold(m: Measurements, leak_threshold: float, neighbours: int, keep: float) -> float:
+def _pixel_threshold(m: Measurements, leak_threshold: float, neighbours: int, pixel_neighbours: int,
+                     keep: float) -> float:
     """The pixel key threshold. It keeps `keep` of every kind's copies by the key alone, as far as
     that flags no more look-alikes than the embedding already does (the fraction of sampled
     images whose embedding similarity to a distinct reference exceeds the leak threshold, at least
@@ -270,7 +281,7 @@ def _pixel_threshold(m: Measurements, leak_threshold: float, neighbours: int, ke
     leaves more copies unretrieved than `keep` allows, it is lowered until the two together
     bring them to verification."""
     by_embedding = _reached(m, leak_threshold, neighbours, None)
-    alone = min(_lower_quantile(m.pos_pix[k], keep, within=m.pos_pix_rank[k] < neighbours)
+    alone = min(_lower_quantile(m.pos_pix[k], keep, within=m.pos_pix_rank[k] < pixel_neighbours)
                 for k in range(len(m.kinds)))
     nearest = m.negp_pix[:, 0][np.isfinite(m.negp_pix[:, 0])]
     if nearest.size:
@@ -281,7 +292,7 @@ def _pixel_threshold(m: Measurements, leak_threshold: float, neighbours: int, ke
         missed = ~by_embedding[k]
         short = int(missed.sum()) - int(np.floor((1.0 - keep) * missed.size + 1e-9))
         if short > 0:
-            catchable = np.sort(m.pos_pix[k][missed & (m.pos_pix_rank[k] < neighbours)])[::-1]
+            catchable = np.sort(m.pos_pix[k][missed & (m.pos_pix_rank[k] < pixel_neighbours)])[::-1]
             t = min(t, float(catchable[short - 1]) - 1e-6 if catchable.size >= short else -1.0)
     return round(max(t, -1.0), 6)
 
@@ -340,12 +351,13 @@ def _verify_rule(m: Measurements, cand: np.ndarray, looks: tuple[np.ndarray, np.
     return VerifyRule(round(got[1], 6), round(r, 4))
 
 
-def _verified_pairs(m: Measurements, leak_threshold: float, neighbours: int,
-                    pixel_threshold: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _verified_pairs(m: Measurements, leak_threshold: float, neighbours: int, pixel_threshold: float | None,
+                    pixel_neighbours: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(scores, residuals, mask), each [n, pairs]: the (image, distinct reference) pairs a curation
     verifies. An image is a candidate when its embedding similarity to some reference exceeds
     the leak threshold (or its pixel key similarity the pixel threshold); it is verified against
-    its `neighbours` nearest references by embedding and, with a pixel threshold, by pixel key
+    its `neighbours` nearest references by embedding and, with a pixel threshold, its
+    `pixel_neighbours` (by default as many) nearest by pixel key
     (a reference both retrieve, once)."""
     valid = np.isfinite(m.neg_max)
     flagged = (np.where(valid, m.neg_max, -np.inf) > leak_threshold).any(axis=1)
@@ -356,13 +368,15 @@ def _verified_pairs(m: Measurements, leak_threshold: float, neighbours: int,
     if not use_pixel:
         return m.neg_verify, m.neg_residual, mask
     again = (m.negp_ids[:, :, None] == np.where(mask, m.neg_ids, -1)[:, None, :]).any(axis=2)
-    mask_p = flagged[:, None] & np.isfinite(m.negp_pix) & (np.arange(m.negp_pix.shape[1]) < neighbours) & ~again
+    mask_p = flagged[:, None] & np.isfinite(m.negp_pix) & ~again & (
+        np.arange(m.negp_pix.shape[1]) < (pixel_neighbours or neighbours))
     return (np.concatenate([m.neg_verify, m.negp_verify], axis=1),
             np.concatenate([m.neg_residual, m.negp_residual], axis=1), np.concatenate([mask, mask_p], axis=1))
 
 
 def evaluate(m: Measurements, leak_threshold: float, rule: VerifyRule | None,
-             neighbours: int = MAX_NEIGHBOURS, pixel_threshold: float | None = None) -> dict[str, Any]:
+             neighbours: int = MAX_NEIGHBOURS, pixel_threshold: float | None = None,
+             pixel_neighbours: int | None = None) -> dict[str, Any]:
     """Recall per kind and false-positive rates of the decision a curation takes. Without a verify
     rule an image is a leak when its embedding similarity to some reference exceeds
     `leak_threshold`; with one, when its match with one of the references it is verified against
@@ -373,8 +387,9 @@ def evaluate(m: Measurements, leak_threshold: float, rule: VerifyRule | None,
         pairs = np.isfinite(m.neg_max)
         confirmed = pairs & (m.neg_max > leak_threshold)
     else:
-        pos = _reached(m, leak_threshold, neighbours, pixel_threshold) & rule.accepts(m.pos_verify, m.pos_residual)
-        score, residual, pairs = _verified_pairs(m, leak_threshold, neighbours, pixel_threshold)
+        pos = _reached(m, leak_threshold, neighbours, pixel_threshold, pixel_neighbours) & \
+            rule.accepts(m.pos_verify, m.pos_residual)
+        score, residual, pairs = _verified_pairs(m, leak_threshold, neighbours, pixel_threshold, pixel_neighbours)
         confirmed = pairs & rule.accepts(score, residual)
     neg_img = confirmed.any(axis=1)
     return {"recall": {k: float(pos[i].mean()) for i, k in enumerate(m.kinds)},

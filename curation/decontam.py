@@ -120,14 +120,16 @@ def find_leaks(image_features: Features, reference_features: Features, threshold
                k: int = 5, reference_ids: Sequence[str] | None = None,
                image_ids: Sequence[str] | None = None, method: str = "auto", nprobe: int = 16,
                batch_size: int = 16384, image_keys: np.ndarray | None = None,
-               reference_keys: Keys | None = None, key_threshold: float | None = None) -> LeakReport:
+               reference_keys: Keys | None = None, key_threshold: float | None = None,
+               key_k: int | None = None) -> LeakReport:
     """Flag images whose max-over-encoders similarity to any reference exceeds ``threshold``
     (or, with ``key_threshold``, whose pixel key similarity to one exceeds that).
 
     ``image_features``/``reference_features``: one L2-normalised [rows, d_e] matrix per encoder
     (or a single matrix), encoders in the same order. Ids default to the row numbers as strings.
     ``image_keys`` ([rows, pixelkey.DIM]) and ``reference_keys`` (`pixelkey.Keys`, rows aligned
-    with the reference features) are needed with ``key_threshold``.
+    with the reference features) are needed with ``key_threshold``; ``key_k`` (default ``k``)
+    nearest references by key join each flagged image's list.
     """
     images = _per_encoder(image_features, "image_features")
     refs = _per_encoder(reference_features, "reference_features")
@@ -164,7 +166,7 @@ def find_leaks(image_features: Features, reference_features: Features, threshold
     flagged = _flag(images, refs, float(threshold), method, nprobe, batch_size)
     key_sims = key_rows = None
     if key_threshold is not None:
-        key_sims, key_rows = reference_keys.nearest(np.asarray(image_keys, np.float32), min(k, nr))
+        key_sims, key_rows = reference_keys.nearest(np.asarray(image_keys, np.float32), min(key_k or k, nr))
         flagged = np.union1d(flagged, np.flatnonzero(key_sims[:, 0] > key_threshold))
     leaks: list[Leak] = []
     if flagged.size:

@@ -188,14 +188,15 @@ def duplicate_clusters(features: np.ndarray, threshold: float = 0.99, method: st
                        nprobe: int = 8, batch_size: int = 8192,
                        keep_pair: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
                        per_image: int | None = None, keys: np.ndarray | None = None,
-                       key_threshold: float | None = None) -> np.ndarray:
+                       key_threshold: float | None = None, key_per_image: int | None = None) -> np.ndarray:
     """Cluster label per row: connected components of the "similarity > threshold" graph.
 
     ``features``: one L2-normalised row per unique original image; for several encoders the
     concatenation with each part scaled by 1/sqrt(E), so the inner product is the mean cosine.
     ``per_image`` keeps only each image's most similar candidate pairs; with ``keys`` (pixel keys,
     one row per image) and ``key_threshold``, the pairs whose key similarity exceeds that join the
-    candidates (`pixelkey.similar_pairs`, as many per image); ``keep_pair(i, j)``, a verification
+    candidates (`pixelkey.similar_pairs`, ``key_per_image`` or as many as ``per_image`` per image);
+    ``keep_pair(i, j)``, a verification
     stage (`curation.verify`), returns a mask of the candidate pairs that are copies.
     Labels are 0..C-1, numbered in the order of each cluster's smallest row index.
     """
@@ -208,7 +209,7 @@ def duplicate_clusters(features: np.ndarray, threshold: float = 0.99, method: st
     if key_threshold is not None:
         if keys is None or len(keys) != n:
             raise ValueError(f"key_threshold needs one pixel key per image ({n})")
-        ki, kj = pixelkey.similar_pairs(keys, key_threshold, per_image or n)
+        ki, kj = pixelkey.similar_pairs(keys, key_threshold, key_per_image or per_image or n)
         both = np.unique(np.stack([np.r_[i, ki], np.r_[j, kj]], axis=1).astype(np.int64), axis=0)
         i, j = both[:, 0], both[:, 1]
     if keep_pair is not None and i.size:

@@ -240,7 +240,8 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         per_enc = [np.stack([orig[i][e] for i in seen]) for e in range(len(specs))] if seen else \
             [np.zeros((0, s.embed_dim), np.float32) for s in specs]
         leak_report = find_leaks(per_enc, ref_feats, th["leak"], th["neighbours"],
-                                 reference_ids=ref_ids, image_ids=seen, key_threshold=th["key"],
+                                 reference_ids=ref_ids, image_ids=seen,
+                                 key_threshold=th["key"], key_k=th["key_neighbours"],
                                  image_keys=np.stack([keys[i] for i in seen]) if seen else np.zeros((0, pixelkey.DIM)),
                                  reference_keys=ref_keys)
         if th["verify"] is not None:
@@ -262,7 +263,8 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
                                  for a, b in zip(i, j)], bool)
             labels = duplicate_clusters(f, th["dedup"], keep_pair=None if th["verify"] is None else keep_pair,
                                         per_image=None if th["verify"] is None else th["neighbours"],
-                                        keys=np.stack([keys[i] for i in uniq]), key_threshold=th["key"])[inv]
+                                        keys=np.stack([keys[i] for i in uniq]), key_threshold=th["key"],
+                                        key_per_image=th["key_neighbours"])[inv]
             keep = keep_one_per_cluster(labels, alive)   # selection order = curated rank
             dups = {int(g) for g in sel.ids[alive[~keep]]}
             for lab in np.unique(labels[~keep]):
@@ -388,6 +390,7 @@ def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[
           "key": pick(cfg.key_threshold, cal and cal.pixel_threshold, None) if verifying else None,
           "verifier": cfg.verify,
           "neighbours": max(cfg.leak_neighbours, cal.neighbours if cal and verifying else 0),
+          "key_neighbours": max(cfg.leak_neighbours, (cal.pixel_neighbours or 0) if cal and verifying else 0),
           "source": "calibrated" if all(auto[:2]) and cal else "given" if not any(auto) else "mixed"}
     th["rule"] = VerifyRule.of(th["verify"], th["max_residual"]) if verifying else None
     if th["rule"] is not None:   # stored as the rule stores it (no limit: None)

@@ -247,7 +247,7 @@ MAX_FALSE_POSITIVE_RATE_PER_PAIR = 0.001
 @pytest.mark.parametrize("enc", list(ENCODERS))
 def test_planted_copies_are_caught_and_most_look_alikes_kept(planted, name: str, enc: str):
     cal, test = planted[name, enc]
-    got = evaluate(test, cal.leak_threshold, cal.rule, cal.neighbours, cal.pixel_threshold)
+    got = cal.evaluate(test)
     paper = evaluate(test, 0.95, None)
     print(name, enc, json.dumps({"calibrated": got, "paper": paper}))
     recall = np.array(list(got["recall"].values()))
@@ -268,7 +268,7 @@ def test_pixel_key_retrieves_what_the_embedding_misses(planted):
     worst = {}
     for (name, enc), (cal, test) in planted.items():
         alone = evaluate(test, cal.leak_threshold, cal.rule, cal.neighbours, None)["recall"]
-        both = evaluate(test, cal.leak_threshold, cal.rule, cal.neighbours, cal.pixel_threshold)["recall"]
+        both = cal.evaluate(test)["recall"]
         assert all(both[k] >= alone[k] for k in alone)
         worst[name, enc] = min(alone.values())
     assert worst["fashion_mnist", "efficientnet_lite0"] < 0.99 and worst["fashion_mnist", "test-tiny-clip"] < 0.99

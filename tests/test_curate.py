@@ -432,7 +432,7 @@ def test_paper_thresholds_without_verification(world: World, capsys):
     out = world.root / "paper"
     m = _run(world, out, "--dedup-threshold", "0.99", "--leak-threshold", "0.95", "--verify", "none")
     assert m["thresholds"] == {"dedup": 0.99, "leak": 0.95, "verify": None, "max_residual": None, "key": None,
-                               "verifier": "none", "neighbours": 5, "source": "given"}
+                               "verifier": "none", "neighbours": 5, "key_neighbours": 5, "source": "given"}
     assert m["calibration"] is None
     assert "thresholds (given) dedup 0.99 leak 0.95 verify none -" in capsys.readouterr().out
 
