@@ -50,7 +50,7 @@ from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.verify import Thumb, VerifyRule, copy_match
 from index.atomic import fingerprint, read_json, write_json
 
-CALIBRATION_VERSION = 5
+CALIBRATION_VERSION = 6
 MAX_NEIGHBOURS = 32                             # most references verified per candidate
 MIN_NEIGHBOURS = 5                              # least (the paper's 5 nearest references)
 GRID = np.round(np.linspace(0.5, 1.0, 51), 3)   # thresholds at which the curves are reported
@@ -279,7 +279,8 @@ def _pixel_threshold(m: Measurements, leak_threshold: float, neighbours: int, pi
     images whose embedding similarity to a distinct reference exceeds the leak threshold, at least
     1%): each flagged image costs the verification of its nearest references. Where the embedding
     leaves more copies unretrieved than `keep` allows, it is lowered until the two together
-    bring them to verification."""
+    bring them to verification, or as far as the key brings any of them (a copy whose source is
+    not among its nearest by key is not brought by a lower threshold)."""
     by_embedding = _reached(m, leak_threshold, neighbours, None)
     alone = min(_lower_quantile(m.pos_pix[k], keep, within=m.pos_pix_rank[k] < pixel_neighbours)
                 for k in range(len(m.kinds)))
@@ -293,7 +294,8 @@ def _pixel_threshold(m: Measurements, leak_threshold: float, neighbours: int, pi
         short = int(missed.sum()) - int(np.floor((1.0 - keep) * missed.size + 1e-9))
         if short > 0:
             catchable = np.sort(m.pos_pix[k][missed & (m.pos_pix_rank[k] < pixel_neighbours)])[::-1]
-            t = min(t, float(catchable[short - 1]) - 1e-6 if catchable.size >= short else -1.0)
+            if catchable.size:   # as many as the key can bring (lower would only flag look-alikes)
+                t = min(t, float(catchable[min(short, catchable.size) - 1]) - 1e-6)
     return round(max(t, -1.0), 6)
 
 
