@@ -211,7 +211,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     timings["embed_references"] = time.perf_counter() - tr
 
     tc = time.perf_counter()
-    ref_keys = Keys(cache.get_or_compute(
+    ref_keys = None if cfg.verify == "none" else Keys(cache.get_or_compute(   # they serve verification only
         {"kind": "pixel-keys", "query_set": qs.name, "ids": ref_ids, "version": pixelkey.KEY_VERSION},
         lambda: [labeled_keys(qs.references)])[0])
     th, calibration = resolve_thresholds(cfg, models, qs, ref_feats, ref_keys, cache.root)
@@ -232,7 +232,8 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         rows = gindex.rows(sel.ids)
         img_of = np.array([r.id for r in rows])
         new = sorted(set(img_of) - set(orig))
-        unreadable_imgs = embed_originals(gindex, models, new, orig, cfg.batch_size, keys_into=keys)
+        unreadable_imgs = embed_originals(gindex, models, new, orig, cfg.batch_size,
+                                          keys_into=None if ref_keys is None else keys)
         unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs}
         ok = np.array([i not in unreadable_imgs and i in orig for i in img_of], dtype=bool)
         # decontamination over every original image seen so far (stable across rounds)
@@ -242,7 +243,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
         leak_report = find_leaks(per_enc, ref_feats, th["leak"], th["neighbours"],
                                  reference_ids=ref_ids, image_ids=seen,
                                  key_threshold=th["key"], key_k=th["key_neighbours"],
-                                 image_keys=np.stack([keys[i] for i in seen]) if seen else np.zeros((0, pixelkey.DIM)),
+                                 image_keys=_stacked(keys, seen) if th["key"] is not None else None,
                                  reference_keys=ref_keys)
         if th["verify"] is not None:
             verifier.prefetch(x.image_id for x in leak_report.leaks)
@@ -263,7 +264,8 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
                                  for a, b in zip(i, j)], bool)
             labels = duplicate_clusters(f, th["dedup"], keep_pair=None if th["verify"] is None else keep_pair,
                                         per_image=None if th["verify"] is None else th["neighbours"],
-                                        keys=np.stack([keys[i] for i in uniq]), key_threshold=th["key"],
+                                        keys=_stacked(keys, uniq) if th["key"] is not None else None,
+                                        key_threshold=th["key"],
                                         key_per_image=th["key_neighbours"])[inv]
             keep = keep_one_per_cluster(labels, alive)   # selection order = curated rank
             dups = {int(g) for g in sel.ids[alive[~keep]]}
@@ -359,7 +361,7 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[np.ndarray], ref_keys: Keys,
+def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[np.ndarray], ref_keys: Keys | None,
                        cache_dir) -> tuple[dict[str, Any], Calibration | None]:
     """The thresholds in force: given numbers as they are, "auto" ones from a calibration on the
     query set's references (cached by encoders + sampled reference ids; see curation.calibrate).
@@ -372,7 +374,7 @@ def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[
         cal, reused = cached_calibration(models, qs.references, ref_feats, cache_dir, size=cfg.calibration_images,
                                          recall=cfg.copy_recall, verify=cfg.verify,
                                          min_neighbours=cfg.leak_neighbours, batch_size=cfg.batch_size,
-                                         ref_keys=ref_keys.keys if verifying else None)
+                                         ref_keys=None if ref_keys is None else ref_keys.keys)
         print(f"curate: calibration {'reused' if reused else 'computed'}: leak {cal.leak_threshold:.4g} "
               f"dedup {cal.dedup_threshold:.4g} verify {_fmt(cal.verify_threshold)} "
               f"residual<={_fmt(cal.verify_max_residual)} key {_fmt(cal.pixel_threshold)}, "
@@ -396,6 +398,11 @@ def resolve_thresholds(cfg: CurateConfig, models, qs: QuerySet, ref_feats: list[
     if th["rule"] is not None:   # stored as the rule stores it (no limit: None)
         th["max_residual"] = th["rule"].to_dict()["max_residual"]
     return th, cal
+
+
+def _stacked(keys: dict[str, np.ndarray], ids) -> np.ndarray:
+    """[len(ids), pixelkey.DIM] the pixel keys of these gallery images."""
+    return np.stack([keys[str(i)] for i in ids]) if len(ids) else np.zeros((0, pixelkey.DIM), np.float32)
 
 
 class _Verifier:
