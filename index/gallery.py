@@ -1,9 +1,12 @@
 """Gallery readers: img2dataset WebDataset tars and plain image folders, with every skip counted.
 
 A gallery is a list of shards (``list_shards``); a shard yields ``GalleryImage``s (``iter_images``)
-whose id is ``contract.image_id(shard.name, key)``. Tar members are read with webdataset's
-``tar_file_iterator``, but images are decoded here with PIL and no error is swallowed: every entry
-that does not become an image is counted in a ``SkipCounts`` under one of ``SKIP_REASONS``.
+whose id is ``contract.image_id(shard.name, key)``. Tar members are read in tarfile's stream mode
+exactly as webdataset's ``tar_file_iterator`` reads them (same member filter, same grouping), but with
+each member's data offset kept, so every image carries its location (``GalleryImage.loc``, the format
+is ``contract.ROW_LOC_FIELDS``) and is later read back by byte range (``index.ranged``). Images are
+decoded here with PIL and no error is swallowed: every entry that does not become an image is counted
+in a ``SkipCounts`` under one of ``SKIP_REASONS``.
 
 Shards
     ``x.tar``                a tar shard named ``x`` (the file stem, as the contract says).
@@ -28,6 +31,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import warnings
 from collections import Counter
@@ -37,7 +41,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import braceexpand
 from PIL import Image, UnidentifiedImageError
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from index.contract import IMAGE_EXTS, image_id
 
@@ -57,6 +61,8 @@ SKIP_REASONS: dict[str, str] = {
     "tar_truncated": "the tar ends before its end-of-archive block (cut mid-file); the sample being "
                      "assembled at the cut is dropped and counted once; samples after the cut are unknowable",
     "tar_corrupt": "the tar cannot be opened or has an invalid header; counted once per break, as above",
+    "stale_location": "a read by recorded location found the gallery changed since indexing: the file is gone "
+                      "or shorter than offset+size, or the tar header before the bytes is not the member's",
 }
 
 # PIL's own decompression-bomb threshold (about 89.5 Mpx). PIL refuses images above twice this at
@@ -138,6 +144,7 @@ class GalleryImage:
     image: Image.Image  # RGB, fully loaded
     caption: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    loc: dict[str, Any] | None = None  # where its bytes live (contract.ROW_LOC_FIELDS); None: not seekable
 
 
 def _is_pattern(s: str) -> bool:
@@ -261,8 +268,41 @@ def _decode_error_reason(e: Exception) -> str:
 
 # ---------------------------------------------------------------- raw samples
 
-# A raw sample: key and members suffix -> bytes (tar) or file path (folder, read on demand).
+# A raw sample: key, members suffix -> bytes (tar) or file path (folder, read on demand), and where
+# each member lives: suffix -> (data offset, size) in a plain tar, suffix -> path relative to the shard
+# folder; empty where members cannot be sought (a compressed tar stream).
 _Members = dict[str, "bytes | str"]
+_Where = dict[str, "tuple[int, int] | str"]
+
+# webdataset's tar_file_iterator skips these member names (its skip_meta and meta_prefix/suffix)
+_SKIP_META = re.compile(r"__[^/]*__($|/)")
+
+
+def _tar_members(fileobj: Any, handler: Callable[[Exception], bool],
+                 select_files: Callable[[str], bool]) -> Iterator[tuple[str, bytes, int | None]]:
+    """(name, data, data offset) per regular member: webdataset.tariterators.tar_file_iterator with
+    the member's data offset kept (TarInfo.offset_data; None in a compressed stream, where offsets are
+    not file offsets). Same member filter, same error handling: `handler(exn)` True continues."""
+    stream = tarfile.open(fileobj=fileobj, mode="r|*")
+    seekable = getattr(stream.fileobj, "comptype", "tar") == "tar"
+    for tarinfo in stream:
+        fname = tarinfo.name
+        try:
+            if not tarinfo.isreg() or fname is None:
+                continue
+            if "/" not in fname and fname.startswith("__") and fname.endswith("__"):
+                continue
+            if _SKIP_META.match(fname):
+                continue
+            if not select_files(fname):
+                continue
+            data = stream.extractfile(tarinfo).read()
+            yield fname, data, tarinfo.offset_data if seekable else None
+            stream.members = []
+        except Exception as exn:  # noqa: BLE001 - the handler decides, as in tar_file_iterator
+            if handler(exn):
+                continue
+            break
 
 
 def _zero_tail(f: Any, offset: int) -> bool:
@@ -294,12 +334,12 @@ def _tar_problem(path: str) -> str | None:
 
 
 def _tar_samples(shard: ShardRef, counts: SkipCounts,
-                 select: Callable[[str], bool] | None) -> Iterator[tuple[str, _Members]]:
+                 select: Callable[[str], bool] | None) -> Iterator[tuple[str, _Members, _Where]]:
     """Members grouped by key, as webdataset groups them. At a break in the archive the sample being
     assembled is yielded only if the break is known to lie in a later sample's member."""
     member_errors: list[Exception] = []
     header_errors: list[Exception] = []
-    announced: list[str] = []  # name of the member tar_file_iterator is about to read
+    announced: list[str] = []  # name of the member _tar_members is about to read
 
     def stop(exn: Exception) -> bool:
         member_errors.append(exn)
@@ -311,28 +351,31 @@ def _tar_samples(shard: ShardRef, counts: SkipCounts,
 
     key: str | None = None
     members: _Members = {}
+    where: _Where = {}
     with open(shard.path, "rb") as f:
         try:
-            for m in tar_file_iterator(f, handler=stop, select_files=select_files):
-                prefix, suffix = _tar_key(m["fname"])
+            for fname, data, offset in _tar_members(f, handler=stop, select_files=select_files):
+                prefix, suffix = _tar_key(fname)
                 if key is not None and (prefix != key or suffix in members):
-                    yield key, members
-                    members = {}
+                    yield key, members, where
+                    members, where = {}, {}
                 key = prefix
-                members[suffix] = m["data"]
+                members[suffix] = data
+                if offset is not None:
+                    where[suffix] = (offset, len(data))
         except (tarfile.TarError, EOFError, OSError) as exn:  # raised while reading a header
             header_errors.append(exn)
     reason = _tar_problem(shard.path)
     if not (member_errors or header_errors or reason):
         if key is not None:
-            yield key, members
+            yield key, members, where
         return
     errors = member_errors + header_errors
     reason = reason or "tar_corrupt"
     log.warning("gallery shard %s: %s (%s); the sample at the break is dropped and reading stops",
                 shard.path, reason, errors[0] if errors else "archive ends without its end-of-archive block")
     if key is not None and member_errors and not header_errors and announced and _tar_key(announced[0])[0] != key:
-        yield key, members  # the broken member starts a new sample: the one assembled is complete
+        yield key, members, where  # the broken member starts a new sample: the one assembled is complete
     counts.add(reason)
 
 
@@ -348,7 +391,8 @@ def _folder_key(rel_stem: str) -> str:
     return rel_stem.replace(os.sep, "_").replace("/", "_").replace(".", "_")
 
 
-def _folder_samples(shard: ShardRef, select: Callable[[str], bool] | None) -> Iterator[tuple[str, _Members]]:
+def _folder_samples(shard: ShardRef, select: Callable[[str], bool] | None
+                    ) -> Iterator[tuple[str, _Members, _Where]]:
     files: list[str] = []
     root = shard.path
     if shard.recursive:
@@ -358,19 +402,20 @@ def _folder_samples(shard: ShardRef, select: Callable[[str], bool] | None) -> It
     else:
         with os.scandir(root) as it:
             files = [e.name for e in it if e.is_file() and _visible(e)]
-    groups: dict[str, _Members] = {}
+    groups: dict[str, _Where] = {}
     for rel in sorted(files):
         ext = _ext(rel)
         if ext not in IMAGE_EXTS and ext not in _SIDE_EXTS:
             continue  # not a gallery file (e.g. README.md)
         stem = rel[: -len(ext) - 1]
-        groups.setdefault(stem, {})[ext] = os.path.join(root, rel)
+        groups.setdefault(stem, {})[ext] = rel.replace(os.sep, "/")
     # Files sharing a stem (a.jpg + a.png) are one sample, its image the first in IMAGE_EXTS order;
     # different stems mapping to one key (a.b.jpg, a_b.jpg) are duplicate keys.
     for stem in sorted(groups):
         key = _folder_key(stem)
         if select is None or select(key):
-            yield key, groups[stem]
+            where = groups[stem]
+            yield key, {ext: os.path.join(root, rel) for ext, rel in where.items()}, where
 
 
 def _read(member: bytes | str) -> bytes:
@@ -388,27 +433,56 @@ def _samples(shard: ShardRef, counts: SkipCounts, select: Callable[[str], bool] 
     raise ValueError(f"unknown shard kind {shard.kind!r}; valid choices: tar, folder")
 
 
-def _to_image(shard: ShardRef, key: str, members: _Members, counts: SkipCounts,
+def image_ext(suffixes: Any) -> str | None:
+    """The sample's image member: the first of IMAGE_EXTS among its suffixes."""
+    return next((e for e in IMAGE_EXTS if e in suffixes), None)
+
+
+def meta_of(raw: bytes) -> dict[str, Any] | None:
+    """The parsed ``.json`` member, or None if it is not a JSON object (skip reason 'bad_meta')."""
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _location(where: _Where, ext: str, size: int) -> dict[str, Any] | None:
+    """The sample's location record (contract.ROW_LOC_FIELDS), or None where it cannot be sought."""
+    img = where.get(ext)
+    if img is None:
+        return None
+    if isinstance(img, tuple):
+        loc: dict[str, Any] = {"offset": img[0], "size": img[1], "ext": ext}
+        if "json" in where:
+            loc["json"] = list(where["json"])
+        return loc
+    loc = {"file": img, "size": size, "ext": ext}
+    if "json" in where:
+        loc["json"] = where["json"]
+    return loc
+
+
+def _to_image(shard: ShardRef, key: str, members: _Members, where: _Where, counts: SkipCounts,
               max_pixels: int, min_side: int) -> GalleryImage | None:
-    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    ext = image_ext(members)
     if ext is None:
         counts.add("not_image")
         return None
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] | None = {}
     if "json" in members:
-        try:
-            meta = json.loads(_read(members["json"]))
-        except (ValueError, UnicodeDecodeError):
-            meta = None  # type: ignore[assignment]
-        if not isinstance(meta, dict):
+        meta = meta_of(_read(members["json"]))
+        if meta is None:
             counts.add("bad_meta")
             return None
-    image, reason = decode_image(_read(members[ext]), max_pixels=max_pixels, min_side=min_side)
+    data = _read(members[ext])
+    image, reason = decode_image(data, max_pixels=max_pixels, min_side=min_side)
     if image is None:
         counts.add(reason or "corrupt")
         return None
     caption = _read(members["txt"]).decode("utf-8", errors="replace") if "txt" in members else None
-    return GalleryImage(id=image_id(shard.name, key), key=key, image=image, caption=caption, meta=meta)
+    return GalleryImage(id=image_id(shard.name, key), key=key, image=image, caption=caption, meta=meta,
+                        loc=_location(where, ext, len(data)))
 
 
 def iter_images(shard: ShardRef, counts: SkipCounts | None = None, *,
@@ -416,12 +490,12 @@ def iter_images(shard: ShardRef, counts: SkipCounts | None = None, *,
     """Decoded images of one shard, in shard order. Skipped entries are added to `counts`."""
     counts = SkipCounts() if counts is None else counts
     seen: set[str] = set()
-    for key, members in _samples(shard, counts, None):
+    for key, members, where in _samples(shard, counts, None):
         if key in seen:
             counts.add("duplicate_key")
             continue
         seen.add(key)
-        item = _to_image(shard, key, members, counts, max_pixels, min_side)
+        item = _to_image(shard, key, members, where, counts, max_pixels, min_side)
         if item is not None:
             yield item
 
@@ -430,6 +504,9 @@ def read_images(shard: ShardRef, keys: set[str], counts: SkipCounts | None = Non
                 max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0) -> dict[str, Image.Image]:
     """Read one shard once and return only the images of `keys` (the same images iter_images gives).
 
+    This scans the shard; curate reads by recorded location instead (index.ranged) and comes here only
+    for an index built before locations were recorded.
+
     Only wanted members are read from a tar. Wanted keys that cannot be decoded are counted under
     their reason, wanted keys absent from the shard under 'missing'.
     """
@@ -437,11 +514,11 @@ def read_images(shard: ShardRef, keys: set[str], counts: SkipCounts | None = Non
     wanted = set(keys)
     out: dict[str, Image.Image] = {}
     seen: set[str] = set()
-    for key, members in _samples(shard, counts, wanted.__contains__):
+    for key, members, where in _samples(shard, counts, wanted.__contains__):
         if key in seen:
             continue  # a later duplicate of a key: iter_images keeps the first occurrence too
         seen.add(key)
-        item = _to_image(shard, key, members, counts, max_pixels, min_side)
+        item = _to_image(shard, key, members, where, counts, max_pixels, min_side)
         if item is not None:
             out[key] = item.image
     counts.add("missing", len(wanted - seen))
