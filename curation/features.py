@@ -8,7 +8,6 @@ Pixel keys (`curation.pixelkey`) are computed alongside, from the same decoded i
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,8 +18,8 @@ from curation import pixelkey
 from curation.querysets import LabeledImage, iter_images
 from index.atomic import atomic_path, fingerprint
 from index.embed import embed_images
-from index.gallery import SkipCounts, read_images
-from index.contract import split_image_id
+from index.gallery import SkipCounts
+from index.ranged import read_by_id
 
 
 def embed_labeled(models, items: Sequence[LabeledImage], batch_size: int = 64,
@@ -44,25 +43,24 @@ def labeled_keys(items: Sequence[LabeledImage], batch_size: int = 256) -> np.nda
 
 def embed_originals(gindex, models, image_ids: Sequence[str], into: dict[str, list[np.ndarray]],
                     batch_size: int = 64, keys_into: dict[str, np.ndarray] | None = None) -> dict[str, str]:
-    """Embed gallery originals (each gallery shard read once) into `into`, and with `keys_into`
-    their pixel keys into that; return {id: reason} unreadable."""
-    by_shard: dict[str, list[str]] = defaultdict(list)
-    for iid in image_ids:
-        shard, key = split_image_id(iid)
-        by_shard[shard].append(key)
+    """Embed gallery originals into `into`, and with `keys_into` their pixel keys into that; return
+    {id: skip reason} unreadable. Images are read by byte range (index.ranged), in chunks of
+    `4 * batch_size` ids in id order (so a chunk's reads run forward through each shard), and embedded
+    in full batches whatever the number of shards they come from."""
+    ids = sorted(set(map(str, image_ids)))
+    chunk = max(1, 4 * batch_size)
     unreadable: dict[str, str] = {}
-    for shard, keys in tqdm(sorted(by_shard.items()), desc="embed originals", unit="shard"):
-        counts = SkipCounts()
-        images = read_images(gindex.shard_ref(shard), set(keys), counts)
-        ok = sorted(images)
-        feats = embed_images(models, [images[k] for k in ok], batch_size)
-        for row, key in enumerate(ok):
-            into[f"{shard}/{key}"] = [f[row] for f in feats]
-            if keys_into is not None:
-                keys_into[f"{shard}/{key}"] = pixelkey.key(images[key])
-        reason = ",".join(sorted(counts.to_dict())) or "unreadable"
-        for key in set(keys) - set(ok):
-            unreadable[f"{shard}/{key}"] = reason
+    with tqdm(total=len(ids), desc="embed originals", unit="image") as bar:
+        for a in range(0, len(ids), chunk):
+            got = read_by_id(gindex, ids[a:a + chunk], SkipCounts())
+            ok = sorted(got.images)
+            feats = embed_images(models, [got.images[i] for i in ok], batch_size)
+            for row, iid in enumerate(ok):
+                into[iid] = [f[row] for f in feats]
+                if keys_into is not None:
+                    keys_into[iid] = pixelkey.key(got.images[iid])
+            unreadable.update(got.unreadable)
+            bar.update(len(ids[a:a + chunk]))
     return unreadable
 
 

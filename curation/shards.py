@@ -1,7 +1,8 @@
 """Writing the curated set: transfer crops re-materialised from the gallery, and the query images.
 
 Crops are never stored by the index; each is re-created from its recipe (index.crops.materialize),
-reading every gallery shard once. Output order is (gallery shard in index order, curated rank), so the
+its original read by the byte range recorded at index time (index.ranged: no gallery shard is scanned;
+the bytes read are counted in ``gindex.read_stats``). Output order is (gallery shard in index order, curated rank), so the
 writer streams and the same inputs give byte-identical shards (fixed tar mtimes, deterministic JPEG).
 Each tar is written under a temporary name and renamed (webdataset's ShardWriter writes straight to
 the final name, so a killed job could leave a truncated shard that looks complete).
@@ -21,7 +22,8 @@ from PIL import Image
 from index import contract
 from index.atomic import atomic_path
 from index.crops import CropRecipe, materialize
-from index.gallery import SkipCounts, read_images
+from index.gallery import SkipCounts
+from index.ranged import read_by_id
 
 
 @dataclass
@@ -95,12 +97,11 @@ def materialized_crops(gindex, records: Iterable[contract.TransferRecord], count
     for r in records:
         by_shard[contract.split_image_id(r.source_id)[0]].append(r)
     order = [s["name"] for s in gindex.shards if s["name"] in by_shard]
-    for shard in order:
+    for shard in order:  # one shard's originals in memory at a time
         recs = sorted(by_shard[shard], key=lambda r: r.rank)
-        images = read_images(gindex.shard_ref(shard), {contract.split_image_id(r.source_id)[1] for r in recs},
-                             counts)
+        images = read_by_id(gindex, {r.source_id for r in recs}, counts).images
         for r in recs:
-            im = images.get(contract.split_image_id(r.source_id)[1])
+            im = images.get(r.source_id)
             yield r, None if im is None else materialize(im, CropRecipe.from_dict(r.recipe))
 
 
@@ -134,20 +135,12 @@ def write_query_shards(out: Path, qs, shard_size: int = 1000) -> list[str]:
 
 
 def read_originals(gindex, ids: Iterable[str]) -> dict[str, Image.Image]:
-    """Original gallery images by id, each shard read once; unreadable ids are absent."""
-    wanted: dict[str, set[str]] = defaultdict(set)
-    for iid in ids:
-        shard, key = contract.split_image_id(iid)
-        wanted[shard].add(key)
-    out: dict[str, Image.Image] = {}
-    for shard, keys in sorted(wanted.items()):
-        for key, im in read_images(gindex.shard_ref(shard), keys, SkipCounts()).items():
-            out[contract.image_id(shard, key)] = im
-    return out
+    """Original gallery images by id, each read by its byte range; unreadable ids are absent."""
+    return read_by_id(gindex, ids, SkipCounts()).images
 
 
 def load_thumbs(gindex, crops: dict[tuple[str, int], dict], originals: set[str]) -> dict[str, dict]:
-    """Crops (by (image id, crop)) and originals (by image id) for the report, each shard read once."""
+    """Crops (by (image id, crop)) and originals (by image id) for the report, read by byte range."""
     out: dict[str, dict] = {"crops": {}, "originals": read_originals(gindex, {i for i, _ in crops} | set(originals))}
     for (iid, c), recipe in crops.items():
         if iid in out["originals"]:

@@ -10,8 +10,14 @@ Gallery
 
 Index directory (``build_index.py --out DIR``)
     DIR/embeddings/<shard>/<encoder-slug>.npy   float16 [n, dim] L2-normalised, one per encoder
-    DIR/embeddings/<shard>/rows.jsonl           one line per row: {"id", "crop", "recipe"}
-    DIR/embeddings/<shard>/done.json            written last: counts, fingerprint, encoders, ...
+    DIR/embeddings/<shard>/rows.jsonl           one line per row: {"id", "crop", "recipe", "loc"}
+                                                (ROW_FIELDS; "loc" is absent in indexes built before
+                                                locations were recorded, ROWS_FORMAT 1)
+    DIR/embeddings/<shard>/rows.offsets.npy     int64 [n + 1]: byte offset of each rows.jsonl line,
+                                                then the file size, so row r is bytes
+                                                [off[r], off[r + 1]) (absent in ROWS_FORMAT 1 indexes)
+    DIR/embeddings/<shard>/done.json            written last: counts, fingerprint, encoders,
+                                                "rows_format", ...
     DIR/faiss/group-<g>.index                   FAISS index over the combined vectors of a shard group
     DIR/manifest.json                           written last: see INDEX_MANIFEST_KEYS
     Row ids in the FAISS indexes are global: shard offset (from the manifest) + row in shard.
@@ -48,7 +54,37 @@ def split_image_id(iid: str) -> tuple[str, str]:
 EMBEDDINGS_DIR = "embeddings"
 FAISS_DIR = "faiss"
 ROWS_FILE = "rows.jsonl"
+ROWS_OFFSETS_FILE = "rows.offsets.npy"
 DONE_FILE = "done.json"
+
+# 1: rows {"id", "crop", "recipe"}; 2: + "loc" and the line-offset table. Part of every embedding
+# shard's fingerprint, so a shard written in another format is refused, never silently reused.
+ROWS_FORMAT = 2
+
+ROW_FIELDS = (
+    "id",       # gallery image id "<shard>/<key>"
+    "crop",     # crop index within the image
+    "recipe",   # CropRecipe.to_dict()
+    "loc",      # where the image's bytes live in its gallery shard (ROW_LOC_FIELDS), or null where
+                # they cannot be sought (a compressed tar stream): the image is then read by scanning
+)
+
+# The "loc" of a row: every later read of a gallery image seeks to exactly these bytes (index.ranged).
+ROW_LOC_FIELDS = {
+    "tar": (
+        "offset",   # int: byte offset of the image member's data in the tar (TarInfo.offset_data);
+                    # its 512-byte header block ends there and is read back to check the location
+        "size",     # int: the member's data size in bytes
+        "ext",      # the image member's suffix, lower case, one of IMAGE_EXTS (name = key + "." + ext)
+        "json",     # [offset, size] of the key's .json member; absent when the sample has none
+    ),
+    "folder": (
+        "file",     # image path relative to the shard folder, '/'-separated ("sub/b.c.jpg")
+        "size",     # int: the file's size in bytes at index time
+        "ext",      # the image file's suffix, lower case
+        "json",     # path of the sibling .json file relative to the shard folder; absent when none
+    ),
+}
 MANIFEST_FILE = "manifest.json"
 
 INDEX_MANIFEST_KEYS = (

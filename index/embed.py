@@ -2,7 +2,8 @@
 
 `embed_shard(task)` reads the shard's images, cuts each into its crops (recipes are a pure function of
 (image id, crop index, seed)), embeds every crop with every encoder (batched, no_grad, CUDA when
-present) and writes float16 L2-normalised matrices + the row table, then the done record last.
+present) and writes float16 L2-normalised matrices + the row table (each row with its image's location
+in the gallery shard, contract.ROW_LOC_FIELDS), then the done record last.
 A rerun skips shards whose done record matches the task's fingerprint and refuses a mismatch.
 
 Workers receive `EmbedTask`s (plain data) and build their encoders once (`Embedder`), so the same
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index import store
+from index import contract, store
 from index.atomic import CODE_VERSION, file_digest, fingerprint, tree_digest
 from index.crops import CropConfig, materialize, recipes_for
 from index.encoders import Encoder, EncoderSpec, build_encoder
@@ -43,7 +44,7 @@ class EmbedTask:
         return fingerprint({
             "shard": self.shard.name, "input": shard_digest(self.shard),
             "encoders": [e.identity() for e in self.encoders],
-            "crops": self.crops.to_dict(), "seed": self.seed,
+            "crops": self.crops.to_dict(), "seed": self.seed, "rows_format": contract.ROWS_FORMAT,
         })
 
 
@@ -78,7 +79,7 @@ def crops_of_shard(task: EmbedTask, counts: SkipCounts) -> Iterator[tuple[store.
     """(row, crop pixels uint8 HxWx3) for every crop of every readable image of the shard."""
     for img in iter_images(task.shard, counts):
         for i, recipe in enumerate(recipes_for(img.id, img.image.size, task.seed, task.crops)):
-            yield store.Row(img.id, i, recipe.to_dict()), np.asarray(materialize(img.image, recipe))
+            yield store.Row(img.id, i, recipe.to_dict(), img.loc), np.asarray(materialize(img.image, recipe))
 
 
 def _batches(it: Iterator[tuple[store.Row, np.ndarray]], size: int):
@@ -193,7 +194,7 @@ def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResul
     store.write_shard(task.out_dir, task.shard.name, features, rows, {
         "fingerprint": fp, "code_version": CODE_VERSION, "result": result.to_dict(),
         "encoders": [e.to_dict() for e in task.encoders], "crops": task.crops.to_dict(),
-        "seed": task.seed, "source": str(Path(task.shard.path)),
+        "seed": task.seed, "source": str(Path(task.shard.path)), "rows_format": contract.ROWS_FORMAT,
     })
     return result
 

@@ -1,15 +1,17 @@
 """Embedding shards on disk: per gallery shard, float16 L2-normalised matrices per encoder + a row table.
 
-Layout (index.contract): ``<root>/embeddings/<shard>/{<encoder>.npy, rows.jsonl, done.json}``. The
-matrices and the row table are written atomically first; ``done.json`` is written last and carries
-counts and the fingerprint of the shard's inputs, so its presence means the shard is complete.
+Layout (index.contract): ``<root>/embeddings/<shard>/{<encoder>.npy, rows.jsonl, rows.offsets.npy,
+done.json}``. The matrices, the row table and its line-offset table are written atomically first;
+``done.json`` is written last and carries counts and the fingerprint of the shard's inputs, so its
+presence means the shard is complete. `load_rows_at` reads only the lines asked for (a shard's row table
+is ~9 MB at DataComp scale and a curated set touches tens of thousands of shards).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -22,6 +24,14 @@ class Row:
     id: str          # gallery image id
     crop: int        # crop index within the image
     recipe: dict[str, Any]
+    loc: dict[str, Any] | None = None  # contract.ROW_LOC_FIELDS; None in old indexes or unseekable shards
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "crop": self.crop, "recipe": self.recipe, "loc": self.loc}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Row":
+        return cls(id=d["id"], crop=d["crop"], recipe=d["recipe"], loc=d.get("loc"))
 
 
 def shard_dir(root: str | Path, shard: str) -> Path:
@@ -39,10 +49,16 @@ def write_shard(root: str | Path, shard: str, features: dict[str, np.ndarray], r
         with atomic_path(d / contract.embedding_file(name)) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(mat, dtype=np.float16))
+    offsets = np.zeros(len(rows) + 1, np.int64)
     with atomic_path(d / contract.ROWS_FILE) as tmp:
-        with open(tmp, "w") as f:
-            for r in rows:
-                f.write(json.dumps({"id": r.id, "crop": r.crop, "recipe": r.recipe}, sort_keys=True) + "\n")
+        with open(tmp, "wb") as f:
+            for i, r in enumerate(rows):
+                line = (json.dumps(r.to_dict(), sort_keys=True) + "\n").encode()
+                f.write(line)
+                offsets[i + 1] = offsets[i] + len(line)
+    with atomic_path(d / contract.ROWS_OFFSETS_FILE) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, offsets)
     write_json(d / contract.DONE_FILE, record)
     return record
 
@@ -58,7 +74,40 @@ def load_features(root: str | Path, shard: str, encoder: str, mmap: bool = True)
 
 def load_rows(root: str | Path, shard: str) -> list[Row]:
     with open(shard_dir(root, shard) / contract.ROWS_FILE) as f:
-        return [Row(**json.loads(line)) for line in f]
+        return [Row.from_dict(json.loads(line)) for line in f]
+
+
+def has_row_offsets(root: str | Path, shard: str) -> bool:
+    return (shard_dir(root, shard) / contract.ROWS_OFFSETS_FILE).is_file()
+
+
+def load_rows_at(root: str | Path, shard: str, rows: Sequence[int] | np.ndarray) -> list[Row]:
+    """The rows at these positions (any order, repeats allowed), reading only their lines: one seek and
+    read per run of consecutive positions. Without a line-offset table (an index written before it
+    existed) the whole row table is read."""
+    d = shard_dir(root, shard)
+    want = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if not (d / contract.ROWS_OFFSETS_FILE).is_file():
+        table = load_rows(root, shard)
+        return [table[int(r)] for r in want]
+    offsets = np.load(d / contract.ROWS_OFFSETS_FILE, mmap_mode="r")
+    n = len(offsets) - 1
+    if want.size and (want.min() < 0 or want.max() >= n):
+        raise IndexError(f"{d}: row positions must be in [0, {n})")
+    uniq = np.unique(want)
+    found: dict[int, Row] = {}
+    with open(d / contract.ROWS_FILE, "rb") as f:
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+        for run in np.split(uniq, breaks) if uniq.size else []:
+            start, end = int(offsets[run[0]]), int(offsets[run[-1] + 1])
+            f.seek(start)
+            block = f.read(end - start)
+            if len(block) != end - start:
+                raise ValueError(f"{d / contract.ROWS_FILE} is shorter than its line-offset table says")
+            for r in run:
+                a, b = int(offsets[r]) - start, int(offsets[r + 1]) - start
+                found[int(r)] = Row.from_dict(json.loads(block[a:b]))
+    return [found[int(r)] for r in want]
 
 
 def read_record(root: str | Path, shard: str) -> dict[str, Any]:
