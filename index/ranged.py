@@ -47,12 +47,18 @@ class ReadStats:
     files: int = 0
     reads: int = 0
     scanned_files: int = 0   # shards read whole by the fallback scan (old indexes); their size is in bytes
+    by_file: dict[str, int] = field(default_factory=dict)   # path -> bytes read from it
+
+    def add(self, path: str, n: int) -> None:
+        self.bytes += n
+        self.by_file[path] = self.by_file.get(path, 0) + n
 
     def merge(self, other: "ReadStats") -> "ReadStats":
-        self.bytes += other.bytes
         self.files += other.files
         self.reads += other.reads
         self.scanned_files += other.scanned_files
+        for path, n in other.by_file.items():
+            self.add(path, n)
         return self
 
     def to_dict(self) -> dict[str, int]:
@@ -83,7 +89,7 @@ class _RangeFile:
         self._f.seek(start)
         data = self._f.read(n)
         self.stats.reads += 1
-        self.stats.bytes += len(data)
+        self.stats.add(self.path, len(data))
         return data if len(data) == n else None
 
     def close(self) -> None:
@@ -250,7 +256,7 @@ def read_by_id(gindex, ids: Iterable[str], counts: SkipCounts | None = None,
         counts.merge(shard_counts)
         stats.scanned_files += 1
         stats.files += 1
-        stats.bytes += _tree_size(ref)
+        stats.add(ref.path, _tree_size(ref))
         reason = ",".join(sorted(shard_counts.to_dict())) or "unreadable"
         for key in sorted(keys):
             if key in images:

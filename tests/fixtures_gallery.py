@@ -157,3 +157,24 @@ def write_index_config(path: Path, gallery: str, encoders: list[str], crop_size:
         cfg["image_size"] = image_size
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def build_many_shards(root: str | Path, shards: int = 12, per_shard: int = 5, size: int = SIZE) -> Path:
+    """A gallery of many small tar shards (``00000.tar`` ...): every image a distinct pattern, stored as
+    PNG, JPEG or WebP in turn, each with its ``key.json``. For tests that count the bytes read."""
+    gallery = Path(root)
+    gallery.mkdir(parents=True, exist_ok=True)
+    encoders = {"png": png_bytes, "jpg": jpeg_bytes, "webp": webp_bytes}
+    for s in range(shards):
+        samples = []
+        for i in range(per_shard):
+            ext = ("png", "jpg", "webp")[(s + i) % 3]
+            samples.append((f"img_{s:03d}_{i:02d}", ext, encoders[ext](pattern(20000 + s * 100 + i, size))))
+        write_tar(gallery / f"{s:05d}.tar", samples)
+    return gallery
+
+
+def webp_bytes(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "WEBP", quality=quality)
+    return buf.getvalue()
