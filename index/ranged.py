@@ -2,9 +2,10 @@
 
 A curated set needs N images out of a gallery of ~140k shards; reading them by scanning their shards
 (`index.gallery.read_images`) reads most of the gallery. Here each image costs one range read of its
-tar member (the 512-byte header block before it, checked, then exactly its bytes), one more for its
-``.json`` member when the sample has one (the index-time reader skips a sample whose json is not an
-object, 'bad_meta', so the same check runs here), or one read of its file in a folder gallery. The bytes
+tar member (the 512-byte header block before it, checked, then exactly its bytes) and of its ``.json``
+member when the sample has one (the index-time reader skips a sample whose json is not an object,
+'bad_meta', so the same check runs here); adjacent members come in one read. In a folder gallery it
+is one read of the image file (and of its json). The bytes
 go through the very same `index.gallery.decode_image`, with the same skip reasons as `iter_images`; a
 location that no longer matches the gallery is the counted reason 'stale_location', never a crash.
 
@@ -111,13 +112,37 @@ def _header_matches(block: bytes, name: str, size: int) -> bool:
                            and want.startswith(got))
 
 
-def _tar_member(f: _RangeFile, offset: Any, size: Any, name: str) -> bytes | None:
-    if not isinstance(offset, int) or not isinstance(size, int):
-        return None
-    data = f.read(offset - tarfile.BLOCKSIZE, tarfile.BLOCKSIZE + size)
-    if data is None or not _header_matches(data[:tarfile.BLOCKSIZE], name, size):
-        return None
-    return data[tarfile.BLOCKSIZE:]
+def _tar_members(f: _RangeFile, spans: list[tuple[Any, Any, str]]) -> list[bytes | None]:
+    """The data of tar members given as (data offset, size, name), each checked against its header
+    block; None for a member whose location is stale. Members whose header+data spans lie within one
+    block of each other (a sample's image and json, as img2dataset writes them) are read in one range
+    read, which on an object store is one request instead of two; the padding between them is read too."""
+    out: list[bytes | None] = [None] * len(spans)
+    ok = [i for i, (o, n, _) in enumerate(spans) if isinstance(o, int) and isinstance(n, int)
+          and o >= tarfile.BLOCKSIZE and n >= 0]
+    ok.sort(key=lambda i: spans[i][0])
+    runs: list[list[int]] = []
+    for i in ok:
+        start = spans[i][0] - tarfile.BLOCKSIZE
+        if runs and start >= _end(spans[runs[-1][-1]]) and start - _end(spans[runs[-1][-1]]) < tarfile.BLOCKSIZE:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    for run in runs:
+        start = spans[run[0]][0] - tarfile.BLOCKSIZE
+        block = f.read(start, _end(spans[run[-1]]) - start)
+        if block is None:
+            continue
+        for i in run:
+            offset, size, name = spans[i]
+            header = block[offset - tarfile.BLOCKSIZE - start: offset - start]
+            if _header_matches(header, name, size):
+                out[i] = block[offset - start: offset - start + size]
+    return out
+
+
+def _end(span: tuple[int, int, str]) -> int:
+    return span[0] + span[1]
 
 
 def _folder_file(root: str, rel: Any, stats: ReadStats, size: int | None = None) -> bytes | None:
@@ -183,12 +208,14 @@ def read_located(items: Iterable[tuple[str, ShardRef, dict[str, Any]]], counts: 
                 if current is None:
                     image, reason = None, STALE
                 else:
+                    spans = [(loc.get("offset"), loc.get("size"), f"{key}.{ext}")]
                     j = loc.get("json")
-                    meta = _tar_member(current, j[0], j[1], f"{key}.json") \
-                        if isinstance(j, list) and len(j) == 2 else None
-                    data = _tar_member(current, loc.get("offset"), loc.get("size"), f"{key}.{ext}") \
-                        if "json" not in loc or meta is not None else None
-                    image, reason = _decode(data, meta, "json" in loc, max_pixels, min_side)
+                    if "json" in loc:
+                        spans.append((j[0], j[1], f"{key}.json") if isinstance(j, list) and len(j) == 2
+                                     else (None, None, ""))
+                    data, *meta = _tar_members(current, spans)
+                    image, reason = _decode(data, meta[0] if meta else None, "json" in loc, max_pixels,
+                                            min_side)
             elif shard.kind == "folder":
                 meta = _folder_file(shard.path, loc["json"], stats) if "json" in loc else None
                 data = _folder_file(shard.path, loc.get("file"), stats, loc.get("size")) \
