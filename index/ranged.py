@@ -273,8 +273,8 @@ def read_by_id(gindex, ids: Iterable[str], counts: SkipCounts | None = None,
     if scan and not _warned_scan:
         _warned_scan = True
         log.warning("%s: no byte ranges recorded for %d image(s) in %d shard(s) (an index built before "
-                    "locations were recorded?); reading them by scanning their shards. Rebuild the index "
-                    "to read by range.", getattr(gindex, "root", "index"), sum(map(len, scan.values())),
+                    "locations were recorded, or a compressed tar?); reading them by scanning their shards. Rebuild "
+                    "the index to read by range.", getattr(gindex, "root", "index"), sum(map(len, scan.values())),
                     len(scan))
     for shard, keys in sorted(scan.items()):
         ref = gindex.shard_ref(shard)
