@@ -355,3 +355,17 @@ def test_old_index_without_locations_still_reads(many, tmp_path: Path, caplog):
     scanned = _scanned(gallery)
     assert sorted(got) == ids and all(np.array_equal(_pixels(got[i]), _pixels(scanned[i])) for i in ids)
     assert old_gi.read_stats.scanned_files == 2 * len({i.split("/")[0] for i in ids})
+
+
+def test_folder_gallery_index_reads_by_file(folder_gallery: Path, tmp_path: Path):
+    cfg = IndexConfig(gallery=str(folder_gallery), encoders=("test-tiny-timm",), crops=CROPS, batch_size=8,
+                      faiss={"factory": "Flat"})
+    build_gallery_index(cfg, tmp_path / "index")
+    gi = GalleryIndex(tmp_path / "index")
+    ids = sorted({r.id for r in gi.rows(np.arange(gi.num_vectors))})
+    assert ids == ["cats/a", "cats/sub_b_c", "dogs/d", "photos/top"]
+    assert gi.location("cats/sub_b_c")["file"] == "sub/b.c.jpg"
+    got = read_originals(gi, ids)
+    scanned = {g.id: g.image for s in list_shards(str(folder_gallery)) for g in iter_images(s)}
+    assert sorted(got) == ids and all(np.array_equal(_pixels(got[i]), _pixels(scanned[i])) for i in ids)
+    assert gi.read_stats.scanned_files == 0 and gi.read_stats.files == len(ids) + 1  # + cats/a.json
