@@ -561,7 +561,7 @@ def test_a_run_killed_after_each_stage_resumes_byte_identical(world: World, base
     monkeypatch.undo()
     curate(cfg)
     status = _statuses(out)
-    assert [k for k, v in status.items() if v == "reused"] == done
+    assert sorted(k for k, v in status.items() if v == "reused") == sorted(done)
     assert all(v == "computed" for k, v in status.items() if k not in done)
     got, want = _outputs(out), _outputs(base_out)
     assert sorted(got) == sorted(want)
@@ -611,8 +611,8 @@ def test_a_changed_setting_recomputes_from_the_first_stage_it_affects(world: Wor
 def test_summary_and_manifest_report_stage_timings_and_verification_rate(base):
     _, m, stdout = base
     stages = m["timings"]["stages"]
-    assert list(stages) == ["open", "embed_queries", "retrieve", "references", "filter", "write", "report",
-                            "manifest"]
+    assert set(stages) == {"open", "embed_queries", "retrieve", "references", "filter", "write", "report",
+                           "manifest"}
     assert all(v["seconds"] >= 0 for v in stages.values())
     assert m["verified_pairs"] > 0 and m["timings"]["verify_pairs_per_s"] > 0
     assert f"verified {m['verified_pairs']} pairs" in stdout and "[open " in stdout

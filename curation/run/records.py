@@ -4,10 +4,13 @@ A record is the small result of one stage (ids, scores, thresholds, counts; neve
 fingerprint of the inputs it was made from. The arrays are written first and the JSON last, each by
 rename (`index.atomic`), so a JSON record that exists is complete. A record whose fingerprint differs
 is stale: the stage is recomputed and the record replaced (the curated directory's outputs are the
-run's own; the manifest says which stages were recomputed and why).
+run's own; the manifest says which stages were recomputed and why). The run continues from the
+record as read back, also right after computing it, so a resumed and an uninterrupted run go on
+from identical values.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from index import contract
-from index.atomic import atomic_path, read_json, write_json
+from index.atomic import atomic_path, read_json
 
 
 @dataclass
@@ -53,5 +56,6 @@ class StageStore:
             with atomic_path(self.npz_path(stage)) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, **record.arrays)
-        write_json(self.json_path(stage), {"stage": stage, "fingerprint": fingerprint,
-                                           "arrays": sorted(record.arrays), "data": record.data})
+        head = {"stage": stage, "fingerprint": fingerprint, "arrays": sorted(record.arrays), "data": record.data}
+        with atomic_path(self.json_path(stage)) as tmp:   # keys in their order: dict order is data here
+            tmp.write_text(json.dumps(head, indent=1) + "\n")

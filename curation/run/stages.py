@@ -18,6 +18,7 @@ state, so a resumed run continues from exactly what an uninterrupted one had.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import time
@@ -44,7 +45,7 @@ from curation.shards import load_thumbs, read_originals, write_query_shards
 from curation.thresholds import Thresholds, resolve_thresholds
 from curation.features import embed_labeled
 from index import contract
-from index.atomic import CODE_VERSION, file_digest, fingerprint, write_json
+from index.atomic import CODE_VERSION, canonical_json, file_digest, fingerprint, write_json
 from index.gallery_index import GalleryIndex
 from index.knn import combine_features
 
@@ -142,7 +143,8 @@ def _references(st: RunState) -> Record:
     st.timings["embed_references"] = time.perf_counter() - t
     th, cal = resolve_thresholds(st.cfg, st.models if _needs_models(st) else None, st.qs, st.ref_feats,
                                  st.ref_keys, st.cache.root)
-    return Record({"thresholds": th.to_dict(), "calibration": cal.to_dict() if cal else None})
+    # the calibration as its cache stores it (keys sorted), whether computed now or read back
+    return Record({"thresholds": th.to_dict(), "calibration": json.loads(canonical_json(cal.to_dict())) if cal else None})
 
 
 def _needs_models(st: RunState) -> bool:
@@ -420,8 +422,8 @@ def run_stages(cfg, executor: Executor | None = None) -> RunState:
         if rec is not None and not stage.outputs_intact(st, rec):
             rec, found = None, "outputs changed"
         if rec is None:
-            rec = stage.compute(st)
-            store.save(stage.name, fp, rec)
+            store.save(stage.name, fp, stage.compute(st))
+            rec, _ = store.load(stage.name, fp)   # go on from what a resumed run would read
             status = "computed" if found == "absent" else f"recomputed ({found} record)"
         else:
             status = "reused"
