@@ -58,6 +58,7 @@ class Stage:
     name: str
     config_fields: tuple[str, ...]                 # CurateConfig fields the result depends on
     upstream: tuple[str, ...]                      # stages whose results it reads
+    outputs: tuple[str, ...]                       # RunState fields it sets (and files it writes)
     compute: Callable[[RunState], Record]
     apply: Callable[[RunState, Record], None]
     outputs_intact: Callable[[RunState, Record], bool] = lambda st, rec: True
@@ -379,15 +380,26 @@ _THRESHOLD_FIELDS = ("dedup_threshold", "leak_threshold", "verify", "verify_thre
                      "key_threshold", "copy_recall", "calibration_images", "leak_neighbours")
 
 STAGES: tuple[Stage, ...] = (
-    Stage("embed_queries", ("strategy", "batch_size", "device"), (), _embed_queries, _apply_queries),
-    Stage("retrieve", ("size", "strategy", "seed", "k0", "max_k", "nprobe"), ("embed_queries",),
+    Stage("embed_queries", ("strategy", "batch_size", "device"), (), ("qfeat", "query_ids", "k0"),
+          _embed_queries, _apply_queries),
+    Stage("retrieve", ("size", "strategy", "seed", "k0", "max_k", "nprobe"), ("embed_queries",), ("first",),
           _retrieve, _apply_retrieve),
-    Stage("references", _THRESHOLD_FIELDS + ("batch_size", "device"), (), _references, _apply_references),
+    Stage("references", _THRESHOLD_FIELDS + ("batch_size", "device"), (), ("th", "calibration"),
+          _references, _apply_references),
     Stage("filter", ("leak_review", "batch_size", "device", "size", "seed", "max_k", "nprobe"),
-          ("retrieve", "references"), _filter, _apply_filter),
-    Stage("write", ("shard_size", "jpeg_quality"), ("filter",), _write, _apply_write, _write_intact),
-    Stage("report", (), ("write",), _report, lambda st, rec: None, _digests_match),
+          ("retrieve", "references"),
+          ("sel", "filtered", "leak_report", "rounds", "verified_pairs", "verify_seconds"), _filter, _apply_filter),
+    Stage("write", ("shard_size", "jpeg_quality"), ("filter",),
+          ("records", "written", "transfer-*.tar", "queries-*.tar", contract.QUERIES_DRAW_FILE),
+          _write, _apply_write, _write_intact),
+    Stage("report", (), ("write",), (contract.REPORT_FILE,), _report, lambda st, rec: None, _digests_match),
 )
+
+
+def describe() -> str:
+    """Each stage's contract, one line each (config fields, upstream stages, outputs)."""
+    return "\n".join(f"{s.name}: config {list(s.config_fields)}, after {list(s.upstream)}, -> {list(s.outputs)}"
+                     for s in STAGES)
 STAGE_NAMES = ("open",) + tuple(s.name for s in STAGES) + ("manifest",)
 
 
