@@ -140,7 +140,7 @@ def _apply_retrieve(st: RunState, rec: Record) -> None:
 
 def _references(st: RunState) -> Record:
     t = time.perf_counter()
-    st.ref_feats, st.ref_keys   # noqa: B018 -- computed (or read from the feature cache) here
+    _ = st.ref_feats, st.ref_keys   # computed here, or read from the feature cache
     st.timings["embed_references"] = time.perf_counter() - t
     th, cal = resolve_thresholds(st.cfg, st.models if _needs_models(st) else None, st.qs, st.ref_feats,
                                  st.ref_keys, st.cache.root)
