@@ -639,3 +639,14 @@ def test_local_and_ray_executors_write_identical_shards(world: World, base):
     finally:
         ray.shutdown()
     assert _outputs(out) == _outputs(base_out)
+
+
+def test_the_cli_builds_the_executor_the_config_names():
+    from jobs.executors import LocalExecutor, RayExecutor
+
+    cfg = cli.parse(["--queries", "q", "--index", "i", "--size", "1", "--out", "o"])
+    assert isinstance(cli.build_executor(cfg), LocalExecutor)
+    cfg = cli.parse(["--queries", "q", "--index", "i", "--size", "1", "--out", "o", "--executor", "ray",
+                     "--num-workers", "3"])
+    ex = cli.build_executor(cfg)
+    assert isinstance(ex, RayExecutor) and ex.num_workers == 3 and cfg.num_workers == 3
