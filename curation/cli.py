@@ -47,7 +47,9 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--cache-dir", default=None, help="reference feature cache")
-    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where original embedding, verification and crop materialisation run")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray actors (default: one per CPU)")
     a = p.parse_args(argv)
     return CurateConfig(queries=a.queries, index=a.index, size=a.size, out=a.out, strategy=a.strategy,
                         seed=a.seed, data_root=a.data_root, dedup_threshold=a.dedup_threshold,
@@ -55,13 +57,21 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
                         verify_max_residual=a.verify_max_residual, key_threshold=a.key_threshold,
                         copy_recall=a.copy_recall, calibration_images=a.calibration_images, leak_review=a.leak_review, shard_size=a.shard_size,
                         nprobe=a.nprobe, max_k=a.max_k, batch_size=a.batch_size, device=a.device,
-                        cache_dir=a.cache_dir, executor=a.executor)
+                        cache_dir=a.cache_dir, executor=a.executor,
+                        num_workers=a.num_workers)
+
+
+def build_executor(cfg: CurateConfig):
+    """The executor `cfg.executor` names (Ray is imported only when asked for)."""
+    from jobs.executors import make_executor
+
+    return make_executor(cfg.executor, **({"num_workers": cfg.num_workers} if cfg.executor == "ray" else {}))
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse(argv)
-        curate(cfg)
+        curate(cfg, executor=build_executor(cfg))
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"curate: error: {e}", file=sys.stderr)
         return 2

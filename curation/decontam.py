@@ -68,6 +68,11 @@ class Leak:
                 "verify_score": self.verify_score, "verify_residual": self.verify_residual,
                 "verified_reference": self.verified_reference, "key_similarity": self.key_similarity}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Leak":
+        return cls(**{**d, "neighbor_ids": tuple(d["neighbor_ids"]),
+                      "neighbor_similarity": tuple(d["neighbor_similarity"])})
+
 
 @dataclass(frozen=True)
 class LeakReport:
@@ -98,6 +103,16 @@ class LeakReport:
                 "leaks": [x.to_dict() for x in self.leaks],
                 "cleared": [x.to_dict() for x in self.cleared],
                 "rejected": [x.to_dict() for x in self.rejected]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LeakReport":
+        rule = d.get("verify_rule")
+        return cls(threshold=d["threshold"], num_images=d["num_images"], num_references=d["num_references"],
+                   leaks=tuple(Leak.from_dict(x) for x in d["leaks"]),
+                   cleared=tuple(Leak.from_dict(x) for x in d["cleared"]),
+                   rejected=tuple(Leak.from_dict(x) for x in d["rejected"]),
+                   verify_rule=None if rule is None else VerifyRule.of(rule["min_score"], rule["max_residual"]),
+                   key_threshold=d.get("key_threshold"))
 
 
 def _flag(images: list[np.ndarray], refs: list[np.ndarray], threshold: float, method: str,

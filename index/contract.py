@@ -28,6 +28,11 @@ Curated directory (``curate --out DIR``)
                                   ``<key>.json`` {"id", "label", "class_name"}
     DIR/queries.json              the draw: query set name, seed, classes, [{id, label}]
     DIR/manifest.json, DIR/report.html
+    DIR/.curate/<stage>.json      one record per finished stage of the run (curation/run/): the
+                                  stage, the fingerprint of its inputs, its small result (ids,
+                                  scores, thresholds, counts); arrays in DIR/.curate/<stage>.npz,
+                                  written before the JSON. A rerun reuses the records whose
+                                  fingerprint matches and recomputes from the first that does not.
 """
 from __future__ import annotations
 
@@ -115,6 +120,7 @@ TRANSFER_PATTERN = "transfer-%06d.tar"
 QUERIES_PATTERN = "queries-%06d.tar"
 QUERIES_DRAW_FILE = "queries.json"
 REPORT_FILE = "report.html"
+STAGES_DIR = ".curate"
 
 
 @dataclass(frozen=True)

@@ -518,3 +518,135 @@ def test_report_has_every_section(world: World, base):
     draw = json.loads((out / contract.QUERIES_DRAW_FILE).read_text())
     assert any(q["id"] in per_query for q in draw["queries"])
     assert str(m["counts"]["written"]) in _section(html, "summary")
+
+
+# ---------------------------------------------------------------- stages, resume, executors
+
+class _Killed(BaseException):
+    """Raised right after a stage is committed, as a crash there would stop the run."""
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """Every output a rerun must reproduce, byte for byte; the manifest without timings or config.out."""
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != contract.MANIFEST_FILE}
+    m = json.loads((out / contract.MANIFEST_FILE).read_text())
+    m.pop("timings")
+    m["config"].pop("out")
+    files[contract.MANIFEST_FILE] = json.dumps(m, sort_keys=True).encode()
+    return files
+
+
+def _statuses(out: Path) -> dict[str, str]:
+    return {k: v["status"] for k, v in json.loads((out / contract.MANIFEST_FILE).read_text())["timings"]["stages"].items()}
+
+
+@pytest.mark.parametrize("stage", ["open", "embed_queries", "retrieve", "references", "filter", "write", "report"])
+def test_a_run_killed_after_each_stage_resumes_byte_identical(world: World, base, monkeypatch, stage: str):
+    from curation.run import stages
+
+    base_out, _, _ = base
+    out = world.root / f"killed-{stage}"
+    cfg = cli.parse(_argv(world, out))
+
+    def kill(name: str) -> None:
+        if name == stage:
+            raise _Killed(name)
+
+    monkeypatch.setattr(stages, "after_stage", kill)
+    with pytest.raises(_Killed):
+        curate(cfg)
+    assert not (out / contract.MANIFEST_FILE).exists()
+    done = [s.name for s in stages.STAGES][:stages.STAGE_NAMES.index(stage)]
+    assert sorted(p.stem for p in (out / contract.STAGES_DIR).glob("*.json")) == sorted(done)
+    monkeypatch.undo()
+    curate(cfg)
+    status = _statuses(out)
+    assert sorted(k for k, v in status.items() if v == "reused") == sorted(done)
+    assert all(v == "computed" for k, v in status.items() if k not in done)
+    got, want = _outputs(out), _outputs(base_out)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], f"{name} differs after resuming from {stage}"
+
+
+def test_killed_process_resumes_byte_identical(world: World, base):
+    """A real crash: the process exits (no cleanup) right after the filter stage is committed."""
+    from curation.run.stages import KILL_ENV, KILL_EXIT_CODE
+
+    base_out, _, _ = base
+    out = world.root / "killed-process"
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", KILL_ENV: "filter",
+           "PYTHONPATH": os.pathsep.join([repo] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    proc = subprocess.run([sys.executable, "-m", "curation.cli"] + _argv(world, out), capture_output=True,
+                          text=True, timeout=600, env=env, cwd=repo)
+    assert proc.returncode == KILL_EXIT_CODE, proc.stderr[-3000:]
+    assert not (out / contract.MANIFEST_FILE).exists() and not list(out.glob("transfer-*.tar"))
+    _run(world, out)
+    assert _statuses(out)["filter"] == "reused" and _statuses(out)["write"] == "computed"
+    assert _outputs(out) == _outputs(base_out)
+
+
+def test_a_changed_setting_recomputes_from_the_first_stage_it_affects(world: World, base):
+    base_out, _, _ = base
+    out = world.root / "rerun-settings"
+    _run(world, out)
+    assert set(_statuses(out).values()) == {"computed"}
+    _run(world, out)   # nothing changed: every recorded stage is reused
+    assert {k for k, v in _statuses(out).items() if v != "reused"} == {"open", "manifest"}
+    assert _outputs(out) == _outputs(base_out)
+    m = _run(world, out, "--shard-size", "7")
+    status = _statuses(out)
+    assert status["filter"] == "reused" and status["write"] == "recomputed (stale record)"
+    assert status["report"] == "recomputed (stale record)"
+    assert m["shards"] == sorted(p.name for p in out.glob("transfer-*.tar")) and len(m["shards"]) == -(-N // 7)
+    # an output changed behind the run's back is rewritten, not trusted
+    _run(world, out)
+    (out / m["shards"][0]).write_bytes(b"truncated")
+    _run(world, out)
+    assert _statuses(out)["write"] == "recomputed (outputs changed record)"
+    assert len(_records(out)) == N
+
+
+def test_summary_and_manifest_report_stage_timings_and_verification_rate(base):
+    _, m, stdout = base
+    stages = m["timings"]["stages"]
+    assert set(stages) == {"open", "embed_queries", "retrieve", "references", "filter", "write", "report",
+                           "manifest"}
+    assert all(v["seconds"] >= 0 for v in stages.values())
+    assert m["verified_pairs"] > 0 and m["timings"]["verify_pairs_per_s"] > 0
+    assert f"verified {m['verified_pairs']} pairs" in stdout and "[open " in stdout
+    assert set(m["stages"]) == set(stages) - {"open", "manifest"}
+
+
+def test_a_ray_executor_without_one_passed_in_is_refused(world: World):
+    cfg = CurateConfig(queries=world.fx.query_set, index=str(world.index), size=N, out=str(world.root / "no-ray"),
+                       executor="ray")
+    with pytest.raises(ValueError, match="make_executor"):
+        curate(cfg)
+
+
+@pytest.mark.slow
+def test_local_and_ray_executors_write_identical_shards(world: World, base):
+    ray = pytest.importorskip("ray")
+    from jobs.executors import RayExecutor
+
+    base_out, _, _ = base
+    out = world.root / "ray"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        curate(cli.parse(_argv(world, out)), executor=RayExecutor(num_workers=2))
+    finally:
+        ray.shutdown()
+    assert _outputs(out) == _outputs(base_out)
+
+
+def test_the_cli_builds_the_executor_the_config_names():
+    from jobs.executors import LocalExecutor, RayExecutor
+
+    cfg = cli.parse(["--queries", "q", "--index", "i", "--size", "1", "--out", "o"])
+    assert isinstance(cli.build_executor(cfg), LocalExecutor)
+    cfg = cli.parse(["--queries", "q", "--index", "i", "--size", "1", "--out", "o", "--executor", "ray",
+                     "--num-workers", "3"])
+    ex = cli.build_executor(cfg)
+    assert isinstance(ex, RayExecutor) and ex.num_workers == 3 and cfg.num_workers == 3

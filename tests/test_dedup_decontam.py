@@ -1,6 +1,7 @@
 """Dedup (B.3) and decontamination (B.4) on planted copies of small synthetic images."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -218,3 +219,21 @@ def test_large_decontamination_smoke():
     assert sorted(x.index for x in report.leaks) == sorted(rows.tolist())
     assert {x.index: x.neighbor_ids[0] for x in report.leaks} == \
         {int(i): str(s) for i, s in zip(rows, src)}
+
+
+def test_leak_report_round_trips_through_its_dict():
+    """A curate stage record stores the report as JSON; the run continues from the read-back copy."""
+    from curation.decontam import LeakReport
+    from curation.verify import VerifyRule
+
+    rng = np.random.default_rng(3)
+    refs = rng.normal(size=(6, 8)).astype(np.float32)
+    refs /= np.linalg.norm(refs, axis=1, keepdims=True)
+    imgs = np.concatenate([refs[:2] + 0.01, rng.normal(size=(3, 8))]).astype(np.float32)
+    imgs /= np.linalg.norm(imgs, axis=1, keepdims=True)
+    report = find_leaks(imgs, refs, 0.95, 2, image_ids=[f"g/{i}" for i in range(5)])
+    report = dataclasses.replace(report, rejected=report.leaks[1:], leaks=report.leaks[:1],
+                                 verify_rule=VerifyRule.of(0.9, None))
+    assert len(report.leaks) == 1 and len(report.rejected) == 1
+    back = LeakReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert back == report

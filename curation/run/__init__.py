@@ -1,0 +1,7 @@
+"""A curation run as named, resumable stages over one run state.
+
+    state.py    RunState (config, query set, index, results so far), Filtered, record (de)serialisation
+    records.py  StageStore: DIR/.curate/<stage>.{json,npz}, fingerprint-checked
+    stages.py   the stages in order and the orchestrator `run_stages`
+    workers.py  units of work fanned out over the executor (original embedding, crop materialisation)
+"""

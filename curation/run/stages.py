@@ -1,0 +1,450 @@
+"""The stages of a curation run, in order, and the thin orchestrator that runs them.
+
+    open            index, encoders (specs), query set, strategy            (not recorded)
+    embed_queries   -> query vectors and ids
+    retrieve        -> the first selection of N gallery crops
+    references      -> thresholds in force (reference features, pixel keys, calibration)
+    filter          -> final selection after decontamination / dedup / backfill rounds
+    write           -> transfer-*.tar, queries-*.tar, queries.json
+    report          -> report.html
+    manifest        -> manifest.json, written last                          (not recorded)
+
+Each recorded stage declares the config fields and upstream stages its result depends on;
+its fingerprint covers those, the index manifest, the query set draw and the code version. The
+orchestrator loads a stage's record when the fingerprint matches (`curation.run.records`), else
+computes it and commits the record; either way the stage's ``apply`` puts the record into the run
+state, so a resumed run continues from exactly what an uninterrupted one had.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from curation import pixelkey
+from curation import report as rpt
+from curation.calibrate import Calibration
+from curation.copydetect import CopyDetector
+from curation.decontam import LeakReport, clear_reviewed, read_review
+from curation.dedup import keep_one_per_cluster
+from curation.executor import Executor, InProcessExecutor
+from curation.querysets import get_query_set
+from curation.run.records import Record, StageStore
+from curation.run.state import Filtered, RunState, selection_from_record, selection_to_record
+from curation.run.workers import crops_worker, embed_original_images, originals_worker, write_transfer
+from curation.selection import SELECTORS, Selection, class_prompts, class_text_queries, select_with_search
+from curation.shards import load_thumbs, read_originals, write_query_shards
+from curation.thresholds import Thresholds, resolve_thresholds
+from curation.features import embed_labeled
+from index import contract
+from index.atomic import CODE_VERSION, canonical_json, file_digest, fingerprint, write_json
+from index.gallery_index import GalleryIndex
+from index.knn import combine_features
+
+KILL_ENV = "VFM_CURATE_KILL_AFTER"   # a stage name: the process exits right after committing it (tests)
+KILL_EXIT_CODE = 86
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config_fields: tuple[str, ...]                 # CurateConfig fields the result depends on
+    upstream: tuple[str, ...]                      # stages whose results it reads
+    outputs: tuple[str, ...]                       # RunState fields it sets (and files it writes)
+    compute: Callable[[RunState], Record]
+    apply: Callable[[RunState, Record], None]
+    outputs_intact: Callable[[RunState, Record], bool] = lambda st, rec: True
+
+
+# ---------------------------------------------------------------- open
+
+def open_run(cfg, executor: Executor | None) -> RunState:
+    if executor is None:
+        if cfg.executor != "local":
+            raise ValueError(f"executor {cfg.executor!r} needs an executor passed in: "
+                             f"curate(cfg, executor=jobs.executors.make_executor({cfg.executor!r}, ...)); "
+                             "the curate CLI builds it")
+        executor = InProcessExecutor()
+    out = Path(cfg.out)
+    gindex = GalleryIndex(cfg.index)
+    specs = gindex.local_specs()          # refuses encoders whose weights differ from the index's
+    qs = get_query_set(cfg.queries, cfg.data_root, cfg.seed)
+    selector = SELECTORS.get(cfg.strategy)
+    if selector.queries == "text":
+        missing = [s.name for s in specs if not s.has_text_tower]
+        if missing:
+            raise ValueError(f"strategy 'text' needs encoders with a text tower; {missing} have none. "
+                             "Index with a CLIP encoder (open_clip ARCH.TAG) to use text queries.")
+    base = {"code_version": CODE_VERSION, "index": fingerprint(gindex.manifest), "draw": qs.to_draw_dict(),
+            "references": fingerprint([r.id for r in qs.references]), "encoders": [s.identity() for s in specs]}
+    out.mkdir(parents=True, exist_ok=True)
+    return RunState(cfg=cfg, out=out, executor=executor, gindex=gindex, specs=specs, qs=qs, selector=selector,
+                    base_fingerprint=base)
+
+
+# ---------------------------------------------------------------- embed queries
+
+def _embed_queries(st: RunState) -> Record:
+    if not st.selector.needs_search:
+        return Record({"query_ids": []}, {"qfeat": np.zeros((0, sum(s.embed_dim for s in st.specs)), np.float32)})
+    if st.selector.queries == "text":
+        prompts = class_prompts(st.qs.classes)
+        flat = [p for ps in prompts for p in ps]
+        per_enc = []
+        for m in st.models:
+            f = m.encode_text(flat).float().cpu().numpy().reshape(len(prompts), len(prompts[0]), -1)
+            per_enc.append(class_text_queries(f))
+        return Record({"query_ids": [f"text:{c}" for c in st.qs.classes]}, {"qfeat": combine_features(per_enc)})
+    feats = embed_labeled(st.models, st.qs.queries, st.cfg.batch_size)
+    return Record({"query_ids": [q.id for q in st.qs.queries]}, {"qfeat": combine_features(feats)})
+
+
+def _apply_queries(st: RunState, rec: Record) -> None:
+    st.qfeat, st.query_ids = np.ascontiguousarray(rec.arrays["qfeat"], np.float32), list(rec.data["query_ids"])
+    st.k0 = st.cfg.k0 or max(8, int(np.ceil(2 * st.cfg.size / max(1, len(st.query_ids)))))
+
+
+# ---------------------------------------------------------------- retrieve
+
+def _search(st: RunState, k: int):
+    t = time.perf_counter()
+    # executor=st.executor goes here once GalleryIndex.search fans out over index groups
+    r = st.gindex.search(st.qfeat, k, st.cfg.nprobe)
+    st.timings["search"] = st.timings.get("search", 0.0) + time.perf_counter() - t
+    return r
+
+
+def _select(st: RunState, removed: np.ndarray) -> Selection:
+    return select_with_search(functools.partial(_search, st), st.cfg.size, st.cfg.seed, st.selector, k0=st.k0,
+                              num_gallery=st.gindex.num_vectors, removed=removed, max_k=st.cfg.max_k)
+
+
+def _retrieve(st: RunState) -> Record:
+    flags, arrays = selection_to_record(_select(st, np.zeros(0, np.int64)), "")
+    return Record({"selection": flags}, arrays)
+
+
+def _apply_retrieve(st: RunState, rec: Record) -> None:
+    st.first = selection_from_record(rec.data["selection"], rec.arrays, "")
+
+
+# ---------------------------------------------------------------- references
+
+def _references(st: RunState) -> Record:
+    t = time.perf_counter()
+    _ = st.ref_feats, st.ref_keys   # computed here, or read from the feature cache
+    st.timings["embed_references"] = time.perf_counter() - t
+    th, cal = resolve_thresholds(st.cfg, st.models if _needs_models(st) else None, st.qs, st.ref_feats,
+                                 st.ref_keys, st.cache.root)
+    # the calibration as its cache stores it (keys sorted), whether computed now or read back
+    return Record({"thresholds": th.to_dict(), "calibration": json.loads(canonical_json(cal.to_dict())) if cal else None})
+
+
+def _needs_models(st: RunState) -> bool:
+    cfg = st.cfg
+    return "auto" in (cfg.dedup_threshold, cfg.leak_threshold, cfg.verify_threshold, cfg.verify_max_residual,
+                      cfg.key_threshold) and bool(st.qs.references)
+
+
+def _apply_references(st: RunState, rec: Record) -> None:
+    st.th = Thresholds.from_dict(rec.data["thresholds"])
+    st.calibration = Calibration.from_dict(rec.data["calibration"]) if rec.data["calibration"] else None
+
+
+# ---------------------------------------------------------------- filter and backfill
+
+def _stacked(keys: dict[str, np.ndarray], ids) -> np.ndarray:
+    return np.stack([keys[str(i)] for i in ids]) if len(ids) else np.zeros((0, pixelkey.DIM), np.float32)
+
+
+def _filter(st: RunState) -> Record:
+    cfg, th, gindex = st.cfg, st.th, st.gindex
+    refs = {r.id: r for r in st.qs.references}
+    detector = CopyDetector(th, st.ref_ids, st.ref_feats, st.ref_keys if th.key is not None else None,
+                            load_references=lambda ids: {i: refs[i].load() for i in ids},
+                            load_gallery=lambda ids: read_originals(gindex, ids),
+                            executor=st.executor, device=cfg.device)
+    make_worker = functools.partial(originals_worker, str(gindex.root), st.specs, cfg.device, cfg.batch_size,
+                                    cfg.verify != "none")
+    review = set(read_review(cfg.leak_review)) if cfg.leak_review else set()
+    sel, filtered = st.first, Filtered()
+    orig: dict[str, list[np.ndarray]] = {}     # gallery image id -> per-encoder feature rows
+    keys: dict[str, np.ndarray] = {}           # gallery image id -> pixel key
+    unreadable_imgs: dict[str, str] = {}
+    leak_report, rounds, t_embed = None, 0, 0.0
+    while True:
+        rounds += 1
+        img_of = np.array([r.id for r in gindex.rows(sel.ids)])
+        new = sorted(set(img_of.tolist()) - set(orig) - set(unreadable_imgs))
+        t = time.perf_counter()
+        unreadable_imgs.update(embed_original_images(st.executor, make_worker, new, orig,
+                                                     keys if cfg.verify != "none" else None))
+        t_embed += time.perf_counter() - t
+        unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs}
+        ok = np.array([i not in unreadable_imgs and i in orig for i in img_of], dtype=bool)
+        # decontamination over every original image seen so far (stable across rounds)
+        seen = sorted(orig)
+        per_enc = [np.stack([orig[i][e] for i in seen]) if seen else np.zeros((0, s.embed_dim), np.float32)
+                   for e, s in enumerate(st.specs)]
+        leak_report = detector.leaks(seen, per_enc, _stacked(keys, seen) if th.key is not None else None)
+        if review:  # un-flag reviewed images among those seen so far; unknown ids are checked below
+            leak_report = clear_reviewed(leak_report, review)
+        leaked_imgs = {x.image_id for x in leak_report.leaks}
+        leaks = {int(g) for g, i in zip(sel.ids, img_of) if i in leaked_imgs}
+        # dedup among the surviving selected items (original-image level)
+        alive = np.flatnonzero(ok & ~np.isin(img_of, list(leaked_imgs)))
+        dups: set[int] = set()
+        if alive.size:
+            uniq, inv = np.unique(img_of[alive], return_inverse=True)
+            labels = detector.duplicates(uniq, [np.stack([orig[i][e] for i in uniq]) for e in range(len(st.specs))],
+                                         _stacked(keys, uniq) if th.key is not None else None)[inv]
+            keep = keep_one_per_cluster(labels, alive)   # selection order = curated rank
+            dups = {int(g) for g in sel.ids[alive[~keep]]}
+            for lab in np.unique(labels[~keep]):
+                filtered.link(sorted({str(img_of[alive[m]]) for m in np.flatnonzero(labels == lab)}))
+        if not (unreadable | leaks | dups):
+            break
+        filtered.unreadable |= unreadable
+        filtered.leaks |= leaks
+        for i in img_of:
+            if i in leaked_imgs:
+                filtered.leak_items[str(i)] = filtered.leak_items.get(str(i), 0) + 1
+        filtered.duplicates |= dups
+        sel = _select(st, filtered.all())
+    st.timings["embed_originals"] = t_embed
+    if review:
+        unknown = sorted(review - {x.image_id for x in leak_report.cleared})
+        if unknown:
+            flagged = sorted(x.image_id for x in leak_report.leaks)
+            raise ValueError(
+                f"{cfg.leak_review}: {len(unknown)} reviewed id(s) were not flagged as leaks in this run "
+                f"(e.g. {unknown[:5]}); flagged ids: {flagged[:20]}{' ...' if len(flagged) > 20 else ''}")
+    flags, arrays = selection_to_record(sel, "")
+    return Record({"selection": flags, "filtered": filtered.to_dict(), "leaks": leak_report.to_dict(),
+                   "rounds": rounds, "verified_pairs": detector.pairs_verified,
+                   "verify_seconds": detector.seconds}, arrays)
+
+
+def _apply_filter(st: RunState, rec: Record) -> None:
+    st.sel = selection_from_record(rec.data["selection"], rec.arrays, "")
+    st.filtered = Filtered.from_dict(rec.data["filtered"])
+    st.leak_report = LeakReport.from_dict(rec.data["leaks"])
+    st.rounds, st.verified_pairs = rec.data["rounds"], rec.data["verified_pairs"]
+    st.verify_seconds = rec.data["verify_seconds"]
+
+
+# ---------------------------------------------------------------- write
+
+def transfer_records(sel: Selection, rows, query_ids: list[str]) -> list[contract.TransferRecord]:
+    out = []
+    for i, (gid, row) in enumerate(zip(sel.ids, rows)):
+        hits = [contract.QueryHit(query=query_ids[q], similarity=round(s, 6), rank=r) for q, r, s in sel.hits(i)]
+        out.append(contract.TransferRecord(
+            key=contract.transfer_key(row.id, row.crop), source_id=row.id, crop=row.crop, recipe=row.recipe,
+            queries=hits, similarity=round(float(sel.scores[i]), 6) if np.isfinite(sel.scores[i]) else 0.0,
+            rank=i))
+    return out
+
+
+def _output_files(st: RunState) -> list[str]:
+    return sorted(p.name for p in st.out.glob("*-*.tar")) + [contract.QUERIES_DRAW_FILE]
+
+
+def _write(st: RunState) -> Record:
+    records = transfer_records(st.sel, st.gindex.rows(st.sel.ids), st.query_ids)
+    written = write_transfer(st.out, st.gindex, records, st.cfg.shard_size, st.executor,
+                             functools.partial(crops_worker, str(st.gindex.root), st.cfg.jpeg_quality))
+    write_query_shards(st.out, st.qs)
+    write_json(st.out / contract.QUERIES_DRAW_FILE, st.qs.to_draw_dict())
+    return Record({"written": written, "digests": {f: file_digest(st.out / f) for f in _output_files(st)}})
+
+
+def _digests_match(st: RunState, rec: Record, key: str = "digests") -> bool:
+    want = rec.data[key]
+    return all((st.out / f).is_file() and file_digest(st.out / f) == d for f, d in want.items())
+
+
+def _write_intact(st: RunState, rec: Record) -> bool:
+    return _digests_match(st, rec) and set(_output_files(st)) == set(rec.data["digests"])
+
+
+def _apply_write(st: RunState, rec: Record) -> None:
+    st.records = transfer_records(st.sel, st.gindex.rows(st.sel.ids), st.query_ids)
+    st.written = rec.data["written"]
+
+
+# ---------------------------------------------------------------- report
+
+def counts(st: RunState) -> dict[str, Any]:
+    first_ids = set(st.first.ids.tolist())
+    f, w = st.filtered, st.written
+    c = {"requested": st.cfg.size, "retrieved": len(st.first),
+         "removed_duplicate": len(f.duplicates & first_ids), "removed_leak": len(f.leaks & first_ids),
+         "removed_unreadable": len(f.unreadable & first_ids),
+         "backfilled": len(set(st.sel.ids.tolist()) - first_ids),
+         "written": w["written"], "unreadable_at_write": w["unreadable"], "rounds": st.rounds,
+         "exhausted": bool(st.sel.exhausted), "depth_k": int(st.sel.k)}
+    assert c["retrieved"] - c["removed_duplicate"] - c["removed_leak"] - c["removed_unreadable"] \
+        + c["backfilled"] - c["unreadable_at_write"] == c["written"]
+    return c
+
+
+def _report(st: RunState) -> Record:
+    write_report_html(st)
+    return Record({"digests": {contract.REPORT_FILE: file_digest(st.out / contract.REPORT_FILE)}})
+
+
+def write_report_html(st: RunState) -> None:
+    qs, records, leak_report, th, filtered = st.qs, st.records, st.leak_report, st.th, st.filtered
+    c = counts(st)
+    by_query: dict[str, list[contract.TransferRecord]] = defaultdict(list)
+    for rec in records:
+        for h in rec.queries:
+            by_query[h.query].append(rec)
+    shown = rpt.ReportLimits()
+    panels_q = list(by_query)[: shown.max_queries * 4]
+    wanted = {(r.source_id, r.crop): r.recipe for q in panels_q
+              for r in sorted(by_query[q], key=lambda r: r.rank)[:shown.max_per_query]}
+    rejected = sorted(leak_report.rejected, key=lambda x: -np.nan_to_num(x.verify_score or 0.0))[
+        :shown.max_rejected] if leak_report else []
+    leak_imgs = [x.image_id for x in (leak_report.leaks + leak_report.cleared + tuple(rejected))] \
+        if leak_report else []
+    clusters = sorted(filtered.clusters({r.source_id for r in records}), key=len,
+                      reverse=True)[:shown.max_clusters]
+    cluster_imgs = {i for cl in clusters for i, _ in cl[:shown.max_cluster_members]}
+    thumbs = load_thumbs(st.gindex, wanted, set(leak_imgs) | cluster_imgs)
+    qimg = {q.id: q for q in qs.queries}
+    label = {q.id: qs.classes[q.label] for q in qs.queries}
+    panels = []
+    for qid in panels_q:
+        recs = sorted(by_query[qid], key=lambda r: next(h.rank for h in r.queries if h.query == qid))
+        panels.append(rpt.QueryPanel(
+            id=qid, class_name=label.get(qid, qid.removeprefix("text:")),
+            image=qimg[qid].load() if qid in qimg else None,
+            retrieved=[rpt.RetrievedItem(source_id=r.source_id, crop=r.crop,
+                                         similarity=next(h.similarity for h in r.queries if h.query == qid),
+                                         rank=next(h.rank for h in r.queries if h.query == qid),
+                                         crop_image=thumbs["crops"].get((r.source_id, r.crop)),
+                                         original_image=thumbs["originals"].get(r.source_id))
+                       for r in recs[:shown.max_per_query]]))
+    refs = {r.id: r for r in qs.references}
+    leak_panels = []
+    if leak_report:
+        for leak, state in ([(x, "removed") for x in leak_report.leaks] + [(x, "cleared") for x in leak_report.cleared]
+                            + [(x, "rejected") for x in rejected]):
+            nbrs = list(zip(leak.neighbor_ids, leak.neighbor_similarity))[:shown.max_neighbours]
+            if leak.verified_reference and leak.verified_reference not in dict(nbrs):
+                k = leak.neighbor_ids.index(leak.verified_reference)   # the best-verifying one is always shown
+                nbrs = nbrs[:-1] + [(leak.verified_reference, leak.neighbor_similarity[k])]
+            leak_panels.append(rpt.LeakPanel(
+                source_id=leak.image_id, image=thumbs["originals"].get(leak.image_id),
+                max_similarity=leak.max_similarity,
+                neighbours=[rpt.ReferenceMatch(id=i, similarity=s, image=refs[i].load() if i in refs else None,
+                                               verified=i == leak.verified_reference)
+                            for i, s in nbrs],
+                crops_removed=filtered.leak_items.get(leak.image_id, 0) if state == "removed" else 0,
+                unflagged=state == "cleared", review_note="marked not a leak on review" if state == "cleared" else "",
+                verify_score=leak.verify_score, verify_residual=leak.verify_residual,
+                key_similarity=leak.key_similarity, rejected=state == "rejected"))
+    per_query, per_class = rpt.count_per_query_and_class(records, {q: label.get(q, q) for q in st.query_ids})
+    thd = th.to_dict()
+    data = rpt.ReportData(
+        title=f"Curated transfer set: {qs.name}", query_set=qs.name, requested=st.cfg.size,
+        retrieved=c["retrieved"], removed_duplicates=c["removed_duplicate"],
+        removed_leaks=c["removed_leak"], backfilled=c["backfilled"], written=c["written"],
+        unreadable=c["removed_unreadable"] + c["unreadable_at_write"],
+        thresholds={k: thd[k] for k in ("dedup", "leak", "verify", "max_residual") if thd[k] is not None},
+        calibration=st.calibration.to_dict() if st.calibration else None,
+        rejected_total=len(leak_report.rejected) if leak_report else 0,
+        encoders=[s.name for s in st.specs],
+        extra={"strategy": st.cfg.strategy, "depth k": c["depth_k"], "verifier": th.verifier,
+               "thresholds from": th.source, "references verified per candidate": th.neighbours},
+        queries=panels, leaks=leak_panels,
+        dedup_clusters=[rpt.DedupCluster([rpt.DedupMember(id=i, image=thumbs["originals"].get(i), kept=k)
+                                          for i, k in cl]) for cl in clusters],
+        per_query_counts=per_query, per_class_counts=per_class)
+    rpt.write_report(st.out / contract.REPORT_FILE, data)
+
+
+# ---------------------------------------------------------------- the run
+
+_THRESHOLD_FIELDS = ("dedup_threshold", "leak_threshold", "verify", "verify_threshold", "verify_max_residual",
+                     "key_threshold", "copy_recall", "calibration_images", "leak_neighbours")
+
+STAGES: tuple[Stage, ...] = (
+    Stage("embed_queries", ("strategy", "batch_size", "device"), (), ("qfeat", "query_ids", "k0"),
+          _embed_queries, _apply_queries),
+    Stage("retrieve", ("size", "strategy", "seed", "k0", "max_k", "nprobe"), ("embed_queries",), ("first",),
+          _retrieve, _apply_retrieve),
+    Stage("references", _THRESHOLD_FIELDS + ("batch_size", "device"), (), ("th", "calibration"),
+          _references, _apply_references),
+    Stage("filter", ("leak_review", "batch_size", "device", "size", "seed", "max_k", "nprobe"),
+          ("retrieve", "references"),
+          ("sel", "filtered", "leak_report", "rounds", "verified_pairs", "verify_seconds"), _filter, _apply_filter),
+    Stage("write", ("shard_size", "jpeg_quality"), ("filter",),
+          ("records", "written", "transfer-*.tar", "queries-*.tar", contract.QUERIES_DRAW_FILE),
+          _write, _apply_write, _write_intact),
+    Stage("report", (), ("write",), (contract.REPORT_FILE,), _report, lambda st, rec: None, _digests_match),
+)
+
+
+def describe() -> str:
+    """Each stage's contract, one line each (config fields, upstream stages, outputs)."""
+    return "\n".join(f"{s.name}: config {list(s.config_fields)}, after {list(s.upstream)}, -> {list(s.outputs)}"
+                     for s in STAGES)
+STAGE_NAMES = ("open",) + tuple(s.name for s in STAGES) + ("manifest",)
+
+
+def stage_fingerprint(st: RunState, stage: Stage) -> str:
+    cfg = st.cfg
+    inputs: dict[str, Any] = {"stage": stage.name, "base": st.base_fingerprint,
+                              "config": {f: getattr(cfg, f) for f in stage.config_fields},
+                              "upstream": {u: st.stage_fingerprints[u] for u in stage.upstream}}
+    if "leak_review" in stage.config_fields and cfg.leak_review:
+        inputs["review"] = sorted(read_review(cfg.leak_review))   # the file's content, not its name
+    return fingerprint(inputs)
+
+
+def after_stage(name: str) -> None:
+    """Called after each stage is committed; ``VFM_CURATE_KILL_AFTER=<stage>`` exits the process
+    there, as a crash would (tests of resume)."""
+    if os.environ.get(KILL_ENV) == name:
+        os._exit(KILL_EXIT_CODE)
+
+
+def run_stages(cfg, executor: Executor | None = None) -> RunState:
+    """Open the run, then every recorded stage in order (reused, computed or recomputed)."""
+    t = time.perf_counter()
+    st = open_run(cfg, executor)
+    st.stage_status["open"] = {"seconds": time.perf_counter() - t, "status": "computed"}
+    after_stage("open")
+    store = StageStore(st.out)
+    for stage in STAGES:
+        t = time.perf_counter()
+        fp = stage_fingerprint(st, stage)
+        rec, found = store.load(stage.name, fp)
+        if rec is not None and not stage.outputs_intact(st, rec):
+            rec, found = None, "outputs changed"
+        if rec is None:
+            store.save(stage.name, fp, stage.compute(st))
+            rec, _ = store.load(stage.name, fp)   # go on from what a resumed run would read
+            status = "computed" if found == "absent" else f"recomputed ({found} record)"
+        else:
+            status = "reused"
+        stage.apply(st, rec)
+        st.stage_fingerprints[stage.name] = fp
+        st.stage_status[stage.name] = {"seconds": time.perf_counter() - t, "status": status}
+        after_stage(stage.name)
+    return st
+
+
+def pairs_per_second(pairs: int, seconds: float) -> float | None:
+    return None if not pairs or seconds <= 0 or not math.isfinite(seconds) else pairs / seconds

@@ -1,0 +1,123 @@
+"""Units of work the curation stages fan out over an executor, and the ordered shard writer.
+
+Workers get specs and paths, never live models or open indexes, and build those where they run
+(as `index.build` does with its embedder); tasks and results are plain data, so `LocalExecutor`
+and `RayExecutor` give the same results in the same order.
+
+    originals_worker(...)  task: gallery image ids  -> their features (+ pixel keys), unreadable ids
+    crops_worker(...)      task: transfer records   -> JPEG bytes of each crop (None: unreadable)
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from curation import pixelkey
+from curation.executor import Executor, chunks
+from curation.features import embed_originals
+from curation.shards import AtomicShardWriter, materialized_crops
+from index import contract
+from index.encoders import EncoderSpec, build_encoder
+from index.embed import pick_device
+from index.gallery import SkipCounts
+from index.gallery_index import GalleryIndex
+
+IMAGES_PER_TASK = 512    # originals per embedding task
+CROPS_PER_TASK = 256     # transfer samples per materialisation task
+
+
+# ---------------------------------------------------------------- original images
+
+def _embed_task(task: list[str], gindex: GalleryIndex, models: list, batch_size: int,
+                with_keys: bool) -> dict[str, Any]:
+    feats: dict[str, list[np.ndarray]] = {}
+    keys: dict[str, np.ndarray] | None = {} if with_keys else None
+    unreadable = embed_originals(gindex, models, task, feats, batch_size, keys_into=keys)
+    ok = [i for i in task if i in feats]
+    return {"ids": ok, "unreadable": unreadable,
+            "feats": [np.stack([feats[i][e] for i in ok]) if ok else np.zeros((0, m.spec.embed_dim), np.float32)
+                      for e, m in enumerate(models)],
+            "keys": None if keys is None else (np.stack([keys[i] for i in ok]) if ok
+                                               else np.zeros((0, pixelkey.DIM), np.float32))}
+
+
+def originals_worker(index_root: str, specs: list[EncoderSpec], device: str | None, batch_size: int,
+                     with_keys: bool) -> Callable[[list[str]], dict[str, Any]]:
+    gindex = GalleryIndex(index_root)
+    models = [build_encoder(s, pick_device(device)) for s in specs]
+    return lambda task: _embed_task(task, gindex, models, batch_size, with_keys)
+
+
+def embed_original_images(executor: Executor, make_worker: Callable, image_ids: Sequence[str],
+                          into: dict[str, list[np.ndarray]], keys_into: dict[str, np.ndarray] | None,
+                          per_task: int = IMAGES_PER_TASK) -> dict[str, str]:
+    """Embed these gallery originals over the executor (ids sorted, so by shard); return unreadable."""
+    results = executor.map(make_worker, chunks(sorted(image_ids), per_task), desc="embed originals")
+    unreadable: dict[str, str] = {}
+    for res in results:
+        for row, i in enumerate(res["ids"]):
+            into[i] = [f[row] for f in res["feats"]]
+            if keys_into is not None:
+                keys_into[i] = res["keys"][row]
+        unreadable.update(res["unreadable"])
+    return unreadable
+
+
+# ---------------------------------------------------------------- transfer crops
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _crops_task(task: list[dict], gindex: GalleryIndex, quality: int) -> dict[str, Any]:
+    counts = SkipCounts()
+    records = [contract.TransferRecord.from_dict(d) for d in task]
+    got = {r.key: (None if crop is None else _jpeg(crop, quality))
+           for r, crop in materialized_crops(gindex, records, counts)}
+    return {"jpg": [got[r.key] for r in records], "skipped": counts.to_dict()}
+
+
+def crops_worker(index_root: str, quality: int) -> Callable[[list[dict]], dict[str, Any]]:
+    gindex = GalleryIndex(index_root)
+    return lambda task: _crops_task(task, gindex, quality)
+
+
+def write_order(gindex: GalleryIndex, records: Sequence[contract.TransferRecord]) -> list[contract.TransferRecord]:
+    """(gallery shard in index order, curated rank): each shard's images are read together."""
+    by_shard: dict[str, list[contract.TransferRecord]] = defaultdict(list)
+    for r in records:
+        by_shard[contract.split_image_id(r.source_id)[0]].append(r)
+    return [r for s in gindex.shards if s["name"] in by_shard for r in sorted(by_shard[s["name"]], key=lambda r: r.rank)]
+
+
+def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.TransferRecord], shard_size: int,
+                   executor: Executor, make_worker: Callable, per_task: int = CROPS_PER_TASK) -> dict[str, Any]:
+    """Materialise the crops over the executor and write ``transfer-*.tar`` in order on this process;
+    returns {"written", "unreadable", "skipped", "files"} (stale shards of an earlier run are removed)."""
+    ordered = write_order(gindex, records)
+    tasks = chunks([r.to_dict() for r in ordered], per_task)
+    results = executor.map(make_worker, tasks, desc="materialise crops")
+    writer = AtomicShardWriter(out, contract.TRANSFER_PATTERN, shard_size)
+    skipped = SkipCounts()
+    written = unreadable = 0
+    for task, res in zip(tasks, results):
+        skipped.merge(res["skipped"])
+        for rec, jpg in zip(task, res["jpg"]):
+            if jpg is None:
+                unreadable += 1
+                continue
+            writer.write({"__key__": rec["key"], "jpg": jpg, "json": json.dumps(rec, sort_keys=True).encode()})
+            written += 1
+    files = writer.close()
+    for p in out.glob("transfer-*.tar"):
+        if p.name not in files:
+            p.unlink()
+    return {"written": written, "unreadable": unreadable, "skipped": skipped.to_dict(), "files": files}
