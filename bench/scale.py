@@ -21,7 +21,7 @@ driver_rss_growth, non_search_time_growth, search_groups_ratio, verify_pairs_per
 is measured in this run; wall times on a machine shared with other work say so in ``machine``.
 
     python bench/scale.py --smoke    # seconds: a run check (tiny sizes, temp dir); its figures mean nothing
-    python bench/scale.py --quick    # < 10 min on 2 cores: 1k/4k images (tiny encoder), 10^5/10^6 vectors
+    python bench/scale.py --quick    # < 10 min on 2 cores: 1k/2k images (tiny encoder), 10^5/10^6 vectors
     python bench/scale.py            # 2k/20k/100k images (N = 1,000 and 10,000), 10^5/10^6/10^7 vectors
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ from PIL import Image  # noqa: E402
 MODES: dict[str, dict[str, Any]] = {
     "smoke": dict(images=[40, 80], sizes_n=[10], per_shard=10, search_sizes=[4_000], groups=(2, 4),
                   dim=16, pq=4, queries=10, nprobe=4),
-    "quick": dict(images=[1_000, 4_000], sizes_n=[1_000], per_shard=100, search_sizes=[100_000, 1_000_000],
+    "quick": dict(images=[1_000, 2_000], sizes_n=[1_000], per_shard=100, search_sizes=[100_000, 1_000_000],
                   groups=(10, 100), dim=64, pq=16, queries=100, nprobe=16),
     "full": dict(images=[2_000, 20_000, 100_000], sizes_n=[1_000, 10_000], per_shard=100,
                  search_sizes=[100_000, 1_000_000, 10_000_000], groups=(10, 100), dim=64, pq=16, queries=100,
@@ -70,6 +70,10 @@ THRESHOLDS = dict(dedup_threshold=0.99, leak_threshold=0.95, verify="align", ver
                   verify_max_residual="inf", key_threshold=1.0)
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 RECALL_K = 50
+# 4-bit PQ codes (faiss "PQ{m}x4"): training 8-bit codebooks (256 centroids per sub-quantizer) took
+# ~30 s per group of 10^4 vectors on the 2-core machine, 4-bit ~0.5 s, and the groups comparison
+# trains 110 groups; the index type, build and search code path are the same
+PQ_BITS = 4
 
 
 # ------------------------------------------------------------------ real small images
@@ -378,9 +382,10 @@ def io_part(work: Path, mode: dict[str, Any], encoder: str, threads: int, log) -
         log(f"scale io: {n_img} images, {len(man['shards'])} shards, {man['num_vectors']} vectors "
             f"[{man['index_factory']}] (write {t_write:.0f} s, index {t_index:.0f} s)")
         for n in mode["sizes_n"]:
+            # a fresh reference-feature cache per run: every run pays the same (gallery-independent) setup
             out = work / f"curated-{n_img}-n{n}"
             r = run_child("curate", {"queries": queries, "index": str(idx), "n": n, "out": str(out),
-                                     "cache": str(work / "cache"), "gallery": str(gal)}, threads)
+                                     "cache": str(work / f"cache-{n_img}-n{n}"), "gallery": str(gal)}, threads)
             need, need_imgs = needed_bytes(out, sizes)
             tm = r["timings"]
             verify_s = tm.get("verify", 0.0)
@@ -447,7 +452,7 @@ def build_groups(root: Path, entries: list[dict], groups: int, dim: int, pq: int
     records = []
     for g, part in enumerate(parts):
         n = sum(s["num_vectors"] for s in part)
-        factory = f"IVF{knn.ivf_nlist(n)},PQ{pq}"
+        factory = f"IVF{knn.ivf_nlist(n)},PQ{pq}x{PQ_BITS}"
         records.append(build_group(GroupTask(out_dir=str(root), group=g, shards=tuple(part), encoders=("synthetic",),
                                              dim=dim, factory=factory, nprobe=nprobe)))
     write_json(root / "manifest.json", {"groups": [{"file": r["file"]} for r in records], "nprobe": nprobe})
