@@ -533,7 +533,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default=None, help="working directory (default: a temp dir, removed at the end)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch / faiss threads in every process (default 2; 1 with --smoke)")
-    ap.add_argument("--skip", choices=("io", "search"), default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child_curate or a.child_search:
         fn = child_curate if a.child_curate else child_search
