@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recall", type=float, default=0.99)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true", help="seconds: 16 skimage tiles, test-tiny-clip (a run check)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.quick, args.pool, args.sets, args.encoders = False, 16, "skimage", "test-tiny-clip"
     torch.set_num_threads(args.threads)
     pool = 120 if args.quick else args.pool
     out: dict = {"bench": "copydetect", "quick": args.quick, "pool": pool, "recall_target": args.recall,

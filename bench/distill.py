@@ -8,6 +8,9 @@ reported epoch time is the minimum of the others (robust to other load on the ma
 Goals: aft / labels_only <= 1.05, kd / labels_only <= 1.10. Prints JSON.
 
     python bench/distill.py [--student mobilenetv3_large_100] [--resolution 128] [--images 256]
+    python bench/distill.py --smoke   # tiny student, 32 images, one round: seconds (a run check, not figures)
+
+``targets`` holds both goals as {"value", "goal", "met"}.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ class _Opts:
     contrastive_temperature = 0.07
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--student", default="mobilenetv3_large_100")
     ap.add_argument("--teacher", default="test-tiny-timm")
@@ -54,7 +57,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="repeat the three methods, alternating order")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="test-tiny-student at 32 px, 32 images, 2 epochs, 1 round (a run check, not figures)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.student, args.resolution, args.images, args.image_size = "test-tiny-student", 32, 32, 48
+        args.classes, args.batch_size, args.epochs, args.rounds = 4, 16, 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -101,7 +109,11 @@ def main() -> None:
                                   seed=0, device=device, checkpoint_every=0, progress=False)
                 times[method].extend(e["seconds"] for e in res.epochs[1:])
         best = {m: min(v) for m, v in times.items()}
+        goals = {"aft_over_labels_only": 1.05, "kd_over_labels_only": 1.10}
+        ratios = {k: round(best[k.split("_over_")[0]] / best["labels_only"], 4) for k in goals}
         print(json.dumps({
+            "targets": {k: {"value": ratios[k], "goal": f"<= {g}", "met": ratios[k] <= g} for k, g in goals.items()},
+            "smoke": args.smoke,
             "aft_over_labels_only": round(best["aft"] / best["labels_only"], 4),
             "kd_over_labels_only": round(best["kd"] / best["labels_only"], 4),
             "goals": {"aft_over_labels_only": 1.05, "kd_over_labels_only": 1.10},

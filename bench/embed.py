@@ -19,6 +19,10 @@ The three parts run interleaved, ``--repeats`` times; each figure is the minimum
 disturbs less than wall time; the load average before and after is reported for that reason.
 
     python bench/embed.py [--encoder efficientnet_lite0] [--images 200] [--crops 4] [--size 96]
+    python bench/embed.py --smoke   # 8 images, test-tiny-timm, one repeat: seconds (a run check, not figures)
+
+``targets`` ({"value", "goal", "met"} each): ``ratio`` (goal <= 1.1) and, with CUDA,
+``gpu_throughput_ratio`` (goal >= 0.9).
 """
 from __future__ import annotations
 
@@ -111,7 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--smoke", action="store_true",
+                   help="8 images, 2 crops of 32 px, test-tiny-timm, 1 repeat (a run check, not figures)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.encoder, args.image_size, args.images, args.crops, args.size = "test-tiny-timm", 0, 8, 2, 32
+        args.batch_size, args.repeats = 8, 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -195,10 +204,14 @@ def main(argv: list[str] | None = None) -> dict:
                       for k, v in variants.items()}},
         "torch": torch.__version__, "python": platform.python_version(),
     }
+    report["smoke"] = args.smoke
+    report["targets"] = {"ratio": {"value": report["ratio"], "goal": "<= 1.1", "met": report["ratio"] <= 1.1}}
     if device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name()
         report["gpu_throughput_ratio"] = round(f / pl, 3)  # pipeline crops/s over bare forward crops/s
         report["gpu_throughput_goal"] = 0.9
+        report["targets"]["gpu_throughput_ratio"] = {"value": report["gpu_throughput_ratio"], "goal": ">= 0.9",
+                                                     "met": report["gpu_throughput_ratio"] >= 0.9}
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(report, indent=2))
     return report

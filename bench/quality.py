@@ -25,16 +25,20 @@ Prints one JSON object (fractions; means over seeds at the largest size at top l
 
     python bench/quality.py --quick      # demo-data/idx reused read-only if present; < 20 min on 2 cores
     python bench/quality.py              # a larger gallery (--pool 5000), sizes 500..4000, full test split
+    python bench/quality.py --smoke      # seconds: the tests' tiny fixture gallery and task, tiny models, a temp dir
+                                         # (checks the script runs; its figures mean nothing)
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import shutil
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -89,6 +93,36 @@ def prepare_gallery(data: Path, index: Path | None, pool: int) -> tuple[Path, di
         build_gallery_index(load_index_config(ROOT / "jobs" / "demo.yaml", gallery=str(data / "gallery" / "*.tar")),
                             idx)
     return idx, read_json(data / "truth.json")
+
+
+def prepare_smoke_gallery(data: Path) -> tuple[Path, dict[str, dict], str]:
+    """(index dir, truth, query set name) for --smoke: the tests' tiny fixture (tests/fixtures_gallery.py,
+    three pattern classes, planted duplicates and leaks, distractors) indexed with `test-tiny-timm`.
+    Fashion-MNIST and the demo gallery are not needed."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures_gallery import CLASSES, build_fixture, write_index_config
+    from index.build import build_gallery_index
+    from index.config import load_index_config
+
+    fx = build_fixture(data / "fixture")
+    idx = data / "idx"
+    cfg = write_index_config(data / "idx.yaml", str(fx.gallery / "*.tar"), ["test-tiny-timm"], crop_size=64,
+                             crops_per_image=2)
+    with contextlib.redirect_stdout(sys.stderr):
+        build_gallery_index(load_index_config(cfg), idx)
+    truth: dict[str, dict] = {}
+    for iid in fx.leaks:
+        truth[iid] = {"domain": "leak", "label": -1}
+    for iid in fx.distractors:
+        truth[iid] = {"domain": "out", "label": -1}
+    gindex = GalleryIndex(idx)
+    for r in gindex.rows(np.arange(gindex.num_vectors)):
+        if r.id in truth:
+            continue
+        key = r.id.split("/", 1)[1]
+        label = next((c for c, name in enumerate(CLASSES) if key.startswith(f"pool_{name}_")), 0)
+        truth[r.id] = {"domain": "in", "label": label}   # pool members, the duplicates (class 0), the look-alike
+    return idx, truth, fx.query_set
 
 
 def curated_sources(transfer_dir: Path) -> list[str]:
@@ -151,6 +185,8 @@ def memoise_curation_features() -> None:
     models: dict[tuple[str, str], Any] = {}
     labeled: dict[tuple, list[np.ndarray]] = {}
     originals: dict[str, list[np.ndarray]] = {}
+    pixel_keys: dict[str, np.ndarray] = {}
+    seen_ctx: dict[str, tuple] = {}   # one index and one encoder list per process
     unreadable: dict[str, str] = {}
 
     def build_memo(spec, device="cpu"):
@@ -159,18 +195,40 @@ def memoise_curation_features() -> None:
             models[key] = build(spec, device)
         return models[key]
 
-    def labeled_memo(ms, items, batch_size=64, desc="embed queries"):
+    def labeled_memo(ms, items, *args, **kwargs):
         key = (tuple(m.spec.name for m in ms), tuple(it.id for it in items))
         if key not in labeled:
-            labeled[key] = embed_labeled(ms, items, batch_size, desc=desc)
+            labeled[key] = embed_labeled(ms, items, *args, **kwargs)
         return labeled[key]
 
-    def originals_memo(gindex, ms, image_ids, into, batch_size=64):
-        new = [i for i in image_ids if i not in originals and i not in unreadable]
-        unreadable.update(embed_originals(gindex, ms, new, originals, batch_size))
+    sig = inspect.signature(embed_originals)
+
+    def originals_memo(*args, **kwargs):
+        # embed_originals' own signature binds the call, so every argument it has (and any it gains)
+        # is forwarded as given; only the images and their outputs (`into`, `keys_into`) are memoised
+        call = sig.bind(*args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        ctx = (str(a["gindex"].root), tuple(m.spec.name for m in a["models"]))
+        if seen_ctx.setdefault("ctx", ctx) != ctx:
+            raise RuntimeError(f"memoised originals belong to {seen_ctx['ctx']}; asked for {ctx}")
+        image_ids, into, keys_into = list(a["image_ids"]), a["into"], a.get("keys_into")
+        want_keys = keys_into is not None
+        new = [i for i in image_ids if i not in unreadable
+               and (i not in originals or (want_keys and i not in pixel_keys))]
+        if new:
+            a["image_ids"], a["into"] = new, {}
+            if want_keys:
+                a["keys_into"] = {}
+            unreadable.update(embed_originals(*call.args, **call.kwargs))
+            originals.update(a["into"])
+            if want_keys:
+                pixel_keys.update(a["keys_into"])
         for i in image_ids:
             if i in originals:
                 into[i] = originals[i]
+            if want_keys and i in pixel_keys:
+                keys_into[i] = pixel_keys[i]
         return {i: unreadable[i] for i in image_ids if i in unreadable}
 
     pipeline.build_encoder, pipeline.embed_labeled, pipeline.embed_originals = build_memo, labeled_memo, originals_memo
@@ -297,6 +355,8 @@ def plot(path: Path, sizes: list[int], acc: dict[str, dict[int, list[float]]], r
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="demo index reused, sizes 250/1000, short schedule")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds: tiny fixture gallery and models in a temp dir (a run check, not figures)")
     ap.add_argument("--data", default=None, help="working directory (default /tmp/quality-data[-quick])")
     ap.add_argument("--index", default=None, help="existing index (read-only; truth.json next to it)")
     ap.add_argument("--pool", type=int, default=None, help="in-domain pool of a gallery built here")
@@ -311,17 +371,24 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch threads (default 1: on a shared 2-core machine more threads oversubscribe and "
                          "run several times slower; 0 leaves torch's default)")
     a = ap.parse_args(argv)
-    q = a.quick
-    data = Path(a.data or ("/tmp/quality-data-quick" if q else "/tmp/quality-data"))
+    q = a.quick or a.smoke
+    smoke = a.smoke
+    data = Path(a.data or (tempfile.mkdtemp(prefix="bench-quality-smoke-") if smoke
+                           else "/tmp/quality-data-quick" if q else "/tmp/quality-data"))
+    queries = QUERIES
+    teacher, teacher_size, student, resolution = TEACHER, TEACHER_SIZE, STUDENT, RESOLUTION
+    if smoke:
+        teacher, teacher_size, student, resolution = "test-tiny-timm", None, "test-tiny-student", 32
     demo_idx = ROOT / "demo-data" / "idx"
     index = Path(a.index) if a.index else (demo_idx if q and (demo_idx / contract.MANIFEST_FILE).is_file() else None)
-    sizes = sorted(a.sizes or ([250, 1000] if q else [500, 1000, 2000, 4000]))
-    seeds = list(range(a.seeds))
-    steps = a.transfer_steps or (250 if q else 1250)
-    ft_epochs = a.finetune_epochs or (10 if q else 20)
-    test_limit = a.test_limit if a.test_limit is not None else (2000 if q else None)
+    sizes = sorted(a.sizes or ([8, 16] if smoke else [250, 1000] if q else [500, 1000, 2000, 4000]))
+    seeds = list(range(1 if smoke and a.seeds == 3 else a.seeds))
+    steps = a.transfer_steps or (2 if smoke else 250 if q else 1250)
+    ft_epochs = a.finetune_epochs or (1 if smoke else 10 if q else 20)
+    test_limit = a.test_limit if a.test_limit is not None else (None if smoke else 2000 if q else None)
     aft_sizes = sizes if (a.aft_all_sizes or not q) else sizes[-1:]
-    plot_path = Path(a.plot) if a.plot else ROOT / "bench" / "results" / f"quality{'_quick' if q else ''}.png"
+    plot_path = Path(a.plot) if a.plot else (data / "quality_smoke.png" if smoke else
+                                             ROOT / "bench" / "results" / f"quality{'_quick' if q else ''}.png")
     if a.threads:
         torch.set_num_threads(a.threads)
     data.mkdir(parents=True, exist_ok=True)
@@ -329,10 +396,13 @@ def main(argv: list[str] | None = None) -> None:
     t_all = time.perf_counter()
 
     t = time.perf_counter()
-    idx, truth = prepare_gallery(data, index, a.pool or 5000)
+    if smoke and a.index is None:
+        idx, truth, queries = prepare_smoke_gallery(data)
+    else:
+        idx, truth = prepare_gallery(data, index, a.pool or 5000)
     timings["gallery"] = time.perf_counter() - t
     gindex = GalleryIndex(idx)
-    qs = get_query_set(QUERIES, seed=0)
+    qs = get_query_set(queries, seed=0)
     ncls = len(qs.classes)
     test = stratified_test(qs, test_limit)
     vec_dom = [truth[r.id]["domain"] for r in gindex.rows(np.arange(gindex.num_vectors))]
@@ -355,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
                     write_random_transfer(out, gindex, truth, qs, size, seed)
                 elif not (out / contract.MANIFEST_FILE).is_file():
                     with contextlib.redirect_stdout(sys.stderr):   # stdout is the JSON result alone
-                        curate(CurateConfig(queries=QUERIES, index=str(idx), size=size, out=str(out), strategy=strategy,
+                        curate(CurateConfig(queries=queries, index=str(idx), size=size, out=str(out), strategy=strategy,
                                             seed=seed, cache_dir=cache_dir, **PAPER_RULE))
                 st = retrieval_stats(out, truth, ncls)
                 st["written"] = read_json(out / contract.MANIFEST_FILE)["counts"]["written"]
@@ -365,8 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     timings["curate"] = time.perf_counter() - t
 
     # distillation
-    base = dict(queries=QUERIES, teacher=TEACHER, teacher_image_size=TEACHER_SIZE, student=STUDENT,
-                resolution=RESOLUTION, transfer_steps=steps, finetune_epochs=ft_epochs,
+    base = dict(queries=queries, teacher=teacher, teacher_image_size=teacher_size, student=student,
+                resolution=resolution, transfer_steps=steps, finetune_epochs=ft_epochs,
                 progress=False)
     runs: dict[str, dict[int, dict[int, dict]]] = {}
     teacher_acc: dict[int, float] = {}          # per seed (the probe and its cache are keyed by the seed)
@@ -428,8 +498,21 @@ def main(argv: list[str] | None = None) -> None:
             balance["query_balanced"][n]["normalised_entropy"]["mean"]
             >= balance["best_matches"][n]["normalised_entropy"]["mean"] for n in sizes),
     }
+    qb_ent = min(balance["query_balanced"][n]["normalised_entropy"]["mean"]
+                 - balance["best_matches"][n]["normalised_entropy"]["mean"] for n in sizes)
+    goals = {   # per target: value, goal, met (the same tests as targets_met, as numbers)
+        "precision_over_base_rate": (prec["query_balanced"][largest]["mean"] / base_rate if base_rate else None,
+                                     ">= 3", targets["precision_3x_base_rate"]),
+        "kd_curated_minus_kd_random": (m_cur - m_rand, ">= 0.03", targets["kd_curated_beats_kd_random_by_3_points"]),
+        "kd_curated_gain_over_labels_only_minus_over_random": (
+            (m_cur - m_lab) - (m_cur - m_rand), "> 0", targets["kd_curated_beats_labels_only_by_more"]),
+        "query_balanced_minus_best_matches_entropy_min_over_sizes": (
+            qb_ent, ">= 0", targets["query_balanced_at_least_as_balanced_as_best_matches"]),
+    }
     timings["total"] = time.perf_counter() - t_all
     result = {
+        "targets": {k: {"value": None if v is None else round(float(v), 4), "goal": g, "met": bool(m)}
+                    for k, (v, g, m) in goals.items()},
         "base_rate": round(base_rate, 4),
         "precision_curated": prec["query_balanced"][largest]["mean"],
         "acc_labels_only": round(m_lab, 4),
@@ -439,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         "acc_aft": round(float(np.mean(accs("aft_curated"))), 4),
         "seeds": len(seeds),
         "details": {
-            "mode": "quick" if q else "full",
+            "mode": "smoke" if smoke else "quick" if q else "full",
             "largest_size": largest,
             "sizes": sizes,
             "teacher_accuracy": mean_std([teacher_acc[s] for s in seeds]),
@@ -450,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
                                       for d in ("in", "out", "leak")},
                         "in_domain_pool_written": pool_written},
             "schedule": {"transfer_steps": steps, "finetune_epochs": ft_epochs, "batch_size": 32,
-                         "teacher": f"{TEACHER}@{TEACHER_SIZE} linear probe", "student": f"{STUDENT}@{RESOLUTION}",
+                         "teacher": f"{teacher}@{teacher_size} linear probe", "student": f"{student}@{resolution}",
                          "aft_sizes": aft_sizes},
             "precision": prec,
             "class_balance": balance,
@@ -474,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
           {n: [runs[k][n][sd]["test_accuracy"] for sd in seeds] for n in runs[k]}
           for k in ("kd_curated", "kd_random", "aft_curated")},
          {"labels only": accs("labels_only"), f"KD whole pool (N={pool_written})": accs("kd_full_pool")},
-         float(np.mean([teacher_acc[s] for s in seeds])), f"Fashion-MNIST 10-shot, {STUDENT}, mean ± std over {len(seeds)} seeds")
+         float(np.mean([teacher_acc[s] for s in seeds])), f"{qs.name}, {student}, mean ± std over {len(seeds)} seeds")
     print(json.dumps(result, indent=2))
 
 

@@ -2,6 +2,7 @@
 
     python bench/search.py            # 1M x 512 gallery (about 10-15 min on 2 cores)
     python bench/search.py --quick    # 100k x 512, fewer settings (about 1 min)
+    python bench/search.py --smoke    # 5k x 32, one setting: seconds (a run check, not figures)
 
 Prints one JSON object. For every (queries, k): `exact_search` seconds, bare faiss.IndexFlatIP
 seconds, the GEMM lower bound (2*Q*N*d FLOPs at the sgemm rate measured in this run by a large
@@ -13,6 +14,11 @@ Both sides use the same thread count (--threads, default all cores): faiss.omp_s
 and the BLAS threads numpy uses. The gallery is a synthetic Gaussian mixture on the unit sphere,
 with 100 vectors per centre and noise 1.5x the centre's norm, so IVF sees cluster structure but
 recall still depends on nprobe.
+
+``targets`` ({"value", "goal", "met"} each): ``faiss_over_exact`` (the slowest setting's bare
+faiss.IndexFlatIP time over exact_search's, goal >= 1: the streaming top-k is never slower than
+faiss's own flat search) and ``exact_over_max_bound`` (the worst setting, goal <= 2: within twice
+the GEMM / memory-streaming lower bound).
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from pathlib import Path
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="100k vectors and fewer settings: a sanity run")
+    p.add_argument("--smoke", action="store_true", help="5k x 32, one setting, in seconds (a run check)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for faiss and BLAS")
     p.add_argument("--num-vectors", type=int, default=None)
     p.add_argument("--dim", type=int, default=512)
@@ -99,10 +106,10 @@ def recall(got: np.ndarray, want: np.ndarray) -> float:
 
 def main() -> None:
     faiss.omp_set_num_threads(ARGS.threads)
-    n = ARGS.num_vectors or (100_000 if ARGS.quick else 1_000_000)
-    dim = ARGS.dim
-    query_counts = (10, 100) if ARGS.quick else (10, 100, 1000)
-    ks = (50, 500, 1000, 2000)
+    n = ARGS.num_vectors or (5_000 if ARGS.smoke else 100_000 if ARGS.quick else 1_000_000)
+    dim = 32 if ARGS.smoke and ARGS.dim == 512 else ARGS.dim
+    query_counts = (10,) if ARGS.smoke else (10, 100) if ARGS.quick else (10, 100, 1000)
+    ks = (50,) if ARGS.smoke else (50, 500, 1000, 2000)
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((n // 100, dim), dtype=np.float32) / np.sqrt(dim)
@@ -167,6 +174,12 @@ def main() -> None:
             entry["speedup_over_faiss_flat"] = round(exact50[2] / t_ivf, 1)
         ivf["nprobe"].append(entry)
     report["ivf"] = ivf
+    faiss_ratio = min((r["faiss_over_exact"] for r in rows if "faiss_over_exact" in r), default=None)
+    bound_ratio = max(r["exact_over_max_bound"] for r in rows)
+    report["targets"] = {
+        "faiss_over_exact": {"value": faiss_ratio, "goal": ">= 1", "met": None if faiss_ratio is None
+                             else faiss_ratio >= 1},
+        "exact_over_max_bound": {"value": bound_ratio, "goal": "<= 2", "met": bound_ratio <= 2}}
     report["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(report, indent=2))
 

@@ -1,0 +1,578 @@
+"""Scale benchmark: does curate's cost follow the work (N) or the gallery? Prints one JSON object.
+
+Two parts, measured side by side in one run:
+
+- ``io``: galleries of real small images (Fashion-MNIST train images, Tux Paint stamps and
+  scikit-image photos cut into random crops, whichever are installed; the tests' pattern images
+  otherwise) written as many WebDataset tar shards, of growing size, each indexed with a small fast
+  encoder, then ``curate`` of N items with a class-folder query set written here (Fashion-MNIST test
+  images, or pattern classes). Each curate runs in a fresh subprocess, so sizes do not mix: wall
+  time by stage (the manifest's ``timings``), driver peak RSS (``ru_maxrss``), bytes read from
+  gallery files (``gallery_bytes_read``), the bytes of the images the set needs (member sizes of
+  its distinct source images) and pairs verified per second.
+- ``search``: synthetic clustered unit vectors (a Gaussian mixture, float16 embedding shards on
+  disk), one IVF-PQ index per group built by the project's own code (``index.build.build_group``:
+  training sample, factory nlist rule, streaming fill), searched by ``index.search.ShardedIndex`` at
+  a fixed nprobe in a fresh subprocess: search time, driver peak RSS, recall@50 against
+  ``index.search.exact_search``; the same vectors split into 10 and into 100 groups.
+
+The top-level ``targets`` hold, each as {"value", "goal", "met"}: bytes_read_ratio,
+driver_rss_growth, non_search_time_growth, search_groups_ratio, verify_pairs_per_s. Every figure
+is measured in this run; wall times on a machine shared with other work say so in ``machine``.
+
+    python bench/scale.py --smoke    # seconds: a run check (tiny sizes, temp dir); its figures mean nothing
+    python bench/scale.py --quick    # < 10 min on 2 cores: 1k/2k images (tiny encoder), 10^5/10^6 vectors
+    python bench/scale.py            # 2k/20k/100k images (N = 1,000 and 10,000), 10^5/10^6/10^7 vectors
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+# this folder holds scripts named like the packages they measure: keep it off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+MODES: dict[str, dict[str, Any]] = {
+    "smoke": dict(images=[40, 80], sizes_n=[10], per_shard=10, search_sizes=[4_000], groups=(2, 4),
+                  dim=16, pq=4, queries=10, nprobe=4),
+    "quick": dict(images=[1_000, 2_000], sizes_n=[1_000], per_shard=100, search_sizes=[100_000, 1_000_000],
+                  groups=(10, 100), dim=64, pq=16, queries=100, nprobe=16),
+    "full": dict(images=[2_000, 20_000, 100_000], sizes_n=[1_000, 10_000], per_shard=100,
+                 search_sizes=[100_000, 1_000_000, 10_000_000], groups=(10, 100), dim=64, pq=16, queries=100,
+                 nprobe=16),
+}
+ENCODER, IMAGE_SIZE, CROP_SIZE, CROPS_PER_IMAGE = "efficientnet_lite0", 64, 64, 2
+# --smoke and --quick index with the tiny random-init encoder: its similarities are not a real model's
+# (fewer or more copy candidates), but it indexes ~10x faster, which --quick's 10 minutes need
+TINY_ENCODER = "test-tiny-timm"
+# fixed copy thresholds (the paper's, verification on): no calibration, so every size runs the same
+# decision and the stage times compare; a calibrated run adds a size-independent calibration stage
+THRESHOLDS = dict(dedup_threshold=0.99, leak_threshold=0.95, verify="align", verify_threshold=0.9,
+                  verify_max_residual="inf", key_threshold=1.0)
+STAMPS = Path("/usr/share/tuxpaint/stamps")
+RECALL_K = 50
+# 4-bit PQ codes (faiss "PQ{m}x4"): training 8-bit codebooks (256 centroids per sub-quantizer) took
+# ~30 s per group of 10^4 vectors on the 2-core machine, 4-bit ~0.5 s, and the groups comparison
+# trains 110 groups; the index type, build and search code path are the same
+PQ_BITS = 4
+
+
+# ------------------------------------------------------------------ real small images
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _crop(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    w, h = im.size
+    s = rng.uniform(0.2, 0.8)
+    cw, ch = max(8, int(w * np.sqrt(s))), max(8, int(h * np.sqrt(s)))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    side = int(rng.integers(48, 129))
+    scale = side / max(cw, ch)
+    return im.crop((x, y, x + cw, y + ch)).resize((max(8, int(cw * scale)), max(8, int(ch * scale))))
+
+
+def _photos(stamps: int) -> list[Image.Image]:
+    """`stamps` Tux Paint stamps (flattened on white, <= 256 px) and scikit-image's bundled photos."""
+    from curation.samples import SKIMAGE_PHOTOS, bundled_skimage, flatten_on_white
+
+    out = []
+    pngs = sorted(STAMPS.rglob("*.png")) if STAMPS.is_dir() else []
+    for p in pngs[::max(1, len(pngs) // max(1, stamps))][:stamps]:
+        with Image.open(p) as im:
+            im = flatten_on_white(im)
+        im.thumbnail((256, 256))
+        out.append(im)
+    for name in SKIMAGE_PHOTOS:
+        arr = bundled_skimage(name)
+        if arr is not None:
+            if arr.dtype == bool:
+                arr = arr.astype(np.uint8) * 255
+            elif arr.dtype != np.uint8:
+                arr = (255 * (arr - arr.min()) / max(1e-9, float(arr.max() - arr.min()))).astype(np.uint8)
+            out.append(Image.fromarray(arr).convert("RGB"))
+    return out
+
+
+def _fashion(split: str):
+    from curation.datasets import DatasetNotFoundError, load_fashion_mnist
+    try:
+        return load_fashion_mnist(split)
+    except (DatasetNotFoundError, FileNotFoundError):
+        return None
+
+
+def gallery_samples(n: int, seed: int = 0) -> Iterator[tuple[str, bytes]]:
+    """n (ext, image bytes): 60% Fashion-MNIST train PNGs, 40% JPEG random crops of the photos;
+    the tests' pattern images where neither is installed."""
+    rng = np.random.default_rng(seed)
+    fm, photos = _fashion("train"), _photos(min(400, max(10, n // 20)))
+    if fm is None and not photos:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from fixtures_gallery import pattern
+        for i in range(n):
+            yield "png", _png(pattern(seed * 10_000_000 + i, size=int(rng.integers(32, 97))))
+        return
+    order = rng.permutation(len(fm[0])) if fm is not None else None
+    for i in range(n):
+        if fm is not None and (not photos or rng.random() < 0.6):
+            yield "png", _png(Image.fromarray(fm[0][order[i % len(order)]]))
+        else:
+            yield "jpg", _jpeg(_crop(photos[int(rng.integers(len(photos)))], rng))
+
+
+def write_gallery(root: Path, n: int, per_shard: int, seed: int = 0) -> dict[str, int]:
+    """WebDataset tar shards (webdataset.TarWriter) under root; returns {image id: image member bytes}."""
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    sizes: dict[str, int] = {}
+    writer, shard = None, -1
+    for i, (ext, data) in enumerate(gallery_samples(n, seed)):
+        if i % per_shard == 0:
+            if writer is not None:
+                writer.close()
+            shard += 1
+            writer = wds.TarWriter(str(root / f"{shard:05d}.tar"))
+        key = f"{i:08d}"
+        writer.write({"__key__": key, ext: data, "json": {"key": key}})
+        sizes[f"{shard:05d}/{key}"] = len(data)
+    if writer is not None:
+        writer.close()
+    return sizes
+
+
+def write_task(root: Path, per_class: int, seed: int = 0) -> tuple[Path, int]:
+    """A class-per-folder task (Fashion-MNIST test images, or pattern classes); (folder, classes)."""
+    fm = _fashion("test")
+    if fm is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from fixtures_gallery import CLASSES, class_member
+        for c, name in enumerate(CLASSES):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                class_member(c, 1000 + 100 * c + i).save(root / name / f"{i:03d}.png")
+        return root, len(CLASSES)
+    x, y = fm
+    rng = np.random.default_rng(seed)
+    for c in range(10):
+        (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
+        for j, i in enumerate(rng.choice(np.flatnonzero(y == c), size=per_class, replace=False)):
+            Image.fromarray(x[i]).save(root / f"class_{c}" / f"{j:03d}.png")
+    return root, 10
+
+
+def build_gallery_index_quiet(gallery: Path, out: Path, encoder: str, per_group: int) -> dict:
+    from index.build import build_gallery_index
+    from index.config import FaissConfig, IndexConfig
+    from index.crops import CropConfig
+
+    cfg = IndexConfig(gallery=str(gallery / "*.tar"), encoders=(encoder,),
+                      image_size=IMAGE_SIZE if encoder == ENCODER else None,
+                      crops=CropConfig(crops_per_image=CROPS_PER_IMAGE, size=CROP_SIZE, keep_full_image=True),
+                      faiss=FaissConfig(shards_per_group=per_group), batch_size=64)
+    with contextlib.redirect_stdout(sys.stderr):
+        return build_gallery_index(cfg, out)
+
+
+# ------------------------------------------------------------------ measurements inside a child process
+
+def proc_io() -> dict[str, int]:
+    """This process's /proc/self/io counters (rchar: bytes through read(); read_bytes: from storage)."""
+    try:
+        with open("/proc/self/io") as f:
+            return {k: int(v) for k, v in (line.split(": ") for line in f.read().splitlines())}
+    except OSError:
+        return {}
+
+
+class GalleryReads:
+    """Counts the bytes read from files under the gallery root, at the OS level (what a read of the
+    file returns to the process, buffer fills included), and every path the process opens.
+
+    Python's `open` (also `io.open` and tarfile's own reference to it) is wrapped for the child
+    process's lifetime: a binary read-only open of a gallery file gets a counting `io.FileIO` under
+    the usual buffered reader; every other open is passed through unchanged. An audit hook records the
+    paths opened, so the gallery files touched are listed too."""
+
+    def __init__(self, gallery: Path):
+        import builtins
+        import tarfile as tarmod
+
+        self.root = os.path.abspath(gallery) + os.sep
+        self.bytes = 0
+        self.paths: set[str] = set()
+        self.on = False
+        counter = self
+
+        class CountingFileIO(io.FileIO):
+            def readinto(self, b):
+                n = super().readinto(b)
+                if n and counter.on:
+                    counter.bytes += n
+                return n
+
+            def read(self, size=-1):
+                data = super().read(size)
+                if data and counter.on:
+                    counter.bytes += len(data)
+                return data
+
+            def readall(self):
+                data = super().readall()
+                if data and counter.on:
+                    counter.bytes += len(data)
+                return data
+
+        real_open = builtins.open
+
+        def counting_open(file, mode="r", buffering=-1, *args, **kwargs):
+            if (isinstance(file, (str, os.PathLike)) and mode in ("rb", "br") and not args and not kwargs
+                    and os.path.abspath(os.fspath(file)).startswith(self.root)):
+                raw = CountingFileIO(file, "rb")
+                return raw if buffering == 0 else io.BufferedReader(
+                    raw, buffering if buffering > 1 else io.DEFAULT_BUFFER_SIZE)
+            return real_open(file, mode, buffering, *args, **kwargs)
+
+        builtins.open = io.open = tarmod.bltn_open = counting_open
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event: str, args) -> None:
+        if self.on and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            self.paths.add(os.path.abspath(os.fsdecode(args[0])))
+
+
+def gallery_bytes_read(reads: GalleryReads, io_delta: dict[str, int]) -> dict[str, Any]:
+    """Bytes curate read from gallery files.
+
+    SWITCH HERE when the gallery reader counts its own bytes: return that counter as ``bytes`` and
+    keep the rest as a cross-check. Until then ``bytes`` is `GalleryReads`' count (reads of gallery
+    files through Python's `open`, which is how index.gallery opens tars and folder images), next to
+    the process's whole /proc/self/io deltas (every file, the index, models and libraries included)
+    and the sizes of the gallery files opened (what scanning them whole reads).
+    """
+    opened = sorted(p for p in reads.paths if p.startswith(reads.root) and os.path.isfile(p))
+    return {"bytes": reads.bytes, "method": "python open() of gallery files wrapped with a byte counter",
+            "gallery_files_opened": len(opened),
+            "gallery_files_opened_bytes": sum(os.path.getsize(p) for p in opened),
+            "process_rchar_delta": io_delta.get("rchar"), "process_read_bytes_delta": io_delta.get("read_bytes")}
+
+
+def child_curate(spec: dict[str, Any]) -> dict[str, Any]:
+    """One curate in this (fresh) process: manifest figures, peak RSS, bytes read."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from curation.pipeline import CurateConfig, curate
+
+    reads = GalleryReads(Path(spec["gallery"]))
+    cfg = CurateConfig(queries=spec["queries"], index=spec["index"], size=spec["n"], out=spec["out"],
+                       cache_dir=spec["cache"], **THRESHOLDS)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    io0 = proc_io()
+    reads.on = True
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        manifest = curate(cfg)
+    wall = time.perf_counter() - t
+    reads.on = False
+    io1 = proc_io()
+    delta = {k: io1[k] - io0[k] for k in io1 if k in io0}
+    return {"wall_s": round(wall, 3), "timings": manifest["timings"], "verified_pairs": manifest["verified_pairs"],
+            "counts": manifest["counts"],
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "driver_rss_before_curate_mb": round(rss_before / 1024, 1),
+            "gallery_read": gallery_bytes_read(reads, delta)}
+
+
+def child_search(spec: dict[str, Any]) -> dict[str, Any]:
+    """Open every group of an index dir, search at a fixed nprobe; then recall against exact search."""
+    import faiss
+
+    from index import store
+    from index.search import ShardedIndex, exact_search
+
+    faiss.omp_set_num_threads(spec["threads"])
+    queries = np.load(spec["queries"])
+    t = time.perf_counter()
+    index = ShardedIndex.from_dir(spec["index"])
+    open_s = time.perf_counter() - t
+    index.search(queries[:2], RECALL_K, spec["nprobe"])   # warm-up
+    t = time.perf_counter()
+    _, ids = index.search(queries, RECALL_K, spec["nprobe"])
+    search_s = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    del index
+    shards = json.loads((Path(spec["index"]) / "shards.json").read_text())
+    blocks = ((s["offset"], store.load_features(spec["index"], s["name"], "synthetic")) for s in shards)
+    t = time.perf_counter()
+    _, exact = exact_search(queries, blocks, RECALL_K)
+    exact_s = time.perf_counter() - t
+    hit = np.mean([len(set(a.tolist()) & set(b.tolist())) / RECALL_K for a, b in zip(ids, exact)])
+    return {"open_s": round(open_s, 3), "search_s": round(search_s, 4), "driver_peak_rss_mb": round(rss / 1024, 1),
+            "recall_at_50": round(float(hit), 4), "exact_search_s": round(exact_s, 3)}
+
+
+def run_child(kind: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), f"--child-{kind}",
+                           json.dumps({**spec, "threads": threads})],
+                          capture_output=True, text=True, env=env, cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ I/O part
+
+def needed_bytes(out: Path, member_sizes: dict[str, int]) -> tuple[int, int]:
+    """(bytes, images): member sizes of the distinct gallery images the curated set's items come from."""
+    src = set()
+    for shard in sorted(out.glob("transfer-*.tar")):
+        with tarfile.open(shard) as tf:
+            for m in tf:
+                if m.name.endswith(".json"):
+                    src.add(json.load(tf.extractfile(m))["source_id"])
+    return sum(member_sizes[s] for s in src), len(src)
+
+
+def io_part(work: Path, mode: dict[str, Any], encoder: str, threads: int, log) -> dict[str, Any]:
+    small = mode["sizes_n"][0] < 100
+    task, classes = write_task(work / "task", per_class=6 if small else 10)
+    queries = f"folder:{task}:{3 if small else 5}shot"
+    rows = []
+    for n_img in mode["images"]:
+        t = time.perf_counter()
+        gal = work / f"gallery-{n_img}"
+        sizes = write_gallery(gal, n_img, mode["per_shard"])
+        t_write = time.perf_counter() - t
+        t = time.perf_counter()
+        idx = work / f"index-{n_img}"
+        man = build_gallery_index_quiet(gal, idx, encoder, per_group=16)
+        t_index = time.perf_counter() - t
+        log(f"scale io: {n_img} images, {len(man['shards'])} shards, {man['num_vectors']} vectors "
+            f"[{man['index_factory']}] (write {t_write:.0f} s, index {t_index:.0f} s)")
+        for n in mode["sizes_n"]:
+            # a fresh reference-feature cache per run: every run pays the same (gallery-independent) setup
+            out = work / f"curated-{n_img}-n{n}"
+            r = run_child("curate", {"queries": queries, "index": str(idx), "n": n, "out": str(out),
+                                     "cache": str(work / f"cache-{n_img}-n{n}"), "gallery": str(gal)}, threads)
+            need, need_imgs = needed_bytes(out, sizes)
+            tm = r["timings"]
+            verify_s = tm.get("verify", 0.0)
+            rows.append({
+                "gallery_images": n_img, "gallery_shards": len(man["shards"]), "gallery_vectors": man["num_vectors"],
+                "gallery_bytes": sum(os.path.getsize(p) for p in gal.glob("*.tar")),
+                "index_factory": man["index_factory"], "index_groups": len(man["groups"]), "n": n,
+                "written": r["counts"]["written"], "wall_s": r["wall_s"], "timings_s": tm,
+                "non_search_s": round(r["wall_s"] - tm.get("search", 0.0), 3),
+                "driver_peak_rss_mb": r["driver_peak_rss_mb"],
+                "driver_rss_before_curate_mb": r["driver_rss_before_curate_mb"],
+                "worker_peak_rss_mb": None,   # curate runs in-process (executor local): no workers
+                "gallery_read": r["gallery_read"], "needed_bytes": need, "needed_images": need_imgs,
+                "bytes_read_ratio": round(r["gallery_read"]["bytes"] / need, 2) if need and
+                r["gallery_read"]["bytes"] is not None else None,
+                "verified_pairs": r["verified_pairs"],
+                "verify_pairs_per_s": round(r["verified_pairs"] / verify_s, 1) if verify_s > 0 else None,
+                "index_build_s": round(t_index, 1)})
+            log(f"scale io: N={n} from {n_img} images: {r['wall_s']:.1f} s, rss {r['driver_peak_rss_mb']} MB, "
+                f"read {r['gallery_read']['bytes']} B for {need} B needed, {r['verified_pairs']} pairs")
+            shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(idx / "embeddings", ignore_errors=True)
+    return {"encoder": encoder, "image_size": IMAGE_SIZE if encoder == ENCODER else None,
+            "crops_per_image": CROPS_PER_IMAGE, "crop_size": CROP_SIZE, "queries": queries, "classes": classes,
+            "thresholds": THRESHOLDS, "executor": "local", "sizes": rows}
+
+
+# ------------------------------------------------------------------ search part
+
+def mixture(n: int, dim: int, centres: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+    x = centres[rng.integers(0, len(centres), n)] + noise * rng.standard_normal((n, dim), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_vectors(root: Path, n: int, dim: int, shards: int, seed: int = 0) -> tuple[list[dict], np.ndarray]:
+    """float16 embedding shards (index.store layout) of a Gaussian mixture; (shard entries, centres)."""
+    from index import contract, store
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 100), dim), dtype=np.float32) / np.sqrt(dim)
+    entries, off = [], 0
+    per = -(-n // shards)
+    for s in range(shards):
+        m = min(per, n - off)
+        if m <= 0:
+            break
+        d = store.shard_dir(root, f"s{s:05d}")
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / contract.embedding_file("synthetic"), mixture(m, dim, centres, rng, 1.5 / np.sqrt(dim)).astype(np.float16))
+        entries.append({"name": f"s{s:05d}", "offset": off, "num_vectors": m, "fingerprint": f"synthetic-{seed}-{s}"})
+        off += m
+    return entries, centres
+
+
+def build_groups(root: Path, entries: list[dict], groups: int, dim: int, pq: int, nprobe: int) -> dict[str, Any]:
+    """One IVF-PQ index per group (the factory rule's nlist for the group's size) via build_group."""
+    from index import knn
+    from index.atomic import write_json
+    from index.build import GroupTask, build_group
+
+    per = -(-len(entries) // groups)
+    parts = [entries[i:i + per] for i in range(0, len(entries), per)]
+    t = time.perf_counter()
+    records = []
+    for g, part in enumerate(parts):
+        n = sum(s["num_vectors"] for s in part)
+        factory = f"IVF{knn.ivf_nlist(n)},PQ{pq}x{PQ_BITS}"
+        records.append(build_group(GroupTask(out_dir=str(root), group=g, shards=tuple(part), encoders=("synthetic",),
+                                             dim=dim, factory=factory, nprobe=nprobe)))
+    write_json(root / "manifest.json", {"groups": [{"file": r["file"]} for r in records], "nprobe": nprobe})
+    write_json(root / "shards.json", entries)
+    return {"groups": len(parts), "factories": sorted({r["factory"] for r in records}),
+            "build_s": round(time.perf_counter() - t, 1)}
+
+
+def search_part(work: Path, mode: dict[str, Any], threads: int, log) -> dict[str, Any]:
+    dim, few, many = mode["dim"], *mode["groups"]
+    rows, by_groups = [], {}
+    largest = max(mode["search_sizes"])
+    for n in mode["search_sizes"]:
+        root = work / f"vectors-{n}"
+        entries, centres = write_vectors(root / "data", n, dim, shards=many)
+        qpath = work / f"queries-{n}.npy"
+        np.save(qpath, mixture(mode["queries"], dim, centres, np.random.default_rng(99), 1.5 / np.sqrt(dim)))
+        for groups in ((few, many) if n == largest else (few,)):
+            idx = root / f"groups-{groups}"
+            (idx / "embeddings").mkdir(parents=True, exist_ok=True)
+            for s in entries:   # the groups share the one copy of the vectors
+                link = idx / "embeddings" / s["name"]
+                if not link.exists():
+                    link.symlink_to(root / "data" / "embeddings" / s["name"], target_is_directory=True)
+            with contextlib.redirect_stdout(sys.stderr):
+                built = build_groups(idx, entries, groups, dim, mode["pq"], mode["nprobe"])
+            r = run_child("search", {"index": str(idx), "queries": str(qpath), "nprobe": mode["nprobe"]}, threads)
+            row = {"vectors": n, "dim": dim, **built, "nprobe": mode["nprobe"], "queries": mode["queries"],
+                   "k": RECALL_K, **r,
+                   "index_bytes": sum(f.stat().st_size for f in (idx / "faiss").glob("*.index"))}
+            log(f"scale search: {n} vectors, {groups} groups: search {r['search_s']} s, "
+                f"recall@50 {r['recall_at_50']}, rss {r['driver_peak_rss_mb']} MB (build {built['build_s']} s)")
+            rows.append(row)
+            if n == largest:
+                by_groups[groups] = row
+            shutil.rmtree(idx / "faiss", ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+    return {"data": "Gaussian mixture (n/100 centres, noise 1.5x centre norm), unit norm, float16 shards",
+            "sizes": rows,
+            "groups_compared": {"vectors": largest, "few": few, "many": many,
+                                "search_s": {str(g): by_groups[g]["search_s"] for g in by_groups},
+                                "recall_at_50": {str(g): by_groups[g]["recall_at_50"] for g in by_groups}}}
+
+
+# ------------------------------------------------------------------ targets and main
+
+def target(value: float | None, goal: str) -> dict[str, Any]:
+    op, bound = goal.split()
+    met = None if value is None else (value <= float(bound) if op == "<=" else value >= float(bound))
+    return {"value": None if value is None else round(float(value), 4), "goal": goal, "met": met}
+
+
+def targets(io_res: dict[str, Any], search_res: dict[str, Any]) -> dict[str, Any]:
+    rows = io_res["sizes"]
+    n0 = min(r["n"] for r in rows)
+    fixed = sorted((r for r in rows if r["n"] == n0), key=lambda r: r["gallery_images"])
+    small, big = fixed[0], fixed[-1]
+    g = search_res["groups_compared"]
+    verified = [r for r in rows if r["verify_pairs_per_s"] is not None]
+    return {
+        "bytes_read_ratio": target(big["bytes_read_ratio"], "<= 2"),
+        "driver_rss_growth": target(big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], "<= 1.2"),
+        "non_search_time_growth": target(big["non_search_s"] / small["non_search_s"], "<= 1.5"),
+        "search_groups_ratio": target(g["search_s"][str(g["many"])] / g["search_s"][str(g["few"])], "<= 1.3"),
+        "verify_pairs_per_s": target(max((r["verify_pairs_per_s"] for r in verified), default=None), ">= 20000"),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode_arg = ap.add_mutually_exclusive_group()
+    mode_arg.add_argument("--smoke", action="store_true", help="seconds: tiny sizes in a temp dir (a run check)")
+    mode_arg.add_argument("--quick", action="store_true", help="< 10 min on 2 cores")
+    mode_arg.add_argument("--child-curate", default=None, help=argparse.SUPPRESS)
+    mode_arg.add_argument("--child-search", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--encoder", default=None,
+                    help=f"gallery encoder of the I/O part (default {ENCODER}; {TINY_ENCODER} with --smoke/--quick)")
+    ap.add_argument("--work", default=None, help="working directory (default: a temp dir, removed at the end)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch / faiss threads in every process (default 2; 1 with --smoke)")
+    a = ap.parse_args(argv)
+    if a.child_curate or a.child_search:
+        fn = child_curate if a.child_curate else child_search
+        print(json.dumps(fn(json.loads(a.child_curate or a.child_search))))
+        return
+    name = "smoke" if a.smoke else "quick" if a.quick else "full"
+    mode = MODES[name]
+    a.threads = a.threads or (1 if a.smoke else 2)
+    import faiss
+    import torch
+    faiss.omp_set_num_threads(a.threads)   # the builds in this process too
+    torch.set_num_threads(a.threads)
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix=f"bench-scale-{name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    try:
+        encoder = a.encoder or (TINY_ENCODER if a.smoke or a.quick else ENCODER)
+        io_res = io_part(work, mode, encoder, a.threads, log)
+        t_io = time.perf_counter() - t0
+        search_res = search_part(work, mode, a.threads, log)
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "bench": "scale", "mode": name,
+        "targets": targets(io_res, search_res),
+        "io": io_res, "search": search_res,
+        "machine": {"cpus": os.cpu_count(), "threads": a.threads, "python": platform.python_version(),
+                    "load_average_1m_start": round(load0, 2), "load_average_1m_end": round(os.getloadavg()[0], 2),
+                    "note": "wall times; other work on the machine (load above the thread count) slows them"},
+        "seconds": {"io": round(t_io, 1), "search": round(time.perf_counter() - t0 - t_io, 1),
+                    "total": round(time.perf_counter() - t0, 1)},
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
