@@ -179,9 +179,14 @@ def write_pool_transfer(out: Path, gindex: GalleryIndex, truth: dict[str, dict],
 def memoise_curation_features() -> None:
     """Within this process, keep the encoders and the features of queries and gallery originals across
     the many curate() calls (they are deterministic per model and image); curate's outputs are unchanged."""
-    import curation.pipeline as pipeline
+    import curation.features as features
+    import curation.run.stages as stages
+    import curation.run.state as state
+    import curation.run.workers as workers
+    import index.encoders as encoders
 
-    build, embed_labeled, embed_originals = pipeline.build_encoder, pipeline.embed_labeled, pipeline.embed_originals
+    users = (state, stages, workers)   # the modules that call these three by name
+    build, embed_labeled, embed_originals = encoders.build_encoder, features.embed_labeled, features.embed_originals
     models: dict[tuple[str, str], Any] = {}
     labeled: dict[tuple, list[np.ndarray]] = {}
     originals: dict[str, list[np.ndarray]] = {}
@@ -231,7 +236,11 @@ def memoise_curation_features() -> None:
                 keys_into[i] = pixel_keys[i]
         return {i: unreadable[i] for i in image_ids if i in unreadable}
 
-    pipeline.build_encoder, pipeline.embed_labeled, pipeline.embed_originals = build_memo, labeled_memo, originals_memo
+    memo = {"build_encoder": build_memo, "embed_labeled": labeled_memo, "embed_originals": originals_memo}
+    for module in users:
+        for name, fn in memo.items():
+            if hasattr(module, name):
+                setattr(module, name, fn)
 
 
 def write_random_transfer(out: Path, gindex: GalleryIndex, truth: dict[str, dict], qs, size: int, seed: int) -> int:

@@ -89,10 +89,13 @@ def _load_quality():
 
 
 def test_quality_memo_forwards_every_argument_of_embed_originals(monkeypatch):
-    """The memo wraps curation.pipeline.embed_originals without knowing its keywords: a keyword the
-    library adds (here `extra`) reaches it, outputs land in the caller's dicts, and a second call
-    for the same images is answered from the memo."""
-    import curation.pipeline as pipeline
+    """The memo wraps curation.features.embed_originals (as the curate workers call it) without knowing
+    its keywords: a keyword the library adds (here `extra`) reaches it, outputs land in the caller's
+    dicts, and a second call for the same images is answered from the memo."""
+    import curation.features as features
+    import curation.run.stages as stages
+    import curation.run.state as state
+    import curation.run.workers as workers
 
     calls = []
 
@@ -107,9 +110,11 @@ def test_quality_memo_forwards_every_argument_of_embed_originals(monkeypatch):
                 keys_into[i] = np.full(3, len(i), np.float32)
         return {"s/bad": "decode"} if "s/bad" in image_ids else {}
 
-    for name in ("build_encoder", "embed_labeled"):
-        monkeypatch.setattr(pipeline, name, getattr(pipeline, name))   # restored after the test
-    monkeypatch.setattr(pipeline, "embed_originals", fake_embed_originals)
+    for module in (state, stages, workers):   # restored after the test
+        for name in ("build_encoder", "embed_labeled", "embed_originals"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(features, "embed_originals", fake_embed_originals)
     _load_quality().memoise_curation_features()
 
     class G:
@@ -120,14 +125,14 @@ def test_quality_memo_forwards_every_argument_of_embed_originals(monkeypatch):
             name = "enc"
 
     into, keys = {}, {}
-    bad = pipeline.embed_originals(G(), [M()], ["s/a", "s/bad"], into, 16, keys_into=keys, extra="new")
+    bad = workers.embed_originals(G(), [M()], ["s/a", "s/bad"], into, 16, keys_into=keys, extra="new")
     assert bad == {"s/bad": "decode"}
     assert calls == [{"ids": ["s/a", "s/bad"], "batch_size": 16, "extra": "new", "keys": True}]
     assert set(into) == {"s/a"} and set(keys) == {"s/a"}
     into2, keys2 = {}, {}
-    assert pipeline.embed_originals(G(), [M()], ["s/a", "s/bad", "s/cc"], into2, keys_into=keys2) == {
+    assert workers.embed_originals(G(), [M()], ["s/a", "s/bad", "s/cc"], into2, keys_into=keys2) == {
         "s/bad": "decode"}
     assert calls[-1]["ids"] == ["s/cc"], "memoised images are not embedded again"
     assert set(into2) == {"s/a", "s/cc"} and set(keys2) == {"s/a", "s/cc"}
     with pytest.raises(TypeError):
-        pipeline.embed_originals(G(), [M()], ["s/a"], {}, unknown_keyword=1)
+        workers.embed_originals(G(), [M()], ["s/a"], {}, unknown_keyword=1)
