@@ -1,0 +1,282 @@
+"""Batched copy verification: `copy_match` over many pairs at once, with the same placements and scores.
+
+``match_pairs(pairs)`` runs the alignment search of `curation.verify` (its slides, in its order, its
+strict "better than the best so far" rule, its cover check, the low-pass match at the winning
+placement) for every pair, but vectorised: pairs are grouped by their two thumbnail sizes, since
+the sizes alone fix the slides (`one_way_slides`, `whole_slides`); within a group each slide is one
+batched computation over all its pairs:
+
+- each thumbnail's resized / low-passed / cut variant of a slide is made once per chunk of pairs
+  and shared by all its pairs (a gallery image is verified against up to 32 references), and so
+  is its 2-D FFT;
+- the slide's normalised cross-correlation maps (OpenCV's TM_CCOEFF_NORMED: a zero-mean template
+  against each window's mean and norm, flat windows scoring 0) come from one batched FFT
+  cross-correlation in float64 (torch; on CUDA when there is one) and window sums from integral
+  images, for the template and its mirror; the argmax is taken per pair;
+- the cover check (`_rest_is_flat`: the rest of the reference outside a small placement is flat)
+  is answered from the same integral images;
+- only the winning placement of each pair is low-passed and scored, stacked by slide, with the
+  same scipy filter and float64 arithmetic as `copy_match`.
+
+Scores equal `copy_match`'s to float rounding (~1e-9 measured): the correlation maps are exact in
+float64 where OpenCV's are float32, so only a near tie between two placements (a difference of
+~1e-6 in raw correlation) can be resolved differently. Flat images give NO_MATCH, as there.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, NamedTuple, Sequence
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+from tqdm.auto import tqdm
+
+from curation.verify import (BLUR, GUARD, LOW_BLUR, MIN_COVER, NO_MATCH, TEXTURE, Match, Slide, Thumb, _resized,
+                             one_way_slides, whole_slides)
+
+FLAT_WINDOW = 1e-3        # window std below which a placement cannot be scored (as `_agreement`)
+CPU_MAPS = "opencv"       # correlation maps on the CPU: "opencv" (fastest there) or "torch"
+CHUNK_ELEMENTS = {"cpu": 8_000_000, "cuda": 64_000_000}   # pairs x reference pixels per batch
+
+
+class _Job(NamedTuple):
+    ref_side: int          # 0: the pair's first image is the reference, the second the template
+    slide: Slide
+    cut: tuple[int, int]   # template shape after its margins are cut
+    partial: bool          # the placed box covers less than MIN_COVER of the reference
+
+
+def plan(a: tuple[int, int], b: tuple[int, int]) -> list[_Job]:
+    """Every slide `copy_match` tries for images of sizes a and b, in its order."""
+    jobs = []
+    for side, slides in ((0, one_way_slides(a, b)), (1, one_way_slides(b, a)),
+                         (0, whole_slides(a, b)), (1, whole_slides(b, a))):
+        for sl in slides:
+            ch, cw = len(range(sl.mh, sl.th - sl.mh)), len(range(sl.mw, sl.tw - sl.mw))
+            partial = (ch + 2 * sl.mh) * (cw + 2 * sl.mw) < MIN_COVER * sl.rw * sl.rh
+            jobs.append(_Job(side, sl, (ch, cw), partial))
+    return jobs
+
+
+def default_device(device: str | None = None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def match_pairs(pairs: Sequence[tuple[Thumb, Thumb]], *, device: str | None = None,
+                progress: bool | str = False) -> list[Match]:
+    """`copy_match(a, b)` for every (a, b) in `pairs` (Thumbs, or images made into Thumbs), batched.
+
+    ``device``: a torch device for the correlation maps (None: CUDA when available, else CPU).
+    ``progress``: a tqdm bar over pairs when truthy, its value the description where a string.
+    """
+    dev = default_device(device)
+    thumbs = [(_thumb(a), _thumb(b)) for a, b in pairs]
+    out: list[Match] = [NO_MATCH] * len(thumbs)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (a, b) in enumerate(thumbs):
+        if not (a.flat or b.flat):
+            groups[a.size, b.size].append(i)
+    budget = CHUNK_ELEMENTS["cuda" if dev.type == "cuda" else "cpu"]
+    desc = progress if isinstance(progress, str) else "verify"
+    with tqdm(total=len(thumbs), desc=desc, unit="pair", disable=not progress) as bar:
+        bar.update(len(thumbs) - sum(len(v) for v in groups.values()))
+        for (sa, sb), idx in groups.items():
+            jobs = plan(sa, sb)
+            area = max((j.slide.rw * j.slide.rh for j in jobs), default=1)
+            step = max(1, budget // area)
+            for c in range(0, len(idx), step):
+                part = idx[c:c + step]
+                for i, m in zip(part, _match_chunk([thumbs[i] for i in part], jobs, dev)):
+                    out[i] = m
+                bar.update(len(part))
+    return out
+
+
+def _thumb(x) -> Thumb:
+    if isinstance(x, Thumb):
+        return x
+    if isinstance(x, Image.Image):
+        return Thumb.of(x)
+    raise TypeError(f"match_pairs takes pairs of Thumb or PIL images; got {type(x).__name__}")
+
+
+class _Variants:
+    """Per-thumbnail arrays of one slide (reference or template side), made once per chunk."""
+
+    def __init__(self, thumbs: Iterable[Thumb], make):
+        self.index: dict[int, int] = {}
+        arrays = []
+        for t in thumbs:
+            if id(t) not in self.index:
+                self.index[id(t)] = len(arrays)
+                arrays.append(make(t))
+        self.arrays = arrays
+        self.ok = np.array([float(x.std()) >= 1e-3 for x in arrays])   # as `_best`: a flat side cannot fit
+
+    def rows(self, thumbs: Iterable[Thumb]) -> np.ndarray:
+        return np.array([self.index[id(t)] for t in thumbs], np.int64)
+
+
+def _ref_array(t: Thumb, sl: Slide) -> np.ndarray:
+    ref = _resized(t.pixels, sl.rw, sl.rh, sl.kernel)
+    return gaussian_filter(ref, LOW_BLUR) if sl.blur else ref
+
+
+def _template_array(t: Thumb, sl: Slide) -> np.ndarray:
+    x = _resized(t.pixels, sl.tw, sl.th)
+    if sl.blur:
+        x = gaussian_filter(x, LOW_BLUR)
+    return np.ascontiguousarray(x[sl.mh:sl.th - sl.mh, sl.mw:sl.tw - sl.mw])
+
+
+class _Winner(NamedTuple):
+    job: np.ndarray      # [P] index into the jobs, -1: no placement
+    mirror: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+
+
+def _match_chunk(pairs: list[tuple[Thumb, Thumb]], jobs: list[_Job], dev: torch.device) -> list[Match]:
+    n = len(pairs)
+    best = np.full(n, -np.inf)
+    win = _Winner(np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64))
+    kept = []
+    for j, job in enumerate(jobs):
+        sl, (ch, cw) = job.slide, job.cut
+        refs_t = [p[job.ref_side] for p in pairs]
+        tmpl_t = [p[1 - job.ref_side] for p in pairs]
+        refs = _Variants(refs_t, lambda t: _ref_array(t, sl))
+        tmpl = _Variants(tmpl_t, lambda t: _template_array(t, sl))
+        ri, ti = refs.rows(refs_t), tmpl.rows(tmpl_t)
+        kept.append((refs, tmpl, ri, ti))
+        if min(ch, cw) < 3:
+            continue
+        live = np.nonzero(refs.ok[ri] & tmpl.ok[ti])[0]
+        if not live.size:
+            continue
+        maps = _argmax_cv2 if dev.type == "cpu" and CPU_MAPS == "opencv" else _argmax_torch
+        for m, (val, y, x) in enumerate(maps(refs.arrays, tmpl.arrays, ri[live], ti[live], dev)):
+            # as `_best`: the map's best placement, if it beats the best so far, counts where
+            # the box covers enough of the reference (or the rest is flat), by its exact fit
+            cand = val > best[live]
+            if job.partial and cand.any():
+                cand &= _rest_is_flat(refs.arrays, ri[live], y, x, job)
+            k = live[cand]
+            if not k.size:
+                continue
+            fit = _exact_fit(refs.arrays, tmpl.arrays, ri[k], ti[k], y[cand], x[cand], (ch, cw), m)
+            up = fit > best[k]
+            k = k[up]
+            best[k] = fit[up]
+            win.job[k], win.mirror[k], win.y[k], win.x[k] = j, m, y[cand][up], x[cand][up]
+    return _score_winners(pairs, jobs, kept, win)
+
+
+def _argmax_cv2(refs: list[np.ndarray], tmpl: list[np.ndarray], ri: np.ndarray, ti: np.ndarray, dev):
+    """Per mirror: (best value, y, x) of OpenCV's map for each pair: the very maps `copy_match` uses."""
+    flipped = [np.ascontiguousarray(t[:, ::-1]) for t in tmpl]
+    out = []
+    for ts in (tmpl, flipped):
+        val, y, x = np.empty(len(ri)), np.empty(len(ri), np.int64), np.empty(len(ri), np.int64)
+        for k, (a, b) in enumerate(zip(ri, ti)):
+            r = cv2.matchTemplate(refs[a], ts[b], cv2.TM_CCOEFF_NORMED)
+            pos = int(r.argmax())
+            val[k] = r.flat[pos]
+            y[k], x[k] = divmod(pos, r.shape[1])
+        out.append((val, y, x))
+    return out
+
+
+def _argmax_torch(refs: list[np.ndarray], tmpl: list[np.ndarray], ri: np.ndarray, ti: np.ndarray,
+                  dev: torch.device):
+    """The same from one batched FFT cross-correlation in float32 (TM_CCOEFF_NORMED: the zero-mean
+    template against each window's mean and norm, flat windows 0), on `dev`."""
+    R = torch.from_numpy(np.stack(refs)).to(dev, torch.float32)
+    T = torch.from_numpy(np.stack(tmpl)).to(dev, torch.float32)
+    (rh, rw), (ch, cw) = R.shape[1:], T.shape[1:]
+    oh, ow, area = rh - ch + 1, rw - cw + 1, ch * cw
+    T = T - T.mean(dim=(1, 2), keepdim=True)
+    tnorm = T.double().square().sum(dim=(1, 2)).sqrt()
+    Rd = R.double()
+    ii1, ii2 = _integral(Rd), _integral(Rd.square())
+    s1 = ii1[:, ch:, cw:] - ii1[:, :oh, cw:] - ii1[:, ch:, :ow] + ii1[:, :oh, :ow]
+    s2 = ii2[:, ch:, cw:] - ii2[:, :oh, cw:] - ii2[:, ch:, :ow] + ii2[:, :oh, :ow]
+    wvar = (s2 - s1.square() / area).clamp_min(0)                  # area x window variance
+    flat = (wvar / area).sqrt() < FLAT_WINDOW
+    rows_r, rows_t = torch.from_numpy(ri).to(dev), torch.from_numpy(ti).to(dev)
+    denom = (wvar.sqrt()[rows_r] * tnorm[rows_t][:, None, None]).clamp_min(1e-30).float()
+    flat_p = flat[rows_r]
+    FR = torch.fft.rfft2(R)
+    out = []
+    for mirrored in (False, True):
+        FT = torch.fft.rfft2(T.flip(-1) if mirrored else T, s=(rh, rw))
+        c = torch.fft.irfft2(FR[rows_r] * FT[rows_t].conj(), s=(rh, rw))[:, :oh, :ow]
+        r = torch.where(flat_p, torch.zeros((), device=dev), (c / denom).clamp(-1, 1)).reshape(len(ri), -1)
+        val = r.max(dim=1).values
+        first = (r == val[:, None]).to(torch.uint8).argmax(dim=1)    # the first maximum, as OpenCV's argmax
+        out.append((val.double().cpu().numpy(), (first // ow).cpu().numpy(), (first % ow).cpu().numpy()))
+    return out
+
+
+def _integral(x: torch.Tensor) -> torch.Tensor:
+    """[n, h + 1, w + 1] zero-padded 2-D cumulative sums."""
+    return torch.nn.functional.pad(x.cumsum(1).cumsum(2), (1, 0, 1, 0))
+
+
+def _rest_is_flat(refs: list[np.ndarray], ri: np.ndarray, y: np.ndarray, x: np.ndarray, job: _Job) -> np.ndarray:
+    """`verify._rest_is_flat` for each pair's placement (the box widened by GUARD)."""
+    (ch, cw), mh, mw = job.cut, job.slide.mh, job.slide.mw
+    out = np.empty(len(ri), bool)
+    for k, (a, yy, xx) in enumerate(zip(ri, y, x)):
+        ref = refs[a]
+        keep = np.ones(ref.shape, bool)
+        keep[max(0, yy - mh - GUARD):yy + ch + mh + GUARD, max(0, xx - mw - GUARD):xx + cw + mw + GUARD] = False
+        out[k] = not keep.any() or float(ref[keep].std()) < TEXTURE
+    return out
+
+
+def _exact_fit(refs, tmpl, ri, ti, y, x, cut: tuple[int, int], mirrored: int) -> np.ndarray:
+    """The raw correlation at each placement in float64, as `_best` recomputes it (NaN: flat)."""
+    ch, cw = cut
+    p = np.stack([refs[a][yy:yy + ch, xx:xx + cw] for a, yy, xx in zip(ri, y, x)]).astype(np.float64)
+    q = np.stack([tmpl[b] for b in ti]).astype(np.float64)
+    if mirrored:
+        q = q[:, :, ::-1]
+    return _agreement(p, q)[0]
+
+
+def _score_winners(pairs, jobs: list[_Job], kept, win: _Winner) -> list[Match]:
+    """The low-pass match (`verify._agreement` after the BLUR filter) at each pair's winning placement."""
+    out: list[Match] = [NO_MATCH] * len(pairs)
+    for j, m in sorted({(int(j), int(m)) for j, m in zip(win.job, win.mirror) if j >= 0}):
+        sel = np.nonzero((win.job == j) & (win.mirror == m))[0]
+        refs, tmpl, ri, ti = kept[j]
+        ch, cw = jobs[j].cut
+        p = np.stack([refs.arrays[ri[k]][win.y[k]:win.y[k] + ch, win.x[k]:win.x[k] + cw] for k in sel])
+        q = np.stack([tmpl.arrays[ti[k]] for k in sel])
+        if m:
+            q = q[:, :, ::-1]
+        s = BLUR * max(ch, cw)
+        score, residual = _agreement(gaussian_filter(p.astype(np.float64), (0, s, s)),
+                                     gaussian_filter(q.astype(np.float64), (0, s, s)))
+        for k, v, r in zip(sel, score, residual):
+            out[k] = Match(float(v), float(r))
+    return out
+
+
+def _agreement(p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`verify._agreement` over a stack of aligned [n, h, w] arrays."""
+    p = p - p.mean(axis=(1, 2), keepdims=True)
+    q = q - q.mean(axis=(1, 2), keepdims=True)
+    sp, sq = np.sqrt((p * p).mean(axis=(1, 2))), np.sqrt((q * q).mean(axis=(1, 2)))
+    scorable = (sp >= 1e-3) & (sq >= 1e-3)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        v = (p * q).mean(axis=(1, 2)) / (sp * sq)
+        r = np.sqrt(sp * sq) * np.sqrt(np.maximum(0.0, 1.0 - v * v))
+    return np.where(scorable, v, np.nan), np.where(scorable, r, np.nan)
+
