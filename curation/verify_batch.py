@@ -106,20 +106,36 @@ def _thumb(x) -> Thumb:
 
 
 class _Variants:
-    """Per-thumbnail arrays of one slide (reference or template side), made once per chunk."""
+    """Per-thumbnail arrays of one slide side (all of one shape), each made once per chunk of pairs:
+    `memo` holds them across the slides that share them (the unresized reference of every crop
+    size)."""
 
-    def __init__(self, thumbs: Iterable[Thumb], make):
+    def __init__(self, thumbs: Iterable[Thumb], make, key: tuple, memo: dict):
         self.index: dict[int, int] = {}
         arrays = []
         for t in thumbs:
             if id(t) not in self.index:
                 self.index[id(t)] = len(arrays)
-                arrays.append(make(t))
+                k = (id(t), *key)
+                if k not in memo:
+                    memo[k] = make(t)
+                arrays.append(memo[k])
         self.arrays = arrays
-        self.ok = np.array([float(x.std()) >= 1e-3 for x in arrays])   # as `_best`: a flat side cannot fit
+        flat = np.stack(arrays).reshape(len(arrays), -1).astype(np.float64)
+        self.ok = flat.std(axis=1) >= 1e-3          # as `_best`: a flat side has no placement
+        self._ii: tuple[np.ndarray, np.ndarray] | None = None
 
     def rows(self, thumbs: Iterable[Thumb]) -> np.ndarray:
         return np.array([self.index[id(t)] for t in thumbs], np.int64)
+
+    @property
+    def integrals(self) -> tuple[np.ndarray, np.ndarray]:
+        """[n, h + 1, w + 1] zero-padded 2-D cumulative sums of the arrays and of their squares."""
+        if self._ii is None:
+            x = np.stack(self.arrays).astype(np.float64)
+            pad = ((0, 0), (1, 0), (1, 0))
+            self._ii = (np.pad(x.cumsum(1).cumsum(2), pad), np.pad((x * x).cumsum(1).cumsum(2), pad))
+        return self._ii
 
 
 def _ref_array(t: Thumb, sl: Slide) -> np.ndarray:
@@ -145,13 +161,13 @@ def _match_chunk(pairs: list[tuple[Thumb, Thumb]], jobs: list[_Job], dev: torch.
     n = len(pairs)
     best = np.full(n, -np.inf)
     win = _Winner(np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64))
-    kept = []
+    kept, memo = [], {}
     for j, job in enumerate(jobs):
         sl, (ch, cw) = job.slide, job.cut
         refs_t = [p[job.ref_side] for p in pairs]
         tmpl_t = [p[1 - job.ref_side] for p in pairs]
-        refs = _Variants(refs_t, lambda t: _ref_array(t, sl))
-        tmpl = _Variants(tmpl_t, lambda t: _template_array(t, sl))
+        refs = _Variants(refs_t, lambda t: _ref_array(t, sl), ("ref", sl.rw, sl.rh, sl.kernel, sl.blur), memo)
+        tmpl = _Variants(tmpl_t, lambda t: _template_array(t, sl), ("template", *sl), memo)
         ri, ti = refs.rows(refs_t), tmpl.rows(tmpl_t)
         kept.append((refs, tmpl, ri, ti))
         if min(ch, cw) < 3:
@@ -159,13 +175,16 @@ def _match_chunk(pairs: list[tuple[Thumb, Thumb]], jobs: list[_Job], dev: torch.
         live = np.nonzero(refs.ok[ri] & tmpl.ok[ti])[0]
         if not live.size:
             continue
-        maps = _argmax_cv2 if dev.type == "cpu" and CPU_MAPS == "opencv" else _argmax_torch
+        if (ch, cw) == (sl.rh, sl.rw):
+            maps = _argmax_direct             # one placement: the correlation itself
+        else:
+            maps = _argmax_cv2 if dev.type == "cpu" and CPU_MAPS == "opencv" else _argmax_torch
         for m, (val, y, x) in enumerate(maps(refs.arrays, tmpl.arrays, ri[live], ti[live], dev)):
             # as `_best`: the map's best placement, if it beats the best so far, counts where
             # the box covers enough of the reference (or the rest is flat), by its exact fit
             cand = val > best[live]
             if job.partial and cand.any():
-                cand &= _rest_is_flat(refs.arrays, ri[live], y, x, job)
+                cand &= _rest_is_flat(refs, ri[live], y, x, job)
             k = live[cand]
             if not k.size:
                 continue
@@ -178,18 +197,19 @@ def _match_chunk(pairs: list[tuple[Thumb, Thumb]], jobs: list[_Job], dev: torch.
 
 
 def _argmax_cv2(refs: list[np.ndarray], tmpl: list[np.ndarray], ri: np.ndarray, ti: np.ndarray, dev):
-    """Per mirror: (best value, y, x) of OpenCV's map for each pair: the very maps `copy_match` uses."""
+    """Per mirror: (best value, y, x) of OpenCV's map for each pair: the very maps `copy_match` uses
+    (on the CPU the fastest correlation measured: batched torch FFT and grouped conv2d were slower)."""
     flipped = [np.ascontiguousarray(t[:, ::-1]) for t in tmpl]
-    out = []
-    for ts in (tmpl, flipped):
-        val, y, x = np.empty(len(ri)), np.empty(len(ri), np.int64), np.empty(len(ri), np.int64)
-        for k, (a, b) in enumerate(zip(ri, ti)):
-            r = cv2.matchTemplate(refs[a], ts[b], cv2.TM_CCOEFF_NORMED)
+    n = len(ri)
+    val, y, x = np.empty((2, n)), np.empty((2, n), np.int64), np.empty((2, n), np.int64)
+    for k in range(n):
+        ref = refs[ri[k]]
+        for m, ts in enumerate((tmpl, flipped)):
+            r = cv2.matchTemplate(ref, ts[ti[k]], cv2.TM_CCOEFF_NORMED)
             pos = int(r.argmax())
-            val[k] = r.flat[pos]
-            y[k], x[k] = divmod(pos, r.shape[1])
-        out.append((val, y, x))
-    return out
+            val[m, k] = r.flat[pos]
+            y[m, k], x[m, k] = divmod(pos, r.shape[1])
+    return [(val[m], y[m], x[m]) for m in (0, 1)]
 
 
 def _argmax_torch(refs: list[np.ndarray], tmpl: list[np.ndarray], ri: np.ndarray, ti: np.ndarray,
@@ -228,16 +248,31 @@ def _integral(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(x.cumsum(1).cumsum(2), (1, 0, 1, 0))
 
 
-def _rest_is_flat(refs: list[np.ndarray], ri: np.ndarray, y: np.ndarray, x: np.ndarray, job: _Job) -> np.ndarray:
-    """`verify._rest_is_flat` for each pair's placement (the box widened by GUARD)."""
+def _rest_is_flat(refs: _Variants, ri: np.ndarray, y: np.ndarray, x: np.ndarray, job: _Job) -> np.ndarray:
+    """`verify._rest_is_flat` for each pair's placement (the box widened by GUARD), from integral images."""
     (ch, cw), mh, mw = job.cut, job.slide.mh, job.slide.mw
-    out = np.empty(len(ri), bool)
-    for k, (a, yy, xx) in enumerate(zip(ri, y, x)):
-        ref = refs[a]
-        keep = np.ones(ref.shape, bool)
-        keep[max(0, yy - mh - GUARD):yy + ch + mh + GUARD, max(0, xx - mw - GUARD):xx + cw + mw + GUARD] = False
-        out[k] = not keep.any() or float(ref[keep].std()) < TEXTURE
-    return out
+    ii1, ii2 = refs.integrals
+    rh, rw = ii1.shape[1] - 1, ii1.shape[2] - 1
+    y0, x0 = np.clip(y - mh - GUARD, 0, rh), np.clip(x - mw - GUARD, 0, rw)
+    y1, x1 = np.clip(y + ch + mh + GUARD, 0, rh), np.clip(x + cw + mw + GUARD, 0, rw)
+
+    def box(ii):
+        return ii[ri, y1, x1] - ii[ri, y0, x1] - ii[ri, y1, x0] + ii[ri, y0, x0]
+
+    rest = rh * rw - (y1 - y0) * (x1 - x0)
+    m = np.maximum(rest, 1)
+    s1, s2 = ii1[ri, rh, rw] - box(ii1), ii2[ri, rh, rw] - box(ii2)
+    std = np.sqrt(np.maximum(s2 / m - (s1 / m) ** 2, 0.0))
+    return (rest == 0) | (std < TEXTURE)
+
+
+def _argmax_direct(refs: list[np.ndarray], tmpl: list[np.ndarray], ri: np.ndarray, ti: np.ndarray, dev):
+    """Per mirror: the correlation of a template as large as its reference (one placement, (0, 0))."""
+    p = np.stack(refs)[ri].astype(np.float64)
+    q = np.stack(tmpl)[ti].astype(np.float64)
+    zero = np.zeros(len(ri), np.int64)
+    return [(np.nan_to_num(_agreement(p, q)[0], nan=0.0), zero, zero),
+            (np.nan_to_num(_agreement(p, q[:, :, ::-1])[0], nan=0.0), zero, zero)]
 
 
 def _exact_fit(refs, tmpl, ri, ti, y, x, cut: tuple[int, int], mirrored: int) -> np.ndarray:
