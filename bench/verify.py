@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {"fashion_mnist": (200, 4 if args.quick else 40), "skimage": (120, 1 if args.quick else 6),
              "stamps": (120, 1 if args.quick else 6)}
     neighbours = min(args.neighbours, 8) if args.quick else args.neighbours
-    single_n = 60 if args.quick else args.single
+    single_n = min(args.single, 60) if args.quick else args.single
     dev = default_device(args.device)
     out: dict = {"bench": "verify", "quick": args.quick, "neighbours": neighbours, "device": str(dev),
                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

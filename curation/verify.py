@@ -43,7 +43,8 @@ from look-alikes at all (first percentile of crop copies 0.25 against look-alike
 percentile 0.81 on Fashion-MNIST). Local features (ORB + RANSAC, opencv) were not used: a 28x28
 image offers a handful of keypoints at best, and the alignment search covers the geometric edits
 of the copy family (`curation.copies`) exactly. A pair costs ~2 ms at 28 px and ~5-6 ms at
-96-128 px on one core.
+96-128 px on one core; `curation.verify_batch.match_pairs` gives the same matches for many pairs at
+once (slides grouped by thumbnail sizes, each thumbnail's variants made once).
 """
 from __future__ import annotations
 

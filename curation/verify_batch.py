@@ -2,25 +2,28 @@
 
 ``match_pairs(pairs)`` runs the alignment search of `curation.verify` (its slides, in its order, its
 strict "better than the best so far" rule, its cover check, the low-pass match at the winning
-placement) for every pair, but vectorised: pairs are grouped by their two thumbnail sizes, since
-the sizes alone fix the slides (`one_way_slides`, `whole_slides`); within a group each slide is one
-batched computation over all its pairs:
+placement) for every pair, but batched: pairs are grouped by their two thumbnail sizes, since the
+sizes alone fix the slides (`one_way_slides`, `whole_slides`); within a group, slide by slide:
 
-- each thumbnail's resized / low-passed / cut variant of a slide is made once per chunk of pairs
-  and shared by all its pairs (a gallery image is verified against up to 32 references), and so
-  is its 2-D FFT;
-- the slide's normalised cross-correlation maps (OpenCV's TM_CCOEFF_NORMED: a zero-mean template
-  against each window's mean and norm, flat windows scoring 0) come from one batched FFT
-  cross-correlation in float64 (torch; on CUDA when there is one) and window sums from integral
-  images, for the template and its mirror; the argmax is taken per pair;
-- the cover check (`_rest_is_flat`: the rest of the reference outside a small placement is flat)
-  is answered from the same integral images;
+- each thumbnail's resized / low-passed / cut variant is made once per chunk of pairs and shared
+  by all its pairs and by every slide that uses it (a gallery image is verified against up to 32
+  references; the unresized reference serves every crop size);
+- the correlation maps (TM_CCOEFF_NORMED) are OpenCV's own on the CPU, so each pair's argmax is
+  exactly `copy_match`'s, and a batched float32 FFT cross-correlation in torch on CUDA (zero-mean
+  template against each window's mean and norm, flat windows 0, as OpenCV), where only a near tie
+  (~1e-6) between two placements can resolve differently; a slide with one placement (template as
+  large as its reference) is a direct correlation, vectorised;
+- the comparison with the best so far is by the exact float64 fit at the placement, vectorised, as
+  `_best` does, and the cover check (`_rest_is_flat`) is answered from integral images;
 - only the winning placement of each pair is low-passed and scored, stacked by slide, with the
   same scipy filter and float64 arithmetic as `copy_match`.
 
-Scores equal `copy_match`'s to float rounding (~1e-9 measured): the correlation maps are exact in
-float64 where OpenCV's are float32, so only a near tie between two placements (a difference of
-~1e-6 in raw correlation) can be resolved differently. Flat images give NO_MATCH, as there.
+Measured (`tests/test_verify_batch.py`, `bench/verify.py`): scores equal `copy_match`'s to 1e-15
+on the planted-copy sets and on random pairs of varied sizes, flat, mirrored and letterboxed images;
+flat images give NO_MATCH, as there. There is no cascade: every pair gets the full search, so any
+`VerifyRule` decides as it would on `copy_match`'s matches. On the CPU the OpenCV map calls (about
+14 a pair at 28 px, 20 at 96 px) bound the rate; batched torch FFT and grouped conv2d maps were
+measured slower there.
 """
 from __future__ import annotations
 
@@ -34,11 +37,12 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
-from curation.verify import (BLUR, GUARD, LOW_BLUR, MIN_COVER, NO_MATCH, TEXTURE, Match, Slide, Thumb, _resized,
+from curation.verify import (BLUR, GUARD, LOW_BLUR, MIN_COVER, NO_MATCH, TEXTURE, Match, Slide, Thumb, _resized, copy_match,
                              one_way_slides, whole_slides)
 
 FLAT_WINDOW = 1e-3        # window std below which a placement cannot be scored (as `_agreement`)
 CPU_MAPS = "opencv"       # correlation maps on the CPU: "opencv" (fastest there) or "torch"
+SMALL_GROUP = 3           # pairs of one size pair below which batching costs more than it shares
 CHUNK_ELEMENTS = {"cpu": 8_000_000, "cuda": 64_000_000}   # pairs x reference pixels per batch
 
 
@@ -86,6 +90,11 @@ def match_pairs(pairs: Sequence[tuple[Thumb, Thumb]], *, device: str | None = No
     with tqdm(total=len(thumbs), desc=desc, unit="pair", disable=not progress) as bar:
         bar.update(len(thumbs) - sum(len(v) for v in groups.values()))
         for (sa, sb), idx in groups.items():
+            if len(idx) < SMALL_GROUP:     # too few to share the work: one at a time, the same search
+                for i in idx:
+                    out[i] = copy_match(*thumbs[i])
+                bar.update(len(idx))
+                continue
             jobs = plan(sa, sb)
             area = max((j.slide.rw * j.slide.rh for j in jobs), default=1)
             step = max(1, budget // area)

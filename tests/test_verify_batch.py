@@ -23,6 +23,12 @@ RULES = [VerifyRule(0.745734, 13.7998), VerifyRule(0.740866, 12.4387), VerifyRul
          VerifyRule(0.980998, 4.3537), VerifyRule(0.5), VerifyRule(0.9, 8.0)]
 
 
+@pytest.fixture(autouse=True)
+def _batch_every_group(monkeypatch):
+    """Groups of one size pair too small to batch go to `copy_match` itself; batch them here too."""
+    monkeypatch.setattr(verify_batch, "SMALL_GROUP", 1)
+
+
 def _planted_pairs(name: str, pool: int, images_used: int, lookalikes: int) -> list[tuple[Thumb, Thumb]]:
     images, labels = SAMPLES[name](pool, 0)
     thumbs = [Thumb.of(im) for im in images]
@@ -110,3 +116,18 @@ def test_plan_lists_every_slide_copy_match_tries():
     assert [j.slide.tw for j in jobs if j.ref_side == 0] == [28, 27, 26, 25]   # own scale, then 97..88% crops
     assert [j.partial for j in jobs][:4] == [False, False, False, True]          # 25 x 25 < 80% of 28 x 28
     assert len(plan((96, 96), (48, 48))) > len(plan((96, 96), (96, 96)))          # + whole-image resizes
+
+
+def test_bench_verify_quick_runs_and_reports_its_target(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_verify", Path(__file__).parents[1] / "bench" / "verify.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--device", "cpu", "--neighbours", "2", "--single", "10"])
+    out = json.loads(capsys.readouterr().out)
+    target = out["targets"]["verify_pairs_per_s"]
+    assert target["goal"] == 20000 and target["value"] > 0 and isinstance(target["met"], bool)
+    assert all(s["same_decisions"] and s["same_nan"] and s["max_score_difference"] < 1e-5 for s in out["sets"].values())
