@@ -21,9 +21,11 @@ sizes alone fix the slides (`one_way_slides`, `whole_slides`); within a group, s
 Measured (`tests/test_verify_batch.py`, `bench/verify.py`): scores equal `copy_match`'s to 1e-15
 on the planted-copy sets and on random pairs of varied sizes, flat, mirrored and letterboxed images;
 flat images give NO_MATCH, as there. There is no cascade: every pair gets the full search, so any
-`VerifyRule` decides as it would on `copy_match`'s matches. On the CPU the OpenCV map calls (about
-14 a pair at 28 px, 20 at 96 px) bound the rate; batched torch FFT and grouped conv2d maps were
-measured slower there.
+`VerifyRule` decides as it would on `copy_match`'s matches. Groups of fewer than SMALL_GROUP pairs
+(every pair of a distinct size pair shares nothing) go to `copy_match` itself. What bounds the
+rate on the CPU: the OpenCV map calls (about 14 a pair at 28 px, 20 at 96 px; see `_argmax_cv2`
+for the alternatives measured), and, where thumbnail shapes vary (web images, the Tux Paint
+stamps), that a pair of sizes seen once has no work to share.
 """
 from __future__ import annotations
 
@@ -184,10 +186,13 @@ def _match_chunk(pairs: list[tuple[Thumb, Thumb]], jobs: list[_Job], dev: torch.
         live = np.nonzero(refs.ok[ri] & tmpl.ok[ti])[0]
         if not live.size:
             continue
-        if (ch, cw) == (sl.rh, sl.rw):
+        positions = (sl.rh - ch + 1) * (sl.rw - cw + 1)
+        if positions == 1:
             maps = _argmax_direct             # one placement: the correlation itself
+        elif dev.type != "cpu" or CPU_MAPS == "torch":
+            maps = _argmax_torch
         else:
-            maps = _argmax_cv2 if dev.type == "cpu" and CPU_MAPS == "opencv" else _argmax_torch
+            maps = _argmax_cv2
         for m, (val, y, x) in enumerate(maps(refs.arrays, tmpl.arrays, ri[live], ti[live], dev)):
             # as `_best`: the map's best placement, if it beats the best so far, counts where
             # the box covers enough of the reference (or the rest is flat), by its exact fit
@@ -207,7 +212,9 @@ def _match_chunk(pairs: list[tuple[Thumb, Thumb]], jobs: list[_Job], dev: torch.
 
 def _argmax_cv2(refs: list[np.ndarray], tmpl: list[np.ndarray], ri: np.ndarray, ti: np.ndarray, dev):
     """Per mirror: (best value, y, x) of OpenCV's map for each pair: the very maps `copy_match` uses
-    (on the CPU the fastest correlation measured: batched torch FFT and grouped conv2d were slower)."""
+    (on the CPU the fastest correlation measured that holds up on a loaded machine: a float32 GEMM
+    per reference was slower, batched torch FFT 1.1-1.4x faster at 28 px with one thread but up
+    to 10x slower with two threads on a busy machine, and slower at 96 px)."""
     flipped = [np.ascontiguousarray(t[:, ::-1]) for t in tmpl]
     n = len(ri)
     val, y, x = np.empty((2, n)), np.empty((2, n), np.int64), np.empty((2, n), np.int64)
