@@ -81,7 +81,8 @@ def match_pairs(pairs: Sequence[tuple[Thumb, Thumb]], *, device: str | None = No
     ``progress``: a tqdm bar over pairs when truthy, its value the description where a string.
     """
     dev = default_device(device)
-    thumbs = [(_thumb(a), _thumb(b)) for a, b in pairs]
+    made: dict[int, Thumb] = {}          # an image given in several pairs is made a Thumb once
+    thumbs = [(_thumb(a, made), _thumb(b, made)) for a, b in pairs]
     out: list[Match] = [NO_MATCH] * len(thumbs)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (a, b) in enumerate(thumbs):
@@ -108,11 +109,13 @@ def match_pairs(pairs: Sequence[tuple[Thumb, Thumb]], *, device: str | None = No
     return out
 
 
-def _thumb(x) -> Thumb:
+def _thumb(x, made: dict[int, Thumb]) -> Thumb:
     if isinstance(x, Thumb):
         return x
     if isinstance(x, Image.Image):
-        return Thumb.of(x)
+        if id(x) not in made:
+            made[id(x)] = Thumb.of(x)
+        return made[id(x)]
     raise TypeError(f"match_pairs takes pairs of Thumb or PIL images; got {type(x).__name__}")
 
 
