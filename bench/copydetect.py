@@ -14,7 +14,8 @@ against their nearest distinct image of the same class (by embedding). Two decis
   at most a limit); ``..._embedding_retrieval_only`` is the same without the pixel key.
 
 ``verifiers`` compares pixel verifiers on the same pairs (alignment NCC, pHash when ``imagehash``
-is installed), ``time_per_1000_candidates_s`` is the verification cost and
+is installed), ``time_per_1000_candidates_s`` is the verification cost (one pair at a time and
+batched, `curation.verify_batch`, which calibration uses) and
 ``pixel_key_s_per_1000_images`` the cost of the keys. Prints one JSON object.
 
     python bench/copydetect.py [--quick] [--pool 600] [--encoders efficientnet_lite0,test-tiny-clip]
@@ -34,6 +35,7 @@ from curation.calibrate import SampledImages, choose, evaluate, measure
 from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.samples import SAMPLES
 from curation.verify import Thumb, copy_match
+from curation.verify_batch import match_pairs
 from index.embed import embed_images
 from index.encoders import build_encoder, resolve_encoder
 
@@ -109,13 +111,18 @@ def verifier_comparison(images, labels, seed: int) -> dict:
     return out
 
 
-def time_candidates(images, n: int = 200) -> float:
-    """Seconds to verify 1,000 candidate pairs (thumbnails made per pair, as in curation)."""
+def time_candidates(images, n: int = 200) -> dict[str, float]:
+    """Seconds to verify 1,000 candidate pairs (thumbnails made per pair, as in curation), one
+    pair at a time (`copy_match`) and batched (`match_pairs`); bench/verify.py measures more."""
     pairs = [(images[i % len(images)], images[(i * 7 + 1) % len(images)]) for i in range(n)]
     t = time.perf_counter()
     for a, b in pairs:
         copy_match(Thumb.of(a), Thumb.of(b))
-    return round((time.perf_counter() - t) * 1000 / n, 2)
+    single = time.perf_counter() - t
+    t = time.perf_counter()
+    match_pairs([(Thumb.of(a), Thumb.of(b)) for a, b in pairs])
+    batched = time.perf_counter() - t
+    return {"single": round(single * 1000 / n, 2), "batched": round(batched * 1000 / n, 2)}
 
 
 def main(argv: list[str] | None = None) -> None:

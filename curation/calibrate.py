@@ -47,7 +47,8 @@ import numpy as np
 
 from curation import pixelkey
 from curation.copies import COPY_KINDS, copy_rng, make_copy
-from curation.verify import Thumb, VerifyRule, copy_match
+from curation.verify import Thumb, VerifyRule
+from curation.verify_batch import match_pairs
 from index.atomic import fingerprint, read_json, write_json
 
 CALIBRATION_VERSION = 6
@@ -135,14 +136,16 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
             seed: int = 0, batch_size: int = 64, verify: str = "align",
             kinds: Sequence[str] = tuple(COPY_KINDS), labels: np.ndarray | None = None,
             scores: dict | None = None, negatives: int = MAX_NEIGHBOURS,
-            ref_keys: np.ndarray | None = None) -> Measurements:
+            ref_keys: np.ndarray | None = None, progress: bool = False) -> Measurements:
     """Copies of ``images`` (the references at ``sample_rows`` of ``ref_feats``) against the
     references; ``ref_feats``: one L2-normalised [num_refs, d_e] matrix per encoder. With
     ``labels`` (one per reference), the nearest distinct references are taken within the class;
     ``negatives`` of them are kept per image, as a candidate is verified against that many.
     ``ref_keys``: the references' pixel keys (`curation.pixelkey`), to measure retrieval by them
     too. ``scores``: a dict that memoises verification scores across calls on the same images (they
-    do not depend on the encoders), keyed by (seed, row, kind) and (row, other row)."""
+    do not depend on the encoders), keyed by (seed, row, kind) and (row, other row); the pairs not
+    in it are verified in batches (`curation.verify_batch.match_pairs`), with tqdm bars where
+    ``progress``."""
     scores = {} if scores is None else scores
     from index.embed import embed_images
 
@@ -169,11 +172,12 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
             ps = pixelkey.similarity(pixelkey.keys(copies), ref_keys)
             pos_pix[ki], pos_pix_rank[ki] = ps[own], (ps > ps[own][:, None]).sum(axis=1)
         if verify != "none":
-            for i, (c, t, r) in enumerate(zip(copies, thumbs, rows)):
-                key = (seed, int(r), kind)
-                if key not in scores:
-                    scores[key] = copy_match(Thumb.of(c), t)
-                pos_ver[ki, i], pos_res[ki, i] = scores[key]
+            keys = [(seed, int(r), kind) for r in rows]
+            todo = [i for i, key in enumerate(keys) if key not in scores]
+            for i, m in zip(todo, match_pairs([(Thumb.of(copies[i]), thumbs[i]) for i in todo],
+                                              progress=progress and f"verify {kind} copies")):
+                scores[keys[i]] = m
+            pos_ver[ki], pos_res[ki] = np.array([scores[key] for key in keys], np.float64).reshape(n, 2).T
     by_row = {int(r): thumbs[i] for i, r in enumerate(rows)}
 
     def distinct(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -187,14 +191,19 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
         valid = np.isfinite(np.take_along_axis(sim, nearest, axis=1))
         ver = np.full((2, *nearest.shape), np.nan)
         if verify != "none":
-            for i, j in zip(*np.nonzero(valid)):
+            cells = list(zip(*np.nonzero(valid)))
+            todo = {}
+            for i, j in cells:
                 other = int(nearest[i, j])
                 key = (int(rows[i]), other)
-                if key not in scores:
+                if key not in scores and key not in todo:
                     if other not in by_row:
                         by_row[other] = Thumb.of(_load(images, other))
-                    scores[key] = copy_match(thumbs[i], by_row[other])
-                ver[:, i, j] = scores[key]
+                    todo[key] = (thumbs[i], by_row[other])
+            for key, m in zip(todo, match_pairs(list(todo.values()), progress=progress and "verify look-alikes")):
+                scores[key] = m
+            for i, j in cells:
+                ver[:, i, j] = scores[int(rows[i]), int(nearest[i, j])]
         return nearest, valid, ver
 
     sims = [r[rows] @ r.T for r in refs]
@@ -439,7 +448,7 @@ class SampledImages(list):
 def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndarray], cache_dir: str | os.PathLike,
                        size: int = 300, recall: float = 0.99, verify: str = "align", max_neighbours: int = MAX_NEIGHBOURS,
                        min_neighbours: int = MIN_NEIGHBOURS, seed: int = 0, batch_size: int = 64,
-                       ref_keys: np.ndarray | None = None) -> tuple[Calibration, bool]:
+                       ref_keys: np.ndarray | None = None, progress: bool = False) -> tuple[Calibration, bool]:
     """(calibration, reused): computed once per (encoders, sampled reference ids, options).
 
     ``references``: items with ``.id`` and ``.load()`` (`querysets.LabeledImage`), rows aligned
@@ -455,7 +464,7 @@ def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndar
     if path.is_file():
         return Calibration.from_dict(read_json(path)["calibration"]), True
     images = SampledImages(references, rows, load=lambda item: item.load())
-    m = measure(models, images, ref_feats, rows, seed, batch_size, verify, ref_keys=ref_keys)
+    m = measure(models, images, ref_feats, rows, seed, batch_size, verify, ref_keys=ref_keys, progress=progress)
     cal = choose(m, recall, verify, max_neighbours, min_neighbours)
     write_json(path, {"key": key, "calibration": cal.to_dict()})
     return cal, False

@@ -43,7 +43,8 @@ from look-alikes at all (first percentile of crop copies 0.25 against look-alike
 percentile 0.81 on Fashion-MNIST). Local features (ORB + RANSAC, opencv) were not used: a 28x28
 image offers a handful of keypoints at best, and the alignment search covers the geometric edits
 of the copy family (`curation.copies`) exactly. A pair costs ~2 ms at 28 px and ~5-6 ms at
-96-128 px on one core.
+96-128 px on one core; `curation.verify_batch.match_pairs` gives the same matches for many pairs at
+once (slides grouped by thumbnail sizes, each thumbnail's variants made once).
 """
 from __future__ import annotations
 
@@ -199,43 +200,73 @@ def _template_sizes(a: tuple[int, int], b: tuple[int, int], k: float) -> list[tu
     return [t for t in dict.fromkeys(out) if 4 <= t[0] <= aw and 4 <= t[1] <= ah]
 
 
+class Slide(NamedTuple):
+    """One template slide of the alignment search: `ref` is the other image resized to (rw, rh),
+    the template this image resized to (tw, th), both low-passed by LOW_BLUR where `blur`, the
+    template cut by (mh, mw) from each side; `kernel` None: BOX down, BILINEAR up."""
+    rw: int
+    rh: int
+    tw: int
+    th: int
+    blur: bool
+    mh: int
+    mw: int
+    kernel: Any = None
+
+
+def one_way_slides(a: tuple[int, int], b: tuple[int, int]) -> list[Slide]:
+    """The slides of `_one_way(a, b)` for images of sizes a and b, in the order they are tried."""
+    k = min(1.0, max(WORK / max(a), 8 / min(a)))  # thin images keep 8 px across
+    aw, ah = round(a[0] * k), round(a[1] * k)
+    out = []
+    for tw, th in _template_sizes(a, b, k):
+        up = max(1.0, tw / b[0], th / b[1])
+        rw, rh = round(aw / up), round(ah / up)
+        tw, th = min(rw, round(tw / up)), min(rh, round(th / up))
+        if (rw, rh) != a or (tw, th) != b:
+            # resampled: compare what both kernels keep, and not the template's edge pixels,
+            # which blend with what lay beyond a crop or band boundary falling between pixels
+            out.append(Slide(rw, rh, tw, th, up > 1.05, round(INNER * th), round(INNER * tw)))  # > 1.05: two kernels
+        else:
+            out.append(Slide(rw, rh, tw, th, False, 0, 0))
+    return out
+
+
+def whole_slides(a: tuple[int, int], b: tuple[int, int]) -> list[Slide]:
+    """The slides of `_whole_resized(a, b)`: `a` reduced to b's exact size by each kernel."""
+    (aw, ah), (bw, bh) = a, b
+    if (bw, bh) == (aw, ah) or bw > aw or bh > ah or abs(math.log((aw / ah) / (bw / bh))) > ASPECT:
+        return []
+    return [Slide(bw, bh, bw, bh, False, 0, 0, kernel) for kernel in KERNELS]
+
+
+def _slide_arrays(a: Thumb, b: Thumb, sl: Slide) -> tuple[np.ndarray, np.ndarray]:
+    """(ref, template) float32 arrays of one slide: `a` resized, `b` resized and cut."""
+    ref = _resized(a.pixels, sl.rw, sl.rh, sl.kernel)
+    t = _resized(b.pixels, sl.tw, sl.th)
+    if sl.blur:
+        ref, t = gaussian_filter(ref, LOW_BLUR), gaussian_filter(t, LOW_BLUR)
+    return ref, t[sl.mh:sl.th - sl.mh, sl.mw:sl.tw - sl.mw]
+
+
 def _one_way(a: Thumb, b: Thumb) -> _Placement:
     """Best match of `b`, taken as a part of `a` (each size, mirrored or not), slid over `a`.
 
     `a` is compared at WORK pixels at most, and never enlarged `b`: where `b` would have to be
     enlarged, `a` is reduced instead, so a downscaled copy is compared at the detail it has.
     """
-    k = min(1.0, max(WORK / max(a.size), 8 / min(a.size)))  # thin images keep 8 px across
-    aw, ah = round(a.size[0] * k), round(a.size[1] * k)
     best = _NONE
-    for tw, th in _template_sizes(a.size, b.size, k):
-        up = max(1.0, tw / b.size[0], th / b.size[1])
-        rw, rh = round(aw / up), round(ah / up)
-        tw, th = min(rw, round(tw / up)), min(rh, round(th / up))
-        ref = _resized(a.pixels, rw, rh)
-        t = _resized(b.pixels, tw, th)
-        if (rw, rh) != a.size or (tw, th) != b.size:
-            # resampled: compare what both kernels keep, and not the template's edge pixels,
-            # which blend with what lay beyond a crop or band boundary falling between pixels
-            if up > 1.05:  # two different downscaling kernels
-                ref, t = gaussian_filter(ref, LOW_BLUR), gaussian_filter(t, LOW_BLUR)
-            mh, mw = round(INNER * th), round(INNER * tw)
-            t = t[mh:th - mh, mw:tw - mw]
-        else:
-            mh = mw = 0
-        best = _best(ref, t, best, (mh, mw))
+    for sl in one_way_slides(a.size, b.size):
+        ref, t = _slide_arrays(a, b, sl)
+        best = _best(ref, t, best, (sl.mh, sl.mw))
     return best
 
 
 def _whole_resized(a: Thumb, b: Thumb) -> _Placement:
     """`b` as the whole of `a` reduced to b's exact size, by whichever kernel matches best."""
-    (aw, ah), (bw, bh) = a.size, b.size
-    if (bw, bh) == (aw, ah) or bw > aw or bh > ah or abs(math.log((aw / ah) / (bw / bh))) > ASPECT:
-        return _NONE
-    t = np.asarray(b.pixels, np.float32)
     best = _NONE
-    for kernel in KERNELS:
-        best = _best(_resized(a.pixels, bw, bh, kernel), t, best)
+    for sl in whole_slides(a.size, b.size):
+        best = _best(*_slide_arrays(a, b, sl), best)
     return best
 
 

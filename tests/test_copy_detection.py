@@ -289,3 +289,26 @@ def test_pixel_key_finds_each_copy_kind_and_trims_letterboxes(fm_images):
     assert not flat.any() and pixelkey.similarity(flat, pixelkey.keys([im]))[0, 0] == 0.0
     with pytest.raises(ValueError, match="pixel keys must be"):
         pixelkey.Keys(np.zeros((2, 3), np.float32))
+
+
+@pytest.mark.slow
+def test_planted_measurements_are_the_single_pair_matches(planted):
+    """The calibration's verification scores (batched, `verify_batch.match_pairs`) are copy_match's."""
+    for (name, enc), (cal, test) in planted.items():
+        if enc != "efficientnet_lite0":
+            continue                           # the scores do not depend on the encoder
+        images, _ = SAMPLES[name](POOLS[name], 0)
+        rows = np.arange(len(images))[1::2]
+        for ki, kind in enumerate(test.kinds):
+            for i in range(0, len(rows), 7):
+                r = int(rows[i])
+                want = copy_match(make_copy(images[r], kind, copy_rng(1, r, kind)), images[r])
+                got = (test.pos_verify[ki, i], test.pos_residual[ki, i])
+                assert np.allclose(got, want, atol=1e-5, equal_nan=True), (name, kind, r, got, want)
+                assert cal.rule.passes(Match(*got)) == cal.rule.passes(want)
+        for i in range(0, len(rows), 5):
+            for j in range(test.neg_ids.shape[1] if test.neg_ids is not None else 0):
+                want = copy_match(images[int(rows[i])], images[int(test.neg_ids[i, j])])
+                got = (test.neg_verify[i, j], test.neg_residual[i, j])
+                if np.isfinite(test.neg_max[i, j]):
+                    assert np.allclose(got, want, atol=1e-5, equal_nan=True), (name, i, j, got, want)
