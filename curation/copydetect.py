@@ -20,26 +20,22 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from curation import verify
+from curation import verify_batch
 from curation.decontam import LeakReport, find_leaks, verify_leaks
 from curation.dedup import duplicate_clusters
 from curation.executor import Executor, InProcessExecutor, chunks
 from curation.pixelkey import Keys
 from curation.thresholds import Thresholds
-from curation.verify import NO_MATCH, Match, Thumb, copy_match
+from curation.verify import NO_MATCH, Match, Thumb
 from index.knn import combine_features
 
 PAIRS_PER_TASK = 2048   # verification pairs per executor task (thumbnails travel with the task)
 
 
 def match_pairs(pairs: Sequence[tuple[Thumb, Thumb]], *, device: str | None = None,
-                progress: bool = False) -> list[Match]:
-    """`copy_match` of every pair: batched (`curation.verify.match_pairs`) where that exists, else
-    pair by pair; the decisions are the same."""
-    batched = getattr(verify, "match_pairs", None)
-    if batched is not None:
-        return list(batched(pairs, device=device, progress=progress))
-    return [copy_match(a, b) for a, b in pairs]
+                progress: bool | str = False) -> list[Match]:
+    """`copy_match` of every pair, batched by thumbnail sizes (`curation.verify_batch`)."""
+    return verify_batch.match_pairs(pairs, device=device, progress=progress)
 
 
 def _verify_task(task: tuple[list[tuple[int, int]], list[Thumb]], device: str | None) -> list[tuple[float, float]]:
