@@ -12,6 +12,9 @@ Index directory (``build_index.py --out DIR``)
     DIR/embeddings/<shard>/<encoder-slug>.npy   float16 [n, dim] L2-normalised, one per encoder
     DIR/embeddings/<shard>/rows.jsonl           one line per row: {"id", "crop", "recipe"}
     DIR/embeddings/<shard>/done.json            written last: counts, fingerprint, encoders, ...
+    DIR/faiss/trained.index                     the trained, empty index every group is filled from
+                                                (IVF factories; manifest "shared_quantizer": true)
+    DIR/faiss/trained.index.done.json           written last: fingerprint of shards + factory + seed
     DIR/faiss/group-<g>.index                   FAISS index over the combined vectors of a shard group
     DIR/manifest.json                           written last: see INDEX_MANIFEST_KEYS
     Row ids in the FAISS indexes are global: shard offset (from the manifest) + row in shard.
@@ -50,6 +53,7 @@ FAISS_DIR = "faiss"
 ROWS_FILE = "rows.jsonl"
 DONE_FILE = "done.json"
 MANIFEST_FILE = "manifest.json"
+TRAINED_INDEX_FILE = f"{FAISS_DIR}/trained.index"
 
 INDEX_MANIFEST_KEYS = (
     "num_images",      # images read successfully
@@ -59,6 +63,9 @@ INDEX_MANIFEST_KEYS = (
     "index_factory",   # faiss factory string actually used
     "shards",          # [{"name", "offset", "num_vectors", "num_images", "fingerprint"}]
     "groups",          # [{"file", "shards": [names], "factory", "num_vectors"}]
+    "shared_quantizer",  # true: every group was filled from trained_index (one coarse quantizer and
+                       # PQ codebooks); false (or absent, older indexes): each group trained its own
+    "trained_index",   # {"file", "fingerprint", "num_train", "factory"} or null
     "config",          # the resolved indexing config
     "code_version",
 )
