@@ -21,7 +21,7 @@ import numpy as np
 
 from index import contract, knn, store
 from index.atomic import CODE_VERSION, check_done, fingerprint, write_json
-from index.config import IndexConfig
+from index.config import FaissConfig, IndexConfig
 from index.embed import EmbedTask, Embedder, ShardResult
 from index.encoders import EncoderSpec, resolve_encoders
 from index.gallery import SkipCounts, list_shards
@@ -150,8 +150,49 @@ def summary_line(stage: str, manifest: dict[str, Any], seconds: float) -> str:
     rate = manifest["num_vectors"] / seconds if seconds > 0 else float("nan")
     return (f"{stage}: {manifest['num_images']} images read, skipped {sum(skipped.values())} ({skip}), "
             f"{manifest['num_vectors']} vectors written, {len(manifest['shards'])} shards, "
-            f"{len(manifest['groups'])} index group(s) [{manifest['index_factory']}], "
+            f"{len(manifest['groups'])} index group(s) [{manifest['index_factory']}"
+            f"{', one shared quantizer' if manifest.get('shared_quantizer') else ''}], "
             f"{seconds:.1f} s, {rate:.0f} vectors/s")
+
+
+def build_faiss_groups(out_dir: str | Path, entries: list[dict[str, Any]], encoders: tuple[str, ...], dim: int,
+                       faiss_cfg: FaissConfig, seed: int, executor) -> dict[str, Any]:
+    """The FAISS half of the stage, over embedding shards already written under `out_dir`.
+
+    `entries` are the manifest's shard entries (name, offset, num_vectors, fingerprint). Returns
+    the manifest's index fields: index_factory, nprobe, groups, shared_quantizer, trained_index.
+    With a shared quantizer and a factory that trains, `train_quantizer` runs first as one task
+    and every group is filled from its output.
+    """
+    groups = [g for g in _groups(entries, faiss_cfg.shards_per_group) if sum(s["num_vectors"] for s in g)]
+    largest = max((sum(s["num_vectors"] for s in g) for g in groups), default=0)
+    total = sum(s["num_vectors"] for s in entries)
+    shared = faiss_cfg.shared_quantizer
+    factory = faiss_cfg.factory
+    if factory == "auto":
+        # shared quantizer: the groups act as one index, so the lists are sized for the whole gallery
+        factory = knn.choose_factory(largest, dim, int(faiss_cfg.memory_budget_gb * 2**30),
+                                     flat_threshold=faiss_cfg.flat_threshold,
+                                     total_vectors=total if shared else None)
+    trained = None
+    if shared and groups and knn.needs_training(factory, dim):
+        ttask = TrainTask(out_dir=str(out_dir), shards=tuple(s for g in groups for s in g), encoders=encoders,
+                          dim=dim, factory=factory, nprobe=faiss_cfg.nprobe, seed=seed,
+                          train_size=faiss_cfg.train_size)
+        trained = executor.map(_train_worker, [ttask], desc="train quantizer")[0]
+    gtasks = [GroupTask(out_dir=str(out_dir), group=i, shards=tuple(g), encoders=encoders,
+                        dim=dim, factory=factory, nprobe=faiss_cfg.nprobe, seed=seed, trained=trained)
+              for i, g in enumerate(groups)]
+    group_records = executor.map(_group_worker, gtasks, desc="build indexes")
+    return {
+        "index_factory": factory,
+        "nprobe": faiss_cfg.nprobe,
+        "groups": [{"file": r["file"], "shards": r["shards"], "factory": r["factory"],
+                    "num_vectors": r["num_vectors"]} for r in group_records],
+        "shared_quantizer": trained is not None,
+        "trained_index": None if trained is None else
+        {k: trained[k] for k in ("file", "fingerprint", "num_train", "factory")},
+    }
 
 
 def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) -> dict[str, Any]:
@@ -176,42 +217,17 @@ def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) ->
         for reason, n in r.skipped.items():
             skipped.add(reason, n)
     dim = sum(s.embed_dim for s in specs)
-    groups = [g for g in _groups(entries, cfg.faiss.shards_per_group) if sum(s["num_vectors"] for s in g)]
-    largest = max((sum(s["num_vectors"] for s in g) for g in groups), default=0)
-    shared = cfg.faiss.shared_quantizer
-    factory = cfg.faiss.factory
-    if factory == "auto":
-        # shared quantizer: the groups act as one index, so the lists are sized for the whole gallery
-        factory = knn.choose_factory(largest, dim, int(cfg.faiss.memory_budget_gb * 2**30),
-                                     flat_threshold=cfg.faiss.flat_threshold,
-                                     total_vectors=offset if shared else None)
-    encoder_names = tuple(s.name for s in specs)
-    trained = None
-    if shared and groups and knn.needs_training(factory, dim):
-        ttask = TrainTask(out_dir=str(out), shards=tuple(s for g in groups for s in g), encoders=encoder_names,
-                          dim=dim, factory=factory, nprobe=cfg.faiss.nprobe, seed=cfg.seed,
-                          train_size=cfg.faiss.train_size)
-        trained = executor.map(_train_worker, [ttask], desc="train quantizer")[0]
-    gtasks = [GroupTask(out_dir=str(out), group=i, shards=tuple(g), encoders=encoder_names,
-                        dim=dim, factory=factory, nprobe=cfg.faiss.nprobe, seed=cfg.seed, trained=trained)
-              for i, g in enumerate(groups)]
-    group_records = executor.map(_group_worker, gtasks, desc="build indexes")
+    faiss_part = build_faiss_groups(out, entries, tuple(s.name for s in specs), dim, cfg.faiss, cfg.seed, executor)
 
     manifest = {
         "num_images": sum(e["num_images"] for e in entries),
         "num_vectors": offset,
         "skipped": skipped.to_dict(),
         "encoders": [s.to_dict() for s in specs],
-        "index_factory": factory,
         "metric": "inner_product (mean cosine over encoders)",
         "dim": dim,
-        "nprobe": cfg.faiss.nprobe,
         "shards": entries,
-        "groups": [{"file": r["file"], "shards": r["shards"], "factory": r["factory"],
-                    "num_vectors": r["num_vectors"]} for r in group_records],
-        "shared_quantizer": trained is not None,
-        "trained_index": None if trained is None else
-        {k: trained[k] for k in ("file", "fingerprint", "num_train", "factory")},
+        **faiss_part,
         "config": cfg.to_dict(),
         "code_version": CODE_VERSION,
         "seconds": round(time.perf_counter() - t0, 3),
