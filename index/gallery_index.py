@@ -57,10 +57,11 @@ class GalleryIndex:
         that one's lists (their first k columns), so query-balanced selection deepening k, and its
         backfill, search the gallery once per new depth. With a shared quantizer (manifest
         ``shared_quantizer``) the queries' coarse assignment is computed once here from the small
-        trained index, and every group scans those lists; indexes whose groups trained their own
-        quantizers are searched group by group as before. `executor` (default: the constructor's)
-        runs `index.search.search_groups` tasks, so this process opens no group; without one the
-        groups are loaded here once and kept.
+        trained index, and the groups are searched as one index over those lists (a task's groups
+        stacked, `index.search.stack_groups`); indexes whose groups trained their own quantizers
+        are searched group by group as before. `executor` (default: the constructor's) runs
+        `index.search.search_groups` tasks, so this process opens no group; without one the
+        groups are loaded here once (as one index when they share a quantizer) and kept.
         """
         from index.search import _check_queries
         queries = _check_queries(queries, k)
@@ -68,12 +69,12 @@ class GalleryIndex:
             nprobe = self.manifest.get("nprobe")
         key = (hashlib.sha1(queries.tobytes()).hexdigest(), queries.shape, nprobe)
         hit = self._cache.get(key)
-        if hit is not None and hit[1].shape[1] >= k:
-            return hit[0][:, :k], hit[1][:, :k]
+        if hit is not None and hit[1].shape[1] >= k:   # copies: a caller's edit cannot reach the cache
+            return hit[0][:, :k].copy(), hit[1][:, :k].copy()
         scores, ids = self._search(queries, k, nprobe, executor if executor is not None else self.executor)
         self.searches += 1
         self._cache.pop(key, None)
-        self._cache[key] = (scores, ids)
+        self._cache[key] = (scores.copy(), ids.copy())
         while len(self._cache) > SEARCH_CACHE_ENTRIES:
             self._cache.pop(next(iter(self._cache)))
         return scores, ids
@@ -99,7 +100,7 @@ class GalleryIndex:
         files = [g["file"] for g in self.manifest["groups"]]
         sizes = [(self.root / f).stat().st_size for f in files]
         tasks = [GroupSearchTask(root=str(self.root), files=tuple(files[g] for g in batch), queries=queries, k=k,
-                                 nprobe=nprobe, assign=assign)
+                                 nprobe=nprobe, assign=assign, trained_file=trained["file"] if assign else None)
                  for batch in plan_group_tasks(sizes, self.search_task_bytes)]
         return merge_topk(executor.map(group_search_worker, tasks, desc="search groups"), k)
 

@@ -294,12 +294,19 @@ class ShardedIndex:
     @classmethod
     def from_dir(cls, index_dir: str | os.PathLike, mmap: bool = False,
                  nprobe: int | None = None) -> "ShardedIndex":
-        """Open the groups listed in an index directory's manifest (index.contract)."""
+        """Open the groups listed in an index directory's manifest (index.contract).
+
+        Groups that share one trained quantizer (manifest ``shared_quantizer``) are opened as one
+        IVF index (`stack_groups`): their lists moved into it (in RAM) or viewed in place (`mmap`).
+        """
         from index.knn import load_index
         root = Path(index_dir)
         manifest = read_json(root / contract.MANIFEST_FILE)
-        return cls([load_index(root / g["file"], mmap=mmap) for g in manifest["groups"]],
-                   nprobe=nprobe if nprobe is not None else manifest.get("nprobe"))
+        indexes = [load_index(root / g["file"], mmap=mmap) for g in manifest["groups"]]
+        trained = manifest.get("trained_index")
+        if manifest.get("shared_quantizer") and trained:
+            indexes = [stack_groups(indexes, load_index(root / trained["file"]), move=not mmap)]
+        return cls(indexes, nprobe=nprobe if nprobe is not None else manifest.get("nprobe"))
 
     @property
     def d(self) -> int:
@@ -398,23 +405,66 @@ def assign_queries(trained, queries: np.ndarray, nprobe: int) -> tuple[np.ndarra
     return ivf.quantizer.search(queries, min(int(nprobe), int(ivf.nlist)))
 
 
+def stack_groups(indexes: Sequence, trained, move: bool = False):
+    """One IVF index over groups filled from the same trained index: list l is every group's list l.
+
+    A query then scans each probed list once, in one faiss call with one result heap and one
+    distance table, as in a single index, instead of once per group. `move`: the groups' entries
+    are moved into a copy of `trained` (`merge_from`; the groups are left empty; the index holds
+    what the groups held). Otherwise the lists are viewed in place (faiss HStackInvertedLists,
+    read-only: works on memory-mapped groups and reads only the probed lists); the view keeps
+    the groups alive. Within a list, group g's entries come before group g+1's.
+    """
+    import faiss
+    if not indexes:
+        raise ValueError("stack_groups needs at least one group")
+    if not _is_plain_ivf(trained):
+        raise ValueError(f"stack_groups needs a plain IVF trained index; got {type(trained).__name__}")
+    ivfs = []
+    for g, ix in enumerate(indexes):
+        if not _is_plain_ivf(ix) or type(faiss.downcast_index(ix)) is not type(faiss.downcast_index(trained)):
+            raise ValueError(f"group {g} ({type(ix).__name__}) was not filled from the trained index "
+                             f"({type(trained).__name__})")
+        ivf = faiss.extract_index_ivf(ix)
+        if ivf.nlist != faiss.extract_index_ivf(trained).nlist or ivf.code_size != faiss.extract_index_ivf(trained).code_size:
+            raise ValueError(f"group {g}: nlist/code size differ from the trained index's")
+        ivfs.append(ivf)
+    out = faiss.clone_index(trained)
+    out_ivf = faiss.extract_index_ivf(out)
+    if move:
+        for ivf in ivfs:
+            out_ivf.merge_from(ivf, 0)
+        return out
+    ptrs = faiss.InvertedListsPtrVector()
+    for ivf in ivfs:
+        ptrs.push_back(ivf.invlists)
+    stacked = faiss.HStackInvertedLists(ptrs.size(), ptrs.data())
+    out_ivf.replace_invlists(stacked, False)
+    out_ivf.ntotal = sum(int(ivf.ntotal) for ivf in ivfs)
+    out.referenced_objects = [stacked, ptrs, *indexes]   # faiss holds raw pointers: keep the owners alive
+    return out
+
+
 def search_groups(root: str | os.PathLike, group_files: Sequence[str], queries: np.ndarray, k: int,
-                  nprobe: int | None = None, assign: tuple[np.ndarray, np.ndarray] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  nprobe: int | None = None, assign: tuple[np.ndarray, np.ndarray] | None = None,
+                  trained_file: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Merged top-k (scores, ids) [Q, k] of the listed groups of an index directory.
 
     The unit of work of a search fan-out: it opens only `group_files` (paths relative to `root`),
     memory-mapped (`knn.load_index(mmap=True)`: a search faults in the probed lists, or a Flat
-    group's vectors, as page cache), searches them as `ShardedIndex.search` does (`assign`: the
-    shared quantizer's coarse assignment, see `assign_queries`) and closes them. Pure: the result
-    depends only on the files and the arguments, so tasks can run anywhere and be merged with
-    `merge_topk` into exactly the result of one `ShardedIndex` over all groups.
+    group's vectors, as page cache), searches them and closes them. With `trained_file` (the
+    shared trained index the groups were filled from) the groups are searched as one index
+    (`stack_groups`), with `assign` (`assign_queries`, computed once for all tasks) as the coarse
+    assignment; without, group by group as `ShardedIndex.search` does. Pure: the result depends
+    only on the files and the arguments, so tasks run anywhere and merge with `merge_topk`.
     """
     from index.knn import load_index
     if not group_files:
         raise ValueError("search_groups needs at least one group file")
     root = Path(root)
     indexes = [load_index(root / f, mmap=True) for f in group_files]
+    if trained_file is not None:
+        indexes = [stack_groups(indexes, load_index(root / trained_file))]
     try:
         return ShardedIndex(indexes).search(queries, k, nprobe, assign)
     finally:
@@ -452,10 +502,11 @@ class GroupSearchTask:
     k: int
     nprobe: int | None = None
     assign: tuple[np.ndarray, np.ndarray] | None = None
+    trained_file: str | None = None
 
 
 def run_group_search(task: GroupSearchTask) -> tuple[np.ndarray, np.ndarray]:
-    return search_groups(task.root, task.files, task.queries, task.k, task.nprobe, task.assign)
+    return search_groups(task.root, task.files, task.queries, task.k, task.nprobe, task.assign, task.trained_file)
 
 
 def group_search_worker():

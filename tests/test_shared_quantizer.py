@@ -58,6 +58,18 @@ def build(root: Path, x: np.ndarray, num_groups: int, shared: bool = True, facto
     return manifest
 
 
+def assert_same_topk(got, want) -> None:
+    """Same scores bit for bit, same ids wherever a score is above the row's k-th score.
+
+    Among entries tied at the k-th score faiss keeps the ones its heap met first, which depends on
+    how the lists were split into tasks; anything tied there is an equally good answer.
+    """
+    np.testing.assert_array_equal(got[0], want[0])
+    above = got[0] > got[0][:, -1:]
+    assert above.mean() > 0.8
+    np.testing.assert_array_equal(np.where(above, got[1], -2), np.where(above, want[1], -2))
+
+
 def groups_of(root: Path, manifest: dict) -> list:
     return [knn.load_index(root / g["file"]) for g in manifest["groups"]]
 
@@ -206,8 +218,9 @@ def test_executor_fan_out_equals_in_process_search(shared8, data):
     for budget in (1, 3 * one_group, 1 << 40):    # 8 tasks, 3 tasks, 1 task
         gi = GalleryIndex(root, executor=LocalExecutor(), search_task_bytes=budget)
         got = gi.search(q, 30, 4)
-        np.testing.assert_array_equal(got[1], want[1])
-        np.testing.assert_array_equal(got[0], want[0])
+        if budget == 1 << 40:   # all groups in one task: the same scan order as in-process
+            np.testing.assert_array_equal(got[1], want[1])
+        assert_same_topk(got, want)
         assert gi._faiss is None   # the fan-out opened no group in this process
 
 
