@@ -2,10 +2,10 @@
 
     python bench/search_groups.py            # 10^6 x 64 synthetic vectors, IVF-PQ (PQ16)
     python bench/search_groups.py --quick    # 2x10^5 x 32, 4-bit PQ (about a minute)
-    python bench/search_groups.py --smoke    # tiny sizes, seconds: checks the benchmark still runs
+    python bench/search_groups.py --smoke    # tiny sizes, 2 vs 4 groups, seconds: the benchmark still runs
 
 Prints one JSON object. The same vectors (float16 embedding shards, as the index stage writes them,
-in 100 shards) are indexed four ways: groups of 10 or of 1 shard (10 or 100 groups), each group
+in max(groups) shards) are indexed four ways: groups of 10 or of 1 shard (10 or 100 groups), each group
 either filled from one trained index shared by all (lists sized by the automatic rule for the
 whole gallery, `IVF{ivf_nlist(N)}`) or training its own (`IVF{ivf_nlist(N / groups)}`, the rule per
 group, as indexes were built before). For each: search time of Q queries at k = 50 and a fixed
@@ -46,7 +46,7 @@ SIZES = {   # name: (vectors, dim, PQ part of the factory, queries)
     "quick": (200_000, 32, "PQ8x4", 500),
     "smoke": (20_000, 16, "PQ4x4", 50),
 }
-NUM_SHARDS = 100
+SMOKE_GROUPS = (2, 4)
 
 
 def mixture(n: int, dim: int, seed: int, centres_seed: int = 0, per_centre: int = 100,
@@ -119,7 +119,10 @@ def run(size: str = "quick", groups: tuple[int, ...] = (10, 100), nprobe: int = 
         x = mixture(n, dim, seed=seed + 1)
         q = mixture(nq, dim, seed=seed + 2)
         t = time.perf_counter()
-        entries = write_embeddings(work / "embeddings", x, NUM_SHARDS)
+        num_shards = max(groups)
+        if any(num_shards % g for g in groups):
+            raise ValueError(f"every group count must divide {num_shards}; got {groups}")
+        entries = write_embeddings(work / "embeddings", x, num_shards)
         del x
         t_write = time.perf_counter() - t
         exact = exact_search(q, store.iter_blocks(work / "embeddings", entries, [ENCODER]), k)[1]
@@ -127,7 +130,7 @@ def run(size: str = "quick", groups: tuple[int, ...] = (10, 100), nprobe: int = 
         rows: dict[str, Any] = {}
         for mode in ("shared", "own"):
             for g in groups:
-                per_group = NUM_SHARDS // g
+                per_group = num_shards // g
                 nlist = knn.ivf_nlist(n if mode == "shared" else n // g)
                 factory = f"IVF{nlist},{pq}"
                 root = work / f"{mode}-{g}"
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
-    result = run(size, nprobe=args.nprobe, repeats=1 if args.smoke else args.repeats)
+    result = run(size, groups=SMOKE_GROUPS if args.smoke else (10, 100), nprobe=args.nprobe,
+                 repeats=1 if args.smoke else args.repeats)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -86,8 +86,9 @@ class GalleryIndex:
         assign = None
         trained = self.manifest.get("trained_index")
         if self.manifest.get("shared_quantizer") and trained:
-            if self._quantizer is None:
-                self._quantizer = load_index(self.root / trained["file"])
+            if self._quantizer is None:   # the only index this process opens: no vectors, the
+                # quantizer (nlist x dim floats) and codebooks, mapped (clean page cache once read)
+                self._quantizer = load_index(self.root / trained["file"], mmap=True)
             if queries.shape[1] != self._quantizer.d:
                 raise ValueError(f"queries have dim {queries.shape[1]}; the index has dim {self._quantizer.d}")
             import faiss
@@ -100,7 +101,7 @@ class GalleryIndex:
         files = [g["file"] for g in self.manifest["groups"]]
         sizes = [(self.root / f).stat().st_size for f in files]
         tasks = [GroupSearchTask(root=str(self.root), files=tuple(files[g] for g in batch), queries=queries, k=k,
-                                 nprobe=nprobe, assign=assign, trained_file=trained["file"] if assign else None)
+                                 nprobe=nprobe, assign=assign, trained_file=trained["file"] if assign is not None else None)
                  for batch in plan_group_tasks(sizes, self.search_task_bytes)]
         return merge_topk(executor.map(group_search_worker, tasks, desc="search groups"), k)
 
