@@ -108,7 +108,10 @@ def recall_at(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def run(size: str = "quick", groups: tuple[int, ...] = (10, 100), nprobe: int = 32, k: int = 50,
-        repeats: int = 3, workdir: str | None = None, seed: int = 0) -> dict[str, Any]:
+        repeats: int = 3, workdir: str | None = None, seed: int = 0, build_threads: int | None = 1
+        ) -> dict[str, Any]:
+    """`build_threads`: faiss threads while training and filling (searches use all of them): on a
+    shared machine OpenMP k-means on small groups spends most of its time waiting for a busy core."""
     import faiss
     from jobs.executors import LocalExecutor
 
@@ -140,8 +143,13 @@ def run(size: str = "quick", groups: tuple[int, ...] = (10, 100), nprobe: int = 
                     for suffix in ("", ".done.json"):
                         (root / (contract.TRAINED_INDEX_FILE + suffix)).write_bytes(
                             (trained_src / (contract.TRAINED_INDEX_FILE + suffix)).read_bytes())
-                manifest, build_s = index_dir(root, work / "embeddings", entries, dim, factory, per_group,
-                                              mode == "shared", nprobe, None)
+                search_threads = faiss.omp_get_max_threads()
+                faiss.omp_set_num_threads(build_threads or search_threads)
+                try:
+                    manifest, build_s = index_dir(root, work / "embeddings", entries, dim, factory, per_group,
+                                                  mode == "shared", nprobe, None)
+                finally:
+                    faiss.omp_set_num_threads(search_threads)
                 if mode == "shared" and trained_src is None:
                     trained_src = root
                 gi = GalleryIndex(root)
@@ -171,7 +179,7 @@ def run(size: str = "quick", groups: tuple[int, ...] = (10, 100), nprobe: int = 
         own_ratio = rows[f"own_{hi}"]["search_seconds"] / rows[f"own_{lo}"]["search_seconds"]
         return {
             "benchmark": "search_groups", "size": size, "num_vectors": n, "dim": dim, "queries": nq, "k": k,
-            "nprobe": nprobe, "repeats": repeats, "write_embeddings_seconds": round(t_write, 2),
+            "nprobe": nprobe, "repeats": repeats, "build_threads": build_threads, "write_embeddings_seconds": round(t_write, 2),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "faiss": faiss.__version__,
                         "note": "shared machine: other jobs ran alongside; timings vary between runs"},
             "runs": rows,
