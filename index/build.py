@@ -1,9 +1,13 @@
-"""The indexing stage: gallery shards -> embedding shards -> FAISS index per shard group -> manifest.
+"""The indexing stage: gallery shards -> embedding shards -> [trained quantizer] -> FAISS index per
+shard group -> manifest.
 
-`build_gallery_index(cfg, out_dir, executor)` fans `embed_shard` out over gallery shards and
-`build_group` over shard groups through any executor (jobs.executors), then writes
-``manifest.json`` last. Every unit of work is skipped on rerun when its done record matches and
-refused when it differs, so a killed job reruns to the same result.
+`build_gallery_index(cfg, out_dir, executor)` fans `embed_shard` out over gallery shards, runs
+`train_quantizer` once (IVF factories with `faiss.shared_quantizer`: the coarse quantizer and PQ
+codebooks trained on a sample drawn across the whole gallery, saved as an empty trained index) and
+`build_group` over shard groups, each filling a copy of that trained index, all through any
+executor (jobs.executors); then it writes ``manifest.json`` last. Every unit of work is skipped on
+rerun when its done record matches and refused when it differs, so a killed job reruns to the
+same result.
 """
 from __future__ import annotations
 
@@ -17,10 +21,68 @@ import numpy as np
 
 from index import contract, knn, store
 from index.atomic import CODE_VERSION, check_done, fingerprint, write_json
-from index.config import IndexConfig
+from index.config import FaissConfig, IndexConfig
 from index.embed import EmbedTask, Embedder, ShardResult
 from index.encoders import EncoderSpec, resolve_encoders
 from index.gallery import SkipCounts, list_shards
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """Train the index's quantizer (and PQ codebooks) once, for every group to share."""
+    out_dir: str
+    shards: tuple[dict[str, Any], ...]   # every manifest shard entry: name, offset, num_vectors, fingerprint
+    encoders: tuple[str, ...]
+    dim: int
+    factory: str
+    nprobe: int
+    seed: int = 0
+    train_size: int | None = None        # None: knn.training_size(factory)
+
+    file = contract.TRAINED_INDEX_FILE
+
+    @property
+    def size(self) -> int:
+        return int(self.train_size or knn.training_size(self.factory))
+
+    def fingerprint(self) -> str:
+        return fingerprint({"shards": [(s["name"], s["offset"], s["num_vectors"], s["fingerprint"])
+                                       for s in self.shards],
+                            "factory": self.factory, "dim": self.dim, "seed": self.seed, "train_size": self.size})
+
+
+def gallery_training_sample(out_dir: str | Path, shards: list[dict[str, Any]], encoders: list[str],
+                            size: int, seed: int) -> np.ndarray:
+    """float32 [min(size, n), dim]: combined vectors of a seeded sample across every shard.
+
+    Each shard gives its proportional share (`knn.gallery_sample_rows`); only the sampled rows of
+    its memory-mapped .npy matrices are read, so the sample of a gallery of any size costs the
+    sample's bytes (about 20 GB for 3.3M x 1,536 dims, IVF65536) plus one page per row.
+    """
+    plan = knn.gallery_sample_rows([s["num_vectors"] for s in shards], size, seed)
+    parts = [knn.combine_features([store.load_features(out_dir, s["name"], e)[rows] for e in encoders])
+             for s, rows in zip(shards, plan) if len(rows)]
+    if not parts:
+        raise ValueError("gallery_training_sample: the gallery has no vectors to train on")
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def train_quantizer(task: TrainTask) -> dict[str, Any]:
+    """Sample across the gallery, train an empty index of the factory, save it: the shared quantizer."""
+    out = Path(task.out_dir)
+    done_path = out / (task.file + ".done.json")
+    fp = task.fingerprint()
+    record = check_done(done_path, fp)
+    if record is not None:
+        return record
+    t0 = time.perf_counter()
+    sample = gallery_training_sample(out, list(task.shards), list(task.encoders), task.size, task.seed)
+    trained = knn.train_index(task.factory, task.dim, sample, nprobe=task.nprobe, seed=task.seed)
+    knn.save_index(trained, out / task.file)
+    record = {"fingerprint": fp, "file": task.file, "factory": task.factory, "num_train": int(len(sample)),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    write_json(done_path, record)
+    return record
 
 
 @dataclass(frozen=True)
@@ -33,18 +95,23 @@ class GroupTask:
     factory: str
     nprobe: int
     seed: int = 0
+    trained: dict[str, Any] | None = None   # train_quantizer's record: fill its index, train nothing
 
     @property
     def file(self) -> str:
         return f"{contract.FAISS_DIR}/group-{self.group:03d}.index"
 
     def fingerprint(self) -> str:
-        return fingerprint({"shards": [(s["name"], s["offset"], s["fingerprint"]) for s in self.shards],
-                            "factory": self.factory, "dim": self.dim, "seed": self.seed})
+        inputs = {"shards": [(s["name"], s["offset"], s["fingerprint"]) for s in self.shards],
+                  "factory": self.factory, "dim": self.dim, "seed": self.seed}
+        if self.trained is not None:
+            inputs["trained"] = self.trained["fingerprint"]
+        return fingerprint(inputs)
 
 
 def build_group(task: GroupTask) -> dict[str, Any]:
-    """Train (on a sample) and fill one FAISS index from the group's embedding shards."""
+    """Fill one FAISS index from the group's embedding shards: a copy of the shared trained index,
+    or (no `task.trained`) an index trained on a sample of this group alone."""
     out = Path(task.out_dir)
     done_path = out / (task.file + ".done.json")
     fp = task.fingerprint()
@@ -54,14 +121,17 @@ def build_group(task: GroupTask) -> dict[str, Any]:
     t0 = time.perf_counter()
     shards = list(task.shards)
     num_vectors = sum(s["num_vectors"] for s in shards)
-    train = None
-    if knn.needs_training(task.factory):
+    train, trained = None, None
+    if task.trained is not None:
+        trained = knn.load_index(out / task.trained["file"])
+    elif knn.needs_training(task.factory):
         train = knn.training_sample(store.iter_blocks(out, shards, list(task.encoders)), num_vectors,
                                     knn.training_size(task.factory), task.seed)
     index = knn.build_index(
         ((np.arange(off, off + len(v), dtype=np.int64), v)
          for off, v in store.iter_blocks(out, shards, list(task.encoders))),
-        factory=task.factory, dim=task.dim, train_sample=train, nprobe=task.nprobe, seed=task.seed)
+        factory=task.factory, dim=task.dim, train_sample=train, nprobe=task.nprobe, seed=task.seed,
+        trained=trained)
     knn.save_index(index, out / task.file)
     record = {"fingerprint": fp, "file": task.file, "shards": [s["name"] for s in shards],
               "factory": task.factory, "num_vectors": int(index.ntotal),
@@ -80,8 +150,49 @@ def summary_line(stage: str, manifest: dict[str, Any], seconds: float) -> str:
     rate = manifest["num_vectors"] / seconds if seconds > 0 else float("nan")
     return (f"{stage}: {manifest['num_images']} images read, skipped {sum(skipped.values())} ({skip}), "
             f"{manifest['num_vectors']} vectors written, {len(manifest['shards'])} shards, "
-            f"{len(manifest['groups'])} index group(s) [{manifest['index_factory']}], "
+            f"{len(manifest['groups'])} index group(s) [{manifest['index_factory']}"
+            f"{', one shared quantizer' if manifest.get('shared_quantizer') else ''}], "
             f"{seconds:.1f} s, {rate:.0f} vectors/s")
+
+
+def build_faiss_groups(out_dir: str | Path, entries: list[dict[str, Any]], encoders: tuple[str, ...], dim: int,
+                       faiss_cfg: FaissConfig, seed: int, executor) -> dict[str, Any]:
+    """The FAISS half of the stage, over embedding shards already written under `out_dir`.
+
+    `entries` are the manifest's shard entries (name, offset, num_vectors, fingerprint). Returns
+    the manifest's index fields: index_factory, nprobe, groups, shared_quantizer, trained_index.
+    With a shared quantizer and a factory that trains, `train_quantizer` runs first as one task
+    and every group is filled from its output.
+    """
+    groups = [g for g in _groups(entries, faiss_cfg.shards_per_group) if sum(s["num_vectors"] for s in g)]
+    largest = max((sum(s["num_vectors"] for s in g) for g in groups), default=0)
+    total = sum(s["num_vectors"] for s in entries)
+    shared = faiss_cfg.shared_quantizer
+    factory = faiss_cfg.factory
+    if factory == "auto":
+        # shared quantizer: the groups act as one index, so the lists are sized for the whole gallery
+        factory = knn.choose_factory(largest, dim, int(faiss_cfg.memory_budget_gb * 2**30),
+                                     flat_threshold=faiss_cfg.flat_threshold,
+                                     total_vectors=total if shared else None)
+    trained = None
+    if shared and groups and knn.needs_training(factory, dim):
+        ttask = TrainTask(out_dir=str(out_dir), shards=tuple(s for g in groups for s in g), encoders=encoders,
+                          dim=dim, factory=factory, nprobe=faiss_cfg.nprobe, seed=seed,
+                          train_size=faiss_cfg.train_size)
+        trained = executor.map(_train_worker, [ttask], desc="train quantizer")[0]
+    gtasks = [GroupTask(out_dir=str(out_dir), group=i, shards=tuple(g), encoders=encoders,
+                        dim=dim, factory=factory, nprobe=faiss_cfg.nprobe, seed=seed, trained=trained)
+              for i, g in enumerate(groups)]
+    group_records = executor.map(_group_worker, gtasks, desc="build indexes")
+    return {
+        "index_factory": factory,
+        "nprobe": faiss_cfg.nprobe,
+        "groups": [{"file": r["file"], "shards": r["shards"], "factory": r["factory"],
+                    "num_vectors": r["num_vectors"]} for r in group_records],
+        "shared_quantizer": trained is not None,
+        "trained_index": None if trained is None else
+        {k: trained[k] for k in ("file", "fingerprint", "num_train", "factory")},
+    }
 
 
 def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) -> dict[str, Any]:
@@ -106,29 +217,17 @@ def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) ->
         for reason, n in r.skipped.items():
             skipped.add(reason, n)
     dim = sum(s.embed_dim for s in specs)
-    groups = [g for g in _groups(entries, cfg.faiss.shards_per_group) if sum(s["num_vectors"] for s in g)]
-    largest = max((sum(s["num_vectors"] for s in g) for g in groups), default=0)
-    factory = cfg.faiss.factory
-    if factory == "auto":
-        factory = knn.choose_factory(largest, dim, int(cfg.faiss.memory_budget_gb * 2**30),
-                                     flat_threshold=cfg.faiss.flat_threshold)
-    gtasks = [GroupTask(out_dir=str(out), group=i, shards=tuple(g), encoders=tuple(s.name for s in specs),
-                        dim=dim, factory=factory, nprobe=cfg.faiss.nprobe, seed=cfg.seed)
-              for i, g in enumerate(groups)]
-    group_records = executor.map(_group_worker, gtasks, desc="build indexes")
+    faiss_part = build_faiss_groups(out, entries, tuple(s.name for s in specs), dim, cfg.faiss, cfg.seed, executor)
 
     manifest = {
         "num_images": sum(e["num_images"] for e in entries),
         "num_vectors": offset,
         "skipped": skipped.to_dict(),
         "encoders": [s.to_dict() for s in specs],
-        "index_factory": factory,
         "metric": "inner_product (mean cosine over encoders)",
         "dim": dim,
-        "nprobe": cfg.faiss.nprobe,
         "shards": entries,
-        "groups": [{"file": r["file"], "shards": r["shards"], "factory": r["factory"],
-                    "num_vectors": r["num_vectors"]} for r in group_records],
+        **faiss_part,
         "config": cfg.to_dict(),
         "code_version": CODE_VERSION,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -140,3 +239,7 @@ def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) ->
 
 def _group_worker():
     return build_group
+
+
+def _train_worker():
+    return train_quantizer

@@ -35,6 +35,25 @@ class FaissConfig:
     flat_threshold: int = 200_000    # below this many vectors per group: exact (Flat)
     shards_per_group: int = 16       # gallery shards per FAISS index
     nprobe: int = 32                 # IVF lists probed at search time
+    shared_quantizer: bool = True    # train IVF/PQ once on a gallery-wide sample, fill every group from it
+    train_size: int | None = None    # training sample size (None: index.knn.training_size of the factory)
+
+    def __post_init__(self):
+        if not isinstance(self.factory, str) or not self.factory:
+            raise ValueError(f"faiss.factory must be 'auto' or a faiss factory string; got {self.factory!r}")
+        if not self.memory_budget_gb > 0:
+            raise ValueError(f"faiss.memory_budget_gb must be > 0; got {self.memory_budget_gb!r}")
+        for name in ("shards_per_group", "nprobe"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"faiss.{name} must be an integer >= 1; got {v!r}")
+        if isinstance(self.flat_threshold, bool) or not isinstance(self.flat_threshold, int) or self.flat_threshold < 0:
+            raise ValueError(f"faiss.flat_threshold must be an integer >= 0; got {self.flat_threshold!r}")
+        if not isinstance(self.shared_quantizer, bool):
+            raise ValueError(f"faiss.shared_quantizer must be true or false; got {self.shared_quantizer!r}")
+        if self.train_size is not None and (isinstance(self.train_size, bool) or not isinstance(self.train_size, int)
+                                            or self.train_size < 1):
+            raise ValueError(f"faiss.train_size must be an integer >= 1 or null; got {self.train_size!r}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ Index directory (``build_index.py --out DIR``)
                                                 [off[r], off[r + 1]) (absent in ROWS_FORMAT 1 indexes)
     DIR/embeddings/<shard>/done.json            written last: counts, fingerprint, encoders,
                                                 "rows_format", ...
+    DIR/faiss/trained.index                     the trained, empty index every group is filled from
+                                                (IVF factories; manifest "shared_quantizer": true)
+    DIR/faiss/trained.index.done.json           written last: fingerprint of shards + factory + seed
     DIR/faiss/group-<g>.index                   FAISS index over the combined vectors of a shard group
     DIR/manifest.json                           written last: see INDEX_MANIFEST_KEYS
     Row ids in the FAISS indexes are global: shard offset (from the manifest) + row in shard.
@@ -91,6 +94,7 @@ ROW_LOC_FIELDS = {
     ),
 }
 MANIFEST_FILE = "manifest.json"
+TRAINED_INDEX_FILE = f"{FAISS_DIR}/trained.index"
 
 INDEX_MANIFEST_KEYS = (
     "num_images",      # images read successfully
@@ -100,6 +104,9 @@ INDEX_MANIFEST_KEYS = (
     "index_factory",   # faiss factory string actually used
     "shards",          # [{"name", "offset", "num_vectors", "num_images", "fingerprint"}]
     "groups",          # [{"file", "shards": [names], "factory", "num_vectors"}]
+    "shared_quantizer",  # true: every group was filled from trained_index (one coarse quantizer and
+                       # PQ codebooks); false (or absent, older indexes): each group trained its own
+    "trained_index",   # {"file", "fingerprint", "num_train", "factory"} or null
     "config",          # the resolved indexing config
     "code_version",
 )

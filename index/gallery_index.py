@@ -8,6 +8,7 @@ bytes those reads take from gallery files.
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,8 +21,23 @@ from index.gallery import ShardRef
 from index.ranged import ReadStats
 
 
+SEARCH_TASK_BYTES = 2 << 30   # default memory budget of one search task: index files it opens
+SEARCH_CACHE_ENTRIES = 4      # query sets whose deepest lists are kept (curate searches one set)
+
+
 class GalleryIndex:
-    def __init__(self, root: str | Path):
+    """`executor` (an object with `map(make_worker, tasks, desc)`, e.g. jobs.executors') fans the
+    search out over index groups, `search_task_bytes` of index files per task; without one the
+    groups are opened in this process, as one `ShardedIndex`."""
+
+    def __init__(self, root: str | Path, executor=None, search_task_bytes: int = SEARCH_TASK_BYTES):
+        if search_task_bytes < 1:
+            raise ValueError(f"search_task_bytes must be >= 1; got {search_task_bytes}")
+        self.executor = executor
+        self.search_task_bytes = int(search_task_bytes)
+        self._quantizer = None
+        self._cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self.searches = 0   # searches run (requests served from the cache are not counted)
         self.root = Path(root)
         path = self.root / contract.MANIFEST_FILE
         if not path.is_file():
@@ -45,11 +61,61 @@ class GalleryIndex:
         check_same_encoders(self.specs, local)
         return local
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        from index.search import ShardedIndex
-        if self._faiss is None:
-            self._faiss = ShardedIndex.from_dir(self.root)
-        return self._faiss.search(np.ascontiguousarray(queries, dtype=np.float32), k, nprobe)
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, executor=None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [Q, k], ids [Q, k]) over every group, merged exactly (index.search.merge_topk).
+
+        A request for the same queries and nprobe no deeper than an earlier one is served from
+        that one's lists (their first k columns), so query-balanced selection deepening k, and its
+        backfill, search the gallery once per new depth. With a shared quantizer (manifest
+        ``shared_quantizer``) the queries' coarse assignment is computed once here from the small
+        trained index, and the groups are searched as one index over those lists (a task's groups
+        stacked, `index.search.stack_groups`); indexes whose groups trained their own quantizers
+        are searched group by group as before. `executor` (default: the constructor's) runs
+        `index.search.search_groups` tasks, so this process opens no group; without one the
+        groups are loaded here once (as one index when they share a quantizer) and kept.
+        """
+        from index.search import _check_queries
+        queries = _check_queries(queries, k)
+        if nprobe is None:
+            nprobe = self.manifest.get("nprobe")
+        key = (hashlib.sha1(queries.tobytes()).hexdigest(), queries.shape, nprobe)
+        hit = self._cache.get(key)
+        if hit is not None and hit[1].shape[1] >= k:   # copies: a caller's edit cannot reach the cache
+            return hit[0][:, :k].copy(), hit[1][:, :k].copy()
+        scores, ids = self._search(queries, k, nprobe, executor if executor is not None else self.executor)
+        self.searches += 1
+        self._cache.pop(key, None)
+        self._cache[key] = (scores.copy(), ids.copy())
+        while len(self._cache) > SEARCH_CACHE_ENTRIES:
+            self._cache.pop(next(iter(self._cache)))
+        return scores, ids
+
+    def _search(self, queries: np.ndarray, k: int, nprobe: int | None, executor):
+        from index.knn import load_index
+        from index.search import (GroupSearchTask, ShardedIndex, assign_queries, group_search_worker, merge_topk,
+                                  plan_group_tasks)
+        assign = None
+        trained = self.manifest.get("trained_index")
+        if self.manifest.get("shared_quantizer") and trained:
+            if self._quantizer is None:   # the only index this process opens: no vectors, the
+                # quantizer (nlist x dim floats) and codebooks, mapped (clean page cache once read)
+                self._quantizer = load_index(self.root / trained["file"], mmap=True)
+            if queries.shape[1] != self._quantizer.d:
+                raise ValueError(f"queries have dim {queries.shape[1]}; the index has dim {self._quantizer.d}")
+            import faiss
+            assign = assign_queries(self._quantizer, queries,
+                                    nprobe or faiss.extract_index_ivf(self._quantizer).nprobe)
+        if executor is None:
+            if self._faiss is None:
+                self._faiss = ShardedIndex.from_dir(self.root)
+            return self._faiss.search(queries, k, nprobe, assign)
+        files = [g["file"] for g in self.manifest["groups"]]
+        sizes = [(self.root / f).stat().st_size for f in files]
+        tasks = [GroupSearchTask(root=str(self.root), files=tuple(files[g] for g in batch), queries=queries, k=k,
+                                 nprobe=nprobe, assign=assign, trained_file=trained["file"] if assign is not None else None)
+                 for batch in plan_group_tasks(sizes, self.search_task_bytes)]
+        return merge_topk(executor.map(group_search_worker, tasks, desc="search groups"), k)
 
     def locate(self, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard position, row within shard) of global vector ids."""

@@ -9,11 +9,16 @@ Rows with fewer than k results are padded with id -1 and score -inf.
   only the few columns that can still enter the top-k are merged. k is not capped (faiss GPU
   indexes cap k at 2048; query-balanced retrieval can need more).
 - `ShardedIndex`: one FAISS index per shard group; `search` fans out and merges top-k exactly.
+- `assign_queries` / `search_groups`: groups that share one trained quantizer are searched with the
+  queries' coarse assignment computed once (`IndexIVF.search_preassigned`), so a query costs what it
+  costs in one index; `search_groups` is the unit of work of a fan-out (it opens only its groups,
+  memory-mapped), `plan_group_tasks` packs groups into tasks under a memory budget.
 - `select_topk` / `sort_topk`: the exact per-row selection and ordering both use.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -289,12 +294,19 @@ class ShardedIndex:
     @classmethod
     def from_dir(cls, index_dir: str | os.PathLike, mmap: bool = False,
                  nprobe: int | None = None) -> "ShardedIndex":
-        """Open the groups listed in an index directory's manifest (index.contract)."""
+        """Open the groups listed in an index directory's manifest (index.contract).
+
+        Groups that share one trained quantizer (manifest ``shared_quantizer``) are opened as one
+        IVF index (`stack_groups`): their lists moved into it (in RAM) or viewed in place (`mmap`).
+        """
         from index.knn import load_index
         root = Path(index_dir)
         manifest = read_json(root / contract.MANIFEST_FILE)
-        return cls([load_index(root / g["file"], mmap=mmap) for g in manifest["groups"]],
-                   nprobe=nprobe if nprobe is not None else manifest.get("nprobe"))
+        indexes = [load_index(root / g["file"], mmap=mmap) for g in manifest["groups"]]
+        trained = manifest.get("trained_index")
+        if manifest.get("shared_quantizer") and trained:
+            indexes = [stack_groups(indexes, load_index(root / trained["file"]), move=not mmap)]
+        return cls(indexes, nprobe=nprobe if nprobe is not None else manifest.get("nprobe"))
 
     @property
     def d(self) -> int:
@@ -304,21 +316,27 @@ class ShardedIndex:
     def ntotal(self) -> int:
         return sum(int(ix.ntotal) for ix in self.indexes)
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               assign: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores [Q, k] float32, ids [Q, k] int64), sorted, padded with (-inf, -1).
 
         `nprobe` (default: the one given at construction, else each index's own) applies to IVF
-        groups and is ignored by flat ones.
+        groups and is ignored by flat ones. `assign` (`assign_queries`' (scores, lists) [Q, p]) is
+        the queries' coarse assignment by the quantizer every IVF group shares: each IVF group
+        then scans those p lists (`search_preassigned`) instead of running its quantizer again.
+        It is only valid for groups filled from that one trained index.
         """
         queries = _check_queries(queries, k)
         if queries.shape[1] != self.d:
             raise ValueError(f"queries have dim {queries.shape[1]}; the index has dim {self.d}")
+        if assign is not None:
+            assign = _check_assign(assign, len(queries))
         nprobe = nprobe if nprobe is not None else self.nprobe
-        parts = [self._search_group(g, queries, k, nprobe) for g in range(len(self.indexes))]
+        parts = [self._search_group(g, queries, k, nprobe, assign) for g in range(len(self.indexes))]
         return merge_topk(parts, k)
 
-    def _search_group(self, g: int, queries: np.ndarray, k: int, nprobe: int | None):
+    def _search_group(self, g: int, queries: np.ndarray, k: int, nprobe: int | None,
+                      assign: tuple[np.ndarray, np.ndarray] | None = None):
         import faiss
         index = self.indexes[g]
         flat = flat_arrays(index)
@@ -336,6 +354,14 @@ class ShardedIndex:
             ivf = faiss.extract_index_ivf(index)
         except RuntimeError:
             ivf = None
+        if ivf is not None and assign is not None and _is_plain_ivf(index):
+            scores, lists = assign
+            saved = ivf.nprobe
+            ivf.nprobe = lists.shape[1]   # faiss's wrapper checks the lists' width against nprobe
+            try:
+                return ivf.search_preassigned(queries, kk, lists, scores)
+            finally:
+                ivf.nprobe = saved
         if ivf is None or nprobe is None:
             return index.search(queries, kk)
         saved = ivf.nprobe
@@ -344,3 +370,145 @@ class ShardedIndex:
             return index.search(queries, kk)
         finally:
             ivf.nprobe = saved
+
+
+# ---------------------------------------------------------------- one shared quantizer, fan-out
+
+def _is_plain_ivf(index) -> bool:
+    """An IndexIVF searched on the raw queries (no pre-transform or refinement around it)."""
+    import faiss
+    return isinstance(faiss.downcast_index(index), faiss.IndexIVF)
+
+
+def _check_assign(assign: tuple[np.ndarray, np.ndarray], num_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    scores, lists = (np.asarray(a) for a in assign)
+    if scores.shape != lists.shape or lists.ndim != 2 or len(lists) != num_queries or lists.shape[1] < 1:
+        raise ValueError(f"assign must be (scores, lists), both [{num_queries}, nprobe]; "
+                         f"got shapes {scores.shape} and {lists.shape}")
+    return np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(lists, dtype=np.int64)
+
+
+def assign_queries(trained, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """The queries' coarse assignment by an IVF index's quantizer: (scores, lists) [Q, min(nprobe, nlist)].
+
+    `trained` is the shared trained (empty) index every group was filled from, or any group of
+    it: they hold the same quantizer. These are the lists `index.search` would probe, computed
+    once for all groups instead of once per group.
+    """
+    if not _is_plain_ivf(trained):
+        raise ValueError(f"assign_queries needs a plain IVF index (no pre-transform); got {type(trained).__name__}")
+    import faiss
+    ivf = faiss.extract_index_ivf(trained)
+    if not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
+        raise ValueError(f"nprobe must be a positive integer; got {nprobe!r}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    return ivf.quantizer.search(queries, min(int(nprobe), int(ivf.nlist)))
+
+
+def stack_groups(indexes: Sequence, trained, move: bool = False):
+    """One IVF index over groups filled from the same trained index: list l is every group's list l.
+
+    A query then scans each probed list once, in one faiss call with one result heap and one
+    distance table, as in a single index, instead of once per group. `move`: the groups' entries
+    are moved into a copy of `trained` (`merge_from`; the groups are left empty; the index holds
+    what the groups held). Otherwise the lists are viewed in place (faiss HStackInvertedLists,
+    read-only: works on memory-mapped groups and reads only the probed lists); the view keeps
+    the groups alive. Within a list, group g's entries come before group g+1's.
+    """
+    import faiss
+    if not indexes:
+        raise ValueError("stack_groups needs at least one group")
+    if not _is_plain_ivf(trained):
+        raise ValueError(f"stack_groups needs a plain IVF trained index; got {type(trained).__name__}")
+    ivfs = []
+    for g, ix in enumerate(indexes):
+        if not _is_plain_ivf(ix) or type(faiss.downcast_index(ix)) is not type(faiss.downcast_index(trained)):
+            raise ValueError(f"group {g} ({type(ix).__name__}) was not filled from the trained index "
+                             f"({type(trained).__name__})")
+        ivf = faiss.extract_index_ivf(ix)
+        if ivf.nlist != faiss.extract_index_ivf(trained).nlist or ivf.code_size != faiss.extract_index_ivf(trained).code_size:
+            raise ValueError(f"group {g}: nlist/code size differ from the trained index's")
+        ivfs.append(ivf)
+    out = faiss.clone_index(trained)
+    out_ivf = faiss.extract_index_ivf(out)
+    if move:
+        for ivf in ivfs:
+            out_ivf.merge_from(ivf, 0)
+        return out
+    ptrs = faiss.InvertedListsPtrVector()
+    for ivf in ivfs:
+        ptrs.push_back(ivf.invlists)
+    stacked = faiss.HStackInvertedLists(ptrs.size(), ptrs.data())
+    out_ivf.replace_invlists(stacked, False)
+    out_ivf.ntotal = sum(int(ivf.ntotal) for ivf in ivfs)
+    out.referenced_objects = [stacked, ptrs, *indexes]   # faiss holds raw pointers: keep the owners alive
+    return out
+
+
+def search_groups(root: str | os.PathLike, group_files: Sequence[str], queries: np.ndarray, k: int,
+                  nprobe: int | None = None, assign: tuple[np.ndarray, np.ndarray] | None = None,
+                  trained_file: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Merged top-k (scores, ids) [Q, k] of the listed groups of an index directory.
+
+    The unit of work of a search fan-out: it opens only `group_files` (paths relative to `root`),
+    memory-mapped (`knn.load_index(mmap=True)`: a search faults in the probed lists, or a Flat
+    group's vectors, as page cache), searches them and closes them. With `trained_file` (the
+    shared trained index the groups were filled from) the groups are searched as one index
+    (`stack_groups`), with `assign` (`assign_queries`, computed once for all tasks) as the coarse
+    assignment; without, group by group as `ShardedIndex.search` does. Pure: the result depends
+    only on the files and the arguments, so tasks run anywhere and merge with `merge_topk`.
+    """
+    from index.knn import load_index
+    if not group_files:
+        raise ValueError("search_groups needs at least one group file")
+    root = Path(root)
+    indexes = [load_index(root / f, mmap=True) for f in group_files]
+    if trained_file is not None:
+        indexes = [stack_groups(indexes, load_index(root / trained_file))]
+    try:
+        return ShardedIndex(indexes).search(queries, k, nprobe, assign)
+    finally:
+        del indexes
+
+
+def plan_group_tasks(sizes: Sequence[int], budget_bytes: int) -> list[list[int]]:
+    """Consecutive group positions packed into tasks whose files sum to at most `budget_bytes`.
+
+    A group larger than the budget gets a task of its own (one group is the unit). Every group is
+    in exactly one task, in order.
+    """
+    if budget_bytes < 1:
+        raise ValueError(f"budget_bytes must be >= 1; got {budget_bytes}")
+    tasks: list[list[int]] = []
+    used = 0
+    for g, size in enumerate(sizes):
+        if size < 0:
+            raise ValueError(f"group {g}: file size must be >= 0; got {size}")
+        if tasks and used + size <= budget_bytes:
+            tasks[-1].append(g)
+            used += size
+        else:
+            tasks.append([g])
+            used = size
+    return tasks
+
+
+@dataclass(frozen=True)
+class GroupSearchTask:
+    """One task of a search fan-out: plain data (numpy arrays), so it travels to a Ray worker."""
+    root: str
+    files: tuple[str, ...]
+    queries: np.ndarray
+    k: int
+    nprobe: int | None = None
+    assign: tuple[np.ndarray, np.ndarray] | None = None
+    trained_file: str | None = None
+
+
+def run_group_search(task: GroupSearchTask) -> tuple[np.ndarray, np.ndarray]:
+    return search_groups(task.root, task.files, task.queries, task.k, task.nprobe, task.assign, task.trained_file)
+
+
+def group_search_worker():
+    """The `make_worker` of a search fan-out (`executor.map(group_search_worker, tasks)`)."""
+    return run_group_search

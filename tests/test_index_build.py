@@ -333,3 +333,34 @@ def test_decode_error_in_background_thread_reaches_the_caller(gallery, tmp_path,
     with pytest.raises(RuntimeError, match="decoder exploded"):
         embed.embed_shard(task, embed.Embedder(specs, "cpu", prefetch=True))
     assert not (store.shard_dir(tmp_path, shard.name) / contract.DONE_FILE).exists()
+
+
+# ---------------------------------------------------------------- one quantizer for all groups
+
+def test_ivf_groups_share_one_trained_quantizer(gallery, tmp_path):
+    import faiss
+
+    from index import knn
+    from index.config import FaissConfig
+
+    cfg = dataclasses.replace(config(gallery), faiss=FaissConfig(factory="IVF4,Flat", shards_per_group=2, nprobe=4))
+    out = tmp_path / "ivf"
+    manifest = build_gallery_index(cfg, out)
+    assert manifest["shared_quantizer"] is True and manifest["index_factory"] == "IVF4,Flat"
+    assert manifest["trained_index"]["num_train"] == manifest["num_vectors"]   # 50 * 4 > 33: all of them
+    trained = knn.load_index(out / contract.TRAINED_INDEX_FILE)
+    groups = [knn.load_index(out / g["file"]) for g in manifest["groups"]]   # kept alive: faiss views
+    cents = [faiss.extract_index_ivf(g).quantizer.reconstruct_n(0, 4) for g in groups]
+    assert len(cents) == 2
+    for c in cents:
+        np.testing.assert_array_equal(c, faiss.extract_index_ivf(trained).quantizer.reconstruct_n(0, 4))
+    # nprobe = nlist: every list is scanned, so each vector finds itself first
+    vectors = np.concatenate([store.combined(out, s["name"], ["test-tiny-timm"]) for s in manifest["shards"]])
+    for gi in (GalleryIndex(out), GalleryIndex(out, executor=LocalExecutor(), search_task_bytes=1)):
+        scores, ids = gi.search(vectors, 3, nprobe=4)
+        np.testing.assert_array_equal(ids[:, 0], np.arange(len(vectors)))
+    # a rerun reuses the trained index and every group
+    before = {p: p.stat().st_mtime_ns for p in (out / contract.FAISS_DIR).iterdir()}
+    again = build_gallery_index(cfg, out)
+    assert _without_timings(again) == _without_timings(manifest)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
