@@ -23,7 +23,7 @@ from PIL import Image
 from curation import verify_batch
 from curation.decontam import LeakReport, find_leaks, verify_leaks
 from curation.dedup import duplicate_clusters
-from curation.executor import Executor, InProcessExecutor, chunks
+from index.executor import Executor, LocalExecutor, chunks
 from curation.pixelkey import Keys
 from curation.thresholds import Thresholds
 from curation.verify import NO_MATCH, Match, Thumb
@@ -61,7 +61,7 @@ class CopyDetector:
                  pairs_per_task: int = PAIRS_PER_TASK):
         self.th, self.ref_ids, self.ref_feats, self.ref_keys = th, list(ref_ids), list(ref_feats), ref_keys
         self._load = {False: load_references, True: load_gallery}
-        self.executor = executor or InProcessExecutor()
+        self.executor = executor or LocalExecutor()
         self.device, self.pairs_per_task = device, pairs_per_task
         self.thumbs: dict[tuple[bool, str], Thumb | None] = {}   # (is gallery, id) -> thumbnail
         self.memo: dict[tuple[str, str, bool], Match] = {}       # (gallery id, other id, other is gallery)

@@ -100,7 +100,7 @@ class CurateConfig:
 def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     """Run (or resume) the curation stages into ``cfg.out``; returns the manifest.
 
-    ``executor`` (`curation.executor.Executor`) fans out original embedding, verification and crop
+    ``executor`` (`index.executor.Executor`) fans out original embedding, verification and crop
     materialisation; None runs them in this process (``cfg.executor`` must then be "local").
     """
     from curation.run.stages import counts, pairs_per_second, run_stages
@@ -112,6 +112,8 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     timings["verify"] = round(st.verify_seconds, 3)
     rate = pairs_per_second(st.verified_pairs, st.verify_seconds)
     timings["verify_pairs_per_s"] = None if rate is None else round(rate, 1)
+    # what this process and its workers read from gallery files (a resumed run: only what it redid)
+    timings["gallery_reads"] = st.gindex.read_stats.to_dict()
     timings["stages"] = {k: {"seconds": round(v["seconds"], 3), "status": v["status"]}
                          for k, v in st.stage_status.items()}
     gindex, qs, specs = st.gindex, st.qs, st.specs
@@ -151,7 +153,7 @@ def summary_line(manifest: dict[str, Any], seconds: float) -> str:
             f"verify {th.get('verifier', 'none')} {_fmt(th.get('verify'))}"
             + (f" residual<={_fmt(th['max_residual'])}" if th.get("max_residual") is not None else "")
             + (f" key {_fmt(th['key'])}" if th.get("key") is not None else "")
-            + _verified(manifest)
+            + _verified(manifest) + _reads(manifest)
             + f", {seconds:.1f} s"
             + _stages(manifest)
             + (f" -- {manifest['message']}" if manifest.get("message") else ""))
@@ -167,6 +169,11 @@ def _verified(manifest: dict[str, Any]) -> str:
         return ""
     rate = manifest.get("timings", {}).get("verify_pairs_per_s")
     return f", verified {n} pairs" + (f" ({rate:.0f}/s)" if rate else "")
+
+
+def _reads(manifest: dict[str, Any]) -> str:
+    r = manifest.get("timings", {}).get("gallery_reads")
+    return f", read {r['bytes'] / 1e6:.1f} MB of {r['files']} gallery file(s)" if r and r.get("bytes") else ""
 
 
 def _stages(manifest: dict[str, Any]) -> str:

@@ -196,7 +196,7 @@ def build_faiss_groups(out_dir: str | Path, entries: list[dict[str, Any]], encod
 
 
 def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) -> dict[str, Any]:
-    from jobs.executors import LocalExecutor  # the default executor needs no Ray
+    from index.executor import LocalExecutor
 
     executor = executor or LocalExecutor()
     t0 = time.perf_counter()

@@ -174,6 +174,11 @@ class GalleryIndex:
                     out[iid] = self._locs[iid] = table[iid]
         return out
 
+    def remember(self, locs: dict[str, dict[str, Any] | None]) -> None:
+        """Take image locations found elsewhere (a driver's `rows`, sent with a task), so a worker's
+        reads of those images cost no row-table read."""
+        self._locs.update(locs)
+
     def location(self, image_id: str) -> dict[str, Any] | None:
         """The image's location, or None where the index has none recorded; KeyError if not indexed."""
         found = self.locations([image_id])

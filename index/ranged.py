@@ -55,11 +55,13 @@ class ReadStats:
         self.by_file[path] = self.by_file.get(path, 0) + n
 
     def merge(self, other: "ReadStats") -> "ReadStats":
+        """Add another reader's counts (its `by_file` may be empty: a worker sends `to_dict()`)."""
+        self.bytes += other.bytes
         self.files += other.files
         self.reads += other.reads
         self.scanned_files += other.scanned_files
         for path, n in other.by_file.items():
-            self.add(path, n)
+            self.by_file[path] = self.by_file.get(path, 0) + n
         return self
 
     def to_dict(self) -> dict[str, int]:

@@ -14,24 +14,10 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
+from index.executor import Executor, LocalExecutor  # noqa: F401 - re-exported: the in-process executor
+
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class Executor(Protocol):
-    def map(self, make_worker: Callable[[], Callable[[T], R]], tasks: Sequence[T], desc: str = "") -> list[R]: ...
-
-
-class LocalExecutor:
-    """Runs everything in this process, in order."""
-
-    name = "local"
-
-    def map(self, make_worker: Callable[[], Callable[[T], R]], tasks: Sequence[T], desc: str = "") -> list[R]:
-        if not tasks:
-            return []
-        worker = make_worker()
-        return [worker(t) for t in tqdm(tasks, desc=desc, unit="task")]
 
 
 class _Actor:

@@ -14,13 +14,13 @@ from curation.copies import copy_rng, make_copy
 from curation.copydetect import CopyDetector, match_pairs
 from curation.decontam import find_leaks, verify_leaks
 from curation.dedup import duplicate_clusters
-from curation.executor import InProcessExecutor, chunks
+from index.executor import LocalExecutor, chunks
 from curation.samples import SAMPLES
 from curation.thresholds import Thresholds
 from curation.verify import Thumb, copy_match
 
 
-class CountingExecutor(InProcessExecutor):
+class CountingExecutor(LocalExecutor):
     def __init__(self):
         self.calls: list[tuple[str, int]] = []
 

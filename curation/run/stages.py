@@ -35,7 +35,7 @@ from curation.calibrate import Calibration
 from curation.copydetect import CopyDetector
 from curation.decontam import LeakReport, clear_reviewed, read_review
 from curation.dedup import keep_one_per_cluster
-from curation.executor import Executor, InProcessExecutor
+from index.executor import Executor, LocalExecutor
 from curation.querysets import get_query_set
 from curation.run.records import Record, StageStore
 from curation.run.state import Filtered, RunState, selection_from_record, selection_to_record
@@ -72,9 +72,11 @@ def open_run(cfg, executor: Executor | None) -> RunState:
             raise ValueError(f"executor {cfg.executor!r} needs an executor passed in: "
                              f"curate(cfg, executor=jobs.executors.make_executor({cfg.executor!r}, ...)); "
                              "the curate CLI builds it")
-        executor = InProcessExecutor()
+        executor = LocalExecutor()
     out = Path(cfg.out)
-    gindex = GalleryIndex(cfg.index)
+    # the search runs as tasks over index groups on the executor (in-process too), so this process
+    # opens no group and local and Ray runs merge the same per-task lists
+    gindex = GalleryIndex(cfg.index, executor=executor)
     specs = gindex.local_specs()          # refuses encoders whose weights differ from the index's
     qs = get_query_set(cfg.queries, cfg.data_root, cfg.seed)
     selector = SELECTORS.get(cfg.strategy)
@@ -116,7 +118,6 @@ def _apply_queries(st: RunState, rec: Record) -> None:
 
 def _search(st: RunState, k: int):
     t = time.perf_counter()
-    # executor=st.executor goes here once GalleryIndex.search fans out over index groups
     r = st.gindex.search(st.qfeat, k, st.cfg.nprobe)
     st.timings["search"] = st.timings.get("search", 0.0) + time.perf_counter() - t
     return r
@@ -185,7 +186,7 @@ def _filter(st: RunState) -> Record:
         img_of = np.array([r.id for r in gindex.rows(sel.ids)])
         new = sorted(set(img_of.tolist()) - set(orig) - set(unreadable_imgs))
         t = time.perf_counter()
-        unreadable_imgs.update(embed_original_images(st.executor, make_worker, new, orig,
+        unreadable_imgs.update(embed_original_images(st.executor, make_worker, gindex, new, orig,
                                                      keys if cfg.verify != "none" else None))
         t_embed += time.perf_counter() - t
         unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs}

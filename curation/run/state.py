@@ -12,7 +12,7 @@ import numpy as np
 from curation import pixelkey
 from curation.calibrate import Calibration
 from curation.decontam import LeakReport
-from curation.executor import Executor
+from index.executor import Executor
 from curation.features import FeatureCache, embed_labeled, labeled_keys
 from curation.pixelkey import Keys
 from curation.querysets import QuerySet

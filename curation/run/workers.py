@@ -19,14 +19,15 @@ import numpy as np
 from PIL import Image
 
 from curation import pixelkey
-from curation.executor import Executor, chunks
 from curation.features import embed_originals
 from curation.shards import AtomicShardWriter, materialized_crops
 from index import contract
 from index.encoders import EncoderSpec, build_encoder
 from index.embed import pick_device
+from index.executor import Executor, chunks
 from index.gallery import SkipCounts
 from index.gallery_index import GalleryIndex
+from index.ranged import ReadStats
 
 IMAGES_PER_TASK = 512    # originals per embedding task
 CROPS_PER_TASK = 256     # transfer samples per materialisation task
@@ -34,13 +35,21 @@ CROPS_PER_TASK = 256     # transfer samples per materialisation task
 
 # ---------------------------------------------------------------- original images
 
-def _embed_task(task: list[str], gindex: GalleryIndex, models: list, batch_size: int,
+def _reads(gindex: GalleryIndex) -> dict[str, int]:
+    """The gallery bytes this worker's index has read since the last call (then reset)."""
+    stats, gindex.read_stats = gindex.read_stats.to_dict(), ReadStats()
+    return stats
+
+
+def _embed_task(task: list[tuple[str, dict | None]], gindex: GalleryIndex, models: list, batch_size: int,
                 with_keys: bool) -> dict[str, Any]:
+    gindex.remember(dict(task))   # locations travel with the task: no row table is read here
+    ids = [i for i, _ in task]
     feats: dict[str, list[np.ndarray]] = {}
     keys: dict[str, np.ndarray] | None = {} if with_keys else None
-    unreadable = embed_originals(gindex, models, task, feats, batch_size, keys_into=keys)
-    ok = [i for i in task if i in feats]
-    return {"ids": ok, "unreadable": unreadable,
+    unreadable = embed_originals(gindex, models, ids, feats, batch_size, keys_into=keys)
+    ok = [i for i in ids if i in feats]
+    return {"ids": ok, "unreadable": unreadable, "reads": _reads(gindex),
             "feats": [np.stack([feats[i][e] for i in ok]) if ok else np.zeros((0, m.spec.embed_dim), np.float32)
                       for e, m in enumerate(models)],
             "keys": None if keys is None else (np.stack([keys[i] for i in ok]) if ok
@@ -48,19 +57,24 @@ def _embed_task(task: list[str], gindex: GalleryIndex, models: list, batch_size:
 
 
 def originals_worker(index_root: str, specs: list[EncoderSpec], device: str | None, batch_size: int,
-                     with_keys: bool) -> Callable[[list[str]], dict[str, Any]]:
+                     with_keys: bool) -> Callable[[list[tuple[str, dict | None]]], dict[str, Any]]:
     gindex = GalleryIndex(index_root)
     models = [build_encoder(s, pick_device(device)) for s in specs]
     return lambda task: _embed_task(task, gindex, models, batch_size, with_keys)
 
 
-def embed_original_images(executor: Executor, make_worker: Callable, image_ids: Sequence[str],
+def embed_original_images(executor: Executor, make_worker: Callable, gindex: GalleryIndex, image_ids: Sequence[str],
                           into: dict[str, list[np.ndarray]], keys_into: dict[str, np.ndarray] | None,
                           per_task: int = IMAGES_PER_TASK) -> dict[str, str]:
-    """Embed these gallery originals over the executor (ids sorted, so by shard); return unreadable."""
-    results = executor.map(make_worker, chunks(sorted(image_ids), per_task), desc="embed originals")
+    """Embed these gallery originals over the executor (ids sorted, so by shard, each with its
+    location); return unreadable. The workers' gallery reads are added to ``gindex.read_stats``."""
+    ids = sorted(image_ids)
+    locs = gindex.locations(ids)
+    tasks = chunks([(i, locs.get(i)) for i in ids], per_task)
+    results = executor.map(make_worker, tasks, desc="embed originals")
     unreadable: dict[str, str] = {}
     for res in results:
+        gindex.read_stats.merge(ReadStats(**res["reads"]))
         for row, i in enumerate(res["ids"]):
             into[i] = [f[row] for f in res["feats"]]
             if keys_into is not None:
@@ -77,15 +91,17 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _crops_task(task: list[dict], gindex: GalleryIndex, quality: int) -> dict[str, Any]:
+def _crops_task(task: tuple[list[dict], dict[str, dict | None]], gindex: GalleryIndex, quality: int) -> dict[str, Any]:
+    recs, locs = task
+    gindex.remember(locs)
     counts = SkipCounts()
-    records = [contract.TransferRecord.from_dict(d) for d in task]
+    records = [contract.TransferRecord.from_dict(d) for d in recs]
     got = {r.key: (None if crop is None else _jpeg(crop, quality))
            for r, crop in materialized_crops(gindex, records, counts)}
-    return {"jpg": [got[r.key] for r in records], "skipped": counts.to_dict()}
+    return {"jpg": [got[r.key] for r in records], "skipped": counts.to_dict(), "reads": _reads(gindex)}
 
 
-def crops_worker(index_root: str, quality: int) -> Callable[[list[dict]], dict[str, Any]]:
+def crops_worker(index_root: str, quality: int) -> Callable[[tuple[list[dict], dict]], dict[str, Any]]:
     gindex = GalleryIndex(index_root)
     return lambda task: _crops_task(task, gindex, quality)
 
@@ -103,14 +119,16 @@ def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.T
     """Materialise the crops over the executor and write ``transfer-*.tar`` in order on this process;
     returns {"written", "unreadable", "skipped", "files"} (stale shards of an earlier run are removed)."""
     ordered = write_order(gindex, records)
-    tasks = chunks([r.to_dict() for r in ordered], per_task)
+    parts = chunks([r.to_dict() for r in ordered], per_task)
+    tasks = [(part, gindex.locations({r["source_id"] for r in part})) for part in parts]
     results = executor.map(make_worker, tasks, desc="materialise crops")
     writer = AtomicShardWriter(out, contract.TRANSFER_PATTERN, shard_size)
     skipped = SkipCounts()
     written = unreadable = 0
-    for task, res in zip(tasks, results):
+    for part, res in zip(parts, results):
         skipped.merge(res["skipped"])
-        for rec, jpg in zip(task, res["jpg"]):
+        gindex.read_stats.merge(ReadStats(**res["reads"]))
+        for rec, jpg in zip(part, res["jpg"]):
             if jpg is None:
                 unreadable += 1
                 continue

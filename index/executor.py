@@ -1,11 +1,12 @@
-"""The executor interface curation fans work out over, and its in-process default.
+"""The executor interface every stage fans work out over, and its in-process default.
 
     executor.map(make_worker, tasks, desc) -> results, in task order
 
 `make_worker()` builds a worker's state once where it runs (encoders from specs, an opened index)
 and returns the function applied to each task; tasks and results are plain data. The library never
 builds a cluster executor itself: `jobs.executors.make_executor` does (the CLI calls it) and the
-result is passed in, so index/ and curation/ import without Ray.
+result is passed in, so index/ and curation/ import without Ray. `jobs.executors.RayExecutor` has
+the same interface.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ class Executor(Protocol):
     def map(self, make_worker: Callable[[], Callable[[T], R]], tasks: Sequence[T], desc: str = "") -> list[R]: ...
 
 
-class InProcessExecutor:
-    """Everything in this process, in order (what `jobs.executors.LocalExecutor` does)."""
+class LocalExecutor:
+    """Runs everything in this process, in order."""
 
     name = "local"
 
