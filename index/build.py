@@ -69,18 +69,25 @@ def gallery_training_sample(out_dir: str | Path, shards: list[dict[str, Any]], e
 
 def train_quantizer(task: TrainTask) -> dict[str, Any]:
     """Sample across the gallery, train an empty index of the factory, save it: the shared quantizer."""
-    out = Path(task.out_dir)
-    done_path = out / (task.file + ".done.json")
-    fp = task.fingerprint()
+    def make() -> dict[str, Any]:
+        out = Path(task.out_dir)
+        sample = gallery_training_sample(out, list(task.shards), list(task.encoders), task.size, task.seed)
+        trained = knn.train_index(task.factory, task.dim, sample, nprobe=task.nprobe, seed=task.seed)
+        knn.save_index(trained, out / task.file)
+        return {"factory": task.factory, "num_train": int(len(sample))}
+    return _committed(task.out_dir, task.file, task.fingerprint(), make)
+
+
+def _committed(out_dir: str, file: str, fp: str, make) -> dict[str, Any]:
+    """`file`'s done record if it matches `fp` (raises if it differs); else `make()` writes the file
+    and returns its record fields, and the record (with fingerprint, file and seconds) is written last."""
+    done_path = Path(out_dir) / (file + ".done.json")
     record = check_done(done_path, fp)
     if record is not None:
         return record
     t0 = time.perf_counter()
-    sample = gallery_training_sample(out, list(task.shards), list(task.encoders), task.size, task.seed)
-    trained = knn.train_index(task.factory, task.dim, sample, nprobe=task.nprobe, seed=task.seed)
-    knn.save_index(trained, out / task.file)
-    record = {"fingerprint": fp, "file": task.file, "factory": task.factory, "num_train": int(len(sample)),
-              "seconds": round(time.perf_counter() - t0, 3)}
+    record = {"fingerprint": fp, "file": file, **make(), "seconds": 0.0}
+    record["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(done_path, record)
     return record
 
@@ -112,13 +119,11 @@ class GroupTask:
 def build_group(task: GroupTask) -> dict[str, Any]:
     """Fill one FAISS index from the group's embedding shards: a copy of the shared trained index,
     or (no `task.trained`) an index trained on a sample of this group alone."""
+    return _committed(task.out_dir, task.file, task.fingerprint(), functools.partial(_fill_group, task))
+
+
+def _fill_group(task: GroupTask) -> dict[str, Any]:
     out = Path(task.out_dir)
-    done_path = out / (task.file + ".done.json")
-    fp = task.fingerprint()
-    record = check_done(done_path, fp)
-    if record is not None:
-        return record
-    t0 = time.perf_counter()
     shards = list(task.shards)
     num_vectors = sum(s["num_vectors"] for s in shards)
     train, trained = None, None
@@ -133,11 +138,7 @@ def build_group(task: GroupTask) -> dict[str, Any]:
         factory=task.factory, dim=task.dim, train_sample=train, nprobe=task.nprobe, seed=task.seed,
         trained=trained)
     knn.save_index(index, out / task.file)
-    record = {"fingerprint": fp, "file": task.file, "shards": [s["name"] for s in shards],
-              "factory": task.factory, "num_vectors": int(index.ntotal),
-              "seconds": round(time.perf_counter() - t0, 3)}
-    write_json(done_path, record)
-    return record
+    return {"shards": [s["name"] for s in shards], "factory": task.factory, "num_vectors": int(index.ntotal)}
 
 
 def _groups(entries: list[dict[str, Any]], per_group: int) -> list[list[dict[str, Any]]]:
