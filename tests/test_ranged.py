@@ -369,3 +369,43 @@ def test_folder_gallery_index_reads_by_file(folder_gallery: Path, tmp_path: Path
     scanned = {g.id: g.image for s in list_shards(str(folder_gallery)) for g in iter_images(s)}
     assert sorted(got) == ids and all(np.array_equal(_pixels(got[i]), _pixels(scanned[i])) for i in ids)
     assert gi.read_stats.scanned_files == 0 and gi.read_stats.files == len(ids) + 1  # + cats/a.json
+
+
+def test_a_curate_run_reads_no_gallery_shard_whole(many, tmp_path: Path):
+    """curate end to end on the many-shard gallery: every gallery read is a range read (no scan), no
+    shard is read whole, and the bytes read stay within a small multiple of the images it touched:
+    each candidate's original once to embed it, the written ones again to cut their crops, a few
+    again for the report."""
+    from curation.pipeline import CurateConfig, curate
+    from fixtures_gallery import pattern
+
+    gallery, index = many
+    task = tmp_path / "task"
+    for c in range(2):
+        (task / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            pattern(20000 + c * 100 + i, 32).save(task / f"class{c}" / f"q{i}.png")
+    out = tmp_path / "curated"
+    m = curate(CurateConfig(queries=f"folder:{task}:2shot", index=str(index), size=20, out=str(out),
+                            cache_dir=str(tmp_path / "cache"), dedup_threshold=0.99, leak_threshold=0.95,
+                            verify="none"))
+    reads = m["timings"]["gallery_reads"]
+    assert reads["scanned_files"] == 0 and reads["bytes"] > 0
+    originals = json.loads((out / contract.STAGES_DIR / "filter.json").read_text())["data"]["originals"]
+    sources = sorted({r["source_id"] for r in _records(out)})
+    assert set(sources) <= set(originals)
+    # each range read is one image's members (with their tar headers): every original is read once to
+    # embed it, the written ones again to cut their crops, and those the report shows (here: all) again
+    gi = GalleryIndex(index)
+    span = {i: _span_bytes(gi.location(i)) for i in originals}
+    assert reads["reads"] <= len(originals) + 2 * len(sources)
+    assert reads["bytes"] <= sum(span.values()) + 2 * sum(span[i] for i in sources), reads
+    assert reads["bytes"] < sum(p.stat().st_size for p in gallery.glob("*.tar"))
+
+
+def _records(out: Path) -> list[dict]:
+    recs = []
+    for shard in sorted(out.glob("transfer-*.tar")):
+        with tarfile.open(shard) as tf:
+            recs += [json.load(tf.extractfile(m)) for m in tf if m.name.endswith(".json")]
+    return recs

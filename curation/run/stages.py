@@ -230,7 +230,8 @@ def _filter(st: RunState) -> Record:
                 f"(e.g. {unknown[:5]}); flagged ids: {flagged[:20]}{' ...' if len(flagged) > 20 else ''}")
     flags, arrays = selection_to_record(sel, "")
     return Record({"selection": flags, "filtered": filtered.to_dict(), "leaks": leak_report.to_dict(),
-                   "rounds": rounds, "verified_pairs": detector.pairs_verified,
+                   "rounds": rounds, "originals": sorted(set(orig) | set(unreadable_imgs)),   # images read
+                   "verified_pairs": detector.pairs_verified,
                    "verify_seconds": detector.seconds}, arrays)
 
 
