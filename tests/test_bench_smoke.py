@@ -29,6 +29,8 @@ SCRIPTS = {
     "distill.py": (("aft_over_labels_only", "kd_over_labels_only"), True, True),
     "quality.py": (("acc_kd_curated", "details"), True, True),
     "scale.py": (("io", "search"), True, True),
+    "verify.py": (("sets", "all"), True, False),
+    "search_groups.py": (("runs", "own_quantizer_time_ratio"), True, False),
 }
 
 
