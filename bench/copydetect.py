@@ -159,7 +159,18 @@ def main(argv: list[str] | None = None) -> None:
             out["results"][f"{name}/{enc}"] = r
             print(json.dumps({f"{name}/{enc}": r}), flush=True)
         out.setdefault("time_per_1000_candidates_s", {})[name] = time_candidates(images)
+    out["targets"] = targets(out["results"], args.recall)
     print(json.dumps(out, indent=2))
+
+
+def targets(results: dict, recall: float) -> dict:
+    """The copy-detection goals over every set/encoder run, with calibrated thresholds, pixel keys and
+    verification: recall of the weakest copy kind >= the target, false positives per image <= 0.01."""
+    runs = [r["calibrated_with_verification"] for r in results.values()]
+    weakest = min(min(r["recall"].values()) for r in runs)
+    fpr = max(r["false_positive_rate"] for r in runs)
+    return {"weakest_kind_recall": {"value": round(weakest, 4), "goal": f">= {recall}", "met": weakest >= recall},
+            "false_positives_per_image": {"value": round(fpr, 4), "goal": "<= 0.01", "met": fpr <= 0.01}}
 
 
 if __name__ == "__main__":

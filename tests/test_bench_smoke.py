@@ -25,7 +25,7 @@ SCRIPTS = {
     "curate.py": (("fraction", "throughput"), True, False),
     "search.py": (("exact", "ivf"), True, False),
     "embed.py": (("ratio", "pipeline_s"), True, False),
-    "copydetect.py": (("results", "verifiers"), False, False),   # its goals are not yet a targets object
+    "copydetect.py": (("results", "verifiers"), True, False),
     "distill.py": (("aft_over_labels_only", "kd_over_labels_only"), True, True),
     "quality.py": (("acc_kd_curated", "details"), True, True),
     "scale.py": (("io", "search"), True, True),
