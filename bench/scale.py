@@ -340,19 +340,36 @@ class WorkerPeaks(threading.Thread):
         self.interval, self.peaks_kb = interval, {}
         self.halt = threading.Event()
 
-    def run(self) -> None:
-        import psutil
-        me = psutil.Process()
-        while not self.halt.is_set():
-            for p in me.children(recursive=True):
+    @staticmethod
+    def _descendants(root: int) -> list[int]:
+        kids: dict[int, list[int]] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
                 try:
-                    title = (p.cmdline() or [""])[0]
-                except psutil.Error:
+                    with open(f"/proc/{d}/stat") as f:   # "pid (comm) state ppid ..."; comm may hold spaces
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                kids.setdefault(ppid, []).append(int(d))
+        out, todo = [], [root]
+        while todo:
+            for c in kids.get(todo.pop(), []):
+                out.append(c)
+                todo.append(c)
+        return out
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            for pid in self._descendants(os.getpid()):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        title = f.read().split(b"\0")[0].decode(errors="replace")
+                except OSError:
                     continue
                 if title.startswith("ray::") and "IDLE" not in title:
-                    hwm = _vmhwm_kb(p.pid)
+                    hwm = _vmhwm_kb(pid)
                     if hwm:
-                        self.peaks_kb[p.pid] = max(self.peaks_kb.get(p.pid, 0), hwm)
+                        self.peaks_kb[pid] = max(self.peaks_kb.get(pid, 0), hwm)
             self.halt.wait(self.interval)
 
     def stop(self) -> dict[str, Any]:
