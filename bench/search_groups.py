@@ -94,6 +94,15 @@ def index_dir(root: Path, embeddings: Path, entries: list[dict[str, Any]], dim: 
     return manifest, seconds
 
 
+def copy_trained(src: Path, dst: Path) -> None:
+    """Give index dir `dst` the trained index of `src` (same shards, factory and seed): the train
+    step of `build_faiss_groups` reuses it (by its fingerprint) instead of training again."""
+    (dst / contract.FAISS_DIR).mkdir(parents=True, exist_ok=True)
+    for suffix in ("", ".done.json"):
+        (dst / (contract.TRAINED_INDEX_FILE + suffix)).write_bytes(
+            (src / (contract.TRAINED_INDEX_FILE + suffix)).read_bytes())
+
+
 def _best(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -138,11 +147,7 @@ def run(size: str = "quick", groups: tuple[int, ...] = (10, 100), nprobe: int = 
                 factory = f"IVF{nlist},{pq}"
                 root = work / f"{mode}-{g}"
                 if mode == "shared" and trained_src is not None:
-                    # the same shards, factory and seed: the train step reuses this (by its fingerprint)
-                    (root / contract.FAISS_DIR).mkdir(parents=True, exist_ok=True)
-                    for suffix in ("", ".done.json"):
-                        (root / (contract.TRAINED_INDEX_FILE + suffix)).write_bytes(
-                            (trained_src / (contract.TRAINED_INDEX_FILE + suffix)).read_bytes())
+                    copy_trained(trained_src, root)
                 search_threads = faiss.omp_get_max_threads()
                 faiss.omp_set_num_threads(build_threads or search_threads)
                 try:
