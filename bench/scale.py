@@ -471,23 +471,11 @@ def needed_bytes(out: Path, member_sizes: dict[str, int]) -> tuple[int, int]:
 
 
 def candidate_images(out: Path, index: Path) -> set[str]:
-    """The distinct gallery images curate embedded the originals of: every item of the first
-    selection (stage ``retrieve``) and of the final one, and every item the filters removed (stage
-    ``filter``), mapped to their image ids through the index's row tables. Items of an intermediate
-    backfill round that were neither removed nor kept are not in the records (a lower bound then)."""
+    """The distinct gallery images curate read the originals of (stage ``filter``'s record lists them)."""
     from curation.run.records import StageStore
     from index.atomic import read_json
-    from index.gallery_index import GalleryIndex
 
-    store = StageStore(out)
-    gids: set[int] = set()
-    for stage in ("retrieve", "filter"):
-        with np.load(store.npz_path(stage), allow_pickle=False) as z:
-            gids.update(int(i) for i in z["ids"])
-    removed = read_json(store.json_path("filter"))["data"]["filtered"]
-    for why in ("duplicates", "leaks", "unreadable"):
-        gids.update(int(i) for i in removed[why])
-    return {r.id for r in GalleryIndex(index).rows(np.array(sorted(gids), dtype=np.int64))}
+    return set(read_json(StageStore(out).json_path("filter"))["data"]["originals"])
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -537,7 +525,7 @@ def io_part(work: Path, mode: dict[str, Any], encoder: str, threads: int, log, e
                 "needed_definition": "member bytes of the written set's distinct source images",
                 "candidate_bytes": looked, "candidate_images": len(cands),
                 "candidate_definition": "member bytes of every distinct image curate embedded the original of "
-                                        "(first and final selections and every removed item)",
+                                        "(the filter stage's record)",
                 "bytes_read_ratio": _ratio(read, looked),
                 "bytes_read_ratio_definition": "gallery bytes read / candidate_bytes",
                 "bytes_read_over_needed_ratio": _ratio(read, need),
