@@ -104,12 +104,22 @@ def _jpeg(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+# gallery images at web sizes: img2dataset galleries hold 256-512 px JPEGs of tens of KB, against
+# which a sample's tar headers and json (about 1.5 KB a sample) are small; 28 px PNGs of a few
+# hundred bytes would measure the tar format's overhead instead of curate's reads
+WEB_SIDE = 224
+
+
+def _web(im: Image.Image) -> Image.Image:
+    return im.convert("RGB").resize((WEB_SIDE, WEB_SIDE), Image.BICUBIC)
+
+
 def _crop(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     w, h = im.size
     s = rng.uniform(0.2, 0.8)
     cw, ch = max(8, int(w * np.sqrt(s))), max(8, int(h * np.sqrt(s)))
     x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    side = int(rng.integers(48, 129))
+    side = int(rng.integers(128, 385))
     scale = side / max(cw, ch)
     return im.crop((x, y, x + cw, y + ch)).resize((max(8, int(cw * scale)), max(8, int(ch * scale))))
 
@@ -145,8 +155,8 @@ def _fashion(split: str):
 
 
 def gallery_samples(n: int, seed: int = 0) -> Iterator[tuple[str, bytes]]:
-    """n (ext, image bytes): 60% Fashion-MNIST train PNGs, 40% JPEG random crops of the photos;
-    the tests' pattern images where neither is installed."""
+    """n (ext, image bytes): 60% Fashion-MNIST train images (upscaled to WEB_SIDE, JPEG), 40% JPEG
+    random crops of the photos (128-384 px); the tests' pattern images where neither is installed."""
     rng = np.random.default_rng(seed)
     fm, photos = _fashion("train"), _photos(min(400, max(10, n // 20)))
     if fm is None and not photos:
@@ -158,7 +168,7 @@ def gallery_samples(n: int, seed: int = 0) -> Iterator[tuple[str, bytes]]:
     order = rng.permutation(len(fm[0])) if fm is not None else None
     for i in range(n):
         if fm is not None and (not photos or rng.random() < 0.6):
-            yield "png", _png(Image.fromarray(fm[0][order[i % len(order)]]))
+            yield "jpg", _jpeg(_web(Image.fromarray(fm[0][order[i % len(order)]])))
         else:
             yield "jpg", _jpeg(_crop(photos[int(rng.integers(len(photos)))], rng))
 
@@ -200,7 +210,7 @@ def write_task(root: Path, per_class: int, seed: int = 0) -> tuple[Path, int]:
     for c in range(10):
         (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
         for j, i in enumerate(rng.choice(np.flatnonzero(y == c), size=per_class, replace=False)):
-            Image.fromarray(x[i]).save(root / f"class_{c}" / f"{j:03d}.png")
+            _web(Image.fromarray(x[i])).save(root / f"class_{c}" / f"{j:03d}.png")
     return root, 10
 
 
