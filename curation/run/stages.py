@@ -313,16 +313,17 @@ def _report(st: RunState) -> Record:
 def write_report_html(st: RunState) -> None:
     qs, records, leak_report, th, filtered = st.qs, st.records, st.leak_report, st.th, st.filtered
     c = counts(st)
-    shown = report_items(records, leak_report, filtered, rpt.ReportLimits())
-    rejected, clusters = shown.rejected, shown.clusters
+    shown = rpt.ReportLimits()
+    items = report_items(records, leak_report, filtered, shown)
+    rejected, clusters = items.rejected, items.clusters
     # written images' thumbnails come from the write stage; only images never written (removed
     # leaks and duplicates) are read from the gallery
     crop_thumbs, originals = read_report_thumbs(st.out / contract.REPORT_THUMBS_FILE)
-    originals.update(read_originals(st.gindex, shown.original_ids() - {r.source_id for r in records}))
+    originals.update(read_originals(st.gindex, items.original_ids() - {r.source_id for r in records}))
     qimg = {q.id: q for q in qs.queries}
     label = {q.id: qs.classes[q.label] for q in qs.queries}
     panels = []
-    for qid, recs in shown.panels:
+    for qid, recs in items.panels:
         panels.append(rpt.QueryPanel(
             id=qid, class_name=label.get(qid, qid.removeprefix("text:")),
             image=qimg[qid].load() if qid in qimg else None,
