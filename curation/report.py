@@ -176,6 +176,29 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def thumbnail(im: Image.Image, size: int) -> Image.Image:
+    """The RGB image the report embeds for ``im``: transparency on white, longest side at most
+    ``size`` (LANCZOS). Applying it twice gives the same pixels as once, so a thumbnail made
+    ahead of time (and stored losslessly) renders exactly as the full image would."""
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    im = im.convert("RGB")
+    if max(im.size) > size:
+        im = im.copy()
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return im
+
+
+def thumbnail_png(im: Image.Image, size: int) -> bytes:
+    """``thumbnail(im, size)`` as PNG bytes (lossless, deterministic): what a stage that holds the
+    decoded image stores so the report need not read it again."""
+    buf = io.BytesIO()
+    thumbnail(im, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 class _Thumbs:
     """Encodes thumbnails once each (an original image can back several crops) and counts them."""
 
@@ -193,15 +216,7 @@ class _Thumbs:
             im.load()
         except Exception:  # undecodable bytes are shown as a placeholder and counted
             return None
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im)
-        im = im.convert("RGB")
-        size = self.limits.thumb_size
-        if max(im.size) > size:
-            im = im.copy()
-            im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        im = thumbnail(im, self.limits.thumb_size)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=self.limits.jpeg_quality)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

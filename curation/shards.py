@@ -90,9 +90,10 @@ def _remove_stale(out: Path, prefix: str, keep: list[str]) -> None:
             p.unlink()
 
 
-def materialized_crops(gindex, records: Iterable[contract.TransferRecord], counts: SkipCounts
-                       ) -> Iterator[tuple[contract.TransferRecord, Image.Image | None]]:
-    """(record, crop) in (gallery shard, rank) order; crop None where the original could not be read."""
+def materialized_crops(gindex, records: Iterable[contract.TransferRecord], counts: SkipCounts,
+                       with_originals: bool = False) -> Iterator[tuple]:
+    """(record, crop) in (gallery shard, rank) order; crop None where the original could not be read.
+    With ``with_originals``: (record, crop, original), the decoded original the crop was cut from."""
     by_shard: dict[str, list[contract.TransferRecord]] = defaultdict(list)
     for r in records:
         by_shard[contract.split_image_id(r.source_id)[0]].append(r)
@@ -102,7 +103,8 @@ def materialized_crops(gindex, records: Iterable[contract.TransferRecord], count
         images = read_by_id(gindex, {r.source_id for r in recs}, counts).images
         for r in recs:
             im = images.get(r.source_id)
-            yield r, None if im is None else materialize(im, CropRecipe.from_dict(r.recipe))
+            crop = None if im is None else materialize(im, CropRecipe.from_dict(r.recipe))
+            yield (r, crop, im) if with_originals else (r, crop)
 
 
 def write_transfer_shards(out: Path, gindex, records: list[contract.TransferRecord], shard_size: int,

@@ -36,6 +36,9 @@ Curated directory (``curate --out DIR``)
                                   scores, thresholds, counts); arrays in DIR/.curate/<stage>.npz,
                                   written before the JSON. A rerun reuses the records whose
                                   fingerprint matches and recomputes from the first that does not.
+    DIR/.curate/report-thumbs.tar an output of the write stage: the report's thumbnails of the
+                                  written crops and originals it shows (curation/report_thumbs.py),
+                                  so the report reads from the gallery only images never written.
 """
 from __future__ import annotations
 
@@ -128,6 +131,7 @@ QUERIES_PATTERN = "queries-%06d.tar"
 QUERIES_DRAW_FILE = "queries.json"
 REPORT_FILE = "report.html"
 STAGES_DIR = ".curate"
+REPORT_THUMBS_FILE = f"{STAGES_DIR}/report-thumbs.tar"   # relative to DIR; written by the write stage
 
 
 @dataclass(frozen=True)

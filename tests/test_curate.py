@@ -529,6 +529,7 @@ class _Killed(BaseException):
 def _outputs(out: Path) -> dict[str, bytes]:
     """Every output a rerun must reproduce, byte for byte; the manifest without timings or config.out."""
     files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != contract.MANIFEST_FILE}
+    files[contract.REPORT_THUMBS_FILE] = (out / contract.REPORT_THUMBS_FILE).read_bytes()   # the write stage's
     m = json.loads((out / contract.MANIFEST_FILE).read_text())
     m.pop("timings")
     m["config"].pop("out")
@@ -606,6 +607,14 @@ def test_a_changed_setting_recomputes_from_the_first_stage_it_affects(world: Wor
     _run(world, out)
     assert _statuses(out)["write"] == "recomputed (outputs changed record)"
     assert len(_records(out)) == N
+    # so are the report thumbnails the write stage keeps, missing or changed
+    thumbs = (out / contract.REPORT_THUMBS_FILE).read_bytes()
+    for damage in (lambda p: p.unlink(), lambda p: p.write_bytes(thumbs[:-1024])):
+        damage(out / contract.REPORT_THUMBS_FILE)
+        _run(world, out)
+        assert _statuses(out)["write"] == "recomputed (outputs changed record)"
+        assert _statuses(out)["report"] == "reused"
+        assert (out / contract.REPORT_THUMBS_FILE).read_bytes() == thumbs
 
 
 def test_summary_and_manifest_report_stage_timings_and_verification_rate(base):

@@ -183,3 +183,47 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # the solid red query image was decoded from its data URI and painted (shown at 96x96)
     red = (arr[..., 0] > 240) & (arr[..., 1] < 30) & (arr[..., 2] < 30)
     assert 0.8 * 96 * 96 < red.sum() < 1.2 * 96 * 96
+
+
+def test_a_stored_png_thumbnail_renders_exactly_like_the_full_image():
+    """The write stage stores `thumbnail_png` of the images the report shows; the report must embed
+    the same JPEG from it as from the full image (RGBA, palette and large RGB sources alike)."""
+    from curation.report import _Thumbs, thumbnail_png
+
+    limits = ReportLimits()
+    rgba = _noise(7, (300, 200)).convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 300), dtype=np.uint8)))
+    for im in (_noise(5, (500, 120)), rgba, _noise(6, (40, 30)).convert("P"), _noise(8, (60, 50))):
+        png = thumbnail_png(im, limits.thumb_size)
+        assert max(Image.open(io.BytesIO(png)).size) <= limits.thumb_size
+        assert _Thumbs(limits)._encode(png) == _Thumbs(limits)._encode(im)
+        assert thumbnail_png(im, limits.thumb_size) == png   # deterministic bytes
+
+
+def test_report_items_are_the_panels_the_report_shows():
+    """One pure function says which written crops and originals the report shows, so the write stage
+    can keep their thumbnails: each query's best ranks in that query (not the curated order), capped."""
+    from curation.decontam import Leak, LeakReport
+    from curation.run.report_items import report_items
+    from curation.run.state import Filtered
+
+    def rec(i: int, hits: list[tuple[str, int]]) -> TransferRecord:
+        return TransferRecord(key=f"k{i}", source_id=f"00000/s{i // 2}", crop=i % 2, recipe={},
+                              queries=[QueryHit(q, 0.5, r) for q, r in hits], rank=i)
+
+    # q0 retrieves k0..k9, ranked in q0 in reverse curated order; q1 retrieves k3 only
+    records = [rec(i, [("q0", 9 - i)] + ([("q1", 0)] if i == 3 else [])) for i in range(10)]
+    limits = ReportLimits(max_per_query=3, max_cluster_members=2)
+    filtered = Filtered()
+    filtered.link(["00000/gone1", "00000/s0", "00000/gone2"])
+    leak = Leak(index=0, image_id="00000/leak", max_similarity=0.99, encoder=0, neighbor_ids=("r",),
+                neighbor_similarity=(0.99,))
+    lr = LeakReport(threshold=0.9, num_images=1, num_references=1, leaks=(leak,))
+    items = report_items(records, lr, filtered, limits)
+    assert [(q, [r.key for r in rs]) for q, rs in items.panels] == [("q0", ["k9", "k8", "k7"]), ("q1", ["k3"])]
+    assert items.crop_keys() == {"k9", "k8", "k7", "k3"}
+    assert items.leak_images == ("00000/leak",)
+    assert items.clusters == ((("00000/gone1", False), ("00000/gone2", False), ("00000/s0", True)),)
+    assert items.cluster_images == ("00000/gone1", "00000/gone2")
+    assert items.original_ids() == {"00000/s4", "00000/s3", "00000/s1", "00000/leak", "00000/gone1", "00000/gone2"}
+    assert report_items(records, None, Filtered(), limits).original_ids() == {"00000/s4", "00000/s3", "00000/s1"}

@@ -5,7 +5,7 @@
     retrieve        -> the first selection of N gallery crops
     references      -> thresholds in force (reference features, pixel keys, calibration)
     filter          -> final selection after decontamination / dedup / backfill rounds
-    write           -> transfer-*.tar, queries-*.tar, queries.json
+    write           -> transfer-*.tar, queries-*.tar, queries.json, .curate/report-thumbs.tar
     report          -> report.html
     manifest        -> manifest.json, written last                          (not recorded)
 
@@ -22,7 +22,6 @@ import json
 import math
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +40,9 @@ from curation.run.records import Record, StageStore
 from curation.run.state import Filtered, RunState, selection_from_record, selection_to_record
 from curation.run.workers import crops_worker, embed_original_images, originals_worker, write_transfer
 from curation.selection import SELECTORS, Selection, class_prompts, class_text_queries, select_with_search
-from curation.shards import load_thumbs, read_originals, write_query_shards
+from curation.report_thumbs import read_report_thumbs
+from curation.run.report_items import query_rank, report_items
+from curation.shards import read_originals, write_query_shards
 from curation.thresholds import Thresholds, resolve_thresholds
 from curation.features import embed_labeled
 from index import contract
@@ -257,13 +258,18 @@ def transfer_records(sel: Selection, rows, query_ids: list[str]) -> list[contrac
 
 
 def _output_files(st: RunState) -> list[str]:
-    return sorted(p.name for p in st.out.glob("*-*.tar")) + [contract.QUERIES_DRAW_FILE]
+    return sorted(p.name for p in st.out.glob("*-*.tar")) + [contract.QUERIES_DRAW_FILE, contract.REPORT_THUMBS_FILE]
 
 
 def _write(st: RunState) -> Record:
     records = transfer_records(st.sel, st.gindex.rows(st.sel.ids), st.query_ids)
+    limits = rpt.ReportLimits()
+    shown = report_items(records, st.leak_report, st.filtered, limits)
     written = write_transfer(st.out, st.gindex, records, st.cfg.shard_size, st.executor,
-                             functools.partial(crops_worker, str(st.gindex.root), st.cfg.jpeg_quality))
+                             functools.partial(crops_worker, str(st.gindex.root), st.cfg.jpeg_quality,
+                                               limits.thumb_size),
+                             thumb_keys=shown.crop_keys(),
+                             thumb_originals=shown.original_ids() & {r.source_id for r in records})
     write_query_shards(st.out, st.qs)
     write_json(st.out / contract.QUERIES_DRAW_FILE, st.qs.to_draw_dict())
     return Record({"written": written, "digests": {f: file_digest(st.out / f) for f in _output_files(st)}})
@@ -307,36 +313,26 @@ def _report(st: RunState) -> Record:
 def write_report_html(st: RunState) -> None:
     qs, records, leak_report, th, filtered = st.qs, st.records, st.leak_report, st.th, st.filtered
     c = counts(st)
-    by_query: dict[str, list[contract.TransferRecord]] = defaultdict(list)
-    for rec in records:
-        for h in rec.queries:
-            by_query[h.query].append(rec)
     shown = rpt.ReportLimits()
-    panels_q = list(by_query)[: shown.max_queries * 4]
-    wanted = {(r.source_id, r.crop): r.recipe for q in panels_q
-              for r in sorted(by_query[q], key=lambda r: r.rank)[:shown.max_per_query]}
-    rejected = sorted(leak_report.rejected, key=lambda x: -np.nan_to_num(x.verify_score or 0.0))[
-        :shown.max_rejected] if leak_report else []
-    leak_imgs = [x.image_id for x in (leak_report.leaks + leak_report.cleared + tuple(rejected))] \
-        if leak_report else []
-    clusters = sorted(filtered.clusters({r.source_id for r in records}), key=len,
-                      reverse=True)[:shown.max_clusters]
-    cluster_imgs = {i for cl in clusters for i, _ in cl[:shown.max_cluster_members]}
-    thumbs = load_thumbs(st.gindex, wanted, set(leak_imgs) | cluster_imgs)
+    items = report_items(records, leak_report, filtered, shown)
+    rejected, clusters = items.rejected, items.clusters
+    # written images' thumbnails come from the write stage; only images never written (removed
+    # leaks and duplicates) are read from the gallery
+    crop_thumbs, originals = read_report_thumbs(st.out / contract.REPORT_THUMBS_FILE)
+    originals.update(read_originals(st.gindex, items.original_ids() - {r.source_id for r in records}))
     qimg = {q.id: q for q in qs.queries}
     label = {q.id: qs.classes[q.label] for q in qs.queries}
     panels = []
-    for qid in panels_q:
-        recs = sorted(by_query[qid], key=lambda r: next(h.rank for h in r.queries if h.query == qid))
+    for qid, recs in items.panels:
         panels.append(rpt.QueryPanel(
             id=qid, class_name=label.get(qid, qid.removeprefix("text:")),
             image=qimg[qid].load() if qid in qimg else None,
             retrieved=[rpt.RetrievedItem(source_id=r.source_id, crop=r.crop,
                                          similarity=next(h.similarity for h in r.queries if h.query == qid),
-                                         rank=next(h.rank for h in r.queries if h.query == qid),
-                                         crop_image=thumbs["crops"].get((r.source_id, r.crop)),
-                                         original_image=thumbs["originals"].get(r.source_id))
-                       for r in recs[:shown.max_per_query]]))
+                                         rank=query_rank(r, qid),
+                                         crop_image=crop_thumbs.get(r.key),
+                                         original_image=originals.get(r.source_id))
+                       for r in recs]))
     refs = {r.id: r for r in qs.references}
     leak_panels = []
     if leak_report:
@@ -347,7 +343,7 @@ def write_report_html(st: RunState) -> None:
                 k = leak.neighbor_ids.index(leak.verified_reference)   # the best-verifying one is always shown
                 nbrs = nbrs[:-1] + [(leak.verified_reference, leak.neighbor_similarity[k])]
             leak_panels.append(rpt.LeakPanel(
-                source_id=leak.image_id, image=thumbs["originals"].get(leak.image_id),
+                source_id=leak.image_id, image=originals.get(leak.image_id),
                 max_similarity=leak.max_similarity,
                 neighbours=[rpt.ReferenceMatch(id=i, similarity=s, image=refs[i].load() if i in refs else None,
                                                verified=i == leak.verified_reference)
@@ -370,7 +366,7 @@ def write_report_html(st: RunState) -> None:
         extra={"strategy": st.cfg.strategy, "depth k": c["depth_k"], "verifier": th.verifier,
                "thresholds from": th.source, "references verified per candidate": th.neighbours},
         queries=panels, leaks=leak_panels,
-        dedup_clusters=[rpt.DedupCluster([rpt.DedupMember(id=i, image=thumbs["originals"].get(i), kept=k)
+        dedup_clusters=[rpt.DedupCluster([rpt.DedupMember(id=i, image=originals.get(i), kept=k)
                                           for i, k in cl]) for cl in clusters],
         per_query_counts=per_query, per_class_counts=per_class)
     rpt.write_report(st.out / contract.REPORT_FILE, data)
@@ -392,7 +388,8 @@ STAGES: tuple[Stage, ...] = (
           ("retrieve", "references"),
           ("sel", "filtered", "leak_report", "rounds", "verified_pairs", "verify_seconds"), _filter, _apply_filter),
     Stage("write", ("shard_size", "jpeg_quality"), ("filter",),
-          ("records", "written", "transfer-*.tar", "queries-*.tar", contract.QUERIES_DRAW_FILE),
+          ("records", "written", "transfer-*.tar", "queries-*.tar", contract.QUERIES_DRAW_FILE,
+           contract.REPORT_THUMBS_FILE),
           _write, _apply_write, _write_intact),
     Stage("report", (), ("write",), (contract.REPORT_FILE,), _report, lambda st, rec: None, _digests_match),
 )

@@ -5,7 +5,8 @@ Workers get specs and paths, never live models or open indexes, and build those 
 and `RayExecutor` give the same results in the same order.
 
     originals_worker(...)  task: gallery image ids  -> their features (+ pixel keys), unreadable ids
-    crops_worker(...)      task: transfer records   -> JPEG bytes of each crop (None: unreadable)
+    crops_worker(...)      task: transfer records   -> JPEG bytes of each crop (None: unreadable), and
+                                                       report thumbnails of the crops/originals asked for
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from PIL import Image
 
 from curation import pixelkey
 from curation.features import embed_originals
+from curation.report import ReportLimits, thumbnail_png
+from curation.report_thumbs import write_report_thumbs
 from curation.shards import AtomicShardWriter, materialized_crops
 from index import contract
 from index.encoders import EncoderSpec, build_encoder
@@ -91,19 +94,35 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _crops_task(task: tuple[list[dict], dict[str, dict | None]], gindex: GalleryIndex, quality: int) -> dict[str, Any]:
-    recs, locs = task
+def _crops_task(task: tuple[list[dict], dict[str, dict | None], list[str], list[str]], gindex: GalleryIndex,
+                quality: int, thumb_size: int) -> dict[str, Any]:
+    recs, locs, thumb_keys, thumb_originals = task
     gindex.remember(locs)
     counts = SkipCounts()
     records = [contract.TransferRecord.from_dict(d) for d in recs]
-    got = {r.key: (None if crop is None else _jpeg(crop, quality))
-           for r, crop in materialized_crops(gindex, records, counts)}
-    return {"jpg": [got[r.key] for r in records], "skipped": counts.to_dict(), "reads": _reads(gindex)}
+    want_crop, want_orig = set(thumb_keys), set(thumb_originals)
+    got: dict[str, bytes | None] = {}
+    thumbs: dict[str, dict[str, bytes]] = {}
+    for r, crop, original in materialized_crops(gindex, records, counts, with_originals=True):
+        got[r.key] = None if crop is None else _jpeg(crop, quality)
+        if crop is None:
+            continue
+        t = {}
+        if r.key in want_crop:
+            t["crop"] = thumbnail_png(crop, thumb_size)
+        if r.source_id in want_orig:   # the first record of its source in this task carries it
+            want_orig.discard(r.source_id)
+            t["original"] = thumbnail_png(original, thumb_size)
+        if t:
+            thumbs[r.key] = t
+    return {"jpg": [got[r.key] for r in records], "thumbs": [thumbs.get(r.key) for r in records],
+            "skipped": counts.to_dict(), "reads": _reads(gindex)}
 
 
-def crops_worker(index_root: str, quality: int) -> Callable[[tuple[list[dict], dict]], dict[str, Any]]:
+def crops_worker(index_root: str, quality: int, thumb_size: int = ReportLimits().thumb_size
+                 ) -> Callable[[tuple[list[dict], dict, list[str], list[str]]], dict[str, Any]]:
     gindex = GalleryIndex(index_root)
-    return lambda task: _crops_task(task, gindex, quality)
+    return lambda task: _crops_task(task, gindex, quality, thumb_size)
 
 
 def write_order(gindex: GalleryIndex, records: Sequence[contract.TransferRecord]) -> list[contract.TransferRecord]:
@@ -115,20 +134,30 @@ def write_order(gindex: GalleryIndex, records: Sequence[contract.TransferRecord]
 
 
 def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.TransferRecord], shard_size: int,
-                   executor: Executor, make_worker: Callable, per_task: int = CROPS_PER_TASK) -> dict[str, Any]:
+                   executor: Executor, make_worker: Callable, per_task: int = CROPS_PER_TASK,
+                   thumb_keys: set[str] = frozenset(), thumb_originals: set[str] = frozenset()) -> dict[str, Any]:
     """Materialise the crops over the executor and write ``transfer-*.tar`` in order on this process;
-    returns {"written", "unreadable", "skipped", "files"} (stale shards of an earlier run are removed)."""
+    returns {"written", "unreadable", "skipped", "files"} (stale shards of an earlier run are removed).
+
+    The crops of ``thumb_keys`` (record keys) and the originals of ``thumb_originals`` (source ids)
+    are also returned as report thumbnails, made from the images decoded for the crops, and written
+    to ``DIR/contract.REPORT_THUMBS_FILE`` (see `write_report_thumbs`)."""
     ordered = write_order(gindex, records)
     parts = chunks([r.to_dict() for r in ordered], per_task)
-    tasks = [(part, gindex.locations({r["source_id"] for r in part})) for part in parts]
+    tasks = [(part, gindex.locations({r["source_id"] for r in part}),
+              sorted(r["key"] for r in part if r["key"] in thumb_keys),
+              sorted({r["source_id"] for r in part} & set(thumb_originals))) for part in parts]
     results = executor.map(make_worker, tasks, desc="materialise crops")
     writer = AtomicShardWriter(out, contract.TRANSFER_PATTERN, shard_size)
     skipped = SkipCounts()
     written = unreadable = 0
+    thumbs: list[tuple[dict, dict[str, bytes]]] = []
     for part, res in zip(parts, results):
         skipped.merge(res["skipped"])
         gindex.read_stats.merge(ReadStats(**res["reads"]))
-        for rec, jpg in zip(part, res["jpg"]):
+        for rec, jpg, t in zip(part, res["jpg"], res["thumbs"]):
+            if t:
+                thumbs.append((rec, t))
             if jpg is None:
                 unreadable += 1
                 continue
@@ -138,4 +167,5 @@ def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.T
     for p in out.glob("transfer-*.tar"):
         if p.name not in files:
             p.unlink()
+    write_report_thumbs(out / contract.REPORT_THUMBS_FILE, thumbs)
     return {"written": written, "unreadable": unreadable, "skipped": skipped.to_dict(), "files": files}
