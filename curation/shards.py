@@ -139,12 +139,3 @@ def write_query_shards(out: Path, qs, shard_size: int = 1000) -> list[str]:
 def read_originals(gindex, ids: Iterable[str]) -> dict[str, Image.Image]:
     """Original gallery images by id, each read by its byte range; unreadable ids are absent."""
     return read_by_id(gindex, ids, SkipCounts()).images
-
-
-def load_thumbs(gindex, crops: dict[tuple[str, int], dict], originals: set[str]) -> dict[str, dict]:
-    """Crops (by (image id, crop)) and originals (by image id) for the report, read by byte range."""
-    out: dict[str, dict] = {"crops": {}, "originals": read_originals(gindex, {i for i, _ in crops} | set(originals))}
-    for (iid, c), recipe in crops.items():
-        if iid in out["originals"]:
-            out["crops"][(iid, c)] = materialize(out["originals"][iid], CropRecipe.from_dict(recipe))
-    return out

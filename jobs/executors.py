@@ -10,7 +10,7 @@ are plain data. This module is the only place (with jobs/*) that imports ray.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
