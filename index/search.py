@@ -17,6 +17,7 @@ Rows with fewer than k results are padded with id -1 and score -inf.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from index.atomic import read_json
 
 # Internal id of an empty slot: larger than any real id, so it loses every tie; reported as -1.
 EMPTY_ID = np.iinfo(np.int64).max
+OPEN_TASKS_KEPT = 4        # search tasks whose opened groups a process keeps (see _opened_groups)
 GPU_MAX_K = 2048           # faiss GPU indexes refuse k (and nprobe) above this
 SCORE_BUFFER_BYTES = 64 << 20   # memory for one block's [rows, Q] float32 score matrix
 
@@ -458,17 +460,26 @@ def search_groups(root: str | os.PathLike, group_files: Sequence[str], queries: 
     assignment; without, group by group as `ShardedIndex.search` does. Pure: the result depends
     only on the files and the arguments, so tasks run anywhere and merge with `merge_topk`.
     """
-    from index.knn import load_index
     if not group_files:
         raise ValueError("search_groups needs at least one group file")
     root = Path(root)
-    indexes = [load_index(root / f, mmap=True) for f in group_files]
+    files = tuple(group_files) + ((trained_file,) if trained_file is not None else ())
+    stamp = tuple((st.st_size, st.st_mtime_ns) for st in (os.stat(root / f) for f in files))
+    return _opened_groups(str(root), tuple(group_files), trained_file, stamp).search(queries, k, nprobe, assign)
+
+
+@functools.lru_cache(maxsize=OPEN_TASKS_KEPT)
+def _opened_groups(root: str, group_files: tuple[str, ...], trained_file: str | None,
+                   stamp: tuple) -> "ShardedIndex":
+    """A task's groups, opened memory-mapped and kept open for the next search of the same groups in
+    this process (query-balanced selection deepens k, backfill searches again): their lists stay page
+    cache, which the kernel reclaims, not process memory. `stamp` (sizes and mtimes) keys the files'
+    contents, so a rebuilt index is opened afresh."""
+    from index.knn import load_index
+    indexes = [load_index(Path(root) / f, mmap=True) for f in group_files]
     if trained_file is not None:
-        indexes = [stack_groups(indexes, load_index(root / trained_file))]
-    try:
-        return ShardedIndex(indexes).search(queries, k, nprobe, assign)
-    finally:
-        del indexes
+        indexes = [stack_groups(indexes, load_index(Path(root) / trained_file))]
+    return ShardedIndex(indexes)
 
 
 def plan_group_tasks(sizes: Sequence[int], budget_bytes: int) -> list[list[int]]:
