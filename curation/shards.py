@@ -10,6 +10,7 @@ the final name, so a killed job could leave a truncated shard that looks complet
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class WriteResult:
     files: list[str] = field(default_factory=list)
 
 
-def _jpeg(image: Image.Image, quality: int) -> bytes:
+def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -84,7 +85,8 @@ class AtomicShardWriter:
         return self.files
 
 
-def _remove_stale(out: Path, prefix: str, keep: list[str]) -> None:
+def remove_stale(out: Path, prefix: str, keep: list[str]) -> None:
+    """Remove every `<prefix>-*.tar` in `out` that is not in `keep` (the shards just written)."""
     for p in out.glob(f"{prefix}-*.tar"):
         if p.name not in keep:
             p.unlink()
@@ -92,19 +94,24 @@ def _remove_stale(out: Path, prefix: str, keep: list[str]) -> None:
 
 def materialized_crops(gindex, records: Iterable[contract.TransferRecord], counts: SkipCounts,
                        with_originals: bool = False) -> Iterator[tuple]:
-    """(record, crop) in (gallery shard, rank) order; crop None where the original could not be read.
+    """(record, crop) in `write_order`; crop None where the original could not be read.
     With ``with_originals``: (record, crop, original), the decoded original the crop was cut from."""
-    by_shard: dict[str, list[contract.TransferRecord]] = defaultdict(list)
-    for r in records:
-        by_shard[contract.split_image_id(r.source_id)[0]].append(r)
-    order = [s["name"] for s in gindex.shards if s["name"] in by_shard]
-    for shard in order:  # one shard's originals in memory at a time
-        recs = sorted(by_shard[shard], key=lambda r: r.rank)
+    ordered = write_order(gindex, records)
+    for _, group in itertools.groupby(ordered, key=lambda r: contract.split_image_id(r.source_id)[0]):
+        recs = list(group)   # one shard's originals in memory at a time
         images = read_by_id(gindex, {r.source_id for r in recs}, counts).images
         for r in recs:
             im = images.get(r.source_id)
             crop = None if im is None else materialize(im, CropRecipe.from_dict(r.recipe))
             yield (r, crop, im) if with_originals else (r, crop)
+
+
+def write_order(gindex, records: Iterable[contract.TransferRecord]) -> list[contract.TransferRecord]:
+    """(gallery shard in index order, curated rank): each shard's images are read together."""
+    by_shard: dict[str, list[contract.TransferRecord]] = defaultdict(list)
+    for r in records:
+        by_shard[contract.split_image_id(r.source_id)[0]].append(r)
+    return [r for s in gindex.shards if s["name"] in by_shard for r in sorted(by_shard[s["name"]], key=lambda r: r.rank)]
 
 
 def write_transfer_shards(out: Path, gindex, records: list[contract.TransferRecord], shard_size: int,
@@ -116,12 +123,12 @@ def write_transfer_shards(out: Path, gindex, records: list[contract.TransferReco
         if crop is None:
             res.unreadable += 1
             continue
-        writer.write({"__key__": rec.key, "jpg": _jpeg(crop, quality),
+        writer.write({"__key__": rec.key, "jpg": jpeg_bytes(crop, quality),
                       "json": json.dumps(rec.to_dict(), sort_keys=True).encode()})
         res.written += 1
     res.files = writer.close()
     res.skipped = counts.to_dict()
-    _remove_stale(out, "transfer", res.files)
+    remove_stale(out, "transfer", res.files)
     return res
 
 
@@ -132,7 +139,7 @@ def write_query_shards(out: Path, qs, shard_size: int = 1000) -> list[str]:
                       "json": json.dumps({"id": q.id, "label": q.label,
                                           "class_name": qs.classes[q.label]}, sort_keys=True).encode()})
     files = writer.close()
-    _remove_stale(out, "queries", files)
+    remove_stale(out, "queries", files)
     return files
 
 

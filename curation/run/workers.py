@@ -10,20 +10,17 @@ and `RayExecutor` give the same results in the same order.
 """
 from __future__ import annotations
 
-import io
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
 from curation import pixelkey
 from curation.features import embed_originals
 from curation.report import ReportLimits, thumbnail_png
 from curation.report_thumbs import write_report_thumbs
-from curation.shards import AtomicShardWriter, materialized_crops
+from curation.shards import AtomicShardWriter, jpeg_bytes, materialized_crops, remove_stale, write_order
 from index import contract
 from index.encoders import EncoderSpec, build_encoder
 from index.embed import pick_device
@@ -88,12 +85,6 @@ def embed_original_images(executor: Executor, make_worker: Callable, gindex: Gal
 
 # ---------------------------------------------------------------- transfer crops
 
-def _jpeg(image: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def _crops_task(task: tuple[list[dict], dict[str, dict | None], list[str], list[str]], gindex: GalleryIndex,
                 quality: int, thumb_size: int) -> dict[str, Any]:
     recs, locs, thumb_keys, thumb_originals = task
@@ -104,7 +95,7 @@ def _crops_task(task: tuple[list[dict], dict[str, dict | None], list[str], list[
     got: dict[str, bytes | None] = {}
     thumbs: dict[str, dict[str, bytes]] = {}
     for r, crop, original in materialized_crops(gindex, records, counts, with_originals=True):
-        got[r.key] = None if crop is None else _jpeg(crop, quality)
+        got[r.key] = None if crop is None else jpeg_bytes(crop, quality)
         if crop is None:
             continue
         t = {}
@@ -123,14 +114,6 @@ def crops_worker(index_root: str, quality: int, thumb_size: int = ReportLimits()
                  ) -> Callable[[tuple[list[dict], dict, list[str], list[str]]], dict[str, Any]]:
     gindex = GalleryIndex(index_root)
     return lambda task: _crops_task(task, gindex, quality, thumb_size)
-
-
-def write_order(gindex: GalleryIndex, records: Sequence[contract.TransferRecord]) -> list[contract.TransferRecord]:
-    """(gallery shard in index order, curated rank): each shard's images are read together."""
-    by_shard: dict[str, list[contract.TransferRecord]] = defaultdict(list)
-    for r in records:
-        by_shard[contract.split_image_id(r.source_id)[0]].append(r)
-    return [r for s in gindex.shards if s["name"] in by_shard for r in sorted(by_shard[s["name"]], key=lambda r: r.rank)]
 
 
 def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.TransferRecord], shard_size: int,
@@ -164,8 +147,6 @@ def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.T
             writer.write({"__key__": rec["key"], "jpg": jpg, "json": json.dumps(rec, sort_keys=True).encode()})
             written += 1
     files = writer.close()
-    for p in out.glob("transfer-*.tar"):
-        if p.name not in files:
-            p.unlink()
+    remove_stale(out, "transfer", files)
     write_report_thumbs(out / contract.REPORT_THUMBS_FILE, thumbs)
     return {"written": written, "unreadable": unreadable, "skipped": skipped.to_dict(), "files": files}
