@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from index.contract import IMAGE_EXTS
+from index.errors import UserError
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     pass
 
 

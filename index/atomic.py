@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from index.errors import UserError
+
 CODE_VERSION = "0.1.0"
 
 
@@ -76,7 +78,7 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
-class FingerprintMismatch(RuntimeError):
+class FingerprintMismatch(UserError, RuntimeError):
     pass
 
 

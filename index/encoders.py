@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from index.atomic import file_digest
+from index.errors import UserError
 from index.registry import Registry
 
 Tuple3 = tuple[float, float, float]
@@ -74,7 +75,7 @@ class EncoderSpec:
         return d
 
 
-class EncoderMismatch(ValueError):
+class EncoderMismatch(UserError, ValueError):
     pass
 
 
