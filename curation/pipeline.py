@@ -24,9 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from curation.run.state import Filtered  # noqa: F401  (re-exported)
 from curation.selection import SELECTORS
-from curation.thresholds import Thresholds, resolve_thresholds  # noqa: F401  (re-exported)
 from curation.verify import VERIFIERS
 from index import contract
 from index.atomic import CODE_VERSION, write_json
