@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,11 +35,13 @@ import torch
 from curation import pixelkey
 from curation.calibrate import SampledImages, choose, evaluate, measure
 from curation.copies import COPY_KINDS, copy_rng, make_copy
-from curation.samples import SAMPLES
 from curation.verify import Thumb, copy_match
 from curation.verify_batch import match_pairs
 from index.embed import embed_images
 from index.encoders import build_encoder, resolve_encoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests
+from fixtures_samples import SAMPLES  # noqa: E402
 
 PAPER_LEAK = 0.95
 

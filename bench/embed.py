@@ -44,8 +44,9 @@ from PIL import Image
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests
 
-from curation.samples import bundled_skimage, flatten_on_white  # noqa: E402
+from fixtures_samples import bundled_skimage, flatten_on_white  # noqa: E402
 from index.crops import CropConfig, materialize, recipes_for  # noqa: E402
 from index.embed import EmbedTask, Embedder, embed_shard, pick_device, prepare  # noqa: E402
 from index.encoders import resolve_encoder  # noqa: E402

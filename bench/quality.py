@@ -43,24 +43,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-# this folder holds scripts named like the packages they measure: keep it off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from curation.pipeline import CurateConfig, curate  # noqa: E402
-from curation.querysets import get_query_set  # noqa: E402
-from curation.shards import write_query_shards, write_transfer_shards  # noqa: E402
-from distill.config import DistillConfig  # noqa: E402
-from distill.data import ShardSet, load_labelled, test_batches, transfer_shards  # noqa: E402
-from distill.evaluate import evaluate  # noqa: E402
-from distill.methods import phases  # noqa: E402
-from distill.run import CACHES_FILE, prepare_caches, prepare_teacher, resolve_device, train_student  # noqa: E402
-from distill.students import build_student, student_resolution  # noqa: E402
-from index import contract  # noqa: E402
-from index.atomic import read_json, write_json  # noqa: E402
-from index.gallery_index import GalleryIndex  # noqa: E402
+from curation.pipeline import CurateConfig, curate
+from curation.querysets import get_query_set
+from curation.shards import write_query_shards, write_transfer_shards
+from distill.config import DistillConfig
+from distill.data import ShardSet, load_labelled, test_batches, transfer_shards
+from distill.evaluate import evaluate
+from distill.methods import phases
+from distill.run import CACHES_FILE, prepare_caches, prepare_teacher, resolve_device, train_student
+from distill.students import build_student, student_resolution
+from index import contract
+from index.atomic import read_json, write_json
+from index.gallery_index import GalleryIndex
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERIES = "fashion_mnist_10shot"

@@ -56,11 +56,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-# this folder holds scripts named like the packages they measure: keep it off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "tests")) if p not in sys.path]  # tests/: shared helpers
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -126,7 +123,7 @@ def _crop(im: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def _photos(stamps: int) -> list[Image.Image]:
     """`stamps` Tux Paint stamps (flattened on white, <= 256 px) and scikit-image's bundled photos."""
-    from curation.samples import SKIMAGE_PHOTOS, bundled_skimage, flatten_on_white
+    from fixtures_samples import SKIMAGE_PHOTOS, bundled_skimage, flatten_on_white
 
     out = []
     pngs = sorted(STAMPS.rglob("*.png")) if STAMPS.is_dir() else []
@@ -160,7 +157,6 @@ def gallery_samples(n: int, seed: int = 0) -> Iterator[tuple[str, bytes]]:
     rng = np.random.default_rng(seed)
     fm, photos = _fashion("train"), _photos(min(400, max(10, n // 20)))
     if fm is None and not photos:
-        sys.path.insert(0, str(ROOT / "tests"))
         from fixtures_gallery import pattern
         for i in range(n):
             yield "png", _png(pattern(seed * 10_000_000 + i, size=int(rng.integers(32, 97))))
@@ -198,7 +194,6 @@ def write_task(root: Path, per_class: int, seed: int = 0) -> tuple[Path, int]:
     """A class-per-folder task (Fashion-MNIST test images, or pattern classes); (folder, classes)."""
     fm = _fashion("test")
     if fm is None:
-        sys.path.insert(0, str(ROOT / "tests"))
         from fixtures_gallery import CLASSES, class_member
         for c, name in enumerate(CLASSES):
             (root / name).mkdir(parents=True, exist_ok=True)

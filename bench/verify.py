@@ -18,16 +18,20 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from curation import pixelkey
 from curation.copies import COPY_KINDS, copy_rng, make_copy
-from curation.samples import SAMPLES
 from curation.verify import Thumb, VerifyRule, copy_match
 from curation.verify_batch import default_device, match_pairs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests
+from fixtures_samples import SAMPLES  # noqa: E402
 
 GOAL = 20_000   # pairs/s on the 2-core reference machine
 RULES = [VerifyRule(0.745734, 13.7998), VerifyRule(0.740866, 12.4387), VerifyRule(0.78845, 12.345),

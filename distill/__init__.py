@@ -17,6 +17,5 @@ Modules (one concept each):
     trainer.py    AdamW + cosine with warmup, AMP, atomic checkpoints, exact resume
     evaluate.py   accuracy and per-class accuracy on the test split
     run.py        run_distill(cfg) -> metrics: the whole pipeline, in-process or on Ray Train
-    synthetic.py  tiny deterministic curated directories and query sets for tests and benchmarks
     cli.py        `distill` command line
 """

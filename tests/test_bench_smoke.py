@@ -26,7 +26,7 @@ SCRIPTS = {
     "search.py": (("exact", "ivf"), True, False),
     "embed.py": (("ratio", "pipeline_s"), True, False),
     "copydetect.py": (("results", "verifiers"), True, False),
-    "distill.py": (("aft_over_labels_only", "kd_over_labels_only"), True, True),
+    "distill_bench.py": (("aft_over_labels_only", "kd_over_labels_only"), True, True),
     "quality.py": (("acc_kd_curated", "details"), True, True),
     "scale.py": (("io", "search"), True, True),
     "verify.py": (("sets", "all"), True, False),

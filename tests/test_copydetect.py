@@ -15,7 +15,7 @@ from curation.copydetect import CopyDetector, match_pairs
 from curation.decontam import find_leaks, verify_leaks
 from curation.dedup import duplicate_clusters
 from index.executor import LocalExecutor, chunks
-from curation.samples import SAMPLES
+from fixtures_samples import SAMPLES
 from curation.thresholds import Thresholds
 from curation.verify import Thumb, copy_match
 

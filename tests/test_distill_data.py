@@ -12,7 +12,7 @@ import torch
 from distill.cache import CacheLookup, build_or_load_cache, cache_fingerprint_inputs
 from distill.data import (ShardSet, _batches_of, labelled_batches, load_labelled, num_batches,
                           random_resized_crop_box, steps_per_epoch, transfer_batches, transfer_shards)
-from distill.synthetic import write_curated_dir
+from fixtures_curated import write_curated_dir
 from index.atomic import FingerprintMismatch
 
 

@@ -17,7 +17,7 @@ from distill.methods import WeightedKD, build_task
 from distill.rank import cv_probe_accuracy, rank_teachers
 from distill.run import labelled_manifest, run_distill
 from distill.students import build_student
-from distill.synthetic import write_curated_dir
+from fixtures_curated import write_curated_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -162,7 +162,7 @@ def test_config_refuses_options_that_would_be_ignored(curated, tmp_path):
 def test_rank_cli_draws_the_probe_set_from_the_named_query_set(curated, tmp_path, monkeypatch, capsys):
     import curation.querysets as querysets
     from curation.querysets import LabeledImage, QuerySet
-    from distill.synthetic import synthetic_image
+    from fixtures_curated import synthetic_image
 
     shots = [LabeledImage(f"q{c}-{i}", c, lambda c=c, i=i: synthetic_image(c, 1000 + i, 24)) for c in range(3)
              for i in range(4)]

@@ -13,7 +13,7 @@ from distill.cli import main
 from distill.config import DistillConfig
 from distill.methods import METHODS
 from distill.run import run_distill
-from distill.synthetic import write_curated_dir
+from fixtures_curated import write_curated_dir
 from index.atomic import FingerprintMismatch
 
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from curation import pixelkey, verify_batch
 from curation.copies import COPY_KINDS, copy_rng, make_copy
-from curation.samples import SAMPLES
+from fixtures_samples import SAMPLES
 from curation.verify import NO_MATCH, Thumb, VerifyRule, copy_match
 from curation.verify_batch import match_pairs, plan
 

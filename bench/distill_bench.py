@@ -7,8 +7,8 @@ timing, as the methods do. Each method trains `--epochs` epochs; the first is a 
 reported epoch time is the minimum of the others (robust to other load on the machine).
 Goals: aft / labels_only <= 1.05, kd / labels_only <= 1.10. Prints JSON.
 
-    python bench/distill.py [--student mobilenetv3_large_100] [--resolution 128] [--images 256]
-    python bench/distill.py --smoke   # tiny student, 32 images, one round: seconds (a run check, not figures)
+    python bench/distill_bench.py [--student mobilenetv3_large_100] [--resolution 128] [--images 256]
+    python bench/distill_bench.py --smoke   # tiny student, 32 images, one round: seconds (a run check, not figures)
 
 ``targets`` holds both goals as {"value", "goal", "met"}.
 """
@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# this script is named like the package it measures: keep its own folder off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests
 
 import torch  # noqa: E402
 
@@ -31,7 +30,7 @@ from distill.data import ShardSet, steps_per_epoch, transfer_batches, transfer_s
 from distill.methods import build_task  # noqa: E402
 from distill.run import cache_pass, resolve_device  # noqa: E402
 from distill.students import build_student  # noqa: E402
-from distill.synthetic import write_curated_dir  # noqa: E402
+from fixtures_curated import write_curated_dir  # noqa: E402
 from distill.teachers import build_teacher  # noqa: E402
 from distill.trainer import PhasePlan, train_phase  # noqa: E402
 
