@@ -4,12 +4,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 DEMO_DIR ?= demo-data
 APT_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default chromium
 # The files each Debian package installs; present means installed.
 APT_MARKERS := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz /usr/share/tuxpaint/stamps /usr/bin/chromium
 
-.PHONY: demo test install system-deps demo-gallery clean-demo
+.PHONY: demo test install install-test system-deps demo-gallery clean-demo
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,7 +19,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $(STAMP)
 
+# the test extra (pytest) on top of the runtime install
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
+
+install-test: $(TEST_STAMP)
 
 system-deps:
 	@missing=""; for m in $(APT_MARKERS); do [ -e $$m ] || missing="yes"; done; \
@@ -32,7 +40,7 @@ system-deps:
 	  fi; \
 	fi
 
-test: install system-deps
+test: install-test system-deps
 	$(BIN)/python -m pytest -q
 
 demo-gallery: install system-deps

@@ -9,13 +9,29 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator
 
 from index.errors import UserError
 
-CODE_VERSION = "0.1.0"
+PACKAGE = "vfm-curate"
+
+
+def code_version() -> str:
+    """The installed package's version; from a source tree that is not installed (a `ray job submit
+    --working-dir .` worker), the version in pyproject.toml, so fingerprints agree either way."""
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
+        return found.group(1) if found else "0+unknown"
+
+
+CODE_VERSION = code_version()
 
 
 def canonical_json(obj: Any) -> str:
