@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from index import contract, knn, store
+from index import contract, faiss_io, knn, store
 from index.atomic import CODE_VERSION, check_done, fingerprint, write_json
 from index.config import FaissConfig, IndexConfig
 from index.embed import EmbedTask, Embedder, ShardResult
@@ -73,7 +73,7 @@ def train_quantizer(task: TrainTask) -> dict[str, Any]:
         out = Path(task.out_dir)
         sample = gallery_training_sample(out, list(task.shards), list(task.encoders), task.size, task.seed)
         trained = knn.train_index(task.factory, task.dim, sample, nprobe=task.nprobe, seed=task.seed)
-        knn.save_index(trained, out / task.file)
+        faiss_io.save_index(trained, out / task.file)
         return {"factory": task.factory, "num_train": int(len(sample))}
     return _committed(task.out_dir, task.file, task.fingerprint(), make)
 
@@ -128,7 +128,7 @@ def _fill_group(task: GroupTask) -> dict[str, Any]:
     num_vectors = sum(s["num_vectors"] for s in shards)
     train, trained = None, None
     if task.trained is not None:
-        trained = knn.load_index(out / task.trained["file"])
+        trained = faiss_io.load_index(out / task.trained["file"])
     elif knn.needs_training(task.factory):
         train = knn.training_sample(store.iter_blocks(out, shards, list(task.encoders)), num_vectors,
                                     knn.training_size(task.factory), task.seed)
@@ -137,7 +137,7 @@ def _fill_group(task: GroupTask) -> dict[str, Any]:
          for off, v in store.iter_blocks(out, shards, list(task.encoders))),
         factory=task.factory, dim=task.dim, train_sample=train, nprobe=task.nprobe, seed=task.seed,
         trained=trained)
-    knn.save_index(index, out / task.file)
+    faiss_io.save_index(index, out / task.file)
     return {"shards": [s["name"] for s in shards], "factory": task.factory, "num_vectors": int(index.ntotal)}
 
 

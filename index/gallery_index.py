@@ -92,7 +92,7 @@ class GalleryIndex:
         return scores, ids
 
     def _search(self, queries: np.ndarray, k: int, nprobe: int | None, executor):
-        from index.knn import load_index
+        from index.faiss_io import load_index
         from index.search import (GroupSearchTask, ShardedIndex, assign_queries, group_search_worker, merge_topk,
                                   plan_group_tasks)
         assign = None

@@ -4,19 +4,16 @@ Vectors are the combined multi-encoder features (`combine_features`), so inner p
 cosine over the encoders; every index here uses METRIC_INNER_PRODUCT. FAISS ids are global int64
 row numbers (shard offset + row in shard, index.contract).
 
-Search lives in index.search (`exact_search`, `ShardedIndex`, re-exported here).
+Search lives in index.search; reading and writing index files in index.faiss_io.
 """
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Iterable
 
 import numpy as np
 
-from index.atomic import atomic_path
-from index.search import ShardedIndex, exact_search, merge_topk  # noqa: F401  (re-exported)
 
 MIN_POINTS_PER_LIST = 39      # faiss warns below this many training points per centroid
 TRAIN_POINTS_PER_LIST = 50    # training sample size per IVF list (faiss uses at most 256)
@@ -282,29 +279,3 @@ def _seed_clustering(index, seed: int) -> None:
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if hasattr(inner, "pq"):
         inner.pq.cp.seed = seed
-
-
-def save_index(index, path: str | os.PathLike) -> None:
-    """Write atomically: a killed writer never leaves a truncated index under the final name."""
-    import faiss
-    if type(index).__name__.startswith("Gpu"):
-        index = faiss.index_gpu_to_cpu(index)
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
-
-
-def load_index(path: str | os.PathLike, mmap: bool = False):
-    """Read an index; `mmap` maps the inverted lists / flat vectors from disk instead of loading them.
-
-    faiss's IO_FLAG_MMAP maps only inverted lists: a Flat (IndexIDMap of IndexFlat) index read
-    with it is copied whole into RAM (measured with faiss-cpu 1.15: +99 MB for a 98 MB Flat file,
-    +0 MB for IVF). IO_FLAG_MMAP_IFC maps the file for every index type (Flat, IVF-Flat, IVF-PQ):
-    reading costs no RAM, and a search faults in only the pages it touches (all of them for a Flat
-    scan, the probed lists for IVF), as clean page cache the kernel can drop. The mapped index is
-    read-only.
-    """
-    import faiss
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"faiss index not found: {path}")
-    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    return faiss.read_index(str(path), flags)

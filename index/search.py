@@ -14,6 +14,11 @@ Rows with fewer than k results are padded with id -1 and score -inf.
   costs in one index; `search_groups` is the unit of work of a fan-out (it opens only its groups,
   memory-mapped), `plan_group_tasks` packs groups into tasks under a memory budget.
 - `select_topk` / `sort_topk`: the exact per-row selection and ordering both use.
+
+One module of about 500 lines, over the usual size: every path here (exact, sharded, grouped)
+returns the same total order with the same padding through the same selection helpers, and reads
+best side by side. Index files are opened with `index.faiss_io`; imports go one way (knn and this
+module both depend on faiss_io, neither on the other).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import numpy as np
 
 from index import contract
 from index.atomic import read_json
+from index.faiss_io import load_index
 
 # Internal id of an empty slot: larger than any real id, so it loses every tie; reported as -1.
 EMPTY_ID = np.iinfo(np.int64).max
@@ -301,7 +307,6 @@ class ShardedIndex:
         Groups that share one trained quantizer (manifest ``shared_quantizer``) are opened as one
         IVF index (`stack_groups`): their lists moved into it (in RAM) or viewed in place (`mmap`).
         """
-        from index.knn import load_index
         root = Path(index_dir)
         manifest = read_json(root / contract.MANIFEST_FILE)
         indexes = [load_index(root / g["file"], mmap=mmap) for g in manifest["groups"]]
@@ -453,7 +458,7 @@ def search_groups(root: str | os.PathLike, group_files: Sequence[str], queries: 
     """Merged top-k (scores, ids) [Q, k] of the listed groups of an index directory.
 
     The unit of work of a search fan-out: it opens only `group_files` (paths relative to `root`),
-    memory-mapped (`knn.load_index(mmap=True)`: a search faults in the probed lists, or a Flat
+    memory-mapped (`faiss_io.load_index(mmap=True)`: a search faults in the probed lists, or a Flat
     group's vectors, as page cache), searches them and closes them. With `trained_file` (the
     shared trained index the groups were filled from) the groups are searched as one index
     (`stack_groups`), with `assign` (`assign_queries`, computed once for all tasks) as the coarse
@@ -475,7 +480,6 @@ def _opened_groups(root: str, group_files: tuple[str, ...], trained_file: str | 
     this process (query-balanced selection deepens k, backfill searches again): their lists stay page
     cache, which the kernel reclaims, not process memory. `stamp` (sizes and mtimes) keys the files'
     contents, so a rebuilt index is opened afresh."""
-    from index.knn import load_index
     indexes = [load_index(Path(root) / f, mmap=True) for f in group_files]
     if trained_file is not None:
         indexes = [stack_groups(indexes, load_index(Path(root) / trained_file))]

@@ -340,7 +340,7 @@ def test_decode_error_in_background_thread_reaches_the_caller(gallery, tmp_path,
 def test_ivf_groups_share_one_trained_quantizer(gallery, tmp_path):
     import faiss
 
-    from index import knn
+    from index import faiss_io
     from index.config import FaissConfig
 
     cfg = dataclasses.replace(config(gallery), faiss=FaissConfig(factory="IVF4,Flat", shards_per_group=2, nprobe=4))
@@ -348,8 +348,8 @@ def test_ivf_groups_share_one_trained_quantizer(gallery, tmp_path):
     manifest = build_gallery_index(cfg, out)
     assert manifest["shared_quantizer"] is True and manifest["index_factory"] == "IVF4,Flat"
     assert manifest["trained_index"]["num_train"] == manifest["num_vectors"]   # 50 * 4 > 33: all of them
-    trained = knn.load_index(out / contract.TRAINED_INDEX_FILE)
-    groups = [knn.load_index(out / g["file"]) for g in manifest["groups"]]   # kept alive: faiss views
+    trained = faiss_io.load_index(out / contract.TRAINED_INDEX_FILE)
+    groups = [faiss_io.load_index(out / g["file"]) for g in manifest["groups"]]   # kept alive: faiss views
     cents = [faiss.extract_index_ivf(g).quantizer.reconstruct_n(0, 4) for g in groups]
     assert len(cents) == 2
     for c in cents:

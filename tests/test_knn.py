@@ -1,4 +1,4 @@
-"""FAISS build and search (index.knn, index.search) against numpy brute force.
+"""FAISS build, files and search (index.knn, index.faiss_io, index.search) against numpy brute force.
 
 Tied scores are made on purpose: small-integer vectors give exact float32 inner products whatever
 the summation order, so "equal" means bit-equal and the (higher score, smaller id) tie-break is
@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import pytest
 
-from index import knn
+from index import faiss_io, knn
 from index.search import EMPTY_ID, RunningTopK, ShardedIndex, exact_search, merge_topk, select_topk
 
 
@@ -321,20 +321,20 @@ def test_save_load_round_trip(tmp_path: Path, factory):
     train = x if knn.needs_training(factory) else None
     index = knn.build_index([(ids, x)], factory, 16, train, nprobe=4)
     path = tmp_path / "faiss" / "group-000.index"
-    knn.save_index(index, path)
+    faiss_io.save_index(index, path)
     assert [p.name for p in path.parent.iterdir()] == ["group-000.index"]   # no temp file left
     q = x[:7]
     want = ShardedIndex([index]).search(q, 12)
     for mmap in (False, True):
-        loaded = knn.load_index(path, mmap=mmap)
+        loaded = faiss_io.load_index(path, mmap=mmap)
         assert loaded.ntotal == 3000
         got = ShardedIndex([loaded]).search(q, 12)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
     if factory != "Flat":
-        assert faiss.extract_index_ivf(knn.load_index(path)).nprobe == 4
+        assert faiss.extract_index_ivf(faiss_io.load_index(path)).nprobe == 4
     with pytest.raises(FileNotFoundError):
-        knn.load_index(tmp_path / "missing.index")
+        faiss_io.load_index(tmp_path / "missing.index")
 
 
 def test_sharded_index_from_dir(tmp_path: Path):
@@ -342,7 +342,7 @@ def test_sharded_index_from_dir(tmp_path: Path):
     ids = np.arange(400, dtype=np.int64)
     groups = []
     for g, (a, b) in enumerate([(0, 150), (150, 400)]):
-        knn.save_index(flat_index(x[a:b], ids[a:b]), tmp_path / f"faiss/group-{g:03d}.index")
+        faiss_io.save_index(flat_index(x[a:b], ids[a:b]), tmp_path / f"faiss/group-{g:03d}.index")
         groups.append({"file": f"faiss/group-{g:03d}.index"})
     (tmp_path / "manifest.json").write_text(__import__("json").dumps({"groups": groups, "nprobe": 8}))
     sharded = ShardedIndex.from_dir(tmp_path)

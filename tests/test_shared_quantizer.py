@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 import pytest
 
-from index import contract, knn, store
+from index import contract, faiss_io, knn, store
 from index.atomic import FingerprintMismatch, write_json
 from index.build import build_faiss_groups
 from index.config import FaissConfig, IndexConfig
@@ -71,7 +71,7 @@ def assert_same_topk(got, want) -> None:
 
 
 def groups_of(root: Path, manifest: dict) -> list:
-    return [knn.load_index(root / g["file"]) for g in manifest["groups"]]
+    return [faiss_io.load_index(root / g["file"]) for g in manifest["groups"]]
 
 
 def centroids(index) -> np.ndarray:
@@ -138,7 +138,7 @@ def test_groups_share_centroids_and_codebooks(shared8, data, tmp_path):
     root, manifest = shared8
     assert manifest["shared_quantizer"] is True
     assert manifest["trained_index"]["file"] == contract.TRAINED_INDEX_FILE
-    trained = knn.load_index(root / contract.TRAINED_INDEX_FILE)
+    trained = faiss_io.load_index(root / contract.TRAINED_INDEX_FILE)
     assert trained.ntotal == 0 and trained.is_trained
     groups = groups_of(root, manifest)
     assert sum(g.ntotal for g in groups) == len(data[0])
@@ -170,7 +170,7 @@ def test_train_sample_is_drawn_across_the_gallery(shared8):
 def test_shared_search_equals_one_index_of_all_vectors(shared8, data):
     root, manifest = shared8
     x, q = data
-    trained = knn.load_index(root / contract.TRAINED_INDEX_FILE)
+    trained = faiss_io.load_index(root / contract.TRAINED_INDEX_FILE)
     one = knn.build_index([(np.arange(len(x), dtype=np.int64), x)], FACTORY, DIM, None, trained=trained)
     k, nprobe = 50, 4
     faiss.extract_index_ivf(one).nprobe = nprobe

@@ -1,0 +1,32 @@
+"""FAISS index files: atomic writes, and reads that can memory-map the file instead of loading it."""
+from __future__ import annotations
+
+import os
+
+import faiss
+
+from index.atomic import atomic_path
+
+
+def save_index(index, path: str | os.PathLike) -> None:
+    """Write atomically: a killed writer never leaves a truncated index under the final name."""
+    if type(index).__name__.startswith("Gpu"):
+        index = faiss.index_gpu_to_cpu(index)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def load_index(path: str | os.PathLike, mmap: bool = False):
+    """Read an index; `mmap` maps the inverted lists / flat vectors from disk instead of loading them.
+
+    faiss's IO_FLAG_MMAP maps only inverted lists: a Flat (IndexIDMap of IndexFlat) index read
+    with it is copied whole into RAM (measured with faiss-cpu 1.15: +99 MB for a 98 MB Flat file,
+    +0 MB for IVF). IO_FLAG_MMAP_IFC maps the file for every index type (Flat, IVF-Flat, IVF-PQ):
+    reading costs no RAM, and a search faults in only the pages it touches (all of them for a Flat
+    scan, the probed lists for IVF), as clean page cache the kernel can drop. The mapped index is
+    read-only.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"faiss index not found: {path}")
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    return faiss.read_index(str(path), flags)
