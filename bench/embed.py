@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helper
 
 from fixtures_samples import bundled_skimage, flatten_on_white  # noqa: E402
 from index.crops import CropConfig, materialize, recipes_for  # noqa: E402
-from index.embed import EmbedTask, Embedder, embed_shard, pick_device, prepare  # noqa: E402
+from index.device import pick_device  # noqa: E402
+from index.embed import EmbedTask, Embedder, embed_shard, prepare  # noqa: E402
 from index.encoders import resolve_encoder  # noqa: E402
 from index.gallery import SkipCounts, iter_images, list_shards  # noqa: E402
 

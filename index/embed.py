@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from index import contract, store
 from index.atomic import CODE_VERSION, file_digest, fingerprint, tree_digest
 from index.crops import CropConfig, materialize, recipes_for
+from index.device import pick_device
 from index.encoders import Encoder, EncoderSpec, build_encoder
 from index.gallery import ShardRef, SkipCounts, iter_images
 
@@ -69,10 +70,6 @@ def shard_digest(shard: ShardRef) -> str:
         files = p.rglob("*") if shard.recursive else p.glob("*")
         return tree_digest(p, [f for f in files if f.is_file()])
     return file_digest(p)
-
-
-def pick_device(device: str | None = None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def crops_of_shard(task: EmbedTask, counts: SkipCounts) -> Iterator[tuple[store.Row, np.ndarray]]:

@@ -19,8 +19,8 @@ from curation.querysets import QuerySet
 from curation.selection import Selection, Selector
 from curation.thresholds import Thresholds
 from index import contract
+from index.device import pick_device
 from index.encoders import EncoderSpec, build_encoder
-from index.embed import pick_device
 from index.gallery_index import GalleryIndex
 
 _SELECTION_ARRAYS = ("ids", "scores", "hit_offsets", "hit_query", "hit_rank", "hit_score")
