@@ -21,18 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from distill.cache import CacheLookup, build_or_load_cache, cache_pass
+from distill.data import ShardSet, steps_per_epoch, transfer_batches, transfer_shards
+from distill.methods import build_task
+from distill.students import build_student
+from distill.teachers import build_teacher
+from distill.trainer import PhasePlan, train_phase
+from index.device import pick_device
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests
-
-import torch  # noqa: E402
-
-from distill.cache import CacheLookup, build_or_load_cache  # noqa: E402
-from distill.data import ShardSet, steps_per_epoch, transfer_batches, transfer_shards  # noqa: E402
-from distill.methods import build_task  # noqa: E402
-from distill.run import cache_pass, resolve_device  # noqa: E402
-from distill.students import build_student  # noqa: E402
 from fixtures_curated import write_curated_dir  # noqa: E402
-from distill.teachers import build_teacher  # noqa: E402
-from distill.trainer import PhasePlan, train_phase  # noqa: E402
 
 
 class _Opts:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         args.classes, args.batch_size, args.epochs, args.rounds = 4, 16, 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = torch.device(pick_device(args.device))
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -49,14 +49,17 @@ import torch
 from curation.pipeline import CurateConfig, curate
 from curation.querysets import get_query_set
 from curation.shards import write_query_shards, write_transfer_shards
+from distill.adaptation import prepare_teacher
+from distill.caching import CACHES_FILE, prepare_caches
 from distill.config import DistillConfig
 from distill.data import ShardSet, load_labelled, test_batches, transfer_shards
 from distill.evaluate import evaluate
 from distill.methods import phases
-from distill.run import CACHES_FILE, prepare_caches, prepare_teacher, resolve_device, train_student
 from distill.students import build_student, student_resolution
+from distill.training import train_student
 from index import contract
 from index.atomic import read_json, write_json
+from index.device import pick_device
 from index.gallery_index import GalleryIndex
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -277,7 +280,7 @@ def distill(cfg: DistillConfig, test: list, eval_teacher: bool) -> dict[str, Any
         raise ValueError(f"{done} was written with a different config; remove {out} to rerun")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = torch.device(pick_device(cfg.device))
     ls = load_labelled(cfg.transfer)
     shards = transfer_shards(cfg.transfer)
     shardset = ShardSet.scan(shards) if "transfer" in phases(cfg.method, cfg, bool(shards)) else None

@@ -16,6 +16,15 @@ Modules (one concept each):
     data.py       transfer shards (webdataset stream), labelled query shards, test split
     trainer.py    AdamW + cosine with warmup, AMP, atomic checkpoints, exact resume
     evaluate.py   accuracy and per-class accuracy on the test split
-    run.py        run_distill(cfg) -> metrics: the whole pipeline, in-process or on Ray Train
+    adaptation.py teachers of a run: adapt on the labels (probe / finetune) or keep the source head,
+                  save, reload; rank and select the teachers of kd_nearest / kd_weighted
+    caching.py    the cache pass: every teacher output a method reads, built once (caches.json)
+    training.py   train_student: the student-training worker (in-process, or each data-parallel
+                  worker started by a launcher the caller passes)
+    run.py        run_distill(cfg) -> metrics: orchestration of the steps above, then evaluation
     cli.py        `distill` command line
+
+Imports go one way: run -> training -> caching -> adaptation -> (teachers, data, methods, rank, ...).
+Nothing here imports jobs/: the cluster launcher for `workers > 1` is passed in (run_distill's
+`launcher`; the `distill` command passes jobs.train_ray.train_with_ray).
 """

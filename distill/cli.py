@@ -103,15 +103,17 @@ def rank_main(argv: list[str]) -> int:
     import tempfile
     from pathlib import Path
 
+    import torch
+
     from distill.rank import format_ranking, rank_teachers, write_ranking
-    from distill.run import resolve_device
+    from index.device import pick_device
 
     a = build_rank_parser().parse_args(argv)
     try:
         ls, data = _probe_set(a)
         cache = a.cache_dir or (str(Path(a.out) / "cache") if a.out else tempfile.mkdtemp(prefix="distill-rank-"))
         result = rank_teachers(a.teachers, ls, data, cache, metric=a.similarity, image_size=a.teacher_image_size,
-                               device=resolve_device(a.device), probe_accuracy=a.probe_accuracy,
+                               device=torch.device(pick_device(a.device)), probe_accuracy=a.probe_accuracy,
                                probe_steps=a.probe_steps, weight_temperature=a.weight_temperature,
                                batch_size=a.eval_batch_size)
     except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
@@ -130,7 +132,7 @@ def _probe_set(a: argparse.Namespace):
     from index.atomic import fingerprint
 
     if a.transfer:
-        from distill.run import labelled_manifest
+        from distill.adaptation import labelled_manifest
 
         ls = load_labelled(a.transfer)
         return ls, labelled_manifest(types.SimpleNamespace(transfer=a.transfer), ls)
@@ -153,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
-    metrics = run_distill(cfg)
+    launcher = None
+    if cfg.workers > 1:   # the cluster lives in jobs/: the library is handed its launcher
+        from jobs.train_ray import train_with_ray as launcher
+    metrics = run_distill(cfg, launcher=launcher)
     print(summary_line(metrics))
     return 0
 

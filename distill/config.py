@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from index.atomic import fingerprint
@@ -126,6 +127,11 @@ class DistillConfig:
     @property
     def teacher_sources(self) -> tuple[str, ...]:
         return self.teachers or (self.teacher,)
+
+    @property
+    def cache_root(self) -> Path:
+        """Where teacher outputs are cached: cache_dir, or OUT/cache."""
+        return Path(self.cache_dir) if self.cache_dir else Path(self.out) / "cache"
 
     @property
     def labels_batch_size(self) -> int:

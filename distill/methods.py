@@ -68,6 +68,11 @@ class Task(nn.Module):
         """Cached-target values for this batch at which the regulariser is exactly zero (for tests)."""
         return {}
 
+    @torch.no_grad()
+    def feature_weights(self) -> torch.Tensor | None:
+        """The learned weight of each pretrained feature (AFT's sigmoid(s)), or None: a method without."""
+        return None
+
 
 class LabelsOnly(Task):
     def forward(self, batch: Batch) -> Losses:
@@ -163,6 +168,10 @@ class AFT(Task):
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         return decay_groups(self.student, lr, weight_decay) + [
             {"params": [self.s], "lr": self.s_lr, "weight_decay": 0.0, "constant_lr": True}]
+
+    @torch.no_grad()
+    def feature_weights(self) -> torch.Tensor:
+        return torch.sigmoid(self.s.detach()).cpu()
 
     @torch.no_grad()
     def matched_targets(self, batch: Batch) -> Batch:

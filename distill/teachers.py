@@ -56,6 +56,19 @@ def build_teacher(name: str, num_classes: int, *, weights: str | None = None, im
     return Teacher(build_encoder(spec, device=device), spec, num_classes).to(device)
 
 
+def build_source_teacher(name: str, *, weights: str | None = None, image_size: int | None = None,
+                         device: str | torch.device = "cpu") -> Teacher:
+    """A teacher whose head is the encoder's own pretrained classifier (its source label space), with
+    the weights read once for both (index.encoders.build_encoder_with_head)."""
+    from index.encoders import build_encoder_with_head
+
+    spec = resolve_teacher_spec(name, weights, image_size)
+    encoder, head = build_encoder_with_head(spec, device=device)
+    teacher = Teacher(encoder, spec, head.out_features)
+    teacher.head.load_state_dict(head.state_dict())
+    return teacher.to(device)
+
+
 def build_feature_model(name: str, *, weights: str | None = None, image_size: int | None = None,
                         device: str | torch.device = "cpu") -> nn.Module:
     """A pretrained (un-adapted) encoder behind its own InputAdapter: x in [0, 1] -> features."""

@@ -1,8 +1,9 @@
 """Data-parallel student training on Ray Train: TorchTrainer, gloo backend, CPU workers.
 
-distill.run calls `train_with_ray` lazily when `workers > 1`; each worker runs the same
-`distill.run.train_student` as the in-process path, with its rank and the world size (the process
-group is set up by Ray Train; the model is wrapped in DDP by the trainer). Rank 0 writes the
+The `distill` command passes `train_with_ray` to distill.run.run_distill as its launcher when
+`workers > 1`; each worker runs the same `distill.training.train_student` as the in-process path,
+with its rank and the world size (the process group is set up by Ray Train; the model is wrapped
+in DDP by the trainer). Rank 0 writes the
 student weights and train_result.json into OUT, which this function returns.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from distill.config import DistillConfig
-    from distill.run import train_student
+    from distill.training import train_student
 
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     train_student(DistillConfig.from_dict(config["cfg"]), rank=dist.get_rank(), world=dist.get_world_size(),
@@ -30,7 +31,7 @@ def train_with_ray(cfg: dict[str, Any], num_workers: int, *, threads_per_worker:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from distill.run import TRAIN_RESULT
+    from distill.training import TRAIN_RESULT
     from index.atomic import read_json
 
     out = Path(cfg["out"]).resolve()

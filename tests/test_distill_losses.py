@@ -224,6 +224,15 @@ def test_method_regulariser_is_zero_at_its_fixed_point(name):
     assert out["loss"].item() == pytest.approx(0.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("name", METHODS.names())
+def test_only_aft_has_learned_feature_weights(name):
+    weights = _task(name).feature_weights()
+    if name == "aft":
+        torch.testing.assert_close(weights, torch.full((12,), 0.5))   # sigmoid(s), s = 0 at the start
+    else:
+        assert weights is None
+
+
 def test_unknown_method_lists_valid_names():
     with pytest.raises(KeyError, match="aft, feature_kd, kd, kd_nearest, kd_weighted, labels_only"):
         METHODS.get("kdd")

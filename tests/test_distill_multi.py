@@ -15,7 +15,8 @@ from distill.config import DistillConfig
 from distill.data import load_labelled
 from distill.methods import WeightedKD, build_task
 from distill.rank import cv_probe_accuracy, rank_teachers
-from distill.run import labelled_manifest, run_distill
+from distill.adaptation import labelled_manifest
+from distill.run import run_distill
 from distill.students import build_student
 from fixtures_curated import write_curated_dir
 

@@ -58,6 +58,7 @@ def test_end_to_end_every_method(curated, tmp_path, method):
         assert m["teacher_accuracy"] > 0.5          # the probe separates the synthetic colours (chance 1/3)
         assert m["training"]["phases"][0]["steps"] == 3    # 24 crops / batch 8
     assert all(len(v) >= 1 for v in m["epoch_seconds"].values())
+    assert ("aft_mu" in m["training"]) == (method == "aft")    # only a method with learned feature weights
     if method == "aft":
         mu = m["training"]["aft_mu"]
         assert 0.0 < mu["min"] <= mu["max"] < 1.0 and mu["min"] != mu["max"]   # s was learned
@@ -133,9 +134,47 @@ def test_cli_writes_config_and_prints_one_summary_line(curated, tmp_path, monkey
     assert "Did you mean 'kd'" in capsys.readouterr().err
 
 
+def test_several_workers_need_a_launcher_and_use_the_one_passed_in(curated, tmp_path):
+    from distill.training import train_student
+
+    with pytest.raises(ValueError, match="launcher"):
+        run_distill(_cfg(curated, tmp_path / "none", method="labels_only", workers=2), query_set=curated[1])
+    assert not (tmp_path / "none").exists()                 # refused before any work
+    calls = []
+
+    def in_process(cfg: dict, num_workers: int) -> dict:   # stands in for Ray Train: one worker, same body
+        calls.append(num_workers)
+        return train_student(DistillConfig.from_dict(cfg))
+
+    m = run_distill(_cfg(curated, tmp_path / "fake", method="labels_only", workers=2, finetune_epochs=1),
+                    query_set=curated[1], launcher=in_process)
+    assert calls == [2] and m["completed"] and (tmp_path / "fake" / "student.pt").is_file()
+
+
+def test_distill_library_modules_never_import_jobs():
+    """The cluster stays in jobs/: only the command line (an entry point) may import it to pass a launcher."""
+    import ast
+    from pathlib import Path
+
+    import distill
+
+    offenders = []
+    for path in sorted(Path(distill.__file__).parent.glob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n == "jobs" or n.startswith("jobs.")]
+    assert not offenders
+
+
 @pytest.mark.slow
 def test_two_ray_train_workers(curated, tmp_path):
-    m = run_distill(_cfg(curated, tmp_path / "ray", workers=2, finetune_epochs=1), query_set=curated[1])
+    from jobs.train_ray import train_with_ray
+
+    m = run_distill(_cfg(curated, tmp_path / "ray", workers=2, finetune_epochs=1), query_set=curated[1],
+                    launcher=train_with_ray)
     assert m["completed"] and m["training"]["world"] == 2
     transfer, finetune = m["training"]["phases"]
     assert transfer["steps"] == 2 and finetune["steps"] == 1    # 24 crops / 2 ranks / batch 8; 12 labels / 2 / 8
@@ -144,7 +183,7 @@ def test_two_ray_train_workers(curated, tmp_path):
 
 def test_teacher_finetune_trains_the_whole_model_and_is_reused(curated, tmp_path):
     from distill.data import load_labelled
-    from distill.run import prepare_teacher
+    from distill.adaptation import prepare_teacher
     from distill.teachers import build_teacher
 
     cfg = _cfg(curated, tmp_path / "ft", teacher_adapt="finetune", teacher_epochs=1, teacher_batch_size=6,
