@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.adapter import InputAdapter
+from distill.methods import decay_groups
+from index.encoders import build_encoder, build_encoder_with_head, resolve_encoder
 
 
 class Teacher(nn.Module):
@@ -43,15 +45,11 @@ class Teacher(nn.Module):
 
 
 def resolve_teacher_spec(name: str, weights: str | None = None, image_size: int | None = None) -> Any:
-    from index.encoders import resolve_encoder
-
     return resolve_encoder(name, weights, image_size)
 
 
 def build_teacher(name: str, num_classes: int, *, weights: str | None = None, image_size: int | None = None,
                   device: str | torch.device = "cpu") -> Teacher:
-    from index.encoders import build_encoder
-
     spec = resolve_teacher_spec(name, weights, image_size)
     return Teacher(build_encoder(spec, device=device), spec, num_classes).to(device)
 
@@ -60,8 +58,6 @@ def build_source_teacher(name: str, *, weights: str | None = None, image_size: i
                          device: str | torch.device = "cpu") -> Teacher:
     """A teacher whose head is the encoder's own pretrained classifier (its source label space), with
     the weights read once for both (index.encoders.build_encoder_with_head)."""
-    from index.encoders import build_encoder_with_head
-
     spec = resolve_teacher_spec(name, weights, image_size)
     encoder, head = build_encoder_with_head(spec, device=device)
     teacher = Teacher(encoder, spec, head.out_features)
@@ -72,8 +68,6 @@ def build_source_teacher(name: str, *, weights: str | None = None, image_size: i
 def build_feature_model(name: str, *, weights: str | None = None, image_size: int | None = None,
                         device: str | torch.device = "cpu") -> nn.Module:
     """A pretrained (un-adapted) encoder behind its own InputAdapter: x in [0, 1] -> features."""
-    from index.encoders import build_encoder
-
     spec = resolve_teacher_spec(name, weights, image_size)
     model = nn.Sequential(InputAdapter(spec.mean, spec.std, spec.image_size), build_encoder(spec, device=device))
     model.spec = spec  # type: ignore[attr-defined]
@@ -149,8 +143,6 @@ class TeacherCETask(nn.Module):
         return {"loss": loss, "task_loss": loss.detach()}
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        from distill.methods import decay_groups
-
         return decay_groups(self.teacher, lr, weight_decay)
 
 

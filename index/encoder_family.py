@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 from torch import nn
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from index.encoder_spec import EncoderSpec
 from index.errors import UserError
@@ -60,8 +62,6 @@ class NoSourceHead(UserError, ValueError):
 
 def _resize_longest(size: int, interpolation: Any) -> Transform:
     """Scale so the longer side is `size` (aspect ratio kept), as open_clip's ResizeKeepRatio(longest=1)."""
-    from torchvision.transforms import functional as TF
-
     def resize(im: Image.Image) -> Image.Image:
         w, h = im.size
         ratio = max(w, h) / size
@@ -71,8 +71,6 @@ def _resize_longest(size: int, interpolation: Any) -> Transform:
 
 def spec_transform(spec: EncoderSpec) -> Transform:
     """The spec's preprocessing with torchvision: resize by spec.resize_mode, crop (or pad) to a square."""
-    from torchvision import transforms as T
-
     interp = T.InterpolationMode(spec.interpolation)
     size = spec.image_size
     geometry = {

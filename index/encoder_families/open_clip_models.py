@@ -119,10 +119,8 @@ class OpenClipFamily(EncoderFamily):
         return Built(Encoder(spec, _ClipImage(model), text_model=model, tokenizer=open_clip.get_tokenizer(spec.arch)))
 
     def transform(self, spec: EncoderSpec) -> Transform:
-        from open_clip.transform import image_transform
-
-        return image_transform(spec.image_size, is_train=False, mean=spec.mean, std=spec.std,
-                               resize_mode=spec.resize_mode, interpolation=spec.interpolation)
+        return _open_clip().image_transform(spec.image_size, is_train=False, mean=spec.mean, std=spec.std,
+                                            resize_mode=spec.resize_mode, interpolation=spec.interpolation)
 
 
 class _ClipImage(torch.nn.Module):

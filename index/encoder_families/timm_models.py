@@ -17,9 +17,14 @@ PREFIX = "timm:"
 TINY = {"test-tiny-timm": ("test_efficientnet", 64)}   # name: (timm model, image size)
 
 
-def _create(spec: EncoderSpec, **kwargs):
+def _timm():
     import timm   # optional heavy dependency: loaded with its family
 
+    return timm
+
+
+def _create(spec: EncoderSpec, **kwargs):
+    timm = _timm()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         weights = dict(pretrained=True, pretrained_cfg_overlay=dict(file=spec.weights)) if spec.weights else {}
@@ -35,16 +40,14 @@ class TimmFamily(EncoderFamily):
         return name.startswith(PREFIX)
 
     def resolve(self, name: str, weights: str | None) -> EncoderSpec:
-        import timm
-        from timm.data import resolve_data_config
-
+        timm = _timm()
         model_name, size = TINY[name] if name in TINY else (name[len(PREFIX):], None)
         base = model_name.split(".")[0]
         if base not in timm.list_models():
             close = difflib.get_close_matches(base, timm.list_models(), n=3)
             raise ValueError(f"unknown timm model {model_name!r}; closest: {close}. See timm.list_models().")
         model = timm.create_model(model_name, pretrained=False, num_classes=0)
-        cfg = resolve_data_config({}, model=model)
+        cfg = timm.data.resolve_data_config({}, model=model)
         path = existing_file(weights) if weights else None
         return EncoderSpec(name=name if name in TINY else f"{PREFIX}{model_name}", family=self.name,
                            arch=model_name, embed_dim=int(model.num_features),
