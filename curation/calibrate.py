@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from curation import pixelkey
 from curation.copies import COPY_KINDS, copy_rng, make_copy
@@ -144,8 +145,8 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
     ``ref_keys``: the references' pixel keys (`curation.pixelkey`), to measure retrieval by them
     too. ``scores``: a dict that memoises verification scores across calls on the same images (they
     do not depend on the encoders), keyed by (seed, row, kind) and (row, other row); the pairs not
-    in it are verified in batches (`curation.verify_batch.match_pairs`), with tqdm bars where
-    ``progress``."""
+    in it are verified in batches (`curation.verify_batch.match_pairs`). ``progress``: one tqdm
+    bar over the steps (each copy kind, then the look-alikes by embedding and by pixel key)."""
     scores = {} if scores is None else scores
     from index.embed import embed_images
 
@@ -160,7 +161,9 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
     pos_pix, pos_pix_rank = np.full((nk, n), -np.inf), np.zeros((nk, n), np.int64)
     thumbs = [Thumb.of(im) for im in images]
     e = len(refs)
+    bar = tqdm(total=nk + 1 + int(pixel), desc="calibrate", unit="step", disable=not progress, dynamic_ncols=True)
     for ki, kind in enumerate(kinds):
+        bar.set_postfix_str(f"{kind} copies", refresh=False)
         copies = [make_copy(im, kind, copy_rng(seed, int(r), kind)) for im, r in zip(images, rows)]
         feats = embed_images(models, copies, batch_size)
         sims = [f @ r.T for f, r in zip(feats, refs)]            # [n, num_refs] per encoder
@@ -174,10 +177,10 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
         if verify != "none":
             keys = [(seed, int(r), kind) for r in rows]
             todo = [i for i, key in enumerate(keys) if key not in scores]
-            for i, m in zip(todo, match_pairs([(Thumb.of(copies[i]), thumbs[i]) for i in todo],
-                                              progress=progress and f"verify {kind} copies")):
+            for i, m in zip(todo, match_pairs([(Thumb.of(copies[i]), thumbs[i]) for i in todo])):
                 scores[keys[i]] = m
             pos_ver[ki], pos_res[ki] = np.array([scores[key] for key in keys], np.float64).reshape(n, 2).T
+        bar.update(1)
     by_row = {int(r): thumbs[i] for i, r in enumerate(rows)}
 
     def distinct(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -200,10 +203,11 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
                     if other not in by_row:
                         by_row[other] = Thumb.of(_load(images, other))
                     todo[key] = (thumbs[i], by_row[other])
-            for key, m in zip(todo, match_pairs(list(todo.values()), progress=progress and "verify look-alikes")):
+            for key, m in zip(todo, match_pairs(list(todo.values()))):
                 scores[key] = m
             for i, j in cells:
                 ver[:, i, j] = scores[int(rows[i]), int(nearest[i, j])]
+        bar.update(1)
         return nearest, valid, ver
 
     sims = [r[rows] @ r.T for r in refs]
@@ -218,6 +222,7 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
         px = dict(pos_pix=pos_pix, pos_pix_rank=pos_pix_rank,
                   negp_pix=np.where(valid_p, np.take_along_axis(ps, near_p, axis=1), -np.inf),
                   negp_verify=ver_p, negp_residual=res_p, neg_ids=nearest, negp_ids=near_p)
+    bar.close()
     return Measurements(tuple(kinds), pos_max, pos_mean, pos_rank, pos_ver, pos_res, neg_max, neg_mean, neg_ver,
                         neg_res, **px)
 

@@ -103,7 +103,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     ``executor`` (`index.executor.Executor`) fans out original embedding, verification and crop
     materialisation; None runs them in this process (``cfg.executor`` must then be "local").
     """
-    from curation.run.stages import counts, pairs_per_second, run_stages
+    from curation.run.stages import counts, pairs_per_second, run_stages, time_parts
 
     t0 = time.perf_counter()
     st = run_stages(cfg, executor)
@@ -116,6 +116,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     timings["gallery_reads"] = st.gindex.read_stats.to_dict()
     timings["stages"] = {k: {"seconds": round(v["seconds"], 3), "status": v["status"]}
                          for k, v in st.stage_status.items()}
+    timings["parts"] = {k: round(v, 3) for k, v in time_parts(st).items()}
     gindex, qs, specs = st.gindex, st.qs, st.specs
     manifest = {
         "config": cfg.to_dict(),
@@ -154,9 +155,15 @@ def summary_line(manifest: dict[str, Any], seconds: float) -> str:
             + (f" residual<={_fmt(th['max_residual'])}" if th.get("max_residual") is not None else "")
             + (f" key {_fmt(th['key'])}" if th.get("key") is not None else "")
             + _verified(manifest) + _reads(manifest)
-            + f", {seconds:.1f} s"
+            + f", {seconds:.1f} s" + most_time(manifest.get("timings", {}).get("parts") or {})
             + _stages(manifest)
             + (f" -- {manifest['message']}" if manifest.get("message") else ""))
+
+
+def most_time(parts: dict[str, float], top: int = 3) -> str:
+    """ " (most time: A 53 s, B 40 s, C 20 s)": the largest parts of a run's time."""
+    big = sorted(((v, k) for k, v in parts.items() if v > 0), reverse=True)[:top]
+    return " (most time: " + ", ".join(f"{k} {v:.1f} s" for v, k in big) + ")" if big else ""
 
 
 def _fmt(x: float | None) -> str:

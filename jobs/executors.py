@@ -12,9 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence, TypeVar
 
-from tqdm.auto import tqdm
-
-from index.executor import Executor, LocalExecutor  # noqa: F401 - re-exported: the in-process executor
+from index.executor import Executor, LocalExecutor, progress_bar  # noqa: F401 - re-exported: the in-process executor
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,7 +62,8 @@ class RayExecutor:
                      include_dashboard=False if address is None else None)
         return ray
 
-    def map(self, make_worker: Callable[[], Callable[[T], R]], tasks: Sequence[T], desc: str = "") -> list[R]:
+    def map(self, make_worker: Callable[[], Callable[[T], R]], tasks: Sequence[T], desc: str = "",
+            units: Sequence[int] | None = None, unit: str = "task") -> list[R]:
         if not tasks:
             return []
         ray = self._init()
@@ -75,8 +74,12 @@ class RayExecutor:
         actor_cls = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)(_Actor)
         actors = [actor_cls.remote(make_worker, self.torch_threads or _local_torch_threads()) for _ in range(n)]
         pool = ActorPool(actors)
-        results = list(tqdm(pool.map(lambda a, t: a.run.remote(t), list(tasks)), total=len(tasks),
-                            desc=desc, unit="task"))
+        bar, sizes = progress_bar(tasks, desc, units, unit)
+        results = []
+        with bar:
+            for n, res in zip(sizes, pool.map(lambda a, t: a.run.remote(t), list(tasks))):
+                results.append(res)
+                bar.update(n)
         for a in actors:
             ray.kill(a)
         return results

@@ -24,7 +24,7 @@ class CountingExecutor(LocalExecutor):
     def __init__(self):
         self.calls: list[tuple[str, int]] = []
 
-    def map(self, make_worker, tasks, desc=""):
+    def map(self, make_worker, tasks, desc="", **progress):
         self.calls.append((desc, len(tasks)))
         return super().map(make_worker, tasks, desc)
 

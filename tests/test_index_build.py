@@ -89,7 +89,7 @@ class RecordingExecutor(LocalExecutor):
         self.die_at = die_at
         self.results: list[list[Any]] = []
 
-    def map(self, make_worker, tasks, desc=""):
+    def map(self, make_worker, tasks, desc="", **progress):
         worker = make_worker()
         out = []
         for i, t in enumerate(tasks):

@@ -321,7 +321,7 @@ class DieAtGroups(LocalExecutor):
     def __init__(self):
         self.descs: list[str] = []
 
-    def map(self, make_worker, tasks, desc=""):
+    def map(self, make_worker, tasks, desc="", **progress):
         self.descs.append(desc)
         if desc == "build indexes":
             raise KeyboardInterrupt("killed before the groups")

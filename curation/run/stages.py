@@ -40,8 +40,8 @@ from curation.run.records import Record, StageStore
 from curation.run.state import Filtered, RunState, selection_from_record, selection_to_record
 from curation.run.workers import crops_worker, embed_original_images, originals_worker, write_transfer
 from curation.selection import SELECTORS, Selection, class_prompts, class_text_queries, select_with_search
-from curation.report_thumbs import read_report_thumbs
-from curation.run.report_items import query_rank, report_items
+from curation.run.report_items import report_items
+from curation.run.report_stage import query_classes, write_report_html
 from curation.shards import read_originals, write_query_shards
 from curation.thresholds import Thresholds, resolve_thresholds
 from curation.features import embed_labeled
@@ -144,8 +144,10 @@ def _references(st: RunState) -> Record:
     t = time.perf_counter()
     _ = st.ref_feats, st.ref_keys   # computed here, or read from the feature cache
     st.timings["embed_references"] = time.perf_counter() - t
+    t = time.perf_counter()
     th, cal = resolve_thresholds(st.cfg, st.models if _needs_models(st) else None, st.qs, st.ref_feats,
                                  st.ref_keys, st.cache.root)
+    st.timings["calibrate"] = time.perf_counter() - t
     # the calibration as its cache stores it (keys sorted), whether computed now or read back
     return Record({"thresholds": th.to_dict(), "calibration": json.loads(canonical_json(cal.to_dict())) if cal else None})
 
@@ -264,7 +266,7 @@ def _output_files(st: RunState) -> list[str]:
 def _write(st: RunState) -> Record:
     records = transfer_records(st.sel, st.gindex.rows(st.sel.ids), st.query_ids)
     limits = rpt.ReportLimits()
-    shown = report_items(records, st.leak_report, st.filtered, limits)
+    shown = report_items(records, st.leak_report, st.filtered, query_classes(st), limits)
     written = write_transfer(st.out, st.gindex, records, st.cfg.shard_size, st.executor,
                              functools.partial(crops_worker, str(st.gindex.root), st.cfg.jpeg_quality,
                                                limits.thumb_size),
@@ -305,71 +307,28 @@ def counts(st: RunState) -> dict[str, Any]:
     return c
 
 
+def time_parts(st: RunState) -> dict[str, float]:
+    """Where this run's time went, finer than its stages (only the stages it computed): reference
+    embedding and calibration within references, original embedding and verification within filter."""
+    status = st.stage_status
+    ran = {k: v["seconds"] for k, v in status.items() if v["status"] != "reused"}
+    parts: dict[str, float] = {}
+    if "references" in ran:
+        parts["embed references"] = st.timings.get("embed_references", 0.0)
+        parts["calibrate"] = st.timings.get("calibrate", 0.0)
+        parts["references (other)"] = ran.pop("references") - parts["embed references"] - parts["calibrate"]
+    if "filter" in ran:
+        parts["embed originals"] = st.timings.get("embed_originals", 0.0)
+        parts["verify pairs"] = st.verify_seconds
+        parts["filter (search, decontamination, dedup)"] = ran.pop("filter") - parts["embed originals"] \
+            - parts["verify pairs"]
+    parts.update({k.replace("_", " "): v for k, v in ran.items()})
+    return {k: max(0.0, v) for k, v in parts.items()}
+
+
 def _report(st: RunState) -> Record:
-    write_report_html(st)
+    write_report_html(st, counts(st), time_parts(st))
     return Record({"digests": {contract.REPORT_FILE: file_digest(st.out / contract.REPORT_FILE)}})
-
-
-def write_report_html(st: RunState) -> None:
-    qs, records, leak_report, th, filtered = st.qs, st.records, st.leak_report, st.th, st.filtered
-    c = counts(st)
-    shown = rpt.ReportLimits()
-    items = report_items(records, leak_report, filtered, shown)
-    rejected, clusters = items.rejected, items.clusters
-    # written images' thumbnails come from the write stage; only images never written (removed
-    # leaks and duplicates) are read from the gallery
-    crop_thumbs, originals = read_report_thumbs(st.out / contract.REPORT_THUMBS_FILE)
-    originals.update(read_originals(st.gindex, items.original_ids() - {r.source_id for r in records}))
-    qimg = {q.id: q for q in qs.queries}
-    label = {q.id: qs.classes[q.label] for q in qs.queries}
-    panels = []
-    for qid, recs in items.panels:
-        panels.append(rpt.QueryPanel(
-            id=qid, class_name=label.get(qid, qid.removeprefix("text:")),
-            image=qimg[qid].load() if qid in qimg else None,
-            retrieved=[rpt.RetrievedItem(source_id=r.source_id, crop=r.crop,
-                                         similarity=next(h.similarity for h in r.queries if h.query == qid),
-                                         rank=query_rank(r, qid),
-                                         crop_image=crop_thumbs.get(r.key),
-                                         original_image=originals.get(r.source_id))
-                       for r in recs]))
-    refs = {r.id: r for r in qs.references}
-    leak_panels = []
-    if leak_report:
-        for leak, state in ([(x, "removed") for x in leak_report.leaks] + [(x, "cleared") for x in leak_report.cleared]
-                            + [(x, "rejected") for x in rejected]):
-            nbrs = list(zip(leak.neighbor_ids, leak.neighbor_similarity))[:shown.max_neighbours]
-            if leak.verified_reference and leak.verified_reference not in dict(nbrs):
-                k = leak.neighbor_ids.index(leak.verified_reference)   # the best-verifying one is always shown
-                nbrs = nbrs[:-1] + [(leak.verified_reference, leak.neighbor_similarity[k])]
-            leak_panels.append(rpt.LeakPanel(
-                source_id=leak.image_id, image=originals.get(leak.image_id),
-                max_similarity=leak.max_similarity,
-                neighbours=[rpt.ReferenceMatch(id=i, similarity=s, image=refs[i].load() if i in refs else None,
-                                               verified=i == leak.verified_reference)
-                            for i, s in nbrs],
-                crops_removed=filtered.leak_items.get(leak.image_id, 0) if state == "removed" else 0,
-                unflagged=state == "cleared", review_note="marked not a leak on review" if state == "cleared" else "",
-                verify_score=leak.verify_score, verify_residual=leak.verify_residual,
-                key_similarity=leak.key_similarity, rejected=state == "rejected"))
-    per_query, per_class = rpt.count_per_query_and_class(records, {q: label.get(q, q) for q in st.query_ids})
-    thd = th.to_dict()
-    data = rpt.ReportData(
-        title=f"Curated transfer set: {qs.name}", query_set=qs.name, requested=st.cfg.size,
-        retrieved=c["retrieved"], removed_duplicates=c["removed_duplicate"],
-        removed_leaks=c["removed_leak"], backfilled=c["backfilled"], written=c["written"],
-        unreadable=c["removed_unreadable"] + c["unreadable_at_write"],
-        thresholds={k: thd[k] for k in ("dedup", "leak", "verify", "max_residual") if thd[k] is not None},
-        calibration=st.calibration.to_dict() if st.calibration else None,
-        rejected_total=len(leak_report.rejected) if leak_report else 0,
-        encoders=[s.name for s in st.specs],
-        extra={"strategy": st.cfg.strategy, "depth k": c["depth_k"], "verifier": th.verifier,
-               "thresholds from": th.source, "references verified per candidate": th.neighbours},
-        queries=panels, leaks=leak_panels,
-        dedup_clusters=[rpt.DedupCluster([rpt.DedupMember(id=i, image=originals.get(i), kept=k)
-                                          for i, k in cl]) for cl in clusters],
-        per_query_counts=per_query, per_class_counts=per_class)
-    rpt.write_report(st.out / contract.REPORT_FILE, data)
 
 
 # ---------------------------------------------------------------- the run

@@ -71,7 +71,7 @@ def embed_original_images(executor: Executor, make_worker: Callable, gindex: Gal
     ids = sorted(image_ids)
     locs = gindex.locations(ids)
     tasks = chunks([(i, locs.get(i)) for i in ids], per_task)
-    results = executor.map(make_worker, tasks, desc="embed originals")
+    results = executor.map(make_worker, tasks, desc="embed originals", units=[len(t) for t in tasks], unit="image")
     unreadable: dict[str, str] = {}
     for res in results:
         gindex.read_stats.merge(ReadStats(**res["reads"]))
@@ -130,7 +130,7 @@ def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.T
     tasks = [(part, gindex.locations({r["source_id"] for r in part}),
               sorted(r["key"] for r in part if r["key"] in thumb_keys),
               sorted({r["source_id"] for r in part} & set(thumb_originals))) for part in parts]
-    results = executor.map(make_worker, tasks, desc="materialise crops")
+    results = executor.map(make_worker, tasks, desc="write crops", units=[len(t[0]) for t in tasks], unit="crop")
     writer = AtomicShardWriter(out, contract.TRANSFER_PATTERN, shard_size)
     skipped = SkipCounts()
     written = unreadable = 0
