@@ -27,6 +27,7 @@ from typing import Any
 from curation.run.state import Filtered  # noqa: F401  (re-exported)
 from curation.selection import SELECTORS
 from curation.thresholds import Thresholds, resolve_thresholds  # noqa: F401  (re-exported)
+from curation.timing import most_time
 from curation.verify import VERIFIERS
 from index import contract
 from index.atomic import CODE_VERSION, write_json
@@ -158,12 +159,6 @@ def summary_line(manifest: dict[str, Any], seconds: float) -> str:
             + f", {seconds:.1f} s" + most_time(manifest.get("timings", {}).get("parts") or {})
             + _stages(manifest)
             + (f" -- {manifest['message']}" if manifest.get("message") else ""))
-
-
-def most_time(parts: dict[str, float], top: int = 3) -> str:
-    """ " (most time: A 53 s, B 40 s, C 20 s)": the largest parts of a run's time."""
-    big = sorted(((v, k) for k, v in parts.items() if v > 0), reverse=True)[:top]
-    return " (most time: " + ", ".join(f"{k} {v:.1f} s" for v, k in big) + ")" if big else ""
 
 
 def _fmt(x: float | None) -> str:

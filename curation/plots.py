@@ -9,8 +9,10 @@ same report.
     bar_plot(groups, ...)        grouped bars (one colour per series), values on top
     matrix_plot(matrix, ...)     a heatmap with the counts written in its cells
     figure_img(fig, alt)         any matplotlib figure as an <img> tag
+    figure_svg(fig, salt)        ... or as SVG bytes, for a file
 
-Every function returns the ``<img>`` tag (a str); matplotlib is imported only when a plot is made.
+Each ``*_plot`` returns the ``<img>`` tag (a str), and its ``*_figure`` twin the figure, for
+`figure_svg`; matplotlib is imported only when a plot is made.
 """
 from __future__ import annotations
 
@@ -38,24 +40,44 @@ def figure(width: float = 5.0, height: float = 3.2):
     return _plt().subplots(figsize=(width, height))
 
 
-def figure_img(fig, alt: str, salt: str | None = None) -> str:
-    """The figure as ``<img src="data:image/svg+xml;base64,...">`` (the figure is closed)."""
+def figure_svg(fig, salt: str) -> bytes:
+    """The figure as SVG bytes, deterministic for a given ``salt`` (the figure is closed)."""
     import matplotlib
 
     plt = _plt()
     buf = io.BytesIO()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt or alt}):
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
         fig.tight_layout()
         fig.savefig(buf, format="svg", metadata={"Date": None})
     plt.close(fig)
-    uri = "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def figure_img(fig, alt: str) -> str:
+    """The figure as ``<img src="data:image/svg+xml;base64,...">`` (the figure is closed)."""
+    uri = "data:image/svg+xml;base64," + base64.b64encode(figure_svg(fig, alt)).decode("ascii")
     return f'<img class="plot" src="{uri}" alt="{html.escape(alt, quote=True)}">'
 
 
-def line_plot(x: Sequence[float], series: dict[str, Sequence[float]], *, title: str, xlabel: str, ylabel: str,
+def line_plot(*args, **kwargs) -> str:
+    """`line_figure` as an <img> tag."""
+    return figure_img(line_figure(*args, **kwargs), kwargs["title"])
+
+
+def bar_plot(*args, **kwargs) -> str:
+    """`bar_figure` as an <img> tag."""
+    return figure_img(bar_figure(*args, **kwargs), kwargs["title"])
+
+
+def matrix_plot(*args, **kwargs) -> str:
+    """`matrix_figure` as an <img> tag."""
+    return figure_img(matrix_figure(*args, **kwargs), kwargs["title"])
+
+
+def line_figure(x: Sequence[float], series: dict[str, Sequence[float]], *, title: str, xlabel: str, ylabel: str,
               emphasis: Sequence[str] = (), vlines: dict[str, float] | None = None, marks: dict[str, tuple] | None = None,
               width: float = 5.0, height: float = 3.2, ylim: tuple[float, float] | None = None,
-              xs: dict[str, Sequence[float]] | None = None) -> str:
+              xs: dict[str, Sequence[float]] | None = None):
     """One line per series over ``x`` (or its own x in ``xs``); ``emphasis`` series are drawn
     thick and red-dashed; ``vlines``: {label: x} vertical lines (chosen thresholds); ``marks``:
     {label: (x, y)} single points."""
@@ -79,12 +101,12 @@ def line_plot(x: Sequence[float], series: dict[str, Sequence[float]], *, title: 
     ax.grid(alpha=0.3)
     if len(series) + len(vlines or {}) + len(marks or {}) > 1:
         ax.legend(fontsize=7, loc="best", framealpha=0.85)
-    return figure_img(fig, title)
+    return fig
 
 
-def bar_plot(labels: Sequence[str], groups: dict[str, Sequence[float | None]], *, title: str, ylabel: str,
+def bar_figure(labels: Sequence[str], groups: dict[str, Sequence[float | None]], *, title: str, ylabel: str,
              ylim: tuple[float, float] | None = None, emphasis: Sequence[str] = (), values: bool = True,
-             errors: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None, height: float = 3.2) -> str:
+             errors: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None, height: float = 3.2):
     """Bars per label, one colour per group (None: no bar); ``errors``: {group: (low, high)} whiskers."""
     import numpy as np
 
@@ -115,11 +137,11 @@ def bar_plot(labels: Sequence[str], groups: dict[str, Sequence[float | None]], *
     ax.grid(axis="y", alpha=0.3)
     if len(groups) > 1:
         ax.legend(fontsize=7, loc="best", framealpha=0.85)
-    return figure_img(fig, title)
+    return fig
 
 
-def matrix_plot(matrix: Sequence[Sequence[float]], labels: Sequence[str], *, title: str, xlabel: str, ylabel: str,
-                normalise_rows: bool = True) -> str:
+def matrix_figure(matrix: Sequence[Sequence[float]], labels: Sequence[str], *, title: str, xlabel: str, ylabel: str,
+                  normalise_rows: bool = True):
     """A square matrix as a heatmap (rows normalised to fractions for the colour), counts in the cells."""
     import numpy as np
 
@@ -139,4 +161,4 @@ def matrix_plot(matrix: Sequence[Sequence[float]], labels: Sequence[str], *, tit
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    return figure_img(fig, title)
+    return fig

@@ -148,12 +148,17 @@ def leaks(data: ReportData, limits: ReportLimits, th: _Thumbs) -> str:
 
 def dedup(data: ReportData, limits: ReportLimits, th: _Thumbs) -> str:
     if not data.dedup_clusters:
-        return "<p>No duplicate clusters.</p>"
+        return "<p>No duplicate clusters" + (f" (the {data.removed_duplicates} items removed as duplicates were "
+                                              "further crops of an image already in the set)" if data.removed_duplicates
+                                              else "") + ".</p>"
     clusters = sorted(data.dedup_clusters, key=lambda c: (-len(c.members), min((m.id for m in c.members), default="")))
     shown = clusters[:limits.max_clusters]
     total_removed = sum(sum(not m.kept for m in c.members) for c in clusters)
     out = [f"<p>{len(clusters)} clusters; {total_removed} duplicate images removed "
            f"(one image kept per cluster, outlined green, first in its row).</p>"]
+    if data.removed_duplicates > total_removed:
+        out.append(f'<p class="small">Of the {data.removed_duplicates} items removed as duplicates, the others '
+                   "were further crops of an image already in the set (one crop per image is kept).</p>")
     if len(shown) < len(clusters):
         out.append(f'<p class="note">Showing the {len(shown)} largest of {len(clusters)} clusters.</p>')
     for c in shown:

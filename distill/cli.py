@@ -120,7 +120,9 @@ def rank_main(argv: list[str]) -> int:
     result["queries"] = a.queries
     print(format_ranking(result))
     if a.out:
-        print(f"wrote {write_ranking(a.out, result)}")
+        from distill.plots import ranking_plot
+
+        print(f"wrote {write_ranking(a.out, result)} and {ranking_plot(a.out, result)}")
     return 0
 
 

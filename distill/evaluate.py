@@ -1,4 +1,5 @@
-"""Evaluation on the test split: accuracy and per-class accuracy (classes with no test image: None)."""
+"""Evaluation on the test split: accuracy, per-class accuracy (classes with no test image: None) and the
+confusion matrix (rows: true class, columns: predicted; counts)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
@@ -12,16 +13,18 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tu
     if isinstance(model, torch.nn.Module):
         model.eval()
     n = len(classes)
-    correct = torch.zeros(n, dtype=torch.long)
-    total = torch.zeros(n, dtype=torch.long)
+    confusion = torch.zeros(n * n, dtype=torch.long)
     for x, y in batches:
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= n):
             raise ValueError(f"test labels must be in [0, {n}), got {sorted(set(y.tolist()))}")
         pred = model(x.to(device)).argmax(dim=1).cpu()
-        total += torch.bincount(y, minlength=n)
-        correct += torch.bincount(y[pred == y], minlength=n)
+        if len(pred) and int(pred.max()) >= n:
+            raise ValueError(f"the model predicts class {int(pred.max())}, but there are {n} classes")
+        confusion += torch.bincount(y * n + pred, minlength=n * n)
+    confusion = confusion.reshape(n, n)
+    total, correct = confusion.sum(dim=1), confusion.diagonal()
     if int(total.sum()) == 0:
         raise ValueError("the test split is empty")
     per_class = {c: (float(correct[i]) / float(total[i]) if total[i] else None) for i, c in enumerate(classes)}
     return {"accuracy": float(correct.sum()) / float(total.sum()), "per_class_accuracy": per_class,
-            "num_test": int(total.sum())}
+            "num_test": int(total.sum()), "confusion": confusion.tolist()}

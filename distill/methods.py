@@ -2,7 +2,9 @@
 
 A task sees two kinds of batches: labelled batches ("label" present) and transfer batches (cached
 teacher outputs present, no label). Every task returns {"loss": total to minimise, "task_loss": CE
-or 0, <method>_loss: its regulariser, unscaled}. Phases: an optional transfer phase on the transfer
+or 0, <method>_loss: its regulariser, unscaled}, and for the learning curves "accuracy" on labelled
+batches and, for KD on transfer batches, "teacher_agreement" (the student's top class is the
+teacher's); those two are detached and not minimised. Phases: an optional transfer phase on the transfer
 set, then a finetune phase on the labelled set (Vemulapalli et al. 2024, Figure 2).
 
 - labels_only   CE on the labelled set (the baseline).
@@ -39,6 +41,11 @@ Batch = dict[str, Any]
 Losses = dict[str, torch.Tensor]
 
 
+def top1(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose top logit is the target class (detached)."""
+    return (logits.detach().argmax(dim=1) == target.to(logits.device)).float().mean()
+
+
 def decay_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices and kernels, none on biases and norm parameters."""
     decay, no_decay = [], []
@@ -73,8 +80,9 @@ class LabelsOnly(Task):
     def forward(self, batch: Batch) -> Losses:
         if "label" not in batch:
             raise ValueError("labels_only trains on labelled batches only")
-        loss = self._ce(self.student(batch["image"]), batch)
-        return {"loss": loss, "task_loss": loss.detach()}
+        logits = self.student(batch["image"])
+        loss = self._ce(logits, batch)
+        return {"loss": loss, "task_loss": loss.detach(), "accuracy": top1(logits, batch["label"])}
 
 
 class KD(Task):
@@ -88,9 +96,11 @@ class KD(Task):
         logits = self.student(batch["image"])
         if "label" in batch:
             loss = self._ce(logits, batch)
-            return {"loss": loss, "task_loss": loss.detach()}
-        kd = kd_loss(logits, batch["teacher_logits"].to(logits.device), self.temperature)
-        return {"loss": kd, "task_loss": torch.zeros((), device=kd.device), "kd_loss": kd.detach()}
+            return {"loss": loss, "task_loss": loss.detach(), "accuracy": top1(logits, batch["label"])}
+        teacher = batch["teacher_logits"].to(logits.device)
+        kd = kd_loss(logits, teacher, self.temperature)
+        return {"loss": kd, "task_loss": torch.zeros((), device=kd.device), "kd_loss": kd.detach(),
+                "teacher_agreement": top1(logits, teacher.argmax(dim=1))}
 
     @torch.no_grad()
     def matched_targets(self, batch: Batch) -> Batch:
@@ -109,8 +119,9 @@ class FeatureKD(Task):
 
     def forward(self, batch: Batch) -> Losses:
         if "label" in batch:
-            loss = self._ce(self.student(batch["image"]), batch)
-            return {"loss": loss, "task_loss": loss.detach()}
+            logits = self.student(batch["image"])
+            loss = self._ce(logits, batch)
+            return {"loss": loss, "task_loss": loss.detach(), "accuracy": top1(logits, batch["label"])}
         pred = self.projection(self.student.forward_features(batch["image"]))
         target = batch["teacher_features"].to(pred.device)
         parts = {}
@@ -147,6 +158,7 @@ class AFT(Task):
             ce = self._ce(logits, batch)
             loss = loss + ce
             out["task_loss"] = ce.detach()
+            out["accuracy"] = top1(logits, batch["label"])
         else:
             out["task_loss"] = zero
         if "teacher_features" in batch:
@@ -193,8 +205,9 @@ class WeightedKD(Task):
 
     def forward(self, batch: Batch) -> Losses:
         if "label" in batch:
-            loss = self._ce(self.student(batch["image"]), batch)
-            return {"loss": loss, "task_loss": loss.detach()}
+            logits = self.student(batch["image"])
+            loss = self._ce(logits, batch)
+            return {"loss": loss, "task_loss": loss.detach(), "accuracy": top1(logits, batch["label"])}
         feats = self.student.forward_features(batch["image"])
         targets = batch["teacher_logits"].to(feats.device)
         if targets.shape[1] != sum(self.outputs):

@@ -29,3 +29,27 @@ def bar_plot(path: str | Path, labels: Sequence[str], values: Sequence[float], *
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
+
+
+RANKING_PLOT = "ranking.svg"
+
+
+def ranking_plot(out_dir: str | Path, result: dict) -> Path:
+    """`distill rank`'s table as a plot: each teacher's similarities (and probe accuracy), best first."""
+    from curation.plots import bar_figure, figure_svg
+
+    ranking = result["ranking"]
+    names = [f"{r['rank']}. {r['name']}" for r in ranking]
+    metrics = list(ranking[0]["similarity"]) if ranking else []
+    groups = {m + (" (sort key)" if m == result["metric"] else ""): [r["similarity"][m] for r in ranking]
+              for m in metrics}
+    if "by_probe_accuracy" in result:
+        groups["probe accuracy (cross-validated)"] = [r.get("probe_accuracy") for r in ranking]
+    low = min([0.0] + [v for vals in groups.values() for v in vals if v is not None])
+    fig = bar_figure(names, groups, title=f"Teachers ranked by {result['metric']} on the probe set "
+                                          f"({result['probe_set']['count']} labelled images)",
+                     ylabel="score", ylim=(min(0.0, low * 1.1), 1.1))
+    path = Path(out_dir) / RANKING_PLOT
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(figure_svg(fig, "ranking"))
+    return path

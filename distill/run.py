@@ -5,7 +5,10 @@
     OUT/cache/ (--cache-dir) teacher outputs per model and split, fingerprinted (cache.py)
     OUT/checkpoints/<phase>/ last.pt (periodic), final.pt + done.json (phase finished)
     OUT/student.pt           final student weights
-    OUT/metrics.json         test accuracy, per-class accuracy, teacher and baseline accuracy, timings
+    OUT/metrics.json         test accuracy, per-class accuracy, confusion matrix, teacher and baseline accuracy,
+                             timings
+    OUT/report.html          learning curves, per-class accuracy against the teacher's, confusion matrix,
+                             AFT's feature weights (distill/report.py)
 
 Every step is resumable: a rerun with the same configuration reuses what is done and continues
 from the last checkpoint. Student training runs in-process, or with `workers > 1` on Ray Train
@@ -30,8 +33,10 @@ from distill.data import (EVAL_TRANSFORM_ID, LabelledSet, ShardSet, eval_transfo
                           steps_per_epoch, test_batches, transfer_batches, transfer_shards)
 from distill.evaluate import evaluate
 from distill.methods import METHODS, MULTI_TEACHER, TeacherMix, build_task, phases
+from curation.timing import Clock, most_time
 from distill.plots import bar_plot
 from distill.rank import rank_teachers
+from distill.report import REPORT_FILE, write_run_report
 from distill.students import build_student, student_resolution
 from distill.teachers import (Teacher, TeacherCETask, build_feature_model, build_teacher, linear_probe,
                               weights_hash)
@@ -366,6 +371,7 @@ def run_distill(cfg: DistillConfig, *, query_set: Any = None) -> dict[str, Any]:
             "training_fingerprint": cfg.training_fingerprint()}})
 
     metrics: dict[str, Any] = {"method": cfg.method, "student": cfg.student, "teacher": None}
+    clock = Clock()
     teachers: list[Teacher] = []
     if cfg.method in MULTI_TEACHER:
         teachers = prepare_teachers(cfg, ls, query_set, device, metrics)
@@ -376,8 +382,10 @@ def run_distill(cfg: DistillConfig, *, query_set: Any = None) -> dict[str, Any]:
         metrics.update(teacher=cfg.teacher, teacher_adapt=cfg.teacher_adapt, teacher_accuracy=ev["accuracy"],
                        teacher_per_class_accuracy=ev["per_class_accuracy"], teacher_adaptation=info)
         teachers = [teacher]
+    clock.lap("teacher")
     caches = prepare_caches(cfg, ls, shardset, teachers, device)
     write_json(out / CACHES_FILE, caches)
+    clock.lap("teacher outputs (cache)")
     del teachers
     metrics["caches"] = caches
 
@@ -388,6 +396,7 @@ def run_distill(cfg: DistillConfig, *, query_set: Any = None) -> dict[str, Any]:
     else:
         train = train_student(cfg)
     metrics["training"] = train
+    clock.lap("training")
     if not train["completed"]:
         metrics["completed"] = False
         return metrics
@@ -395,8 +404,9 @@ def run_distill(cfg: DistillConfig, *, query_set: Any = None) -> dict[str, Any]:
     student = build_student(cfg.student, len(ls.classes), resolution=resolution)
     student.load_state_dict(torch.load(out / "student.pt", map_location="cpu", weights_only=True))
     ev = evaluate(student.to(device), test_batches(query_set.test, resolution, cfg.eval_batch_size), ls.classes, device)
+    clock.lap("evaluation")
     metrics.update(completed=True, test_accuracy=ev["accuracy"], per_class_accuracy=ev["per_class_accuracy"],
-                   num_test=ev["num_test"],
+                   num_test=ev["num_test"], confusion=ev["confusion"], classes=list(ls.classes),
                    epoch_seconds={p["name"]: [e["seconds"] for e in p["epochs"]] for p in train["phases"]})
     if cfg.baseline and cfg.method != "labels_only":
         base = run_distill(cfg.replace(method="labels_only", out=str(out / "baseline"), baseline=False,
@@ -410,10 +420,14 @@ def run_distill(cfg: DistillConfig, *, query_set: Any = None) -> dict[str, Any]:
         metrics["aft_source_weights"] = {b["name"]: b["mean"] for b in blocks}
         bar_plot(out / "aft_source_weights.png", [b["name"] for b in blocks], [b["mean"] for b in blocks],
                  title="AFT: learned feature weights per model", ylabel="mean sigmoid(s)")
+    clock.lap("baseline and figures")
+    metrics["timings"] = clock.parts
     metrics["seconds"] = time.perf_counter() - t_start
     metrics["config"] = cfg.to_dict()
     write_json(out / "metrics.json", metrics)
+    write_run_report(out, metrics)
     return metrics
+
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
@@ -427,4 +441,5 @@ def summary_line(metrics: dict[str, Any]) -> str:
     skipped = metrics["training"].get("skipped") or {}
     return (f"distill {metrics['method']} student={metrics['student']}: test accuracy {pct(metrics['test_accuracy'])}"
             f" | teacher {pct(metrics.get('teacher_accuracy'))} | labels-only baseline "
-            f"{pct(metrics.get('baseline_accuracy'))} | skipped {json.dumps(skipped)} | {metrics['seconds']:.1f}s")
+            f"{pct(metrics.get('baseline_accuracy'))} | skipped {json.dumps(skipped)} | {metrics['seconds']:.1f}s"
+            f"{most_time(metrics.get('timings') or {})} | report {Path(metrics['config']['out']) / REPORT_FILE}")

@@ -1,9 +1,10 @@
 """The report stage's body: fill `curation.report.ReportData` from a run's state and write report.html.
 
 What it shows is `report_items` of the run (the same call the write stage made, so the write
-stage's thumbnails cover every written crop and original shown); it reads from the gallery only the
-images never written (removed leaks and duplicates), each by its recorded byte range, and the
-target's references shown. An image that cannot be read is shown as a placeholder with the reason.
+stage's thumbnails cover every written crop and original shown); it reads from the gallery, each by
+its recorded byte range, only the images never written (removed leaks and duplicates) and the
+candidates of the leak panels that were kept (verification rejected them, or a review), whose
+alignment is redone at full size for the evidence; and the target's references shown. An image that cannot be read is shown as a placeholder with the reason.
 """
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def _aligned(gallery, reference) -> rpt.Aligned | None:
     return None if found is None else rpt.Aligned(*found)
 
 
-def _leak_panels(st: RunState, items, originals: dict[str, Any], limits: rpt.ReportLimits) -> list[rpt.LeakPanel]:
+def _leak_panels(st: RunState, items, originals: dict[str, Any], full: dict[str, Any],
+                 limits: rpt.ReportLimits) -> list[rpt.LeakPanel]:
+    """``originals``: what each panel shows; ``full``: the full gallery images verification compared."""
     leak_report, filtered = st.leak_report, st.filtered
     if not leak_report:
         return []
@@ -78,7 +81,8 @@ def _leak_panels(st: RunState, items, originals: dict[str, Any], limits: rpt.Rep
             unflagged=state == "cleared", review_note="marked not a leak on review" if state == "cleared" else "",
             verify_score=leak.verify_score, verify_residual=leak.verify_residual,
             key_similarity=leak.key_similarity, rejected=state == "rejected",
-            aligned=_aligned(image, ref_image(leak.verified_reference)) if leak.verified_reference else None))
+            aligned=_aligned(full[leak.image_id], ref_image(leak.verified_reference))
+            if leak.verified_reference else None))
     return panels
 
 
@@ -90,7 +94,8 @@ def report_data(st: RunState, counts: dict[str, Any], time_parts: dict[str, floa
     # written images' thumbnails come from the write stage; only images never written (removed
     # leaks and duplicates) are read from the gallery
     crop_thumbs, originals = read_report_thumbs(st.out / contract.REPORT_THUMBS_FILE)
-    originals = {**originals, **gallery_images(st.gindex, items.original_ids() - {r.source_id for r in records})}
+    full = gallery_images(st.gindex, (items.original_ids() - {r.source_id for r in records}) | set(items.leak_images))
+    originals = {**originals, **full}
     missing = rpt.Unreadable(NOT_WRITTEN)
     qimg = {q.id: q for q in qs.queries}
     panels = [rpt.QueryPanel(
@@ -116,7 +121,7 @@ def report_data(st: RunState, counts: dict[str, Any], time_parts: dict[str, floa
         encoders=[s.name for s in st.specs],
         extra={"strategy": st.cfg.strategy, "depth k": c["depth_k"], "verifier": th.verifier,
                "thresholds from": th.source, "references verified per candidate": th.neighbours},
-        mosaic=mosaic, queries=panels, leaks=_leak_panels(st, items, originals, limits),
+        mosaic=mosaic, queries=panels, leaks=_leak_panels(st, items, originals, full, limits),
         dedup_clusters=[rpt.DedupCluster([rpt.DedupMember(id=i, image=originals.get(i, missing), kept=k)
                                           for i, k in cl]) for cl in items.clusters],
         per_query_counts=per_query, per_class_counts=per_class,
