@@ -314,7 +314,9 @@ def test_decontamination_removes_planted_copies_and_keeps_the_look_alike(world: 
         assert gid in leaks_html and rid in leaks_html
     assert "not a copy by verification: kept" in leaks_html and "verification score" in leaks_html
     assert "pixel key " in leaks_html
-    assert "Calibration" in _section((out / contract.REPORT_FILE).read_text(), "summary")
+    calibration = _section((out / contract.REPORT_FILE).read_text(), "calibration")
+    assert f"leak threshold <b>{m['calibration']['leak_threshold']:.4g}</b>" in calibration
+    assert calibration.count('<img class="plot"') == 5      # four curves and the recall per kind
 
 
 def test_pixel_keys_find_leaks_the_embedding_does_not(world: World, capsys):

@@ -325,7 +325,7 @@ class DieAtGroups(LocalExecutor):
         self.descs.append(desc)
         if desc == "build indexes":
             raise KeyboardInterrupt("killed before the groups")
-        return super().map(make_worker, tasks, desc)
+        return super().map(make_worker, tasks, desc, **progress)
 
 
 def test_train_step_resumes_and_refuses_by_fingerprint(shared8, data, tmp_path):
