@@ -342,9 +342,23 @@ def labelled_batches(ls: LabelledSet, *, seed: int, epoch: int, batch_size: int,
 
 # ------------------------------------------------------------------ test split
 
-def test_batches(items: Sequence[Any], resolution: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def test_batches(items: Sequence[Any], resolution: int, batch_size: int) -> "EvalBatches":
     """Items with .label and .loader() -> PIL (curation.querysets); eval transform, in order."""
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        x = torch.stack([eval_transform(it.loader(), resolution) for it in chunk])
-        yield x, torch.tensor([int(it.label) for it in chunk], dtype=torch.long)
+    return EvalBatches(items, resolution, batch_size)
+
+
+class EvalBatches:
+    """(images, labels) batches of a test split; ``len()`` is the number of images, so a progress
+    bar over them has its total."""
+
+    def __init__(self, items: Sequence[Any], resolution: int, batch_size: int):
+        self.items, self.resolution, self.batch_size = items, resolution, batch_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.items), self.batch_size):
+            chunk = self.items[start:start + self.batch_size]
+            x = torch.stack([eval_transform(it.loader(), self.resolution) for it in chunk])
+            yield x, torch.tensor([int(it.label) for it in chunk], dtype=torch.long)

@@ -5,22 +5,28 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 
 @torch.no_grad()
 def evaluate(model: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             classes: list[str], device: torch.device) -> dict[str, Any]:
+             classes: list[str], device: torch.device, progress: bool = True) -> dict[str, Any]:
+    """``batches``: (images, labels); where it has a ``len()`` (images), the progress bar counts to it."""
     if isinstance(model, torch.nn.Module):
         model.eval()
     n = len(classes)
     confusion = torch.zeros(n * n, dtype=torch.long)
+    bar = tqdm(total=len(batches) if hasattr(batches, "__len__") else None, desc="evaluate", unit="image",
+               disable=not progress, dynamic_ncols=True)
     for x, y in batches:
+        bar.update(len(y))
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= n):
             raise ValueError(f"test labels must be in [0, {n}), got {sorted(set(y.tolist()))}")
         pred = model(x.to(device)).argmax(dim=1).cpu()
         if len(pred) and int(pred.max()) >= n:
             raise ValueError(f"the model predicts class {int(pred.max())}, but there are {n} classes")
         confusion += torch.bincount(y * n + pred, minlength=n * n)
+    bar.close()
     confusion = confusion.reshape(n, n)
     total, correct = confusion.sum(dim=1), confusion.diagonal()
     if int(total.sum()) == 0:

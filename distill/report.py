@@ -62,7 +62,8 @@ def _curves(metrics: dict[str, Any]) -> str:
             marks = {}
             if ph is phases[-1] and metrics.get("test_accuracy") is not None:
                 marks["test accuracy"] = (x[-1], metrics["test_accuracy"])
-            figs.append(plots.line_plot(x, acc, title=f"{ph['name']} phase: accuracy per epoch", xlabel="epoch",
+            title = f"{ph['name']}: {next(iter(acc))}" if len(acc) == 1 else f"{ph['name']}: accuracy per epoch"
+            figs.append(plots.line_plot(x, acc, title=title, xlabel="epoch",
                                         ylabel="fraction of the training batches", ylim=(-0.02, 1.02), marks=marks))
     if not figs:
         return "<p>No training recorded.</p>"

@@ -66,7 +66,8 @@ def test_report_sections_and_plots(runs):
     assert all(f'href="#{s}"' in text for s in _sections(text))
     # 2 phases x (loss per step, accuracy per epoch) + per class + confusion
     assert text.count('<img class="plot"') == 6
-    assert "transfer phase: loss per step" in text and "finetune phase: accuracy per epoch" in text
+    assert "transfer phase: loss per step" in text and "finetune: accuracy on the labelled batches" in text
+    assert "transfer: agreement with the teacher&#x27;s top class" in text
     assert "Test accuracy per class" in text and "Confusion matrix (test split)" in text
     assert "<script" not in text.lower() and "http" not in text.split("<body>", 1)[1].split('src="data:')[0]
     aft_out, aft = runs["aft"]
