@@ -185,6 +185,7 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
 
     def distinct(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows [n, k], validity, verification scores [2, n, k]) of the nearest distinct references."""
+        bar.set_postfix_str("nearest distinct images", refresh=False)
         sim[own] = -np.inf
         if labels is not None:
             lab = np.asarray(labels)

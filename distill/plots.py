@@ -1,4 +1,8 @@
-"""Small figures written next to a run's metrics (matplotlib, Agg backend: no display needed)."""
+"""Small figures written next to a run's metrics, as files (`curation.plots` draws them).
+
+    bar_plot(path, labels, values)   a PNG bar chart (AFT's weights per model: aft_source_weights.png)
+    ranking_plot(out_dir, result)    `distill rank`'s table as ranking.svg
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,23 +14,15 @@ from index.atomic import atomic_path
 def bar_plot(path: str | Path, labels: Sequence[str], values: Sequence[float], *, title: str = "",
              ylabel: str = "") -> Path:
     """One bar per label, its value printed on top; written atomically as PNG."""
-    import matplotlib
+    from curation.plots import bar_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) + 1.5), 3.2))
-    bars = ax.bar(range(len(labels)), values, color="#4c72b0")
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, max(1.0, max(values, default=0) * 1.15))
-    for b, v in zip(bars, values):
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.3f}", ha="center", va="bottom", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    ax.set_ylabel(ylabel)
-    fig.tight_layout()
+    fig = bar_figure(labels, {ylabel: values}, title=title, ylabel=ylabel, ylim=(0, max(1.0, max(values, default=0) * 1.15)))
     path = Path(path)
     with atomic_path(path) as tmp:
+        fig.tight_layout()
         fig.savefig(tmp, format="png", dpi=100)
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
     return path
 
