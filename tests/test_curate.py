@@ -648,6 +648,11 @@ def test_summary_and_manifest_report_stage_timings_and_verification_rate(base):
     assert all(v["seconds"] >= 0 for v in stages.values())
     assert m["verified_pairs"] > 0 and m["timings"]["verify_pairs_per_s"] > 0
     assert f"verified {m['verified_pairs']} pairs" in stdout and "[open " in stdout
+    parts = m["timings"]["parts"]      # finer than the stages; the summary names the three largest
+    assert {"embed references", "calibrate", "embed originals", "verify pairs", "write"} <= set(parts)
+    assert parts["verify pairs"] == pytest.approx(m["timings"]["verify"], abs=1e-3)
+    top = sorted(parts, key=lambda k: -parts[k])[:3]
+    assert re.search(r"most time: " + ", ".join(rf"{re.escape(k)} [\d.]+ s" for k in top), stdout)
     assert set(m["stages"]) == set(stages) - {"open", "manifest"}
 
 

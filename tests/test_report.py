@@ -265,3 +265,28 @@ def test_spread_takes_first_last_and_even_steps():
             got = spread(n, k)
             assert got == sorted(set(got)) and len(got) == min(n, k) and got[0] == 0
             assert k == 1 or got[-1] == n - 1
+
+
+def _pattern(seed: int, size=(90, 70)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    f = sum(np.sin(x / rng.uniform(3, 9) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(3, 9)) for _ in range(3))
+    return Image.fromarray(np.uint8(127 + 40 * f)).convert("RGB")
+
+
+def test_aligned_evidence_is_the_pair_verification_compared():
+    from curation.report_evidence import aligned_evidence
+    from curation.verify import aligned_pair, copy_match
+
+    src = _pattern(1)
+    buf = io.BytesIO()
+    src.crop((4, 3, 86, 67)).save(buf, format="JPEG", quality=80)
+    copy = Image.open(io.BytesIO(buf.getvalue()))
+    g, r = aligned_pair(copy, src)
+    assert g.shape == r.shape and g.shape[0] > 40          # one size: the crop found inside its source
+    assert np.corrcoef(g.ravel(), r.ravel())[0, 1] > 0.95 and copy_match(copy, src).score > 0.95
+    a, b, diff = aligned_evidence(copy, src)
+    assert a.size == b.size == diff.size and a.mode == b.mode == diff.mode == "L"
+    other = aligned_evidence(_pattern(2), src)
+    assert other is not None and np.asarray(diff).mean() < np.asarray(other[2]).mean()   # a look-alike differs more
+    assert aligned_evidence(Image.new("RGB", (50, 50), (90, 90, 90)), src) is None       # flat: nothing to align
