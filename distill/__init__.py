@@ -12,10 +12,11 @@ Modules (one concept each):
                   returning named losses
     similarity.py task similarity of a representation to probe labels: PARC, CKA, RSA; teacher weights
     rank.py       rank candidate teachers on the labelled probe set from cached features (`distill rank`)
-    plots.py      small PNG figures next to a run's metrics (AFT's learned weight per pretrained model)
+    plots.py      figures as files: AFT's learned weight per pretrained model (PNG), the ranking (SVG)
+    report.py     OUT/report.html: learning curves, per-class accuracy, confusion matrix, AFT weights
     data.py       transfer shards (webdataset stream), labelled query shards, test split
     trainer.py    AdamW + cosine with warmup, AMP, atomic checkpoints, exact resume
-    evaluate.py   accuracy and per-class accuracy on the test split
+    evaluate.py   accuracy, per-class accuracy and the confusion matrix on the test split
     run.py        run_distill(cfg) -> metrics: the whole pipeline, in-process or on Ray Train
     synthetic.py  tiny deterministic curated directories and query sets for tests and benchmarks
     cli.py        `distill` command line
