@@ -103,6 +103,14 @@ def _batches(it: Iterator[tuple[store.Row, np.ndarray]], size: int):
         yield rows, np.stack(pix)
 
 
+def shard_batches(task: EmbedTask, counts: SkipCounts, crops_on_device: bool, batch_size: int) -> Iterator[Any]:
+    """The CPU half of the stage, what `Embedder.embed_batch` takes: (rows, uint8 crops) batches, or
+    with `crops_on_device` ImageBatches of JPEG bytes. Skips found while reading go to `counts`."""
+    if crops_on_device:
+        return image_batches(task, counts, batch_size)
+    return _batches(crops_of_shard(task, counts), batch_size)
+
+
 def _prefetch(gen, depth: int = 2):
     """Run a generator in a background thread so decode/crop overlaps the encoder forward."""
     q: queue.Queue = queue.Queue(maxsize=depth)
@@ -192,10 +200,7 @@ class Embedder:
         return task.batch_size or default_batch_size(self.device)
 
     def batches(self, task: EmbedTask, counts: SkipCounts) -> Iterator[Any]:
-        """The CPU half of the stage: read, and (CPU path) decode and crop; skips go to `counts`."""
-        if self.crops_on_device:
-            return image_batches(task, counts, self.batch_size(task))
-        return _batches(crops_of_shard(task, counts), self.batch_size(task))
+        return shard_batches(task, counts, self.crops_on_device, self.batch_size(task))
 
     def embed_batch(self, batch: Any, task: EmbedTask,
                     counts: SkipCounts) -> tuple[list[store.Row], list[np.ndarray]]:
