@@ -59,6 +59,13 @@ def pil_to_tensor(image: Image.Image, device: str | torch.device) -> torch.Tenso
 
 def _device_decode(items: list[EncodedJpeg], device: str | torch.device) -> list[torch.Tensor | None]:
     data = [torch.frombuffer(bytearray(it.data), dtype=torch.uint8) for it in items]
+    with warnings.catch_warnings():
+        # torchvision >= 0.29 announces that torchcodec supersedes its image decoders (nvJPEG included)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        return _decode_jpegs(data, device)
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: str | torch.device) -> list[torch.Tensor | None]:
     try:
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:  # one bad image fails the batch: decode one by one
