@@ -62,6 +62,13 @@ OPS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
 }
 
 
+def _indices(idx: list[int], device: torch.device) -> torch.Tensor:
+    """An index tensor on `device`; on CUDA copied from pinned memory, which does not wait for the
+    kernels queued before it (a copy from pageable memory would)."""
+    t = torch.tensor(idx, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def apply_ops(x: torch.Tensor, ops: Sequence[Sequence[tuple[str, float]]]) -> torch.Tensor:
     """uint8 [N, 3, S, S] crops, each with its own op list -> the augmented crops (a new tensor).
 
@@ -80,7 +87,7 @@ def apply_ops(x: torch.Tensor, ops: Sequence[Sequence[tuple[str, float]]]) -> to
                 raise ValueError(f"unknown RandAugment op {name!r}; valid ops: {', '.join(OPS)}")
             if name == "Identity":
                 continue
-            sel = torch.tensor(idx, device=x.device)
+            sel = _indices(idx, x.device)
             x.index_copy_(0, sel, OPS[name](x.index_select(0, sel), magnitude))
     return x
 

@@ -145,11 +145,7 @@ def prepare(pixels: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
     return (x - mean) / std
 
 
-@torch.no_grad()
-def encode(models: list[Encoder], pixels: np.ndarray | torch.Tensor, device: str) -> list[np.ndarray]:
-    """L2-normalised float16 features of a batch of uint8 [B,H,W,3] crops, one matrix per encoder.
-
-    On CUDA the forward runs under bf16 autocast on channels-last input; on CPU in float32 as is."""
+def _normalised(models: list[Encoder], pixels: np.ndarray | torch.Tensor, device: str) -> list[torch.Tensor]:
     t = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
     t = t.to(device, non_blocking=True)
     cuda = device.startswith("cuda")
@@ -160,8 +156,45 @@ def encode(models: list[Encoder], pixels: np.ndarray | torch.Tensor, device: str
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             f = m(x)
-        out.append(F.normalize(f.float(), dim=-1).cpu().numpy().astype(np.float16))
+        out.append(F.normalize(f.float(), dim=-1))
     return out
+
+
+@torch.no_grad()
+def encode(models: list[Encoder], pixels: np.ndarray | torch.Tensor, device: str) -> list[np.ndarray]:
+    """L2-normalised float16 features of a batch of uint8 [B,H,W,3] crops, one matrix per encoder.
+
+    On CUDA the forward runs under bf16 autocast on channels-last input; on CPU in float32 as is."""
+    return [f.cpu().numpy().astype(np.float16) for f in _normalised(models, pixels, device)]
+
+
+class PendingFeatures:
+    """`encode`'s result on CUDA while it is still being computed: the copy to (pinned) host memory
+    is queued behind the forward, so the next batch is prepared while the GPU works."""
+
+    def __init__(self, feats: list[torch.Tensor]):
+        self.host = [torch.empty(f.shape, dtype=f.dtype, pin_memory=True) for f in feats]
+        for h, f in zip(self.host, feats):
+            h.copy_(f, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def result(self) -> list[np.ndarray]:
+        self.event.synchronize()
+        return [h.numpy().astype(np.float16) for h in self.host]
+
+
+@torch.no_grad()
+def encode_async(models: list[Encoder], pixels: np.ndarray | torch.Tensor,
+                 device: str) -> list[np.ndarray] | PendingFeatures:
+    """`encode`, returning at once on CUDA (call `resolve` on the result); as `encode` elsewhere."""
+    if not device.startswith("cuda"):
+        return encode(models, pixels, device)
+    return PendingFeatures(_normalised(models, pixels, device))
+
+
+def resolve(feats: list[np.ndarray] | PendingFeatures) -> list[np.ndarray]:
+    return feats.result() if isinstance(feats, PendingFeatures) else feats
 
 
 def core_free_for_decode(device: str) -> bool:
@@ -203,15 +236,16 @@ class Embedder:
         return shard_batches(task, counts, self.crops_on_device, self.batch_size(task))
 
     def embed_batch(self, batch: Any, task: EmbedTask,
-                    counts: SkipCounts) -> tuple[list[store.Row], list[np.ndarray]]:
-        """The device half: (rows, one float16 matrix per encoder) of one batch from `batches`."""
+                    counts: SkipCounts) -> tuple[list[store.Row], list[np.ndarray] | PendingFeatures]:
+        """The device half: (rows, one float16 matrix per encoder) of one batch from `batches`; on
+        CUDA the matrices may still be in flight (`resolve` them)."""
         if isinstance(batch, ImageBatch):
             rows, crops = materialize_batch(batch, task, self.device, counts)
             if crops is None:
                 return [], [np.zeros((0, m.spec.embed_dim), np.float16) for m in self.models]
-            return rows, encode(self.models, crops.permute(0, 2, 3, 1), self.device)
+            return rows, encode_async(self.models, crops.permute(0, 2, 3, 1), self.device)
         rows, pixels = batch
-        return rows, encode(self.models, pixels, self.device)
+        return rows, encode_async(self.models, pixels, self.device)
 
 
 def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResult:
@@ -225,11 +259,15 @@ def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResul
     rows: list[store.Row] = []
     feats: list[list[np.ndarray]] = [[] for _ in task.encoders]
     batches = embedder.batches(task, counts)
+    in_flight = None  # the previous batch's features: collected once the next batch is queued
     for batch in (_prefetch(batches) if embedder.prefetch else batches):
         batch_rows, batch_feats = embedder.embed_batch(batch, task, device_counts)
         rows.extend(batch_rows)
-        for acc, f in zip(feats, batch_feats):
+        for acc, f in zip(feats, resolve(in_flight) if in_flight is not None else ()):
             acc.append(f)
+        in_flight = batch_feats
+    for acc, f in zip(feats, resolve(in_flight) if in_flight is not None else ()):
+        acc.append(f)
     counts.merge(device_counts)
     return write_result(task, fp, rows, feats, counts, time.perf_counter() - t0)
 

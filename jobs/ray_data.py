@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from index import store
-from index.embed import (EmbedTask, Embedder, ShardResult, default_batch_size, shard_batches,
+from index.embed import (EmbedTask, Embedder, ShardResult, default_batch_size, resolve, shard_batches,
                          write_result)
 from index.encoders import EncoderSpec
 from index.gallery import SkipCounts
@@ -73,7 +73,8 @@ class _Encoder:
                 rows: list[store.Row] = []
                 feats = [np.zeros((0, s.embed_dim), np.float16) for s in self.specs]
             else:
-                rows, feats = self.embedder.embed_batch(item, self.tasks[int(i)], counts)
+                rows, pending = self.embedder.embed_batch(item, self.tasks[int(i)], counts)
+                feats = resolve(pending)
             out["i"].append(int(i))
             out["b"].append(int(b))
             out["last"].append(bool(last))
