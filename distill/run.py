@@ -239,13 +239,21 @@ def read_teacher_mix(out: Path) -> TeacherMix:
 
 # ------------------------------------------------------------------ student training (also a Ray worker's body)
 
+def worker_device() -> torch.device:
+    """A data-parallel worker's device: its GPU under NCCL (the launcher gives each worker one), else the CPU."""
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def train_student(cfg: DistillConfig, *, rank: int = 0, world: int = 1, distributed: bool = False) -> dict[str, Any]:
     """Train the student through the method's phases; rank 0 writes OUT/student.pt and OUT/train_result.json.
 
     Reads only files (config, curated shards, caches), so it runs the same in a Ray Train worker.
     """
     out = Path(cfg.out)
-    device = resolve_device(cfg.device) if not distributed else torch.device("cpu")
+    device = resolve_device(cfg.device) if not distributed else worker_device()
     ls = load_labelled(cfg.transfer)
     shards = transfer_shards(cfg.transfer)
     plan = phases(cfg.method, cfg, bool(shards))

@@ -207,8 +207,10 @@ def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) ->
     shards = list_shards(cfg.gallery if isinstance(cfg.gallery, str) else list(cfg.gallery))
     tasks = [EmbedTask(shard=s, out_dir=str(out), encoders=tuple(specs), crops=cfg.crops, seed=cfg.seed,
                        batch_size=cfg.batch_size) for s in shards]
-    results: list[ShardResult] = executor.map(
-        functools.partial(Embedder, tuple(specs), cfg.device), tasks, desc="embed shards")
+    streaming = getattr(executor, "embed_shards", None)  # a cluster executor's own embedding pipeline
+    results: list[ShardResult] = (
+        streaming(tasks, tuple(specs), cfg.device) if streaming is not None else
+        executor.map(functools.partial(Embedder, tuple(specs), cfg.device), tasks, desc="embed shards"))
 
     entries, offset, skipped = [], 0, SkipCounts()
     for shard, r in zip(shards, results):

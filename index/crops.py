@@ -190,12 +190,19 @@ def recipes_for(image_id: str, image_size: tuple[int, int], seed: int,
 # ---------------------------------------------------------------- pixels
 
 
+def check_box(box: Box, image_size: tuple[int, int]) -> None:
+    """Raise unless `box` lies inside an image of `image_size` = (width, height)."""
+    top, left, h, w = box
+    width, height = image_size
+    if top < 0 or left < 0 or h < 1 or w < 1 or top + h > height or left + w > width:
+        raise ValueError(f"crop box (top, left, height, width) = {tuple(box)} does not fit an image of "
+                         f"size {tuple(image_size)} (width, height): was the recipe made for another image?")
+
+
 def materialize(image: Image.Image, recipe: CropRecipe) -> Image.Image:
     """RGB size x size crop: bilinear antialiased resized_crop, then the ops as RandAugment applies them."""
+    check_box(recipe.box, image.size)
     top, left, h, w = recipe.box
-    if top < 0 or left < 0 or h < 1 or w < 1 or top + h > image.height or left + w > image.width:
-        raise ValueError(f"crop box (top, left, height, width) = {recipe.box} does not fit an image of "
-                         f"size {image.size} (width, height): was the recipe made for another image?")
     img = image if image.mode == "RGB" else image.convert("RGB")
     out = TF.resized_crop(img, top, left, h, w, [recipe.size, recipe.size],
                           interpolation=InterpolationMode.BILINEAR, antialias=True)

@@ -141,7 +141,7 @@ class ShardRef:
 class GalleryImage:
     id: str
     key: str
-    image: Image.Image  # RGB, fully loaded
+    image: Image.Image  # RGB, fully loaded (or what iter_images' `decode` returned)
     caption: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     loc: dict[str, Any] | None = None  # where its bytes live (contract.ROW_LOC_FIELDS); None: not seekable
@@ -258,6 +258,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             return None, "too_large"
         except Exception as e:  # noqa: BLE001
             return None, _decode_error_reason(e)
+
+
+# (bytes, max_pixels=, min_side=) -> (image, None) | (None, skip reason)
+Decoder = Callable[..., "tuple[Any, str | None]"]
 
 
 def _decode_error_reason(e: Exception) -> str:
@@ -464,7 +468,7 @@ def _location(where: _Where, ext: str, size: int) -> dict[str, Any] | None:
 
 
 def _to_image(shard: ShardRef, key: str, members: _Members, where: _Where, counts: SkipCounts,
-              max_pixels: int, min_side: int) -> GalleryImage | None:
+              max_pixels: int, min_side: int, decode: Decoder = decode_image) -> GalleryImage | None:
     ext = image_ext(members)
     if ext is None:
         counts.add("not_image")
@@ -476,7 +480,7 @@ def _to_image(shard: ShardRef, key: str, members: _Members, where: _Where, count
             counts.add("bad_meta")
             return None
     data = _read(members[ext])
-    image, reason = decode_image(data, max_pixels=max_pixels, min_side=min_side)
+    image, reason = decode(data, max_pixels=max_pixels, min_side=min_side)
     if image is None:
         counts.add(reason or "corrupt")
         return None
@@ -486,8 +490,12 @@ def _to_image(shard: ShardRef, key: str, members: _Members, where: _Where, count
 
 
 def iter_images(shard: ShardRef, counts: SkipCounts | None = None, *,
-                max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0) -> Iterator[GalleryImage]:
-    """Decoded images of one shard, in shard order. Skipped entries are added to `counts`."""
+                max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0,
+                decode: Decoder = decode_image) -> Iterator[GalleryImage]:
+    """Decoded images of one shard, in shard order. Skipped entries are added to `counts`.
+
+    `decode` turns an image member's bytes into (image, None) or (None, skip reason); a decoder may
+    defer the pixels (index.device_decode keeps JPEG bytes for a batched decode on the device)."""
     counts = SkipCounts() if counts is None else counts
     seen: set[str] = set()
     for key, members, where in _samples(shard, counts, None):
@@ -495,7 +503,7 @@ def iter_images(shard: ShardRef, counts: SkipCounts | None = None, *,
             counts.add("duplicate_key")
             continue
         seen.add(key)
-        item = _to_image(shard, key, members, where, counts, max_pixels, min_side)
+        item = _to_image(shard, key, members, where, counts, max_pixels, min_side, decode)
         if item is not None:
             yield item
 
