@@ -3,8 +3,11 @@
 `embed_shard(task)` reads the shard's images, cuts each into its crops (recipes are a pure function of
 (image id, crop index, seed)), embeds every crop with every encoder (batched, no_grad, CUDA when
 present) and writes float16 L2-normalised matrices + the row table (each row with its image's location
-in the gallery shard, contract.ROW_LOC_FIELDS), then the done record last.
-A rerun skips shards whose done record matches the task's fingerprint and refuses a mismatch.
+in the gallery shard, contract.ROW_LOC_FIELDS, and its content hash), then the done record last.
+The fingerprint covers every byte of the gallery shard (`index.gallery.shard_digest`): hashed while
+the shard is read for embedding, so the first build costs no extra pass; a rerun reads the shard once
+(no decoding) to compute it, skips the shard when its done record matches and refuses a mismatch, so
+an image replaced by another of the same size is never served from stale embeddings.
 
 Workers receive `EmbedTask`s (plain data) and build their encoders once (`Embedder`), so the same
 function runs in-process and in Ray actors.
@@ -25,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from index import contract, store
-from index.atomic import CODE_VERSION, file_digest, fingerprint, tree_digest
+from index.atomic import CODE_VERSION, fingerprint
 from index.crops import CropConfig, materialize, recipes_for
 from index.encoders import Encoder, EncoderSpec, build_encoder
-from index.gallery import ShardRef, SkipCounts, iter_images
+from index.gallery import ShardRef, SkipCounts, iter_images, shard_digest
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,10 @@ class EmbedTask:
     seed: int = 0
     batch_size: int = 64
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, input_digest: str | None = None) -> str:
+        """Over the config and the shard's bytes (`input_digest`: `shard_digest`, computed if None)."""
         return fingerprint({
-            "shard": self.shard.name, "input": shard_digest(self.shard),
+            "shard": self.shard.name, "input": input_digest or shard_digest(self.shard),
             "encoders": [e.identity() for e in self.encoders],
             "crops": self.crops.to_dict(), "seed": self.seed, "rows_format": contract.ROWS_FORMAT,
         })
@@ -63,23 +67,16 @@ class ShardResult:
         return dataclasses.asdict(self)
 
 
-def shard_digest(shard: ShardRef) -> str:
-    p = Path(shard.path)
-    if p.is_dir():
-        files = p.rglob("*") if shard.recursive else p.glob("*")
-        return tree_digest(p, [f for f in files if f.is_file()])
-    return file_digest(p)
-
-
 def pick_device(device: str | None = None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def crops_of_shard(task: EmbedTask, counts: SkipCounts) -> Iterator[tuple[store.Row, np.ndarray]]:
-    """(row, crop pixels uint8 HxWx3) for every crop of every readable image of the shard."""
-    for img in iter_images(task.shard, counts):
+def crops_of_shard(task: EmbedTask, counts: SkipCounts, on_digest=None) -> Iterator[tuple[store.Row, np.ndarray]]:
+    """(row, crop pixels uint8 HxWx3) for every crop of every readable image of the shard;
+    `on_digest` gets the shard's digest once it is read to the end (`iter_images`)."""
+    for img in iter_images(task.shard, counts, on_digest=on_digest):
         for i, recipe in enumerate(recipes_for(img.id, img.image.size, task.seed, task.crops)):
-            yield store.Row(img.id, i, recipe.to_dict(), img.loc), np.asarray(materialize(img.image, recipe))
+            yield store.Row(img.id, i, recipe.to_dict(), img.loc, img.hash), np.asarray(materialize(img.image, recipe))
 
 
 def _batches(it: Iterator[tuple[store.Row, np.ndarray]], size: int):
@@ -169,16 +166,17 @@ class Embedder:
 
 
 def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResult:
-    fp = task.fingerprint()
-    record = store.done_record(task.out_dir, task.shard.name, fp)
-    if record is not None:
-        return ShardResult(**{**record["result"], "reused": True})
+    if store.has_done(task.out_dir, task.shard.name):   # a rerun: reuse only if the shard's bytes match
+        record = store.done_record(task.out_dir, task.shard.name, task.fingerprint())
+        if record is not None:
+            return ShardResult(**{**record["result"], "reused": True})
     embedder = embedder or Embedder(task.encoders)
     t0 = time.perf_counter()
     counts = SkipCounts()
+    digest: list[str] = []
     rows: list[store.Row] = []
     feats: list[list[np.ndarray]] = [[] for _ in task.encoders]
-    batches = _batches(crops_of_shard(task, counts), task.batch_size)
+    batches = _batches(crops_of_shard(task, counts, digest.append), task.batch_size)
     for batch_rows, pixels in (_prefetch(batches) if embedder.prefetch else batches):
         rows.extend(batch_rows)
         for acc, f in zip(feats, encode(embedder.models, pixels, embedder.device)):
@@ -187,6 +185,9 @@ def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResul
         spec.name: (np.concatenate(acc) if acc else np.zeros((0, spec.embed_dim), np.float16))
         for spec, acc in zip(task.encoders, feats)
     }
+    if len(digest) != 1:
+        raise RuntimeError(f"{task.shard.path}: the shard was not read to its end")
+    fp = task.fingerprint(digest[0])
     num_images = len({r.id for r in rows})
     result = ShardResult(shard=task.shard.name, num_images=num_images, num_vectors=len(rows),
                          skipped=counts.to_dict(), seconds=round(time.perf_counter() - t0, 3),
@@ -194,7 +195,8 @@ def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResul
     store.write_shard(task.out_dir, task.shard.name, features, rows, {
         "fingerprint": fp, "code_version": CODE_VERSION, "result": result.to_dict(),
         "encoders": [e.to_dict() for e in task.encoders], "crops": task.crops.to_dict(),
-        "seed": task.seed, "source": str(Path(task.shard.path)), "rows_format": contract.ROWS_FORMAT,
+        "seed": task.seed, "source": str(Path(task.shard.path)), "input_digest": digest[0],
+        "rows_format": contract.ROWS_FORMAT,
     })
     return result
 
