@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from curation.changed import CHANGED_POLICIES
 from curation.pipeline import CurateConfig, curate
 from curation.querysets import list_query_sets
 from curation.selection import SELECTORS
@@ -50,6 +51,9 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where original embedding, verification and crop materialisation run")
     p.add_argument("--num-workers", type=int, default=None, help="Ray actors (default: one per CPU)")
+    p.add_argument("--changed-images", choices=list(CHANGED_POLICIES), default="refuse",
+                   help="a gallery image whose bytes changed since indexing: refuse (stop before writing, "
+                        "naming them) or skip (leave it out, counted in the manifest and summary)")
     a = p.parse_args(argv)
     return CurateConfig(queries=a.queries, index=a.index, size=a.size, out=a.out, strategy=a.strategy,
                         seed=a.seed, data_root=a.data_root, dedup_threshold=a.dedup_threshold,
@@ -58,7 +62,7 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
                         copy_recall=a.copy_recall, calibration_images=a.calibration_images, leak_review=a.leak_review, shard_size=a.shard_size,
                         nprobe=a.nprobe, max_k=a.max_k, batch_size=a.batch_size, device=a.device,
                         cache_dir=a.cache_dir, executor=a.executor,
-                        num_workers=a.num_workers)
+                        num_workers=a.num_workers, changed_images=a.changed_images)
 
 
 def build_executor(cfg: CurateConfig):

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from curation.changed import check_policy
 from curation.run.state import Filtered  # noqa: F401  (re-exported)
 from curation.selection import SELECTORS
 from curation.thresholds import Thresholds, resolve_thresholds  # noqa: F401  (re-exported)
@@ -77,9 +78,11 @@ class CurateConfig:
     cache_dir: str | None = None       # reference-feature cache (default ~/.cache/vfm-curate/features)
     executor: str = "local"
     num_workers: int | None = None
+    changed_images: str = "refuse"     # a gallery image changed since indexing: refuse | skip (curation.changed)
 
     def __post_init__(self):
         SELECTORS.get(self.strategy)  # raises with the valid names
+        check_policy(self.changed_images)
         if self.size < 1:
             raise ValueError(f"size must be >= 1; got {self.size}")
         for name in ("dedup_threshold", "leak_threshold", "verify_threshold", "key_threshold"):
@@ -150,7 +153,9 @@ def summary_line(manifest: dict[str, Any], seconds: float) -> str:
     th = manifest["thresholds"]
     return (f"curate: {c['written']}/{c['requested']} written ({manifest['strategy']}, k={c['depth_k']}), "
             f"retrieved {c['retrieved']}, removed {c['removed_duplicate']} duplicate / {c['removed_leak']} leak / "
-            f"{c['removed_unreadable']} unreadable, backfilled {c['backfilled']}, "
+            f"{c['removed_unreadable']} unreadable"
+            + (f" / {c['removed_changed']} changed since indexing" if c.get("removed_changed") else "")
+            + f", backfilled {c['backfilled']}, "
             f"thresholds ({th.get('source', 'given')}) dedup {_fmt(th['dedup'])} leak {_fmt(th['leak'])} "
             f"verify {th.get('verifier', 'none')} {_fmt(th.get('verify'))}"
             + (f" residual<={_fmt(th['max_residual'])}" if th.get("max_residual") is not None else "")

@@ -93,13 +93,17 @@ def remove_stale(out: Path, prefix: str, keep: list[str]) -> None:
 
 
 def materialized_crops(gindex, records: Iterable[contract.TransferRecord], counts: SkipCounts,
-                       with_originals: bool = False) -> Iterator[tuple]:
-    """(record, crop) in `write_order`; crop None where the original could not be read.
-    With ``with_originals``: (record, crop, original), the decoded original the crop was cut from."""
+                       with_originals: bool = False, unreadable: dict[str, str] | None = None) -> Iterator[tuple]:
+    """(record, crop) in `write_order`; crop None where the original could not be read (its id and
+    reason go into `unreadable`). With ``with_originals``: (record, crop, original), the decoded
+    original the crop was cut from."""
     ordered = write_order(gindex, records)
     for _, group in itertools.groupby(ordered, key=lambda r: contract.split_image_id(r.source_id)[0]):
         recs = list(group)   # one shard's originals in memory at a time
-        images = read_by_id(gindex, {r.source_id for r in recs}, counts).images
+        got = read_by_id(gindex, {r.source_id for r in recs}, counts)
+        images = got.images
+        if unreadable is not None:
+            unreadable.update(got.unreadable)
         for r in recs:
             im = images.get(r.source_id)
             crop = None if im is None else materialize(im, CropRecipe.from_dict(r.recipe))

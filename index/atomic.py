@@ -36,7 +36,8 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """Cheap stable digest of a large file: its size + sha256 of its first and last MiB."""
+    """Cheap stable digest of a large file: its size + sha256 of its first and last MiB. For files this
+    project writes or weights it names; gallery shards are hashed whole (index.gallery.shard_digest)."""
     size = os.stat(path).st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -45,12 +46,6 @@ def file_digest(path: str | os.PathLike) -> str:
             f.seek(-(1 << 20), os.SEEK_END)
             h.update(f.read())
     return h.hexdigest()[:24]
-
-
-def tree_digest(root: str | os.PathLike, files: list[str | os.PathLike]) -> str:
-    """Digest of a set of files (relative names + file digests), e.g. an image folder."""
-    root = Path(root)
-    return fingerprint([[str(Path(f).relative_to(root)), file_digest(f)] for f in sorted(map(str, files))])
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ depend on the image id and size only, and an image the device cannot decode is d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -34,11 +34,12 @@ def images_per_batch(batch_size: int, crops_per_image: int) -> int:
     return max(1, batch_size // crops_per_image)
 
 
-def image_batches(task: "EmbedTask", counts: SkipCounts, batch_size: int) -> Iterator[ImageBatch]:
-    """The CPU half: read the shard, keep JPEG bytes, group whole images."""
+def image_batches(task: "EmbedTask", counts: SkipCounts, batch_size: int,
+                  on_digest: Callable[[str], None] | None = None) -> Iterator[ImageBatch]:
+    """The CPU half: read the shard, keep JPEG bytes, group whole images; `on_digest` as `iter_images`'s."""
     n = images_per_batch(batch_size, task.crops.crops_per_image)
     batch: list[GalleryImage] = []
-    for img in iter_images(task.shard, counts, decode=defer_jpeg):
+    for img in iter_images(task.shard, counts, decode=defer_jpeg, on_digest=on_digest):
         batch.append(img)
         if len(batch) == n:
             yield ImageBatch(batch)
@@ -59,5 +60,5 @@ def materialize_batch(batch: ImageBatch, task: "EmbedTask", device: str | torch.
         rs = recipes_for(img.id, (int(pixels.shape[2]), int(pixels.shape[1])), task.seed, task.crops)
         images.append(pixels)
         recipes.append(rs)
-        rows.extend(store.Row(img.id, i, r.to_dict(), img.loc) for i, r in enumerate(rs))
+        rows.extend(store.Row(img.id, i, r.to_dict(), img.loc, img.hash) for i, r in enumerate(rs))
     return rows, (crop_images(images, recipes) if images else None)

@@ -3,8 +3,11 @@
 `embed_shard(task)` reads the shard's images, cuts each into its crops (recipes are a pure function of
 (image id, crop index, seed)), embeds every crop with every encoder (batched, no_grad, CUDA when
 present) and writes float16 L2-normalised matrices + the row table (each row with its image's location
-in the gallery shard, contract.ROW_LOC_FIELDS), then the done record last.
-A rerun skips shards whose done record matches the task's fingerprint and refuses a mismatch.
+in the gallery shard, contract.ROW_LOC_FIELDS, and its content hash), then the done record last.
+The fingerprint covers every byte of the gallery shard (`index.gallery.shard_digest`): hashed while
+the shard is read for embedding, so the first build costs no extra pass; a rerun reads the shard once
+(no decoding) to compute it, skips the shard when its done record matches and refuses a mismatch, so
+an image replaced by another of the same size is never served from stale embeddings.
 
 Workers receive `EmbedTask`s (plain data) and build their encoders once (`Embedder`), so the same
 function runs in-process and in Ray actors. A shard is a stream of batches in two halves,
@@ -21,18 +24,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from index import contract, store
-from index.atomic import CODE_VERSION, file_digest, fingerprint, tree_digest
+from index.atomic import CODE_VERSION, fingerprint
 from index.crops import CropConfig, materialize, recipes_for
 from index.device_batches import ImageBatch, image_batches, materialize_batch
 from index.encoders import Encoder, EncoderSpec, build_encoder
-from index.gallery import ShardRef, SkipCounts, iter_images
+from index.gallery import ShardRef, SkipCounts, iter_images, shard_digest
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,10 @@ class EmbedTask:
     seed: int = 0
     batch_size: int | None = None   # crops per forward; None: default_batch_size of the worker's device
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, input_digest: str | None = None) -> str:
+        """Over the config and the shard's bytes (`input_digest`: `shard_digest`, computed if None)."""
         return fingerprint({
-            "shard": self.shard.name, "input": shard_digest(self.shard),
+            "shard": self.shard.name, "input": input_digest or shard_digest(self.shard),
             "encoders": [e.identity() for e in self.encoders],
             "crops": self.crops.to_dict(), "seed": self.seed, "rows_format": contract.ROWS_FORMAT,
         })
@@ -67,14 +71,6 @@ class ShardResult:
         return dataclasses.asdict(self)
 
 
-def shard_digest(shard: ShardRef) -> str:
-    p = Path(shard.path)
-    if p.is_dir():
-        files = p.rglob("*") if shard.recursive else p.glob("*")
-        return tree_digest(p, [f for f in files if f.is_file()])
-    return file_digest(p)
-
-
 def pick_device(device: str | None = None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -84,11 +80,12 @@ def default_batch_size(device: str) -> int:
     return 512 if device.startswith("cuda") else 64
 
 
-def crops_of_shard(task: EmbedTask, counts: SkipCounts) -> Iterator[tuple[store.Row, np.ndarray]]:
-    """(row, crop pixels uint8 HxWx3) for every crop of every readable image of the shard."""
-    for img in iter_images(task.shard, counts):
+def crops_of_shard(task: EmbedTask, counts: SkipCounts, on_digest=None) -> Iterator[tuple[store.Row, np.ndarray]]:
+    """(row, crop pixels uint8 HxWx3) for every crop of every readable image of the shard;
+    `on_digest` gets the shard's digest once it is read to the end (`iter_images`)."""
+    for img in iter_images(task.shard, counts, on_digest=on_digest):
         for i, recipe in enumerate(recipes_for(img.id, img.image.size, task.seed, task.crops)):
-            yield store.Row(img.id, i, recipe.to_dict(), img.loc), np.asarray(materialize(img.image, recipe))
+            yield store.Row(img.id, i, recipe.to_dict(), img.loc, img.hash), np.asarray(materialize(img.image, recipe))
 
 
 def _batches(it: Iterator[tuple[store.Row, np.ndarray]], size: int):
@@ -103,12 +100,14 @@ def _batches(it: Iterator[tuple[store.Row, np.ndarray]], size: int):
         yield rows, np.stack(pix)
 
 
-def shard_batches(task: EmbedTask, counts: SkipCounts, crops_on_device: bool, batch_size: int) -> Iterator[Any]:
+def shard_batches(task: EmbedTask, counts: SkipCounts, crops_on_device: bool, batch_size: int,
+                  on_digest: Callable[[str], None] | None = None) -> Iterator[Any]:
     """The CPU half of the stage, what `Embedder.embed_batch` takes: (rows, uint8 crops) batches, or
-    with `crops_on_device` ImageBatches of JPEG bytes. Skips found while reading go to `counts`."""
+    with `crops_on_device` ImageBatches of JPEG bytes. Skips found while reading go to `counts`;
+    `on_digest` gets the shard's digest once it is read to its end."""
     if crops_on_device:
-        return image_batches(task, counts, batch_size)
-    return _batches(crops_of_shard(task, counts), batch_size)
+        return image_batches(task, counts, batch_size, on_digest)
+    return _batches(crops_of_shard(task, counts, on_digest), batch_size)
 
 
 def _prefetch(gen, depth: int = 2):
@@ -232,8 +231,9 @@ class Embedder:
     def batch_size(self, task: EmbedTask) -> int:
         return task.batch_size or default_batch_size(self.device)
 
-    def batches(self, task: EmbedTask, counts: SkipCounts) -> Iterator[Any]:
-        return shard_batches(task, counts, self.crops_on_device, self.batch_size(task))
+    def batches(self, task: EmbedTask, counts: SkipCounts,
+                on_digest: Callable[[str], None] | None = None) -> Iterator[Any]:
+        return shard_batches(task, counts, self.crops_on_device, self.batch_size(task), on_digest)
 
     def embed_batch(self, batch: Any, task: EmbedTask,
                     counts: SkipCounts) -> tuple[list[store.Row], list[np.ndarray] | PendingFeatures]:
@@ -249,16 +249,17 @@ class Embedder:
 
 
 def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResult:
-    fp = task.fingerprint()
-    record = store.done_record(task.out_dir, task.shard.name, fp)
-    if record is not None:
-        return ShardResult(**{**record["result"], "reused": True})
+    if store.has_done(task.out_dir, task.shard.name):   # a rerun: reuse only if the shard's bytes match
+        record = store.done_record(task.out_dir, task.shard.name, task.fingerprint())
+        if record is not None:
+            return ShardResult(**{**record["result"], "reused": True})
     embedder = embedder or Embedder(task.encoders)
     t0 = time.perf_counter()
     counts, device_counts = SkipCounts(), SkipCounts()  # one per thread
+    digest: list[str] = []
     rows: list[store.Row] = []
     feats: list[list[np.ndarray]] = [[] for _ in task.encoders]
-    batches = embedder.batches(task, counts)
+    batches = embedder.batches(task, counts, digest.append)
     in_flight = None  # the previous batch's features: collected once the next batch is queued
     for batch in (_prefetch(batches) if embedder.prefetch else batches):
         batch_rows, batch_feats = embedder.embed_batch(batch, task, device_counts)
@@ -269,23 +270,28 @@ def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResul
     for acc, f in zip(feats, resolve(in_flight) if in_flight is not None else ()):
         acc.append(f)
     counts.merge(device_counts)
-    return write_result(task, fp, rows, feats, counts, time.perf_counter() - t0)
+    if len(digest) != 1:
+        raise RuntimeError(f"{task.shard.path}: the shard was not read to its end")
+    return write_result(task, digest[0], rows, feats, counts, time.perf_counter() - t0)
 
 
-def write_result(task: EmbedTask, fp: str, rows: list[store.Row], feats: list[list[np.ndarray]],
+def write_result(task: EmbedTask, digest: str, rows: list[store.Row], feats: list[list[np.ndarray]],
                  counts: SkipCounts, seconds: float) -> ShardResult:
-    """Write the shard's matrices, row table and done record (last); the shard's result."""
+    """Write the shard's matrices, row table and done record (last); the shard's result. `digest` is
+    the shard's `shard_digest`, hashed while it was read."""
     features = {
         spec.name: (np.concatenate(acc) if acc else np.zeros((0, spec.embed_dim), np.float16))
         for spec, acc in zip(task.encoders, feats)
     }
+    fp = task.fingerprint(digest)
     num_images = len({r.id for r in rows})
     result = ShardResult(shard=task.shard.name, num_images=num_images, num_vectors=len(rows),
                          skipped=counts.to_dict(), seconds=round(seconds, 3), fingerprint=fp)
     store.write_shard(task.out_dir, task.shard.name, features, rows, {
         "fingerprint": fp, "code_version": CODE_VERSION, "result": result.to_dict(),
         "encoders": [e.to_dict() for e in task.encoders], "crops": task.crops.to_dict(),
-        "seed": task.seed, "source": str(Path(task.shard.path)), "rows_format": contract.ROWS_FORMAT,
+        "seed": task.seed, "source": str(Path(task.shard.path)), "input_digest": digest,
+        "rows_format": contract.ROWS_FORMAT,
     })
     return result
 

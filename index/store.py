@@ -25,13 +25,14 @@ class Row:
     crop: int        # crop index within the image
     recipe: dict[str, Any]
     loc: dict[str, Any] | None = None  # contract.ROW_LOC_FIELDS; None in old indexes or unseekable shards
+    hash: str | None = None            # the image's content hash (contract.ROW_FIELDS); None in old indexes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "crop": self.crop, "recipe": self.recipe, "loc": self.loc}
+        return {"id": self.id, "crop": self.crop, "recipe": self.recipe, "loc": self.loc, "hash": self.hash}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Row":
-        return cls(id=d["id"], crop=d["crop"], recipe=d["recipe"], loc=d.get("loc"))
+        return cls(id=d["id"], crop=d["crop"], recipe=d["recipe"], loc=d.get("loc"), hash=d.get("hash"))
 
 
 def shard_dir(root: str | Path, shard: str) -> Path:
@@ -61,6 +62,10 @@ def write_shard(root: str | Path, shard: str, features: dict[str, np.ndarray], r
             np.save(f, offsets)
     write_json(d / contract.DONE_FILE, record)
     return record
+
+
+def has_done(root: str | Path, shard: str) -> bool:
+    return (shard_dir(root, shard) / contract.DONE_FILE).is_file()
 
 
 def done_record(root: str | Path, shard: str, fingerprint: str) -> dict[str, Any] | None:

@@ -43,12 +43,14 @@ def _read_shard(item: dict[str, Any], tasks: list[EmbedTask], device: str,
     counts = SkipCounts()
     size = task.batch_size or default_batch_size(device)
     prev, b = None, 0
-    for batch in shard_batches(task, counts, crops_on_device, size):
+    digest: list[str] = []
+    for batch in shard_batches(task, counts, crops_on_device, size, digest.append):
         if prev is not None:
             yield {"i": i, "b": b - 1, "last": False, "payload": pickle.dumps(prev), "skipped": b""}
         prev, b = batch, b + 1
-    yield {"i": i, "b": max(b - 1, 0), "last": True,
-           "payload": pickle.dumps(prev), "skipped": pickle.dumps(counts.to_dict())}
+    # the last row carries what reading found: the skips and the digest of the shard's bytes
+    yield {"i": i, "b": max(b - 1, 0), "last": True, "payload": pickle.dumps(prev),
+           "skipped": pickle.dumps((counts.to_dict(), digest[0]))}
 
 
 class _Encoder:
@@ -68,7 +70,8 @@ class _Encoder:
         for i, b, last, payload, skipped in zip(batch["i"], batch["b"], batch["last"], batch["payload"],
                                                 batch["skipped"]):
             item = pickle.loads(payload)
-            counts = SkipCounts(pickle.loads(skipped) if last else {})
+            read_counts, digest = pickle.loads(skipped) if last else ({}, "")
+            counts = SkipCounts(read_counts)
             if item is None:
                 rows: list[store.Row] = []
                 feats = [np.zeros((0, s.embed_dim), np.float16) for s in self.specs]
@@ -78,7 +81,7 @@ class _Encoder:
             out["i"].append(int(i))
             out["b"].append(int(b))
             out["last"].append(bool(last))
-            out["result"].append(pickle.dumps((rows, feats, counts.to_dict())))
+            out["result"].append(pickle.dumps((rows, feats, counts.to_dict(), digest)))
         return dict(out)
 
 
@@ -90,6 +93,7 @@ class _Shard:
         self.parts: dict[int, tuple[list[store.Row], list[np.ndarray]]] = {}
         self.counts = SkipCounts()
         self.num_batches: int | None = None
+        self.digest = ""   # the shard's bytes, hashed by the reader (`index.gallery.shard_digest`)
 
     def add(self, b: int, last: bool, rows, feats, skipped: dict[str, int]) -> bool:
         self.parts[b] = (rows, feats)
@@ -110,9 +114,8 @@ def embed_with_ray_data(tasks: list[EmbedTask], specs: tuple[EncoderSpec, ...], 
     if num_encoders < 1:
         raise ValueError(f"num_encoders must be >= 1; got {num_encoders}")
     results: dict[int, ShardResult] = {}
-    fingerprints = [t.fingerprint() for t in tasks]
-    for i, (t, fp) in enumerate(zip(tasks, fingerprints)):
-        record = store.done_record(t.out_dir, t.shard.name, fp)
+    for i, t in enumerate(tasks):   # a rerun: reuse a shard whose bytes match its done record
+        record = store.done_record(t.out_dir, t.shard.name, t.fingerprint()) if store.has_done(t.out_dir, t.shard.name) else None
         if record is not None:
             results[i] = ShardResult(**{**record["result"], "reused": True})
     pending = [i for i in range(len(tasks)) if i not in results]
@@ -129,13 +132,15 @@ def embed_with_ray_data(tasks: list[EmbedTask], specs: tuple[EncoderSpec, ...], 
         shards: dict[int, _Shard] = defaultdict(_Shard)
         for row in ds.iter_rows():
             i = int(row["i"])
-            rows, feats, skipped = pickle.loads(row["result"])
+            rows, feats, skipped, digest = pickle.loads(row["result"])
+            if digest:
+                shards[i].digest = digest
             if shards[i].add(int(row["b"]), bool(row["last"]), rows, feats, skipped):
                 shard = shards.pop(i)
                 order = sorted(shard.parts)
                 all_rows = [r for b in order for r in shard.parts[b][0]]
                 all_feats = [[shard.parts[b][1][e] for b in order] for e in range(len(specs))]
-                results[i] = write_result(tasks[i], fingerprints[i], all_rows, all_feats, shard.counts,
+                results[i] = write_result(tasks[i], shard.digest, all_rows, all_feats, shard.counts,
                                           time.perf_counter() - shard.started)
         if shards:
             raise RuntimeError(f"Ray Data stream ended with {len(shards)} shard(s) incomplete")

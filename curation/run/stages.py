@@ -30,6 +30,7 @@ import numpy as np
 
 from curation import pixelkey
 from curation import report as rpt
+from curation.changed import changed_since_indexing
 from curation.calibrate import Calibration
 from curation.copydetect import CopyDetector
 from curation.decontam import LeakReport, clear_reviewed, read_review
@@ -183,16 +184,20 @@ def _filter(st: RunState) -> Record:
     orig: dict[str, list[np.ndarray]] = {}     # gallery image id -> per-encoder feature rows
     keys: dict[str, np.ndarray] = {}           # gallery image id -> pixel key
     unreadable_imgs: dict[str, str] = {}
+    changed_imgs: set[str] = set()              # unreadable because the gallery changed since indexing
     leak_report, rounds, t_embed = None, 0, 0.0
     while True:
         rounds += 1
         img_of = np.array([r.id for r in gindex.rows(sel.ids)])
         new = sorted(set(img_of.tolist()) - set(orig) - set(unreadable_imgs))
         t = time.perf_counter()
-        unreadable_imgs.update(embed_original_images(st.executor, make_worker, gindex, new, orig,
-                                                     keys if cfg.verify != "none" else None))
+        found = embed_original_images(st.executor, make_worker, gindex, new, orig,
+                                      keys if cfg.verify != "none" else None)
+        changed_imgs |= changed_since_indexing(found, cfg.changed_images, str(gindex.root))   # refuse: raises
+        unreadable_imgs.update(found)
         t_embed += time.perf_counter() - t
-        unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs}
+        changed = {int(g) for g, i in zip(sel.ids, img_of) if i in changed_imgs}
+        unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs} - changed
         ok = np.array([i not in unreadable_imgs and i in orig for i in img_of], dtype=bool)
         # decontamination over every original image seen so far (stable across rounds)
         seen = sorted(orig)
@@ -214,9 +219,10 @@ def _filter(st: RunState) -> Record:
             dups = {int(g) for g in sel.ids[alive[~keep]]}
             for lab in np.unique(labels[~keep]):
                 filtered.link(sorted({str(img_of[alive[m]]) for m in np.flatnonzero(labels == lab)}))
-        if not (unreadable | leaks | dups):
+        if not (unreadable | changed | leaks | dups):
             break
         filtered.unreadable |= unreadable
+        filtered.changed |= changed
         filtered.leaks |= leaks
         for i in img_of:
             if i in leaked_imgs:
@@ -271,7 +277,9 @@ def _write(st: RunState) -> Record:
                              functools.partial(crops_worker, str(st.gindex.root), st.cfg.jpeg_quality,
                                                limits.thumb_size),
                              thumb_keys=shown.crop_keys(),
-                             thumb_originals=shown.original_ids() & {r.source_id for r in records})
+                             thumb_originals=shown.original_ids() & {r.source_id for r in records},
+                             on_unreadable=lambda found: changed_since_indexing(
+                                 found, st.cfg.changed_images, str(st.gindex.root)))
     write_query_shards(st.out, st.qs)
     write_json(st.out / contract.QUERIES_DRAW_FILE, st.qs.to_draw_dict())
     return Record({"written": written, "digests": {f: file_digest(st.out / f) for f in _output_files(st)}})
@@ -298,12 +306,12 @@ def counts(st: RunState) -> dict[str, Any]:
     f, w = st.filtered, st.written
     c = {"requested": st.cfg.size, "retrieved": len(st.first),
          "removed_duplicate": len(f.duplicates & first_ids), "removed_leak": len(f.leaks & first_ids),
-         "removed_unreadable": len(f.unreadable & first_ids),
+         "removed_unreadable": len(f.unreadable & first_ids), "removed_changed": len(f.changed & first_ids),
          "backfilled": len(set(st.sel.ids.tolist()) - first_ids),
          "written": w["written"], "unreadable_at_write": w["unreadable"], "rounds": st.rounds,
          "exhausted": bool(st.sel.exhausted), "depth_k": int(st.sel.k)}
     assert c["retrieved"] - c["removed_duplicate"] - c["removed_leak"] - c["removed_unreadable"] \
-        + c["backfilled"] - c["unreadable_at_write"] == c["written"]
+        - c["removed_changed"] + c["backfilled"] - c["unreadable_at_write"] == c["written"]
     return c
 
 
@@ -343,10 +351,10 @@ STAGES: tuple[Stage, ...] = (
           _retrieve, _apply_retrieve),
     Stage("references", _THRESHOLD_FIELDS + ("batch_size", "device"), (), ("th", "calibration"),
           _references, _apply_references),
-    Stage("filter", ("leak_review", "batch_size", "device", "size", "seed", "max_k", "nprobe"),
+    Stage("filter", ("leak_review", "batch_size", "device", "size", "seed", "max_k", "nprobe", "changed_images"),
           ("retrieve", "references"),
           ("sel", "filtered", "leak_report", "rounds", "verified_pairs", "verify_seconds"), _filter, _apply_filter),
-    Stage("write", ("shard_size", "jpeg_quality"), ("filter",),
+    Stage("write", ("shard_size", "jpeg_quality", "changed_images"), ("filter",),
           ("records", "written", "transfer-*.tar", "queries-*.tar", contract.QUERIES_DRAW_FILE,
            contract.REPORT_THUMBS_FILE),
           _write, _apply_write, _write_intact),

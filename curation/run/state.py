@@ -47,9 +47,10 @@ class Filtered:
     leak_items: dict[str, int] = field(default_factory=dict)  # leaked image id -> crops removed
     leaks: set[int] = field(default_factory=set)
     unreadable: set[int] = field(default_factory=set)
+    changed: set[int] = field(default_factory=set)   # their image changed since indexing (curation.changed)
 
     def all(self) -> np.ndarray:
-        return np.array(sorted(self.duplicates | self.leaks | self.unreadable), dtype=np.int64)
+        return np.array(sorted(self.duplicates | self.leaks | self.unreadable | self.changed), dtype=np.int64)
 
     def _root(self, i: str) -> str:
         while self.dup_parent.setdefault(i, i) != i:
@@ -76,13 +77,14 @@ class Filtered:
 
     def to_dict(self) -> dict[str, Any]:
         return {"duplicates": sorted(self.duplicates), "leaks": sorted(self.leaks),
-                "unreadable": sorted(self.unreadable), "dup_parent": dict(sorted(self.dup_parent.items())),
+                "unreadable": sorted(self.unreadable), "changed": sorted(self.changed), "dup_parent": dict(sorted(self.dup_parent.items())),
                 "leak_items": dict(sorted(self.leak_items.items()))}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Filtered":
         return cls(duplicates=set(d["duplicates"]), dup_parent=dict(d["dup_parent"]),
-                   leak_items=dict(d["leak_items"]), leaks=set(d["leaks"]), unreadable=set(d["unreadable"]))
+                   leak_items=dict(d["leak_items"]), leaks=set(d["leaks"]), unreadable=set(d["unreadable"]),
+                   changed=set(d.get("changed", ())))
 
 
 @dataclass
