@@ -59,17 +59,8 @@ def _build_index(root: Path, gallery: Path, encoders: list[str], name: str) -> P
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine they only spin."""
-    import faiss
-    import torch
-
-    before = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before[0])
-    faiss.omp_set_num_threads(before[1])
+def _one_thread(one_thread_per_module):
+    """Tiny models gain nothing from intra-op threads (conftest.one_thread_per_module)."""
 
 
 @pytest.fixture(scope="module")

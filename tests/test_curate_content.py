@@ -35,16 +35,8 @@ class World:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import faiss
-    import torch
-
-    before = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before[0])
-    faiss.omp_set_num_threads(before[1])
+def _one_thread(one_thread_per_module):
+    """Tiny models gain nothing from intra-op threads (conftest.one_thread_per_module)."""
 
 
 def _gallery(root: Path) -> Path:
