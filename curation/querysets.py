@@ -23,7 +23,10 @@ Registered names (`QUERY_SETS`, plus the parametrised ``folder:<path>:<k>shot``)
     Any class-per-folder image tree, split as EuroSAT; references: every image.
 
 Draws are nested: for one seed the 5-shot queries of a class are the first 5 of its 10-shot queries.
-Images load lazily through each item's `loader` (a picklable callable returning a PIL RGB image).
+Images load lazily through each item's `loader` (a picklable callable returning a PIL RGB image); its
+`content` (another, returning the stored bytes: the file, or the dataset's pixel array) gives the
+content hash (`content_hashes`) that keys every cache of reference features, so an image changed under
+the same name is never served from a cache.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from index.bitdepth import to_rgb8
+from index.content import image_hash
 from index.registry import Registry, UnknownNameError
 from curation.datasets import (
     EUROSAT_CLASSES, FASHION_MNIST_CLASSES, eurosat_root, fashion_mnist_root, load_fashion_mnist,
@@ -55,9 +60,31 @@ class LabeledImage:
     id: str
     label: int  # index into QuerySet.classes; -1 where unknown
     loader: Callable[[], Image.Image] = field(compare=False, repr=False)
+    content: Callable[[], bytes] | None = field(default=None, compare=False, repr=False)
 
     def load(self) -> Image.Image:
         return self.loader()
+
+    def content_hash(self) -> str:
+        """blake2b-128 of the stored bytes (of the decoded pixels where no `content` is given)."""
+        return content_hash(self)
+
+
+def content_hash(item: Any) -> str:
+    """The content hash of a labelled image: any object with ``load()`` (and optionally ``content``)."""
+    get = getattr(item, "content", None)
+    if get is None:
+        im = item.load()
+        return image_hash(f"{im.mode}{im.size}".encode() + im.tobytes())
+    return image_hash(get())
+
+
+def content_hashes(items: Sequence[Any], num_workers: int = 4) -> list[str]:
+    """Content hashes of labelled images, in order (files read in `num_workers` threads)."""
+    if num_workers < 1 or len(items) < 64:
+        return [content_hash(it) for it in items]
+    with ThreadPoolExecutor(num_workers) as pool:
+        return list(pool.map(content_hash, items, chunksize=64))
 
 
 @dataclass(frozen=True)
@@ -145,12 +172,22 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, eligible: np.ndarray |
 
 def load_image_file(path: str) -> Image.Image:
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return to_rgb8(im)   # 16-bit images scaled, not clipped
+
+
+def read_file_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def load_fashion_mnist_image(split: str, root: str, index: int) -> Image.Image:
     images, _ = load_fashion_mnist(split, root)
     return Image.fromarray(images[index]).convert("RGB")
+
+
+def fashion_mnist_bytes(split: str, root: str, index: int) -> bytes:
+    images, _ = load_fashion_mnist(split, root)
+    return images[index].tobytes()
 
 
 # ---------------------------------------------------------------- builders
@@ -166,7 +203,8 @@ def _folder_query_set(name: str, root: Path, id_prefix: str, k: int, seed: int,
     empty = [c for i, c in enumerate(scan.classes) if i not in present]
     if empty:
         raise ValueError(f"{root}: class folders without images: {empty}")
-    items = [LabeledImage(f"{id_prefix}/{rel}", label, functools.partial(load_image_file, str(root / rel)))
+    items = [LabeledImage(f"{id_prefix}/{rel}", label, functools.partial(load_image_file, str(root / rel)),
+                          functools.partial(read_file_bytes, str(root / rel)))
              for rel, label in scan.files]
     test = holdout_mask(labels)
     queries = draw_per_class(labels, k, seed, eligible=~test, class_names=scan.classes)
@@ -189,7 +227,8 @@ def build_fashion_mnist(k: int, data_root: str | None = None, seed: int = 0) -> 
 
     def item(split: str, i: int, label: int) -> LabeledImage:
         return LabeledImage(f"fashion_mnist/{split}/{i:05d}", int(label),
-                            functools.partial(load_fashion_mnist_image, split, root, i))
+                            functools.partial(load_fashion_mnist_image, split, root, i),
+                            functools.partial(fashion_mnist_bytes, split, root, i))
 
     drawn = draw_per_class(train_labels, k, seed, class_names=FASHION_MNIST_CLASSES)
     queries = [item("train", int(i), train_labels[i]) for i in drawn]

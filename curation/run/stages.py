@@ -88,10 +88,13 @@ def open_run(cfg, executor: Executor | None) -> RunState:
             raise ValueError(f"strategy 'text' needs encoders with a text tower; {missing} have none. "
                              "Index with a CLIP encoder (open_clip ARCH.TAG) to use text queries.")
     base = {"code_version": CODE_VERSION, "index": fingerprint(gindex.manifest), "draw": qs.to_draw_dict(),
-            "references": fingerprint([r.id for r in qs.references]), "encoders": [s.identity() for s in specs]}
+            "encoders": [s.identity() for s in specs]}
     out.mkdir(parents=True, exist_ok=True)
-    return RunState(cfg=cfg, out=out, executor=executor, gindex=gindex, specs=specs, qs=qs, selector=selector,
-                    base_fingerprint=base)
+    st = RunState(cfg=cfg, out=out, executor=executor, gindex=gindex, specs=specs, qs=qs, selector=selector,
+                  base_fingerprint=base)
+    # by content: a reference changed under the same name makes every stage after it recompute
+    base["references"] = fingerprint(list(zip(st.ref_ids, st.ref_hashes)))
+    return st
 
 
 # ---------------------------------------------------------------- embed queries

@@ -15,7 +15,7 @@ from curation.decontam import LeakReport
 from index.executor import Executor
 from curation.features import FeatureCache, embed_labeled, labeled_keys
 from curation.pixelkey import Keys
-from curation.querysets import QuerySet
+from curation.querysets import QuerySet, content_hashes
 from curation.selection import Selection, Selector
 from curation.thresholds import Thresholds
 from index import contract
@@ -144,10 +144,15 @@ class RunState:
         return [r.id for r in self.qs.references]
 
     @functools.cached_property
+    def ref_hashes(self) -> list[str]:
+        """The content hash of every reference: the caches are keyed by contents, not names."""
+        return content_hashes(self.qs.references)
+
+    @functools.cached_property
     def ref_feats(self) -> list[np.ndarray]:
-        """Features of every reference (cached by query set + encoders, across runs)."""
+        """Features of every reference (cached by query set, reference contents and encoders, across runs)."""
         return self.cache.get_or_compute(
-            {"kind": "references", "query_set": self.qs.name, "ids": self.ref_ids,
+            {"kind": "references", "query_set": self.qs.name, "ids": self.ref_ids, "contents": self.ref_hashes,
              "encoders": [s.identity() for s in self.specs]},
             lambda: embed_labeled(self.models, self.qs.references, self.cfg.batch_size, desc="embed references"))
 
@@ -157,5 +162,6 @@ class RunState:
         if self.cfg.verify == "none":
             return None
         return Keys(self.cache.get_or_compute(
-            {"kind": "pixel-keys", "query_set": self.qs.name, "ids": self.ref_ids, "version": pixelkey.KEY_VERSION},
+            {"kind": "pixel-keys", "query_set": self.qs.name, "ids": self.ref_ids, "contents": self.ref_hashes,
+             "version": pixelkey.KEY_VERSION},
             lambda: [labeled_keys(self.qs.references)])[0])
