@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from index import contract, store
+from index.errors import ConfigError
 from index.atomic import CODE_VERSION, file_digest, fingerprint, tree_digest
 from index.crops import CropConfig, materialize, recipes_for
 from index.encoders import Encoder, EncoderSpec, build_encoder
@@ -73,6 +74,20 @@ def shard_digest(shard: ShardRef) -> str:
 
 def pick_device(device: str | None = None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(device: str | None) -> str:
+    """`device` if this machine has it (None: the default); refused with the choices otherwise."""
+    name = pick_device(device)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; valid choices: cpu, cuda, cuda:N (or leave it unset)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available here; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
 def crops_of_shard(task: EmbedTask, counts: SkipCounts) -> Iterator[tuple[store.Row, np.ndarray]]:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from tqdm.auto import tqdm
 
 from index.executor import Executor, LocalExecutor  # noqa: F401 - re-exported: the in-process executor
+from index.errors import ConfigError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -95,4 +96,4 @@ def make_executor(name: str, **kwargs: Any) -> Executor:
         return LocalExecutor()
     if name == "ray":
         return RayExecutor(**kwargs)
-    raise ValueError(f"unknown executor {name!r}; valid choices: {', '.join(EXECUTORS)}")
+    raise ConfigError(f"unknown executor {name!r}; valid choices: {', '.join(EXECUTORS)}")
