@@ -12,6 +12,7 @@ from curation.pipeline import CurateConfig, curate
 from curation.querysets import list_query_sets
 from curation.selection import SELECTORS
 from curation.verify import VERIFIERS
+from index.errors import run_main
 
 
 def parse(argv: list[str] | None = None) -> CurateConfig:
@@ -72,14 +73,14 @@ def build_executor(cfg: CurateConfig):
     return make_executor(cfg.executor, **({"num_workers": cfg.num_workers} if cfg.executor == "ray" else {}))
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse(argv)
-        curate(cfg, executor=build_executor(cfg))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"curate: error: {e}", file=sys.stderr)
-        return 2
+def _main(argv: list[str] | None = None) -> int:
+    cfg = parse(argv)
+    curate(cfg, executor=build_executor(cfg))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("curate", _main, argv)
 
 
 if __name__ == "__main__":

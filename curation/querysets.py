@@ -48,6 +48,7 @@ from curation.datasets import (
     EUROSAT_CLASSES, FASHION_MNIST_CLASSES, eurosat_root, fashion_mnist_root, load_fashion_mnist,
     load_fashion_mnist_labels, scan_image_folder,
 )
+from index.errors import ConfigError, InputError
 
 TEST_FRACTION = 0.2
 _HOLDOUT_ENTROPY = 0x7E57  # fixed: the held-out test split must not move with the draw seed
@@ -152,7 +153,7 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, eligible: np.ndarray |
     and draws are nested in k. A class with fewer than k eligible items raises.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ConfigError(f"k must be >= 1, got {k}")
     labels = np.asarray(labels)
     eligible = np.ones(len(labels), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
     out: list[np.ndarray] = []
@@ -160,7 +161,7 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, eligible: np.ndarray |
         idx = np.flatnonzero((labels == c) & eligible)
         if len(idx) < k:
             name = class_names[int(c)] if class_names is not None else int(c)
-            raise ValueError(f"class {name!r} has {len(idx)} images available for the query draw, "
+            raise ConfigError(f"class {name!r} has {len(idx)} images available for the query draw, "
                              f"fewer than k={k}")
         perm = np.random.default_rng([int(seed), int(c)]).permutation(len(idx))
         out.append(np.sort(idx[perm[:k]]))
@@ -171,8 +172,11 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, eligible: np.ndarray |
 
 
 def load_image_file(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return to_rgb8(im)   # 16-bit images scaled, not clipped
+    try:
+        with Image.open(path) as im:
+            return to_rgb8(im)   # 16-bit images scaled, not clipped
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e}); fix or remove it") from None
 
 
 def read_file_bytes(path: str) -> bytes:
@@ -197,12 +201,12 @@ def _folder_query_set(name: str, root: Path, id_prefix: str, k: int, seed: int,
                       classes: Sequence[str] | None = None) -> QuerySet:
     scan = scan_image_folder(root)
     if classes is not None and tuple(classes) != scan.classes:
-        raise ValueError(f"{root}: class folders {list(scan.classes)} differ from the expected {list(classes)}")
+        raise InputError(f"{root}: class folders {list(scan.classes)} differ from the expected {list(classes)}")
     labels = np.array([label for _, label in scan.files], dtype=np.int64)
     present = set(labels.tolist())
     empty = [c for i, c in enumerate(scan.classes) if i not in present]
     if empty:
-        raise ValueError(f"{root}: class folders without images: {empty}")
+        raise InputError(f"{root}: class folders without images: {empty}")
     items = [LabeledImage(f"{id_prefix}/{rel}", label, functools.partial(load_image_file, str(root / rel)),
                           functools.partial(read_file_bytes, str(root / rel)))
              for rel, label in scan.files]
@@ -256,6 +260,12 @@ def list_query_sets() -> list[str]:
     return QUERY_SETS.names() + [FOLDER_FORM]
 
 
+def query_set_dirs(name: str, data_root: str | os.PathLike | None = None) -> list[str]:
+    """The directories a query set's images are read from, where the name or `data_root` says them."""
+    m = _FOLDER_RE.match(name)
+    return [m["path"]] if m else ([str(data_root)] if data_root is not None else [])
+
+
 def get_query_set(name: str, data_root: str | os.PathLike | None = None, seed: int = 0) -> QuerySet:
     """Resolve a query set name; `data_root` overrides the dataset's default location."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
@@ -263,10 +273,10 @@ def get_query_set(name: str, data_root: str | os.PathLike | None = None, seed: i
     if name.startswith("folder:"):
         m = _FOLDER_RE.match(name)
         if not m or int(m["k"]) < 1:
-            raise ValueError(f"bad folder query set {name!r}; the form is {FOLDER_FORM}, "
+            raise ConfigError(f"bad folder query set {name!r}; the form is {FOLDER_FORM}, "
                              f"e.g. folder:/data/mytask:10shot")
         if data_root is not None:
-            raise ValueError(f"{name!r} names its own folder; do not also give a data root ({data_root})")
+            raise ConfigError(f"{name!r} names its own folder; do not also give a data root ({data_root})")
         return build_folder(m["path"], int(m["k"]), int(seed))
     try:
         builder = QUERY_SETS.get(name)

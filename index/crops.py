@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandAugment
 from torchvision.transforms import functional as TF
 from torchvision.transforms.autoaugment import _apply_op
+from index.errors import ConfigError
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in source pixels
 
@@ -59,7 +60,7 @@ class CropConfig:
         elif not 0 <= self.magnitude < self.num_magnitude_bins:
             problems.append(f"magnitude must be in [0, {self.num_magnitude_bins - 1}], got {self.magnitude}")
         if problems:
-            raise ValueError("invalid CropConfig: " + "; ".join(problems))
+            raise ConfigError("invalid CropConfig: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -71,7 +72,7 @@ class CropConfig:
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ValueError(f"unknown CropConfig field(s) {unknown}; valid fields: {', '.join(valid)}")
+            raise ConfigError(f"unknown CropConfig field(s) {unknown}; valid fields: {', '.join(valid)}")
         return cls(**d)
 
 
@@ -92,7 +93,7 @@ class CropRecipe:
         ops = tuple((str(name), float(mag)) for name, mag in d.get("ops", ()))
         for name, _ in ops:
             if name not in valid:
-                raise ValueError(f"unknown RandAugment op {name!r}; valid ops: {', '.join(valid)}")
+                raise ConfigError(f"unknown RandAugment op {name!r}; valid ops: {', '.join(valid)}")
         box = tuple(int(x) for x in d["box"])
         if len(box) != 4:
             raise ValueError(f"box must be [top, left, height, width], got {d['box']}")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from index import contract, store
 from index.atomic import CODE_VERSION, fingerprint
+from index.errors import ConfigError
 from index.crops import CropConfig, materialize, recipes_for
 from index.device_batches import ImageBatch, image_batches, materialize_batch
 from index.encoders import Encoder, EncoderSpec, build_encoder
@@ -78,6 +79,20 @@ def pick_device(device: str | None = None) -> str:
 def default_batch_size(device: str) -> int:
     """Crops per forward: 64 on CPU; 512 on CUDA, enough to keep a ViT-L/14 busy in bf16."""
     return 512 if device.startswith("cuda") else 64
+
+
+def check_device(device: str | None) -> str:
+    """`device` if this machine has it (None: the default); refused with the choices otherwise."""
+    name = pick_device(device)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; valid choices: cpu, cuda, cuda:N (or leave it unset)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available here; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
 def crops_of_shard(task: EmbedTask, counts: SkipCounts, on_digest=None) -> Iterator[tuple[store.Row, np.ndarray]]:

@@ -48,6 +48,7 @@ from webdataset.tariterators import base_plus_ext
 from index import content
 from index.bitdepth import to_rgb8
 from index.contract import IMAGE_EXTS, image_id
+from index.errors import ConfigError, InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def list_shards(path_or_glob: str | list[str]) -> list[ShardRef]:
     or two shards share a name (image ids would collide)."""
     patterns = [path_or_glob] if isinstance(path_or_glob, (str, os.PathLike)) else list(path_or_glob)
     if not patterns:
-        raise ValueError("list_shards: no gallery path given")
+        raise ConfigError("list_shards: no gallery path given")
     looked_for = "*.tar files, or image files (" + ", ".join("." + e for e in IMAGE_EXTS) + ") in a folder"
     found: dict[str, ShardRef] = {}
     for pattern in map(str, patterns):
@@ -227,17 +228,17 @@ def list_shards(path_or_glob: str | list[str]) -> list[ShardRef]:
             elif os.path.isfile(p) and p.endswith(".tar"):
                 shards.append(ShardRef(Path(p).stem, os.path.abspath(p), "tar"))
             elif not os.path.exists(p):
-                raise FileNotFoundError(f"gallery path {p!r} does not exist")
+                raise MissingInputError(f"gallery path {p!r} does not exist")
         if not shards:
             if _is_pattern(pattern):
                 what = f"it matched {len(paths)} path(s)"
             else:
                 what = "a folder without .tar files or images" if os.path.isdir(pattern) else "not a .tar file"
-            raise FileNotFoundError(f"no gallery shards found for {pattern!r} ({what}); looked for {looked_for}")
+            raise MissingInputError(f"no gallery shards found for {pattern!r} ({what}); looked for {looked_for}")
         for s in shards:
             other = found.get(s.name)
             if other is not None and other.path != s.path:
-                raise ValueError(f"two gallery shards are named {s.name!r} ({other.path} and {s.path}); "
+                raise InputError(f"two gallery shards are named {s.name!r} ({other.path} and {s.path}); "
                                  "image ids '<shard>/<key>' would collide: rename one or index them separately")
             found[s.name] = s
     return [found[n] for n in sorted(found)]

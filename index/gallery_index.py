@@ -19,10 +19,30 @@ from index.atomic import read_json
 from index.encoders import EncoderSpec, check_same_encoders, resolve_encoder
 from index.gallery import ShardRef
 from index.ranged import ReadStats
+from index.errors import InputError, MissingInputError
 
 
 SEARCH_TASK_BYTES = 2 << 30   # default memory budget of one search task: index files it opens
 SEARCH_CACHE_ENTRIES = 4      # query sets whose deepest lists are kept (curate searches one set)
+
+
+_REQUIRED_KEYS = ("num_vectors", "encoders", "index_factory", "shards", "groups")   # in indexes of every version
+
+
+def read_index_manifest(root: str | Path) -> dict[str, Any]:
+    """An index directory's manifest; a missing, truncated or foreign one is refused naming the file."""
+    path = Path(root) / contract.MANIFEST_FILE
+    if not path.is_file():
+        raise MissingInputError(f"{path} not found: build the index first "
+                                f"(python curation/build_index.py --config ... --out {root})")
+    try:
+        manifest = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not a complete index manifest ({e}); rebuild the index") from None
+    missing = [k for k in _REQUIRED_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise InputError(f"{path} is not an index manifest: it lacks {missing}; rebuild the index")
+    return manifest
 
 
 class GalleryIndex:
@@ -39,11 +59,7 @@ class GalleryIndex:
         self._cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.searches = 0   # searches run (requests served from the cache are not counted)
         self.root = Path(root)
-        path = self.root / contract.MANIFEST_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: build the index first "
-                                    f"(python curation/build_index.py --config ... --out {self.root})")
-        self.manifest = read_json(path)
+        self.manifest = read_index_manifest(self.root)
         self.specs = [EncoderSpec.from_dict(d) for d in self.manifest["encoders"]]
         self.shards = self.manifest["shards"]
         self.offsets = np.array([s["offset"] for s in self.shards], dtype=np.int64)

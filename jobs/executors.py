@@ -13,6 +13,7 @@ import os
 from typing import Any, Callable, Sequence, TypeVar
 
 from index.executor import Executor, LocalExecutor, progress_bar  # noqa: F401 - re-exported: the in-process executor
+from index.errors import ConfigError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -118,4 +119,4 @@ def make_executor(name: str, **kwargs: Any) -> Executor:
         return LocalExecutor()
     if name == "ray":
         return RayExecutor(**kwargs)
-    raise ValueError(f"unknown executor {name!r}; valid choices: {', '.join(EXECUTORS)}")
+    raise ConfigError(f"unknown executor {name!r}; valid choices: {', '.join(EXECUTORS)}")

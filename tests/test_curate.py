@@ -54,7 +54,7 @@ class World:
 def _build_index(root: Path, gallery: Path, encoders: list[str], name: str) -> Path:
     cfg = write_index_config(root / f"{name}.yaml", str(gallery / "*.tar"), encoders, crop_size=CROP,
                              crops_per_image=CROPS_PER_IMAGE)
-    build_index_main(["--config", str(cfg), "--out", str(root / name)])
+    assert build_index_main(["--config", str(cfg), "--out", str(root / name)]) == 0
     return root / name
 
 

@@ -50,6 +50,7 @@ from index import contract
 from index.atomic import CODE_VERSION, canonical_json, file_digest, fingerprint, write_json
 from index.gallery_index import GalleryIndex
 from index.knn import combine_features
+from index.errors import ConfigError, InputError
 
 KILL_ENV = "VFM_CURATE_KILL_AFTER"   # a stage name: the process exits right after committing it (tests)
 KILL_EXIT_CODE = 86
@@ -71,7 +72,7 @@ class Stage:
 def open_run(cfg, executor: Executor | None) -> RunState:
     if executor is None:
         if cfg.executor != "local":
-            raise ValueError(f"executor {cfg.executor!r} needs an executor passed in: "
+            raise ConfigError(f"executor {cfg.executor!r} needs an executor passed in: "
                              f"curate(cfg, executor=jobs.executors.make_executor({cfg.executor!r}, ...)); "
                              "the curate CLI builds it")
         executor = LocalExecutor()
@@ -85,7 +86,7 @@ def open_run(cfg, executor: Executor | None) -> RunState:
     if selector.queries == "text":
         missing = [s.name for s in specs if not s.has_text_tower]
         if missing:
-            raise ValueError(f"strategy 'text' needs encoders with a text tower; {missing} have none. "
+            raise ConfigError(f"strategy 'text' needs encoders with a text tower; {missing} have none. "
                              "Index with a CLIP encoder (open_clip ARCH.TAG) to use text queries.")
     base = {"code_version": CODE_VERSION, "index": fingerprint(gindex.manifest), "draw": qs.to_draw_dict(),
             "encoders": [s.identity() for s in specs]}
@@ -237,7 +238,7 @@ def _filter(st: RunState) -> Record:
         unknown = sorted(review - {x.image_id for x in leak_report.cleared})
         if unknown:
             flagged = sorted(x.image_id for x in leak_report.leaks)
-            raise ValueError(
+            raise InputError(
                 f"{cfg.leak_review}: {len(unknown)} reviewed id(s) were not flagged as leaks in this run "
                 f"(e.g. {unknown[:5]}); flagged ids: {flagged[:20]}{' ...' if len(flagged) > 20 else ''}")
     flags, arrays = selection_to_record(sel, "")

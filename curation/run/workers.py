@@ -159,6 +159,6 @@ def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.T
             writer.write({"__key__": rec["key"], "jpg": jpg, "json": json.dumps(rec, sort_keys=True).encode()})
             written += 1
     files = writer.close()
-    remove_stale(out, "transfer", files)
+    remove_stale(out, contract.TRANSFER_PATTERN, files)
     write_report_thumbs(out / contract.REPORT_THUMBS_FILE, thumbs)
     return {"written": written, "unreadable": unreadable, "skipped": skipped.to_dict(), "files": files}
