@@ -27,9 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curation.changed import check_policy
-from curation.run.state import Filtered  # noqa: F401  (re-exported)
 from curation.selection import SELECTORS
-from curation.thresholds import Thresholds, resolve_thresholds  # noqa: F401  (re-exported)
 from curation.timing import most_time
 from curation.verify import VERIFIERS
 from index import contract

@@ -6,7 +6,7 @@ valid names and the closest match.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 from index.errors import ConfigError, UserError
 
@@ -65,5 +65,3 @@ def choice(kind: str, value: str, valid: list[str] | tuple[str, ...]) -> str:
         raise ConfigError(f"unknown {kind} {value!r}; valid choices: {', '.join(valid)}")
     return value
 
-
-Builder = Callable[..., T]
