@@ -17,10 +17,13 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from index.build import build_gallery_index  # noqa: E402
 from index.config import load_index_config  # noqa: E402
+from index.errors import run_main  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build(argv: list[str] | None = None) -> dict:
+    """Parse the command line, build the index; returns its manifest (user errors raise)."""
+    p = argparse.ArgumentParser(prog="build_index", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="job config YAML (see jobs/*.yaml)")
     p.add_argument("--out", required=True, help="index directory to write")
     p.add_argument("--executor", choices=["local", "ray"], default=None,
@@ -36,5 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     return build_gallery_index(cfg, args.out, make_executor(name, **kwargs))
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_main("build_index", build, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

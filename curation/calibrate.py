@@ -33,7 +33,7 @@ of one class reach it. So the thresholds are measured, not assumed:
 
 `calibrate` is a pure function of (encoders, reference images, their features, options);
 `cached_calibration` stores its result as JSON keyed by a fingerprint of the encoder identities,
-the sampled reference ids and the options, so a rerun reuses it. The curves (recall per kind and
+the sampled reference ids and their content hashes and the options, so a rerun reuses it. The curves (recall per kind and
 false-positive rate over a grid of thresholds) go into the curated set's manifest and report.
 """
 from __future__ import annotations
@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from curation import pixelkey
 from curation.copies import COPY_KINDS, copy_rng, make_copy
+from curation.querysets import content_hash
 from curation.verify import Thumb, VerifyRule
 from curation.verify_batch import match_pairs
 from index.atomic import fingerprint, read_json, write_json
@@ -455,7 +456,7 @@ def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndar
                        size: int = 300, recall: float = 0.99, verify: str = "align", max_neighbours: int = MAX_NEIGHBOURS,
                        min_neighbours: int = MIN_NEIGHBOURS, seed: int = 0, batch_size: int = 64,
                        ref_keys: np.ndarray | None = None, progress: bool = False) -> tuple[Calibration, bool]:
-    """(calibration, reused): computed once per (encoders, sampled reference ids, options).
+    """(calibration, reused): computed once per (encoders, sampled reference ids and contents, options).
 
     ``references``: items with ``.id`` and ``.load()`` (`querysets.LabeledImage`), rows aligned
     with ``ref_feats`` and (when given: retrieval by pixel key too) ``ref_keys``.
@@ -463,6 +464,7 @@ def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndar
     rows = sample_rows(len(references), size, seed)
     key = {"kind": "calibration", "version": CALIBRATION_VERSION,
            "encoders": [m.spec.identity() for m in models], "sample": [references[int(r)].id for r in rows],
+           "contents": [content_hash(references[int(r)]) for r in rows],   # by content, not name
            "recall": recall, "verify": verify, "max_neighbours": max_neighbours,
            "min_neighbours": min_neighbours, "seed": seed,
            "copy_kinds": list(COPY_KINDS), "pixel_key": None if ref_keys is None else pixelkey.KEY_VERSION}

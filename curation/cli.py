@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from curation.changed import CHANGED_POLICIES
 from curation.pipeline import CurateConfig, curate
 from curation.querysets import list_query_sets
 from curation.selection import SELECTORS
 from curation.verify import VERIFIERS
+from index.errors import run_main
 
 
 def parse(argv: list[str] | None = None) -> CurateConfig:
@@ -50,6 +52,9 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where original embedding, verification and crop materialisation run")
     p.add_argument("--num-workers", type=int, default=None, help="Ray actors (default: one per CPU)")
+    p.add_argument("--changed-images", choices=list(CHANGED_POLICIES), default="refuse",
+                   help="a gallery image whose bytes changed since indexing: refuse (stop before writing, "
+                        "naming them) or skip (leave it out, counted in the manifest and summary)")
     a = p.parse_args(argv)
     return CurateConfig(queries=a.queries, index=a.index, size=a.size, out=a.out, strategy=a.strategy,
                         seed=a.seed, data_root=a.data_root, dedup_threshold=a.dedup_threshold,
@@ -58,7 +63,7 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
                         copy_recall=a.copy_recall, calibration_images=a.calibration_images, leak_review=a.leak_review, shard_size=a.shard_size,
                         nprobe=a.nprobe, max_k=a.max_k, batch_size=a.batch_size, device=a.device,
                         cache_dir=a.cache_dir, executor=a.executor,
-                        num_workers=a.num_workers)
+                        num_workers=a.num_workers, changed_images=a.changed_images)
 
 
 def build_executor(cfg: CurateConfig):
@@ -68,14 +73,14 @@ def build_executor(cfg: CurateConfig):
     return make_executor(cfg.executor, **({"num_workers": cfg.num_workers} if cfg.executor == "ray" else {}))
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse(argv)
-        curate(cfg, executor=build_executor(cfg))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"curate: error: {e}", file=sys.stderr)
-        return 2
+def _main(argv: list[str] | None = None) -> int:
+    cfg = parse(argv)
+    curate(cfg, executor=build_executor(cfg))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("curate", _main, argv)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ keys (`curation.pixelkey`, independent of the encoders), an image whose key simi
 reference exceeds ``key_threshold`` is a candidate too, and its nearest references by key join
 its list: a copy the embedding scatters among look-alikes is still checked against its source;
 ``verify_leaks`` confirms each flagged image by a second, pixel-level signal against those nearest
-references (`curation.verify`), so the decision no longer needs the person; ``apply_review``
-still un-flags the images a person marked as not-a-leak. All crops of a remaining
+references (`curation.verify`), so the decision no longer needs the person; ``read_review`` and
+``clear_reviewed`` still un-flag the images a person marked as not-a-leak. All crops of a remaining
 flagged image are removed by the caller (then backfilled by re-running the selection).
 
 Flagging is a thresholded join per encoder (``dedup.similar_pairs``): exact FAISS range search for
@@ -31,6 +31,7 @@ from curation.dedup import check_normalised, similar_pairs
 from curation.pixelkey import Keys
 from curation.verify import Match, VerifyRule
 from index.knn import combine_features
+from index.errors import InputError
 
 Features = np.ndarray | Sequence[np.ndarray]
 
@@ -229,29 +230,12 @@ def read_review(review_file: str | os.PathLike) -> list[str]:
         data = json.load(f)
     if isinstance(data, dict):
         if "not_leaks" not in data:
-            raise ValueError(f"{review_file}: expected a list of image ids or an object with a "
+            raise InputError(f"{review_file}: expected a list of image ids or an object with a "
                              f"'not_leaks' list; got keys {sorted(data)}")
         data = data["not_leaks"]
     if not isinstance(data, list) or not all(isinstance(x, (str, int)) for x in data):
-        raise ValueError(f"{review_file}: 'not_leaks' must be a list of image ids")
+        raise InputError(f"{review_file}: 'not_leaks' must be a list of image ids")
     return [str(x) for x in data]
-
-
-def apply_review(report: LeakReport, review_file: str | os.PathLike) -> LeakReport:
-    """Un-flag the images a person marked as not-a-leak; ids not flagged in the report raise.
-
-    Reviewing an image that was already cleared is allowed (the same review applied twice).
-    """
-    marked = set(read_review(review_file))
-    flagged = {x.image_id for x in report.leaks}
-    cleared_before = {x.image_id for x in report.cleared}
-    unknown = sorted(marked - flagged - cleared_before)
-    if unknown:
-        raise ValueError(
-            f"{review_file}: {len(unknown)} reviewed id(s) are not flagged in this leak report "
-            f"(e.g. {unknown[:5]}); flagged ids: {sorted(flagged)[:20]}"
-            f"{' ...' if len(flagged) > 20 else ''}")
-    return clear_reviewed(report, marked)
 
 
 def clear_reviewed(report: LeakReport, marked: set[str]) -> LeakReport:

@@ -5,10 +5,8 @@ cosine over the encoders) > 0.99. Duplicate pairs are clustered (connected compo
 union-find) and one item per cluster is kept. Because the comparison is between original images,
 all crops of one original image fall in one cluster, so at most one crop per image survives.
 
-The API works on unique original images: ``image_index`` maps each retrieved item to a row of the
-unique-image feature matrix, ``duplicate_clusters`` labels those images, ``clusters_for_items``
-carries the labels back to items and ``keep_one_per_cluster`` keeps the best-ranked item of each
-cluster. The caller then backfills (``selection.select_with_search(..., removed=...)``).
+The API works on unique original images: ``duplicate_clusters`` labels those images and
+``keep_one_per_cluster`` keeps the best-ranked item of each cluster. The caller then backfills (``selection.select_with_search(..., removed=...)``).
 
 Pairs come from ``similar_pairs``: exact FAISS range search (``IndexFlatIP``) in batches for small
 inputs, an inverted-file join for large ones (``method="auto"``): FAISS k-means cells, and each
@@ -22,7 +20,7 @@ too, so a copy the encoders scatter is still found.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -244,29 +242,3 @@ def keep_one_per_cluster(labels: np.ndarray, order: np.ndarray) -> np.ndarray:
     first = np.r_[True, labels[idx][1:] != labels[idx][:-1]]
     keep[idx[first]] = True
     return keep
-
-
-def image_index(item_source_ids: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unique original image ids in first-occurrence order, item -> row of that array)."""
-    src = np.asarray(item_source_ids)
-    if src.ndim != 1:
-        raise ValueError(f"item_source_ids must be 1-D; got shape {src.shape}")
-    uniq, first, inverse = np.unique(src, return_index=True, return_inverse=True)
-    by_first = np.argsort(first, kind="stable")
-    rank = np.empty_like(by_first)
-    rank[by_first] = np.arange(by_first.size)
-    return uniq[by_first], rank[inverse.reshape(-1)].astype(np.int64)
-
-
-def clusters_for_items(item_image_index: np.ndarray, image_labels: np.ndarray) -> np.ndarray:
-    """Item-level cluster labels from image-level ones: crops of one image share its label."""
-    idx = np.asarray(item_image_index)
-    labels = np.asarray(image_labels)
-    if idx.ndim != 1 or labels.ndim != 1:
-        raise ValueError("item_image_index and image_labels must be 1-D")
-    if not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(f"item_image_index must be integers; got {idx.dtype}")
-    if idx.size and (idx.min() < 0 or idx.max() >= labels.size):
-        raise ValueError(f"item_image_index must be in [0, {labels.size}); got values in "
-                         f"[{int(idx.min())}, {int(idx.max())}]")
-    return labels[idx].astype(np.int64)

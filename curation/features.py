@@ -2,7 +2,8 @@
 
 All are whole images through each encoder's own preprocessing (resize + centre crop), L2-normalised,
 one float32 matrix per encoder. Reference features (every image of the target dataset) are cached on
-disk by a fingerprint of (query set, image ids, encoder identities), so repeated curations reuse them.
+disk by a fingerprint of (query set, image ids, their content hashes, encoder identities), so repeated
+curations reuse them and an image changed under the same name is embedded again.
 Pixel keys (`curation.pixelkey`) are computed alongside, from the same decoded images.
 """
 from __future__ import annotations

@@ -40,9 +40,6 @@ import numpy as np
 
 from index.registry import Registry
 
-QUERY_KINDS = ("image", "text", "none")
-
-
 # ---------------------------------------------------------------- neighbour lists
 
 
@@ -398,7 +395,7 @@ class Selector:
     """A registered strategy: the function plus what kind of queries it searches with."""
     name: str
     fn: Callable[[SelectionInput, int, int], Selection]
-    queries: str          # one of QUERY_KINDS; "none": needs no search
+    queries: str          # "image", "text" or "none" (needs no search)
     description: str
 
     @property

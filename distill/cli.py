@@ -18,6 +18,7 @@ import typing
 from typing import Any
 
 from distill.config import DistillConfig
+from index.errors import run_main
 
 REQUIRED = ("method", "transfer", "queries", "out")
 HELP = {
@@ -99,7 +100,7 @@ def build_rank_parser() -> argparse.ArgumentParser:
     return p
 
 
-def rank_main(argv: list[str]) -> int:
+def rank_main(argv: list[str] | None) -> int:
     import tempfile
     from pathlib import Path
 
@@ -107,16 +108,12 @@ def rank_main(argv: list[str]) -> int:
     from distill.run import resolve_device
 
     a = build_rank_parser().parse_args(argv)
-    try:
-        ls, data = _probe_set(a)
-        cache = a.cache_dir or (str(Path(a.out) / "cache") if a.out else tempfile.mkdtemp(prefix="distill-rank-"))
-        result = rank_teachers(a.teachers, ls, data, cache, metric=a.similarity, image_size=a.teacher_image_size,
-                               device=resolve_device(a.device), probe_accuracy=a.probe_accuracy,
-                               probe_steps=a.probe_steps, weight_temperature=a.weight_temperature,
-                               batch_size=a.eval_batch_size)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
-        print(f"distill rank: error: {e}", file=sys.stderr)
-        return 2
+    ls, data = _probe_set(a)
+    cache = a.cache_dir or (str(Path(a.out) / "cache") if a.out else tempfile.mkdtemp(prefix="distill-rank-"))
+    result = rank_teachers(a.teachers, ls, data, cache, metric=a.similarity, image_size=a.teacher_image_size,
+                           device=resolve_device(a.device), probe_accuracy=a.probe_accuracy,
+                           probe_steps=a.probe_steps, weight_temperature=a.weight_temperature,
+                           batch_size=a.eval_batch_size)
     result["queries"] = a.queries
     print(format_ranking(result))
     if a.out:
@@ -144,20 +141,19 @@ def _probe_set(a: argparse.Namespace):
     return ls, {"queries": fingerprint(qs.to_draw_dict()), "keys": fingerprint(ls.keys), "count": len(ls)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def distill_main(argv: list[str] | None) -> int:
     from distill.run import run_distill, summary_line
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "rank":
-        return rank_main(argv[1:])
-    try:
-        cfg = config_from_args(argv)
-    except (ValueError, KeyError) as e:
-        print(f"distill: error: {e}", file=sys.stderr)
-        return 2
-    metrics = run_distill(cfg)
+    metrics = run_distill(config_from_args(argv))
     print(summary_line(metrics))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "rank":
+        return run_main("distill rank", rank_main, argv[1:])
+    return run_main("distill", distill_main, argv)
 
 
 if __name__ == "__main__":

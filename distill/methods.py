@@ -36,6 +36,7 @@ from torch import nn
 from distill.losses import (aft_kernel_distance, feature_contrastive_loss, feature_cosine_loss, kd_loss,
                             scale_grad)
 from index.registry import Registry
+from index.errors import InputError
 
 Batch = dict[str, Any]
 Losses = dict[str, torch.Tensor]
@@ -276,5 +277,5 @@ def phases(method: str, cfg: Any, has_transfer: bool) -> list[str]:
     if method == "aft" and not (cfg.aft_on_transfer and has_transfer):
         return ["finetune"]
     if not has_transfer:
-        raise ValueError(f"method {method!r} needs transfer shards (transfer-*.tar) in {cfg.transfer}")
+        raise InputError(f"method {method!r} needs transfer shards (transfer-*.tar) in {cfg.transfer}")
     return ["transfer", "finetune"]

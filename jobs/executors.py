@@ -13,6 +13,7 @@ import os
 from typing import Any, Callable, Sequence, TypeVar
 
 from index.executor import Executor, LocalExecutor, progress_bar  # noqa: F401 - re-exported: the in-process executor
+from index.errors import ConfigError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -62,6 +63,26 @@ class RayExecutor:
                      include_dashboard=False if address is None else None)
         return ray
 
+    def embed_shards(self, tasks: Sequence[Any], specs: tuple[Any, ...], device: str | None) -> list[Any]:
+        """The embedding stage as a Ray Data stream (jobs.ray_data): shards read and decoded on CPU
+        tasks, encoders in `num_workers` actors with `gpus_per_worker` GPUs each (default: one actor
+        per GPU share; on CPU, half the CPUs, leaving the rest to the readers)."""
+        if not tasks:
+            return []
+        ray = self._init()
+        from jobs.ray_data import embed_with_ray_data
+
+        res = ray.cluster_resources()
+        cpus = res.get("CPU", 1)
+        if self.gpus_per_worker > 0:
+            n = self.num_workers or max(1, int(res.get("GPU", 0) // self.gpus_per_worker))
+        else:
+            n = self.num_workers or max(1, int(cpus // (2 * self.cpus_per_worker)))
+        n = max(1, min(n, int((cpus - 1) // self.cpus_per_worker)))  # one CPU stays for the readers
+        return embed_with_ray_data(list(tasks), specs, device, num_encoders=n,
+                                   gpus_per_encoder=self.gpus_per_worker, cpus_per_encoder=self.cpus_per_worker,
+                                   torch_threads=self.torch_threads or _local_torch_threads())
+
     def map(self, make_worker: Callable[[], Callable[[T], R]], tasks: Sequence[T], desc: str = "",
             units: Sequence[int] | None = None, unit: str = "task") -> list[R]:
         if not tasks:
@@ -98,4 +119,4 @@ def make_executor(name: str, **kwargs: Any) -> Executor:
         return LocalExecutor()
     if name == "ray":
         return RayExecutor(**kwargs)
-    raise ValueError(f"unknown executor {name!r}; valid choices: {', '.join(EXECUTORS)}")
+    raise ConfigError(f"unknown executor {name!r}; valid choices: {', '.join(EXECUTORS)}")

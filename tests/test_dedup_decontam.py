@@ -11,9 +11,8 @@ from PIL import Image
 
 from fixtures_gallery import pattern
 
-from curation.decontam import apply_review, combine_features, find_leaks
-from curation.dedup import (clusters_for_items, duplicate_clusters, duplicate_pairs, image_index,
-                            keep_one_per_cluster)
+from curation.decontam import clear_reviewed, combine_features, find_leaks, read_review
+from curation.dedup import duplicate_clusters, duplicate_pairs, keep_one_per_cluster
 
 # ---------------------------------------------------------------- fixtures: images and features
 
@@ -101,19 +100,16 @@ def test_pairs_threshold_is_strict_and_symmetric_once():
 def test_item_level_keep_one_crop_per_duplicate_cluster():
     # six retrieved crops from four original images; images a and c are duplicates
     source = ["a", "b", "a", "c", "d", "b"]
-    uniq, item_img = image_index(source)
+    uniq, item_img = np.unique(source, return_inverse=True)   # as the curate stage maps items to images
     assert uniq.tolist() == ["a", "b", "c", "d"] and item_img.tolist() == [0, 1, 0, 2, 3, 1]
     rng = np.random.default_rng(0)
     f = unit(rng, 4, 32)
     f[2] = near(f[:1], 0.995, rng)[0]
-    image_labels = duplicate_clusters(f, 0.99)
-    item_labels = clusters_for_items(item_img, image_labels)
+    item_labels = duplicate_clusters(f, 0.99)[item_img]
     assert item_labels.tolist() == [0, 1, 0, 0, 2, 1]
     order = np.array([3, 0, 1, 2, 5, 4])  # curated rank of each crop (lower is better)
     keep = keep_one_per_cluster(item_labels, order)
     assert keep.tolist() == [False, True, True, False, True, False]
-    with pytest.raises(ValueError, match="item_image_index"):
-        clusters_for_items(np.array([0, 9]), image_labels)
 
 
 def test_keep_one_ties_break_by_index():
@@ -166,16 +162,15 @@ def test_planted_copies_of_references_are_flagged_look_alikes_are_not(tmp_path):
 
     review = tmp_path / "review.json"
     review.write_text(json.dumps({"not_leaks": ["web/7"]}))
-    reviewed = apply_review(report, review)
+    reviewed = clear_reviewed(report, set(read_review(review)))
     assert sorted(x.image_id for x in reviewed.leaks) == ["web/6", "web/8"]
     assert [x.image_id for x in reviewed.cleared] == ["web/7"]
-    assert apply_review(reviewed, review).leaks == reviewed.leaks  # applying twice is harmless
+    assert clear_reviewed(reviewed, {"web/7"}).leaks == reviewed.leaks  # applying twice is harmless
     review.write_text(json.dumps(["web/6", "web/0"]))
-    with pytest.raises(ValueError, match="web/0"):
-        apply_review(report, review)
+    assert read_review(review) == ["web/6", "web/0"]
     review.write_text(json.dumps({"leaks": []}))
     with pytest.raises(ValueError, match="not_leaks"):
-        apply_review(report, review)
+        read_review(review)
 
 
 def test_max_over_encoders_flags_and_mean_orders_neighbours():

@@ -30,6 +30,7 @@ import numpy as np
 
 from curation import pixelkey
 from curation import report as rpt
+from curation.changed import changed_since_indexing
 from curation.calibrate import Calibration
 from curation.copydetect import CopyDetector
 from curation.decontam import LeakReport, clear_reviewed, read_review
@@ -49,6 +50,7 @@ from index import contract
 from index.atomic import CODE_VERSION, canonical_json, file_digest, fingerprint, write_json
 from index.gallery_index import GalleryIndex
 from index.knn import combine_features
+from index.errors import ConfigError, InputError
 
 KILL_ENV = "VFM_CURATE_KILL_AFTER"   # a stage name: the process exits right after committing it (tests)
 KILL_EXIT_CODE = 86
@@ -70,7 +72,7 @@ class Stage:
 def open_run(cfg, executor: Executor | None) -> RunState:
     if executor is None:
         if cfg.executor != "local":
-            raise ValueError(f"executor {cfg.executor!r} needs an executor passed in: "
+            raise ConfigError(f"executor {cfg.executor!r} needs an executor passed in: "
                              f"curate(cfg, executor=jobs.executors.make_executor({cfg.executor!r}, ...)); "
                              "the curate CLI builds it")
         executor = LocalExecutor()
@@ -84,13 +86,16 @@ def open_run(cfg, executor: Executor | None) -> RunState:
     if selector.queries == "text":
         missing = [s.name for s in specs if not s.has_text_tower]
         if missing:
-            raise ValueError(f"strategy 'text' needs encoders with a text tower; {missing} have none. "
+            raise ConfigError(f"strategy 'text' needs encoders with a text tower; {missing} have none. "
                              "Index with a CLIP encoder (open_clip ARCH.TAG) to use text queries.")
     base = {"code_version": CODE_VERSION, "index": fingerprint(gindex.manifest), "draw": qs.to_draw_dict(),
-            "references": fingerprint([r.id for r in qs.references]), "encoders": [s.identity() for s in specs]}
+            "encoders": [s.identity() for s in specs]}
     out.mkdir(parents=True, exist_ok=True)
-    return RunState(cfg=cfg, out=out, executor=executor, gindex=gindex, specs=specs, qs=qs, selector=selector,
-                    base_fingerprint=base)
+    st = RunState(cfg=cfg, out=out, executor=executor, gindex=gindex, specs=specs, qs=qs, selector=selector,
+                  base_fingerprint=base)
+    # by content: a reference changed under the same name makes every stage after it recompute
+    base["references"] = fingerprint(list(zip(st.ref_ids, st.ref_hashes)))
+    return st
 
 
 # ---------------------------------------------------------------- embed queries
@@ -183,16 +188,20 @@ def _filter(st: RunState) -> Record:
     orig: dict[str, list[np.ndarray]] = {}     # gallery image id -> per-encoder feature rows
     keys: dict[str, np.ndarray] = {}           # gallery image id -> pixel key
     unreadable_imgs: dict[str, str] = {}
+    changed_imgs: set[str] = set()              # unreadable because the gallery changed since indexing
     leak_report, rounds, t_embed = None, 0, 0.0
     while True:
         rounds += 1
         img_of = np.array([r.id for r in gindex.rows(sel.ids)])
         new = sorted(set(img_of.tolist()) - set(orig) - set(unreadable_imgs))
         t = time.perf_counter()
-        unreadable_imgs.update(embed_original_images(st.executor, make_worker, gindex, new, orig,
-                                                     keys if cfg.verify != "none" else None))
+        found = embed_original_images(st.executor, make_worker, gindex, new, orig,
+                                      keys if cfg.verify != "none" else None)
+        changed_imgs |= changed_since_indexing(found, cfg.changed_images, str(gindex.root))   # refuse: raises
+        unreadable_imgs.update(found)
         t_embed += time.perf_counter() - t
-        unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs}
+        changed = {int(g) for g, i in zip(sel.ids, img_of) if i in changed_imgs}
+        unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs} - changed
         ok = np.array([i not in unreadable_imgs and i in orig for i in img_of], dtype=bool)
         # decontamination over every original image seen so far (stable across rounds)
         seen = sorted(orig)
@@ -214,9 +223,10 @@ def _filter(st: RunState) -> Record:
             dups = {int(g) for g in sel.ids[alive[~keep]]}
             for lab in np.unique(labels[~keep]):
                 filtered.link(sorted({str(img_of[alive[m]]) for m in np.flatnonzero(labels == lab)}))
-        if not (unreadable | leaks | dups):
+        if not (unreadable | changed | leaks | dups):
             break
         filtered.unreadable |= unreadable
+        filtered.changed |= changed
         filtered.leaks |= leaks
         for i in img_of:
             if i in leaked_imgs:
@@ -228,7 +238,7 @@ def _filter(st: RunState) -> Record:
         unknown = sorted(review - {x.image_id for x in leak_report.cleared})
         if unknown:
             flagged = sorted(x.image_id for x in leak_report.leaks)
-            raise ValueError(
+            raise InputError(
                 f"{cfg.leak_review}: {len(unknown)} reviewed id(s) were not flagged as leaks in this run "
                 f"(e.g. {unknown[:5]}); flagged ids: {flagged[:20]}{' ...' if len(flagged) > 20 else ''}")
     flags, arrays = selection_to_record(sel, "")
@@ -271,7 +281,9 @@ def _write(st: RunState) -> Record:
                              functools.partial(crops_worker, str(st.gindex.root), st.cfg.jpeg_quality,
                                                limits.thumb_size),
                              thumb_keys=shown.crop_keys(),
-                             thumb_originals=shown.original_ids() & {r.source_id for r in records})
+                             thumb_originals=shown.original_ids() & {r.source_id for r in records},
+                             on_unreadable=lambda found: changed_since_indexing(
+                                 found, st.cfg.changed_images, str(st.gindex.root)))
     write_query_shards(st.out, st.qs)
     write_json(st.out / contract.QUERIES_DRAW_FILE, st.qs.to_draw_dict())
     return Record({"written": written, "digests": {f: file_digest(st.out / f) for f in _output_files(st)}})
@@ -298,12 +310,12 @@ def counts(st: RunState) -> dict[str, Any]:
     f, w = st.filtered, st.written
     c = {"requested": st.cfg.size, "retrieved": len(st.first),
          "removed_duplicate": len(f.duplicates & first_ids), "removed_leak": len(f.leaks & first_ids),
-         "removed_unreadable": len(f.unreadable & first_ids),
+         "removed_unreadable": len(f.unreadable & first_ids), "removed_changed": len(f.changed & first_ids),
          "backfilled": len(set(st.sel.ids.tolist()) - first_ids),
          "written": w["written"], "unreadable_at_write": w["unreadable"], "rounds": st.rounds,
          "exhausted": bool(st.sel.exhausted), "depth_k": int(st.sel.k)}
     assert c["retrieved"] - c["removed_duplicate"] - c["removed_leak"] - c["removed_unreadable"] \
-        + c["backfilled"] - c["unreadable_at_write"] == c["written"]
+        - c["removed_changed"] + c["backfilled"] - c["unreadable_at_write"] == c["written"]
     return c
 
 
@@ -343,10 +355,10 @@ STAGES: tuple[Stage, ...] = (
           _retrieve, _apply_retrieve),
     Stage("references", _THRESHOLD_FIELDS + ("batch_size", "device"), (), ("th", "calibration"),
           _references, _apply_references),
-    Stage("filter", ("leak_review", "batch_size", "device", "size", "seed", "max_k", "nprobe"),
+    Stage("filter", ("leak_review", "batch_size", "device", "size", "seed", "max_k", "nprobe", "changed_images"),
           ("retrieve", "references"),
           ("sel", "filtered", "leak_report", "rounds", "verified_pairs", "verify_seconds"), _filter, _apply_filter),
-    Stage("write", ("shard_size", "jpeg_quality"), ("filter",),
+    Stage("write", ("shard_size", "jpeg_quality", "changed_images"), ("filter",),
           ("records", "written", "transfer-*.tar", "queries-*.tar", contract.QUERIES_DRAW_FILE,
            contract.REPORT_THUMBS_FILE),
           _write, _apply_write, _write_intact),
