@@ -100,6 +100,10 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         kill_point("before", final)
         os.replace(tmp_path, final)
         kill_point("after", final)
+    except OSError as e:
+        if e.filename is None:   # a failed write() names no file: say which output it was
+            e.filename = str(final)
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
