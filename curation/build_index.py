@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from index.build import build_gallery_index  # noqa: E402
 from index.config import load_index_config  # noqa: E402
 from index.errors import run_main  # noqa: E402
+from index.threads import HELP as THREADS_HELP, threads_for  # noqa: E402
 
 
 def build(argv: list[str] | None = None) -> dict:
@@ -30,13 +31,15 @@ def build(argv: list[str] | None = None) -> dict:
                    help="default: the config's, or ray when submitted as a Ray job")
     p.add_argument("--num-workers", type=int, default=None, help="Ray actors (default: one per CPU)")
     p.add_argument("--gallery", default=None, help="override the config's gallery path/glob")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     args = p.parse_args(argv)
 
     cfg = load_index_config(args.config, gallery=args.gallery, num_workers=args.num_workers)
     name = args.executor or ("ray" if os.environ.get("RAY_ADDRESS") else cfg.executor)
     from jobs.executors import make_executor
     kwargs = {} if name == "local" else {"num_workers": cfg.num_workers, "gpus_per_worker": cfg.gpus_per_worker}
-    return build_gallery_index(cfg, args.out, make_executor(name, **kwargs))
+    with threads_for(args.threads):
+        return build_gallery_index(cfg, args.out, make_executor(name, **kwargs))
 
 
 def main(argv: list[str] | None = None) -> int:

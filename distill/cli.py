@@ -19,6 +19,7 @@ from typing import Any
 
 from distill.config import DistillConfig
 from index.errors import run_main
+from index.threads import HELP as THREADS_HELP, threads_for
 
 REQUIRED = ("method", "transfer", "queries", "out")
 HELP = {
@@ -41,6 +42,7 @@ HELP = {
     "baseline": "also train labels_only with the same student and report its accuracy",
     "cache_dir": "teacher output cache directory (default OUT/cache); reused across runs",
     "stop_at_step": "end training after this many steps without saving, as a kill would (testing resume)",
+    "threads": THREADS_HELP,
 }
 
 
@@ -97,6 +99,7 @@ def build_rank_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return p
 
 
@@ -110,10 +113,11 @@ def rank_main(argv: list[str] | None) -> int:
     a = build_rank_parser().parse_args(argv)
     ls, data = _probe_set(a)
     cache = a.cache_dir or (str(Path(a.out) / "cache") if a.out else tempfile.mkdtemp(prefix="distill-rank-"))
-    result = rank_teachers(a.teachers, ls, data, cache, metric=a.similarity, image_size=a.teacher_image_size,
-                           device=resolve_device(a.device), probe_accuracy=a.probe_accuracy,
-                           probe_steps=a.probe_steps, weight_temperature=a.weight_temperature,
-                           batch_size=a.eval_batch_size)
+    with threads_for(a.threads):
+        result = rank_teachers(a.teachers, ls, data, cache, metric=a.similarity, image_size=a.teacher_image_size,
+                               device=resolve_device(a.device), probe_accuracy=a.probe_accuracy,
+                               probe_steps=a.probe_steps, weight_temperature=a.weight_temperature,
+                               batch_size=a.eval_batch_size)
     result["queries"] = a.queries
     print(format_ranking(result))
     if a.out:
@@ -144,7 +148,9 @@ def _probe_set(a: argparse.Namespace):
 def distill_main(argv: list[str] | None) -> int:
     from distill.run import run_distill, summary_line
 
-    metrics = run_distill(config_from_args(argv))
+    cfg = config_from_args(argv)
+    with threads_for(cfg.threads):
+        metrics = run_distill(cfg)
     print(summary_line(metrics))
     return 0
 

@@ -25,7 +25,7 @@ _INTEGERS = (("resolution", 8, True), ("teacher_image_size", 8, True), ("probe_s
              ("teacher_epochs", 0, False), ("transfer_epochs", 0, False), ("transfer_steps", 1, True),
              ("finetune_epochs", 0, False), ("label_batch_size", 1, True), ("shuffle_buffer", 1, False),
              ("decode_threads", 0, False), ("checkpoint_every", 1, False), ("seed", 0, False),
-             ("query_seed", 0, False), ("stop_at_step", 0, True))
+             ("query_seed", 0, False), ("stop_at_step", 0, True), ("threads", 1, True))
 _POSITIVE = (("lr", False), ("finetune_lr", True), ("teacher_lr", False), ("aft_lr", False),
              ("contrastive_temperature", False))
 _NON_NEGATIVE = ("weight_decay", "probe_weight_decay", "beta")
@@ -113,6 +113,7 @@ class DistillConfig:
     eval_batch_size: int = 64
     progress: bool = True
     stop_at_step: int | None = None              # end training after this many steps without saving (a kill)
+    threads: int | None = None                   # CPU threads (None: the CPUs other processes leave free)
 
     def __post_init__(self) -> None:
         from distill.methods import METHODS
@@ -195,7 +196,7 @@ class DistillConfig:
         outputs go are left out, so a resumed run with those changed still matches."""
         d = self.to_dict()
         for k in ("out", "cache_dir", "progress", "stop_at_step", "baseline", "decode_threads",
-                  "checkpoint_every", "eval_batch_size", "data_root"):
+                  "checkpoint_every", "eval_batch_size", "data_root", "threads"):
             d.pop(k)
         return fingerprint(d)
 

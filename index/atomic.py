@@ -6,9 +6,11 @@ A reader never sees a truncated file under a final name. A stage writes its outp
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,6 +50,24 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()[:24]
 
 
+KILL_AT_ENV = "VFM_KILL_AT"   # tests: "before:<glob>[#n]" / "after:<glob>[#n]" (see kill_point)
+_commits: dict[str, int] = {}
+
+
+def kill_point(when: str, final: Path) -> None:
+    """Crash tests: with ``VFM_KILL_AT=after:last.pt#2`` the process kills itself with SIGKILL right
+    after its 2nd commit of a file named like the glob (``before:``: with the data written under the
+    temporary name, not yet renamed), as a power cut or ``kill -9`` there would."""
+    spec = os.environ.get(KILL_AT_ENV)
+    if not spec or not spec.startswith(when + ":"):
+        return
+    glob, _, nth = spec[len(when) + 1:].partition("#")
+    if fnmatch.fnmatch(final.name, glob):
+        _commits[spec] = _commits.get(spec, 0) + 1
+        if _commits[spec] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where /proc says it (Linux), else set and restored."""
     try:
@@ -72,7 +92,13 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        kill_point("before", final)
         os.replace(tmp_path, final)
+        kill_point("after", final)
+    except OSError as e:
+        if e.filename is None:   # a failed write() names no file: say which output it was
+            e.filename = str(final)
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -7,6 +7,7 @@ keeps its traceback. Subclasses also derive from the built-in exception a caller
 """
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable, Sequence
 
@@ -35,11 +36,21 @@ class MissingDependencyError(UserError, ImportError):
 def run_main(prog: str, main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run a command's `main(argv)`; a `UserError` prints ``prog: error: ...`` and returns 2.
 
-    argparse already reports its own errors this way (and exits 2); everything else propagates.
+    argparse already reports its own errors this way (and exits 2). A full disk (or file size limit)
+    prints ``prog: error: ...`` and returns 1; everything else propagates with its traceback.
     """
     try:
         rc = main(argv)
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        print(f"{prog}: error: {e.filename or 'a file'}: {e.strerror} (disk full or file size limit); nothing "
+              "was left half-written: free space and rerun, finished work is reused", file=sys.stderr, flush=True)
+        return 1
     return rc if isinstance(rc, int) else 0
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)

@@ -11,7 +11,8 @@
 - removes the old done record (the manifest) before anything new is written, so an interrupted
   rerun never leaves a finished-looking directory over a mix of old and new files;
 - removes the temporary files of killed runs (``.<name>.<random>.tmp``, `index.atomic.atomic_path`);
-- writes ``.vfm-owner.json`` (the command, a run id, the process), the marker of what wrote the directory;
+- writes ``.vfm-owner.json`` once (the command, the first run's id and process), the marker of what wrote
+  the directory; the lock file names the run holding it now;
 - removes the directory again when it created it and the run failed before writing anything.
 """
 from __future__ import annotations
@@ -181,19 +182,34 @@ def _lock(path: Path, owner: Owner) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        holder = read_marker(path) or {}
+        try:
+            holder = json.loads((path / LOCK).read_text() or "{}")
+        except (OSError, ValueError):
+            holder = {}
         raise OutputDirError(f"{path} is in use by another {owner.command} run (pid {holder.get('pid', '?')} on "
                              f"{holder.get('host', '?')}, run {holder.get('run_id', '?')}); wait for it to finish "
                              "or choose another output directory") from None
     return fd
 
 
-def _write_marker(path: Path, owner: Owner, run_id: str) -> None:
-    from index.atomic import CODE_VERSION, write_json
+def _run_info(owner: Owner, run_id: str) -> dict:
+    from index.atomic import CODE_VERSION
 
-    write_json(path / MARKER, {"command": owner.command, "run_id": run_id, "pid": os.getpid(),
-                               "host": socket.gethostname(), "code_version": CODE_VERSION,
-                               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    return {"command": owner.command, "run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
+            "code_version": CODE_VERSION,
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _mark(path: Path, fd: int, owner: Owner, run_id: str) -> None:
+    """The lock file says who holds the directory now; the marker (written once, by the first run)
+    what wrote it."""
+    from index.atomic import write_json
+
+    info = json.dumps(_run_info(owner, run_id)).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info, 0)
+    if read_marker(path) is None:
+        write_json(path / MARKER, _run_info(owner, run_id))
 
 
 def _only_bookkeeping(path: Path) -> bool:
@@ -215,7 +231,7 @@ def owned_dir(out: str | os.PathLike, owner: Owner,
             invalidate(path, owner.done_record)
         cleaned = len(clean_temp_files(path))
         run = OwnedDir(path=path, owner=owner, run_id=uuid.uuid4().hex[:16], created=created, cleaned=cleaned)
-        _write_marker(path, owner, run.run_id)
+        _mark(path, fd, owner, run.run_id)
         try:
             yield run
         except BaseException:

@@ -21,6 +21,10 @@ from index.errors import InputError
 from index.outdir import invalidate
 
 
+class RowTableMismatch(InputError, IndexError):
+    """A row table that does not hold the rows the index refers to."""
+
+
 @dataclass(frozen=True)
 class Row:
     id: str          # gallery image id
@@ -119,7 +123,8 @@ def load_rows_at(root: str | Path, shard: str, rows: Sequence[int] | np.ndarray)
                          "rebuild this shard (delete its directory and rerun build_index)") from None
     n = len(offsets) - 1
     if want.size and (want.min() < 0 or want.max() >= n):
-        raise IndexError(f"{d}: row positions must be in [0, {n})")
+        raise RowTableMismatch(f"{d}: row positions must be in [0, {n}): its row table holds {n} rows, fewer "
+                               "than the index asks for; it belongs to another shard or build: rebuild this shard")
     uniq = np.unique(want)
     found: dict[int, Row] = {}
     with open(d / contract.ROWS_FILE, "rb") as f:

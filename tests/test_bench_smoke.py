@@ -31,6 +31,7 @@ SCRIPTS = {
     "scale.py": (("io", "search"), True, True),
     "verify.py": (("sets", "all"), True, False),
     "search_groups.py": (("runs", "own_quantizer_time_ratio"), True, False),
+    "shared_cpu.py": (("cases", "slowdown"), True, False),
 }
 
 

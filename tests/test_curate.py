@@ -34,6 +34,7 @@ from index.embed import embed_images
 from index.encoders import EncoderMismatch, build_encoder, resolve_encoder
 from index.gallery import iter_images, list_shards
 from index.gallery_index import GalleryIndex
+from index.outdir import LOCK, MARKER
 from index.registry import UnknownNameError
 
 from fixtures_gallery import CLASSES, SHOTS, Fixture, build_fixture, write_index_config
@@ -539,7 +540,8 @@ class _Killed(BaseException):
 
 def _outputs(out: Path) -> dict[str, bytes]:
     """Every output a rerun must reproduce, byte for byte; the manifest without timings or config.out."""
-    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != contract.MANIFEST_FILE}
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir())
+             if p.is_file() and p.name not in (contract.MANIFEST_FILE, MARKER, LOCK)}   # not the run's bookkeeping
     # the report's timings section, like the manifest's timings, says how this run spent its time
     files[contract.REPORT_FILE] = re.sub(rb'<section id="timings">.*?</section>', b"",
                                          files[contract.REPORT_FILE], flags=re.S)
