@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -94,6 +95,10 @@ def outputs(out: Path) -> dict[str, bytes]:
     """What a rerun must reproduce: every file but the run's bookkeeping; the manifest without timings."""
     files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
              if p.is_file() and p.name not in (MARKER, LOCK, contract.MANIFEST_FILE)}
+    # the report's timings section says how this run spent its time (and the report record digests it)
+    files[contract.REPORT_FILE] = re.sub(rb'<section id="timings">.*?</section>', b"",
+                                         files[contract.REPORT_FILE], flags=re.S)
+    files.pop(".curate/report.json", None)
     m = json.loads((out / contract.MANIFEST_FILE).read_text())
     m.pop("timings")
     m["config"].pop("out")
