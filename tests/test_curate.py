@@ -34,10 +34,9 @@ from index.embed import embed_images
 from index.encoders import EncoderMismatch, build_encoder, resolve_encoder
 from index.gallery import iter_images, list_shards
 from index.gallery_index import GalleryIndex
-from index.outdir import LOCK, MARKER
 from index.registry import UnknownNameError
 
-from fixtures_gallery import CLASSES, SHOTS, Fixture, build_fixture, write_index_config
+from fixtures_gallery import CLASSES, SHOTS, Fixture, build_fixture, curated_outputs, write_index_config
 
 CROP = 64          # crop size in the index config (the contract's default is 224)
 CROPS_PER_IMAGE = 2
@@ -538,19 +537,7 @@ class _Killed(BaseException):
     """Raised right after a stage is committed, as a crash there would stop the run."""
 
 
-def _outputs(out: Path) -> dict[str, bytes]:
-    """Every output a rerun must reproduce, byte for byte; the manifest without timings or config.out."""
-    files = {p.name: p.read_bytes() for p in sorted(out.iterdir())
-             if p.is_file() and p.name not in (contract.MANIFEST_FILE, MARKER, LOCK)}   # not the run's bookkeeping
-    # the report's timings section, like the manifest's timings, says how this run spent its time
-    files[contract.REPORT_FILE] = re.sub(rb'<section id="timings">.*?</section>', b"",
-                                         files[contract.REPORT_FILE], flags=re.S)
-    files[contract.REPORT_THUMBS_FILE] = (out / contract.REPORT_THUMBS_FILE).read_bytes()   # the write stage's
-    m = json.loads((out / contract.MANIFEST_FILE).read_text())
-    m.pop("timings")
-    m["config"].pop("out")
-    files[contract.MANIFEST_FILE] = json.dumps(m, sort_keys=True).encode()
-    return files
+_outputs = curated_outputs
 
 
 def _statuses(out: Path) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -35,7 +34,7 @@ from index.download import main as download_main
 from index.gallery_index import GalleryIndex
 from index.outdir import LOCK, MARKER
 
-from fixtures_gallery import SHOTS, Fixture, build_fixture, write_index_config
+from fixtures_gallery import SHOTS, Fixture, build_fixture, curated_outputs, write_index_config
 
 REPO = Path(__file__).resolve().parents[1]
 FIXED = ("--dedup-threshold", "0.99", "--leak-threshold", "0.95", "--verify", "none")
@@ -89,21 +88,6 @@ def reference(world: World) -> Path:
     finally:
         os.umask(old)
     return out
-
-
-def outputs(out: Path) -> dict[str, bytes]:
-    """What a rerun must reproduce: every file but the run's bookkeeping; the manifest without timings."""
-    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-             if p.is_file() and p.name not in (MARKER, LOCK, contract.MANIFEST_FILE)}
-    # the report's timings section says how this run spent its time (and the report record digests it)
-    files[contract.REPORT_FILE] = re.sub(rb'<section id="timings">.*?</section>', b"",
-                                         files[contract.REPORT_FILE], flags=re.S)
-    files.pop(".curate/report.json", None)
-    m = json.loads((out / contract.MANIFEST_FILE).read_text())
-    m.pop("timings")
-    m["config"].pop("out")
-    files[contract.MANIFEST_FILE] = json.dumps(m, sort_keys=True).encode()
-    return files
 
 
 def listing(d: Path) -> dict[str, bytes]:
@@ -160,7 +144,7 @@ def test_a_second_run_into_a_dir_in_use_fails_at_once(world: World, reference: P
     finally:
         holder.communicate("")
     assert curate_cli.main(curate_args(world, out)) == 0
-    assert outputs(out) == outputs(reference)
+    assert curated_outputs(out) == curated_outputs(reference)
 
 
 def test_a_killed_rerun_with_other_settings_leaves_no_stale_manifest(world: World, reference: Path):
@@ -171,7 +155,7 @@ def test_a_killed_rerun_with_other_settings_leaves_no_stale_manifest(world: Worl
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (out / contract.MANIFEST_FILE).exists(), "the old manifest must not describe the new tars"
     assert curate_cli.main(curate_args(world, out)) == 0
-    assert outputs(out) == outputs(reference)
+    assert curated_outputs(out) == curated_outputs(reference)
     drawn = {q["id"] for q in json.loads((out / contract.QUERIES_DRAW_FILE).read_text())["queries"]}
     for tar in out.glob("transfer-*.tar"):
         with tarfile.open(tar) as tf:
@@ -196,7 +180,7 @@ def test_curate_killed_then_rerun_equals_an_uninterrupted_run(world: World, refe
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (out / contract.MANIFEST_FILE).exists()
     assert curate_cli.main(curate_args(world, out)) == 0
-    assert outputs(out) == outputs(reference)
+    assert curated_outputs(out) == curated_outputs(reference)
     assert not [p for p in out.rglob("*.tmp")], "stale temporary files are cleaned"
 
 
@@ -264,7 +248,7 @@ def test_a_full_disk_fails_cleanly_and_a_rerun_completes(world: World, reference
         with tarfile.open(tar) as tf:
             assert tf.getmembers()
     assert curate_cli.main(curate_args(world, out)) == 0
-    assert outputs(out) == outputs(reference)
+    assert curated_outputs(out) == curated_outputs(reference)
 
 
 # ---------------------------------------------------------------- clear errors before any work
