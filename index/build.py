@@ -215,6 +215,7 @@ def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) ->
 
     executor = executor or LocalExecutor()
     t0 = time.perf_counter()
+    cfg.check_gallery()
     specs: list[EncoderSpec] = resolve_encoders(list(cfg.encoders), dict(cfg.weights), cfg.image_size)
     gallery = cfg.gallery if isinstance(cfg.gallery, str) else list(cfg.gallery)
     shards = list_shards(gallery)

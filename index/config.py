@@ -88,9 +88,6 @@ class IndexConfig:
             object.__setattr__(self, "encoders", tuple(enc))
         if not self.encoders or not all(isinstance(e, str) and e for e in self.encoders):
             raise ConfigError(f"encoders must be a non-empty list of encoder names; got {list(self.encoders)!r}")
-        gallery = [self.gallery] if isinstance(self.gallery, str) else self.gallery
-        if not isinstance(gallery, (list, tuple)) or not gallery or not all(isinstance(g, str) and g for g in gallery):
-            raise ConfigError(f"gallery must be a tar glob, a list of tars or an image folder; got {self.gallery!r}")
         _integer("image_size", self.image_size, 1, optional=True)
         _integer("seed", self.seed, 0)
         _integer("batch_size", self.batch_size, 1)
@@ -113,6 +110,12 @@ class IndexConfig:
             object.__setattr__(self, "crops", from_mapping(CropConfig, self.crops, "crops"))
         if isinstance(self.faiss, dict):
             object.__setattr__(self, "faiss", from_mapping(FaissConfig, self.faiss, "faiss"))
+
+    def check_gallery(self) -> None:
+        """Refuse a missing or empty gallery (a config without one serves as defaults elsewhere)."""
+        gallery = [self.gallery] if isinstance(self.gallery, str) else self.gallery
+        if not isinstance(gallery, (list, tuple)) or not gallery or not all(isinstance(g, str) and g for g in gallery):
+            raise ConfigError(f"gallery must be a tar glob, a list of tars or an image folder; got {self.gallery!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
