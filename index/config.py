@@ -90,7 +90,8 @@ class IndexConfig:
             raise ConfigError(f"encoders must be a non-empty list of encoder names; got {list(self.encoders)!r}")
         _integer("image_size", self.image_size, 1, optional=True)
         _integer("seed", self.seed, 0)
-        _integer("batch_size", self.batch_size, 1)
+        if self.batch_size is not None:   # None: chosen by device
+            _integer("batch_size", self.batch_size, 1)
         _integer("num_workers", self.num_workers, 1, optional=True)
         if self.device is not None:
             try:
