@@ -90,8 +90,7 @@ class IndexConfig:
             raise ConfigError(f"encoders must be a non-empty list of encoder names; got {list(self.encoders)!r}")
         _integer("image_size", self.image_size, 1, optional=True)
         _integer("seed", self.seed, 0)
-        if self.batch_size is not None:   # None: chosen by device
-            _integer("batch_size", self.batch_size, 1)
+        _integer("batch_size", self.batch_size, 1, optional=True)   # None: chosen by device
         _integer("num_workers", self.num_workers, 1, optional=True)
         if self.device is not None:
             try:
