@@ -33,7 +33,7 @@ of one class reach it. So the thresholds are measured, not assumed:
 
 `calibrate` is a pure function of (encoders, reference images, their features, options);
 `cached_calibration` stores its result as JSON keyed by a fingerprint of the encoder identities,
-the sampled reference ids and the options, so a rerun reuses it. The curves (recall per kind and
+the sampled reference ids and their content hashes and the options, so a rerun reuses it. The curves (recall per kind and
 false-positive rate over a grid of thresholds) go into the curated set's manifest and report.
 """
 from __future__ import annotations
@@ -44,9 +44,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from curation import pixelkey
 from curation.copies import COPY_KINDS, copy_rng, make_copy
+from curation.querysets import content_hash
 from curation.verify import Thumb, VerifyRule
 from curation.verify_batch import match_pairs
 from index.atomic import fingerprint, read_json, write_json
@@ -144,8 +146,8 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
     ``ref_keys``: the references' pixel keys (`curation.pixelkey`), to measure retrieval by them
     too. ``scores``: a dict that memoises verification scores across calls on the same images (they
     do not depend on the encoders), keyed by (seed, row, kind) and (row, other row); the pairs not
-    in it are verified in batches (`curation.verify_batch.match_pairs`), with tqdm bars where
-    ``progress``."""
+    in it are verified in batches (`curation.verify_batch.match_pairs`). ``progress``: one tqdm
+    bar over the steps (each copy kind, then the look-alikes by embedding and by pixel key)."""
     scores = {} if scores is None else scores
     from index.embed import embed_images
 
@@ -160,7 +162,9 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
     pos_pix, pos_pix_rank = np.full((nk, n), -np.inf), np.zeros((nk, n), np.int64)
     thumbs = [Thumb.of(im) for im in images]
     e = len(refs)
+    bar = tqdm(total=nk + 1 + int(pixel), desc="calibrate", unit="step", disable=not progress, dynamic_ncols=True)
     for ki, kind in enumerate(kinds):
+        bar.set_postfix_str(f"{kind} copies", refresh=False)
         copies = [make_copy(im, kind, copy_rng(seed, int(r), kind)) for im, r in zip(images, rows)]
         feats = embed_images(models, copies, batch_size)
         sims = [f @ r.T for f, r in zip(feats, refs)]            # [n, num_refs] per encoder
@@ -174,14 +178,15 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
         if verify != "none":
             keys = [(seed, int(r), kind) for r in rows]
             todo = [i for i, key in enumerate(keys) if key not in scores]
-            for i, m in zip(todo, match_pairs([(Thumb.of(copies[i]), thumbs[i]) for i in todo],
-                                              progress=progress and f"verify {kind} copies")):
+            for i, m in zip(todo, match_pairs([(Thumb.of(copies[i]), thumbs[i]) for i in todo])):
                 scores[keys[i]] = m
             pos_ver[ki], pos_res[ki] = np.array([scores[key] for key in keys], np.float64).reshape(n, 2).T
+        bar.update(1)
     by_row = {int(r): thumbs[i] for i, r in enumerate(rows)}
 
     def distinct(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows [n, k], validity, verification scores [2, n, k]) of the nearest distinct references."""
+        bar.set_postfix_str("nearest distinct images", refresh=False)
         sim[own] = -np.inf
         if labels is not None:
             lab = np.asarray(labels)
@@ -200,10 +205,11 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
                     if other not in by_row:
                         by_row[other] = Thumb.of(_load(images, other))
                     todo[key] = (thumbs[i], by_row[other])
-            for key, m in zip(todo, match_pairs(list(todo.values()), progress=progress and "verify look-alikes")):
+            for key, m in zip(todo, match_pairs(list(todo.values()))):
                 scores[key] = m
             for i, j in cells:
                 ver[:, i, j] = scores[int(rows[i]), int(nearest[i, j])]
+        bar.update(1)
         return nearest, valid, ver
 
     sims = [r[rows] @ r.T for r in refs]
@@ -218,6 +224,7 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
         px = dict(pos_pix=pos_pix, pos_pix_rank=pos_pix_rank,
                   negp_pix=np.where(valid_p, np.take_along_axis(ps, near_p, axis=1), -np.inf),
                   negp_verify=ver_p, negp_residual=res_p, neg_ids=nearest, negp_ids=near_p)
+    bar.close()
     return Measurements(tuple(kinds), pos_max, pos_mean, pos_rank, pos_ver, pos_res, neg_max, neg_mean, neg_ver,
                         neg_res, **px)
 
@@ -449,7 +456,7 @@ def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndar
                        size: int = 300, recall: float = 0.99, verify: str = "align", max_neighbours: int = MAX_NEIGHBOURS,
                        min_neighbours: int = MIN_NEIGHBOURS, seed: int = 0, batch_size: int = 64,
                        ref_keys: np.ndarray | None = None, progress: bool = False) -> tuple[Calibration, bool]:
-    """(calibration, reused): computed once per (encoders, sampled reference ids, options).
+    """(calibration, reused): computed once per (encoders, sampled reference ids and contents, options).
 
     ``references``: items with ``.id`` and ``.load()`` (`querysets.LabeledImage`), rows aligned
     with ``ref_feats`` and (when given: retrieval by pixel key too) ``ref_keys``.
@@ -457,6 +464,7 @@ def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndar
     rows = sample_rows(len(references), size, seed)
     key = {"kind": "calibration", "version": CALIBRATION_VERSION,
            "encoders": [m.spec.identity() for m in models], "sample": [references[int(r)].id for r in rows],
+           "contents": [content_hash(references[int(r)]) for r in rows],   # by content, not name
            "recall": recall, "verify": verify, "max_neighbours": max_neighbours,
            "min_neighbours": min_neighbours, "seed": seed,
            "copy_kinds": list(COPY_KINDS), "pixel_key": None if ref_keys is None else pixelkey.KEY_VERSION}

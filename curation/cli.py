@@ -7,13 +7,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from curation.changed import CHANGED_POLICIES
 from curation.pipeline import CurateConfig, curate
 from curation.querysets import list_query_sets
 from curation.selection import SELECTORS
 from curation.verify import VERIFIERS
+from index.errors import run_main
+from index.threads import HELP as THREADS_HELP, threads_for
 
 
 def parse(argv: list[str] | None = None) -> CurateConfig:
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str] | None = None) -> tuple[CurateConfig, int | None]:
     p = argparse.ArgumentParser(prog="curate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queries", required=True, help=f"query set: {', '.join(list_query_sets())}")
@@ -50,6 +57,10 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where original embedding, verification and crop materialisation run")
     p.add_argument("--num-workers", type=int, default=None, help="Ray actors (default: one per CPU)")
+    p.add_argument("--changed-images", choices=list(CHANGED_POLICIES), default="refuse",
+                   help="a gallery image whose bytes changed since indexing: refuse (stop before writing, "
+                        "naming them) or skip (leave it out, counted in the manifest and summary)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     a = p.parse_args(argv)
     return CurateConfig(queries=a.queries, index=a.index, size=a.size, out=a.out, strategy=a.strategy,
                         seed=a.seed, data_root=a.data_root, dedup_threshold=a.dedup_threshold,
@@ -58,7 +69,7 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
                         copy_recall=a.copy_recall, calibration_images=a.calibration_images, leak_review=a.leak_review, shard_size=a.shard_size,
                         nprobe=a.nprobe, max_k=a.max_k, batch_size=a.batch_size, device=a.device,
                         cache_dir=a.cache_dir, executor=a.executor,
-                        num_workers=a.num_workers)
+                        num_workers=a.num_workers, changed_images=a.changed_images), a.threads
 
 
 def build_executor(cfg: CurateConfig):
@@ -68,14 +79,15 @@ def build_executor(cfg: CurateConfig):
     return make_executor(cfg.executor, **({"num_workers": cfg.num_workers} if cfg.executor == "ray" else {}))
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse(argv)
+def _main(argv: list[str] | None = None) -> int:
+    cfg, threads = _parse(argv)
+    with threads_for(threads):
         curate(cfg, executor=build_executor(cfg))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"curate: error: {e}", file=sys.stderr)
-        return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("curate", _main, argv)
 
 
 if __name__ == "__main__":

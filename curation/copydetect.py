@@ -120,7 +120,8 @@ class CopyDetector:
             slot: dict[tuple[bool, str], int] = {}
             idx = [(slot.setdefault((True, a), len(slot)), slot.setdefault((g, b), len(slot))) for a, b, g in part]
             tasks.append((idx, [self.thumbs[k] for k in slot]))
-        results = self.executor.map(functools.partial(_verify_worker, self.device), tasks, desc="verify")
+        results = self.executor.map(functools.partial(_verify_worker, self.device), tasks, desc="verify pairs",
+                                    units=[len(idx) for idx, _ in tasks], unit="pair")
         for part, res in zip(chunks(scorable, self.pairs_per_task), results):
             for p, m in zip(part, res):
                 self.memo[p] = Match(float(m[0]), float(m[1]))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from index.contract import IMAGE_EXTS
-from index.errors import UserError
+from index.errors import ConfigError, InputError, UserError
 
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
@@ -60,12 +60,12 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
         data = f.read()
     header = np.frombuffer(data, dtype=">i4", count=1 + ndim)
     if int(header[0]) != magic:
-        raise ValueError(f"{path} is not an idx file with magic {magic} (found {int(header[0])})")
+        raise InputError(f"{path} is not an idx file with magic {magic} (found {int(header[0])})")
     shape = tuple(int(d) for d in header[1:])
     offset = 4 * (1 + ndim)
     arr = np.frombuffer(data, dtype=np.uint8, offset=offset)
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: {arr.size} bytes of data for shape {shape}")
+        raise InputError(f"{path} is truncated: {arr.size} bytes of data for shape {shape}")
     return arr.reshape(shape)
 
 
@@ -75,7 +75,7 @@ def _load_fashion_mnist_cached(split: str, root: str) -> tuple[np.ndarray, np.nd
     images = _read_idx(Path(root) / images_file, 2051, 3)
     labels = _read_idx(Path(root) / labels_file, 2049, 1).astype(np.int64)
     if len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
+        raise InputError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
@@ -87,14 +87,14 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None) -> tup
     Arrays are read-only and cached per process; label i names `FASHION_MNIST_CLASSES[i]`.
     """
     if split not in FASHION_MNIST_SPLITS:
-        raise ValueError(f"unknown Fashion-MNIST split {split!r}; valid choices: {', '.join(FASHION_MNIST_SPLITS)}")
+        raise ConfigError(f"unknown Fashion-MNIST split {split!r}; valid choices: {', '.join(FASHION_MNIST_SPLITS)}")
     return _load_fashion_mnist_cached(split, str(fashion_mnist_root(root)))
 
 
 def load_fashion_mnist_labels(split: str, root: str | os.PathLike | None = None) -> np.ndarray:
     """Labels only (the 30 kB label file), without decoding the image file."""
     if split not in FASHION_MNIST_SPLITS:
-        raise ValueError(f"unknown Fashion-MNIST split {split!r}; valid choices: {', '.join(FASHION_MNIST_SPLITS)}")
+        raise ConfigError(f"unknown Fashion-MNIST split {split!r}; valid choices: {', '.join(FASHION_MNIST_SPLITS)}")
     path = fashion_mnist_root(root) / _FASHION_FILES[split][1]
     return _read_idx(path, 2049, 1).astype(np.int64)
 

@@ -31,6 +31,7 @@ from curation.dedup import check_normalised, similar_pairs
 from curation.pixelkey import Keys
 from curation.verify import Match, VerifyRule
 from index.knn import combine_features
+from index.errors import InputError
 
 Features = np.ndarray | Sequence[np.ndarray]
 
@@ -229,11 +230,11 @@ def read_review(review_file: str | os.PathLike) -> list[str]:
         data = json.load(f)
     if isinstance(data, dict):
         if "not_leaks" not in data:
-            raise ValueError(f"{review_file}: expected a list of image ids or an object with a "
+            raise InputError(f"{review_file}: expected a list of image ids or an object with a "
                              f"'not_leaks' list; got keys {sorted(data)}")
         data = data["not_leaks"]
     if not isinstance(data, list) or not all(isinstance(x, (str, int)) for x in data):
-        raise ValueError(f"{review_file}: 'not_leaks' must be a list of image ids")
+        raise InputError(f"{review_file}: 'not_leaks' must be a list of image ids")
     return [str(x) for x in data]
 
 

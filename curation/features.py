@@ -2,7 +2,8 @@
 
 All are whole images through each encoder's own preprocessing (resize + centre crop), L2-normalised,
 one float32 matrix per encoder. Reference features (every image of the target dataset) are cached on
-disk by a fingerprint of (query set, image ids, encoder identities), so repeated curations reuse them.
+disk by a fingerprint of (query set, image ids, their content hashes, encoder identities), so repeated
+curations reuse them and an image changed under the same name is embedded again.
 Pixel keys (`curation.pixelkey`) are computed alongside, from the same decoded images.
 """
 from __future__ import annotations
@@ -50,17 +51,15 @@ def embed_originals(gindex, models, image_ids: Sequence[str], into: dict[str, li
     ids = sorted(set(map(str, image_ids)))
     chunk = max(1, 4 * batch_size)
     unreadable: dict[str, str] = {}
-    with tqdm(total=len(ids), desc="embed originals", unit="image") as bar:
-        for a in range(0, len(ids), chunk):
-            got = read_by_id(gindex, ids[a:a + chunk], SkipCounts())
-            ok = sorted(got.images)
-            feats = embed_images(models, [got.images[i] for i in ok], batch_size)
-            for row, iid in enumerate(ok):
-                into[iid] = [f[row] for f in feats]
-                if keys_into is not None:
-                    keys_into[iid] = pixelkey.key(got.images[iid])
-            unreadable.update(got.unreadable)
-            bar.update(len(ids[a:a + chunk]))
+    for a in range(0, len(ids), chunk):   # the executor's bar counts these images (one task's share)
+        got = read_by_id(gindex, ids[a:a + chunk], SkipCounts())
+        ok = sorted(got.images)
+        feats = embed_images(models, [got.images[i] for i in ok], batch_size)
+        for row, iid in enumerate(ok):
+            into[iid] = [f[row] for f in feats]
+            if keys_into is not None:
+                keys_into[iid] = pixelkey.key(got.images[iid])
+        unreadable.update(got.unreadable)
     return unreadable
 
 

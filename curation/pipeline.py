@@ -20,14 +20,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from curation.changed import check_policy
 from curation.selection import SELECTORS
+from curation.timing import most_time
 from curation.verify import VERIFIERS
 from index import contract
 from index.atomic import CODE_VERSION, write_json
+from index.errors import ConfigError, MissingInputError
+from index.outdir import Owner, owned_dir, owning_also, pattern_dirs, pattern_regex
+
+OWNER = Owner("curate", (pattern_regex(contract.TRANSFER_PATTERN), pattern_regex(contract.QUERIES_PATTERN),
+                         re.escape(contract.QUERIES_DRAW_FILE), re.escape(contract.MANIFEST_FILE),
+                         re.escape(contract.REPORT_FILE), re.escape(contract.STAGES_DIR)),
+              done_record=contract.MANIFEST_FILE)
 
 
 def parse_threshold(value: float | str, name: str = "threshold", low: float = -1.0, high: float = 1.0,
@@ -39,9 +50,9 @@ def parse_threshold(value: float | str, name: str = "threshold", low: float = -1
         try:
             value = float(value)
         except ValueError:
-            raise ValueError(f"{name} must be 'auto' or {what}; got {value!r}") from None
+            raise ConfigError(f"{name} must be 'auto' or {what}; got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"{name} must be 'auto' or {what}; got {value!r}")
+        raise ConfigError(f"{name} must be 'auto' or {what}; got {value!r}")
     return float(value)
 
 
@@ -74,9 +85,11 @@ class CurateConfig:
     cache_dir: str | None = None       # reference-feature cache (default ~/.cache/vfm-curate/features)
     executor: str = "local"
     num_workers: int | None = None
+    changed_images: str = "refuse"     # a gallery image changed since indexing: refuse | skip (curation.changed)
 
     def __post_init__(self):
         SELECTORS.get(self.strategy)  # raises with the valid names
+        check_policy(self.changed_images)
         if self.size < 1:
             raise ValueError(f"size must be >= 1; got {self.size}")
         for name in ("dedup_threshold", "leak_threshold", "verify_threshold", "key_threshold"):
@@ -85,11 +98,22 @@ class CurateConfig:
             self.verify_max_residual, "verify_max_residual", 0.0, math.inf,
             "a number of grey levels >= 0 (inf: no limit)"))
         if self.verify not in VERIFIERS:
-            raise ValueError(f"verify must be one of {', '.join(VERIFIERS)}; got {self.verify!r}")
+            raise ConfigError(f"verify must be one of {', '.join(VERIFIERS)}; got {self.verify!r}")
         if not 0.0 < self.copy_recall < 1.0:
-            raise ValueError(f"copy_recall must be in (0, 1); got {self.copy_recall}")
+            raise ConfigError(f"copy_recall must be in (0, 1); got {self.copy_recall}")
         if self.calibration_images < 2:
-            raise ValueError(f"calibration_images must be >= 2; got {self.calibration_images}")
+            raise ConfigError(f"calibration_images must be >= 2; got {self.calibration_images}")
+        for name in ("size", "shard_size", "batch_size", "leak_neighbours", "nprobe", "max_k", "k0", "num_workers",
+                     "seed", "calibration_images", "jpeg_quality"):
+            v = getattr(self, name)
+            low = 0 if name == "seed" else 1
+            if not (v is None and name in ("nprobe", "max_k", "k0", "num_workers")) and (
+                    isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ConfigError(f"{name} must be an integer >= {low}; got {v!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"jpeg_quality must be in [1, 100]; got {self.jpeg_quality}")
+        if self.executor not in ("local", "ray"):
+            raise ConfigError(f"executor must be one of local, ray; got {self.executor!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,9 +125,33 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     ``executor`` (`index.executor.Executor`) fans out original embedding, verification and crop
     materialisation; None runs them in this process (``cfg.executor`` must then be "local").
     """
-    from curation.run.stages import counts, pairs_per_second, run_stages
-
     t0 = time.perf_counter()
+    inputs = check_inputs(cfg)
+    # a feature cache kept inside the output is the run's own
+    with owned_dir(cfg.out, owning_also(OWNER, cfg.out, [cfg.cache_dir]), inputs):
+        return _curate(cfg, executor, t0)
+
+
+def check_inputs(cfg: CurateConfig) -> dict[str, list[str]]:
+    """Refuse missing or malformed inputs before any work; returns what the run reads (the output
+    may be neither equal to nor inside any of it)."""
+    from curation.decontam import read_review
+    from curation.querysets import query_set_dirs
+    from index.gallery_index import read_index_manifest
+
+    manifest = read_index_manifest(cfg.index)
+    if cfg.leak_review:
+        if not os.path.isfile(cfg.leak_review):
+            raise MissingInputError(f"--leak-review file {cfg.leak_review} does not exist")
+        read_review(cfg.leak_review)   # malformed: refused now, not after calibration
+    gallery = manifest.get("config", {}).get("gallery") or [s["source"]["path"] for s in manifest["shards"]]
+    return {"--index": [cfg.index], "the gallery": pattern_dirs(gallery),
+            "the query set's images": query_set_dirs(cfg.queries, cfg.data_root)}
+
+
+def _curate(cfg: CurateConfig, executor, t0: float) -> dict[str, Any]:
+    from curation.run.stages import counts, pairs_per_second, run_stages, time_parts
+
     st = run_stages(cfg, executor)
     t = time.perf_counter()
     timings = {k: round(v, 3) for k, v in st.timings.items()}
@@ -114,6 +162,7 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     timings["gallery_reads"] = st.gindex.read_stats.to_dict()
     timings["stages"] = {k: {"seconds": round(v["seconds"], 3), "status": v["status"]}
                          for k, v in st.stage_status.items()}
+    timings["parts"] = {k: round(v, 3) for k, v in time_parts(st).items()}
     gindex, qs, specs = st.gindex, st.qs, st.specs
     manifest = {
         "config": cfg.to_dict(),
@@ -146,13 +195,15 @@ def summary_line(manifest: dict[str, Any], seconds: float) -> str:
     th = manifest["thresholds"]
     return (f"curate: {c['written']}/{c['requested']} written ({manifest['strategy']}, k={c['depth_k']}), "
             f"retrieved {c['retrieved']}, removed {c['removed_duplicate']} duplicate / {c['removed_leak']} leak / "
-            f"{c['removed_unreadable']} unreadable, backfilled {c['backfilled']}, "
+            f"{c['removed_unreadable']} unreadable"
+            + (f" / {c['removed_changed']} changed since indexing" if c.get("removed_changed") else "")
+            + f", backfilled {c['backfilled']}, "
             f"thresholds ({th.get('source', 'given')}) dedup {_fmt(th['dedup'])} leak {_fmt(th['leak'])} "
             f"verify {th.get('verifier', 'none')} {_fmt(th.get('verify'))}"
             + (f" residual<={_fmt(th['max_residual'])}" if th.get("max_residual") is not None else "")
             + (f" key {_fmt(th['key'])}" if th.get("key") is not None else "")
             + _verified(manifest) + _reads(manifest)
-            + f", {seconds:.1f} s"
+            + f", {seconds:.1f} s" + most_time(manifest.get("timings", {}).get("parts") or {})
             + _stages(manifest)
             + (f" -- {manifest['message']}" if manifest.get("message") else ""))
 

@@ -23,7 +23,10 @@ Registered names (`QUERY_SETS`, plus the parametrised ``folder:<path>:<k>shot``)
     Any class-per-folder image tree, split as EuroSAT; references: every image.
 
 Draws are nested: for one seed the 5-shot queries of a class are the first 5 of its 10-shot queries.
-Images load lazily through each item's `loader` (a picklable callable returning a PIL RGB image).
+Images load lazily through each item's `loader` (a picklable callable returning a PIL RGB image); its
+`content` (another, returning the stored bytes: the file, or the dataset's pixel array) gives the
+content hash (`content_hashes`) that keys every cache of reference features, so an image changed under
+the same name is never served from a cache.
 """
 from __future__ import annotations
 
@@ -38,11 +41,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from index.bitdepth import to_rgb8
+from index.content import image_hash
 from index.registry import Registry, UnknownNameError
 from curation.datasets import (
     EUROSAT_CLASSES, FASHION_MNIST_CLASSES, eurosat_root, fashion_mnist_root, load_fashion_mnist,
     load_fashion_mnist_labels, scan_image_folder,
 )
+from index.errors import ConfigError, InputError
 
 TEST_FRACTION = 0.2
 _HOLDOUT_ENTROPY = 0x7E57  # fixed: the held-out test split must not move with the draw seed
@@ -55,9 +61,31 @@ class LabeledImage:
     id: str
     label: int  # index into QuerySet.classes; -1 where unknown
     loader: Callable[[], Image.Image] = field(compare=False, repr=False)
+    content: Callable[[], bytes] | None = field(default=None, compare=False, repr=False)
 
     def load(self) -> Image.Image:
         return self.loader()
+
+    def content_hash(self) -> str:
+        """blake2b-128 of the stored bytes (of the decoded pixels where no `content` is given)."""
+        return content_hash(self)
+
+
+def content_hash(item: Any) -> str:
+    """The content hash of a labelled image: any object with ``load()`` (and optionally ``content``)."""
+    get = getattr(item, "content", None)
+    if get is None:
+        im = item.load()
+        return image_hash(f"{im.mode}{im.size}".encode() + im.tobytes())
+    return image_hash(get())
+
+
+def content_hashes(items: Sequence[Any], num_workers: int = 4) -> list[str]:
+    """Content hashes of labelled images, in order (files read in `num_workers` threads)."""
+    if num_workers < 1 or len(items) < 64:
+        return [content_hash(it) for it in items]
+    with ThreadPoolExecutor(num_workers) as pool:
+        return list(pool.map(content_hash, items, chunksize=64))
 
 
 @dataclass(frozen=True)
@@ -125,7 +153,7 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, eligible: np.ndarray |
     and draws are nested in k. A class with fewer than k eligible items raises.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ConfigError(f"k must be >= 1, got {k}")
     labels = np.asarray(labels)
     eligible = np.ones(len(labels), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
     out: list[np.ndarray] = []
@@ -133,7 +161,7 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, eligible: np.ndarray |
         idx = np.flatnonzero((labels == c) & eligible)
         if len(idx) < k:
             name = class_names[int(c)] if class_names is not None else int(c)
-            raise ValueError(f"class {name!r} has {len(idx)} images available for the query draw, "
+            raise ConfigError(f"class {name!r} has {len(idx)} images available for the query draw, "
                              f"fewer than k={k}")
         perm = np.random.default_rng([int(seed), int(c)]).permutation(len(idx))
         out.append(np.sort(idx[perm[:k]]))
@@ -144,13 +172,26 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, eligible: np.ndarray |
 
 
 def load_image_file(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return to_rgb8(im)   # 16-bit images scaled, not clipped
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e}); fix or remove it") from None
+
+
+def read_file_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def load_fashion_mnist_image(split: str, root: str, index: int) -> Image.Image:
     images, _ = load_fashion_mnist(split, root)
     return Image.fromarray(images[index]).convert("RGB")
+
+
+def fashion_mnist_bytes(split: str, root: str, index: int) -> bytes:
+    images, _ = load_fashion_mnist(split, root)
+    return images[index].tobytes()
 
 
 # ---------------------------------------------------------------- builders
@@ -160,13 +201,14 @@ def _folder_query_set(name: str, root: Path, id_prefix: str, k: int, seed: int,
                       classes: Sequence[str] | None = None) -> QuerySet:
     scan = scan_image_folder(root)
     if classes is not None and tuple(classes) != scan.classes:
-        raise ValueError(f"{root}: class folders {list(scan.classes)} differ from the expected {list(classes)}")
+        raise InputError(f"{root}: class folders {list(scan.classes)} differ from the expected {list(classes)}")
     labels = np.array([label for _, label in scan.files], dtype=np.int64)
     present = set(labels.tolist())
     empty = [c for i, c in enumerate(scan.classes) if i not in present]
     if empty:
-        raise ValueError(f"{root}: class folders without images: {empty}")
-    items = [LabeledImage(f"{id_prefix}/{rel}", label, functools.partial(load_image_file, str(root / rel)))
+        raise InputError(f"{root}: class folders without images: {empty}")
+    items = [LabeledImage(f"{id_prefix}/{rel}", label, functools.partial(load_image_file, str(root / rel)),
+                          functools.partial(read_file_bytes, str(root / rel)))
              for rel, label in scan.files]
     test = holdout_mask(labels)
     queries = draw_per_class(labels, k, seed, eligible=~test, class_names=scan.classes)
@@ -189,7 +231,8 @@ def build_fashion_mnist(k: int, data_root: str | None = None, seed: int = 0) -> 
 
     def item(split: str, i: int, label: int) -> LabeledImage:
         return LabeledImage(f"fashion_mnist/{split}/{i:05d}", int(label),
-                            functools.partial(load_fashion_mnist_image, split, root, i))
+                            functools.partial(load_fashion_mnist_image, split, root, i),
+                            functools.partial(fashion_mnist_bytes, split, root, i))
 
     drawn = draw_per_class(train_labels, k, seed, class_names=FASHION_MNIST_CLASSES)
     queries = [item("train", int(i), train_labels[i]) for i in drawn]
@@ -217,6 +260,12 @@ def list_query_sets() -> list[str]:
     return QUERY_SETS.names() + [FOLDER_FORM]
 
 
+def query_set_dirs(name: str, data_root: str | os.PathLike | None = None) -> list[str]:
+    """The directories a query set's images are read from, where the name or `data_root` says them."""
+    m = _FOLDER_RE.match(name)
+    return [m["path"]] if m else ([str(data_root)] if data_root is not None else [])
+
+
 def get_query_set(name: str, data_root: str | os.PathLike | None = None, seed: int = 0) -> QuerySet:
     """Resolve a query set name; `data_root` overrides the dataset's default location."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
@@ -224,10 +273,10 @@ def get_query_set(name: str, data_root: str | os.PathLike | None = None, seed: i
     if name.startswith("folder:"):
         m = _FOLDER_RE.match(name)
         if not m or int(m["k"]) < 1:
-            raise ValueError(f"bad folder query set {name!r}; the form is {FOLDER_FORM}, "
+            raise ConfigError(f"bad folder query set {name!r}; the form is {FOLDER_FORM}, "
                              f"e.g. folder:/data/mytask:10shot")
         if data_root is not None:
-            raise ValueError(f"{name!r} names its own folder; do not also give a data root ({data_root})")
+            raise ConfigError(f"{name!r} names its own folder; do not also give a data root ({data_root})")
         return build_folder(m["path"], int(m["k"]), int(seed))
     try:
         builder = QUERY_SETS.get(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from PIL import Image
 from index import contract
 from index.atomic import atomic_path
 from index.crops import CropRecipe, materialize
+from index.outdir import pattern_regex
 from index.gallery import SkipCounts
 from index.ranged import read_by_id
 
@@ -85,21 +87,28 @@ class AtomicShardWriter:
         return self.files
 
 
-def remove_stale(out: Path, prefix: str, keep: list[str]) -> None:
-    """Remove every `<prefix>-*.tar` in `out` that is not in `keep` (the shards just written)."""
-    for p in out.glob(f"{prefix}-*.tar"):
-        if p.name not in keep:
+def remove_stale(out: Path, pattern: str, keep: list[str]) -> None:
+    """Remove every shard named by `pattern` (``transfer-%06d.tar``) in `out` that is not in `keep`
+    (the shards just written). Only names the writer gives are touched (``transfer-000003.tar``,
+    never ``transfer-my-set.tar``)."""
+    regex = pattern_regex(pattern)
+    for p in out.iterdir():
+        if re.fullmatch(regex, p.name) and p.name not in keep:
             p.unlink()
 
 
 def materialized_crops(gindex, records: Iterable[contract.TransferRecord], counts: SkipCounts,
-                       with_originals: bool = False) -> Iterator[tuple]:
-    """(record, crop) in `write_order`; crop None where the original could not be read.
-    With ``with_originals``: (record, crop, original), the decoded original the crop was cut from."""
+                       with_originals: bool = False, unreadable: dict[str, str] | None = None) -> Iterator[tuple]:
+    """(record, crop) in `write_order`; crop None where the original could not be read (its id and
+    reason go into `unreadable`). With ``with_originals``: (record, crop, original), the decoded
+    original the crop was cut from."""
     ordered = write_order(gindex, records)
     for _, group in itertools.groupby(ordered, key=lambda r: contract.split_image_id(r.source_id)[0]):
         recs = list(group)   # one shard's originals in memory at a time
-        images = read_by_id(gindex, {r.source_id for r in recs}, counts).images
+        got = read_by_id(gindex, {r.source_id for r in recs}, counts)
+        images = got.images
+        if unreadable is not None:
+            unreadable.update(got.unreadable)
         for r in recs:
             im = images.get(r.source_id)
             crop = None if im is None else materialize(im, CropRecipe.from_dict(r.recipe))
@@ -128,7 +137,7 @@ def write_transfer_shards(out: Path, gindex, records: list[contract.TransferReco
         res.written += 1
     res.files = writer.close()
     res.skipped = counts.to_dict()
-    remove_stale(out, "transfer", res.files)
+    remove_stale(out, contract.TRANSFER_PATTERN, res.files)
     return res
 
 
@@ -139,7 +148,7 @@ def write_query_shards(out: Path, qs, shard_size: int = 1000) -> list[str]:
                       "json": json.dumps({"id": q.id, "label": q.label,
                                           "class_name": qs.classes[q.label]}, sort_keys=True).encode()})
     files = writer.close()
-    remove_stale(out, "queries", files)
+    remove_stale(out, contract.QUERIES_PATTERN, files)
     return files
 
 

@@ -61,7 +61,7 @@ def resolve_thresholds(cfg, models, qs, ref_feats: list[np.ndarray], ref_keys: K
         cal, reused = cached_calibration(models, qs.references, ref_feats, cache_dir, size=cfg.calibration_images,
                                          recall=cfg.copy_recall, verify=cfg.verify,
                                          min_neighbours=cfg.leak_neighbours, batch_size=cfg.batch_size,
-                                         ref_keys=None if ref_keys is None else ref_keys.keys)
+                                         ref_keys=None if ref_keys is None else ref_keys.keys, progress=True)
         print(f"curate: calibration {'reused' if reused else 'computed'}: leak {cal.leak_threshold:.4g} "
               f"dedup {cal.dedup_threshold:.4g} verify {_fmt(cal.verify_threshold)} "
               f"residual<={_fmt(cal.verify_max_residual)} key {_fmt(cal.pixel_threshold)}, "

@@ -136,6 +136,7 @@ def _resized(g: Image.Image, w: int, h: int, kernel=None) -> np.ndarray:
 class _Placement(NamedTuple):
     fit: float       # correlation of the raw pixels there: what the alignment search maximises
     match: Match     # what is reported there (after the BLUR low-pass)
+    pair: tuple[np.ndarray, np.ndarray] | None = None   # (reference window, template) compared there
 
 
 _NONE = _Placement(-math.inf, NO_MATCH)
@@ -183,7 +184,7 @@ def _best(ref: np.ndarray, t: np.ndarray, best: _Placement, margin: tuple[int, i
         fit = _agreement(p, q).score                        # exactly, in float64
         if fit > best.fit:
             s = BLUR * max(q.shape)
-            best = _Placement(fit, _agreement(gaussian_filter(p, s), gaussian_filter(q, s)))
+            best = _Placement(fit, _agreement(gaussian_filter(p, s), gaussian_filter(q, s)), (p, q))
     return best
 
 
@@ -270,6 +271,28 @@ def _whole_resized(a: Thumb, b: Thumb) -> _Placement:
     return best
 
 
+def _winner(a: Thumb, b: Thumb) -> tuple[_Placement, bool]:
+    """The best placement of the four searches, and whether `a` is its template (else its reference)."""
+    found = ((_one_way(a, b), False), (_one_way(b, a), True), (_whole_resized(a, b), False),
+             (_whole_resized(b, a), True))
+    return max(found, key=lambda f: f[0].fit)
+
+
+def aligned_pair(a: Thumb | Image.Image, b: Thumb | Image.Image) -> tuple[np.ndarray, np.ndarray] | None:
+    """The two grey-level arrays `copy_match` compares at its winning placement, in (a, b) order and
+    at one size (the part of one image matched, the other resized and mirrored as found), or None
+    where it finds none: the evidence behind a score, for a person to look at."""
+    a = a if isinstance(a, Thumb) else Thumb.of(a)
+    b = b if isinstance(b, Thumb) else Thumb.of(b)
+    if a.flat or b.flat:
+        return None
+    best, a_is_template = _winner(a, b)
+    if best.pair is None:
+        return None
+    ref, template = best.pair
+    return (template, ref) if a_is_template else (ref, template)
+
+
 def copy_match(a: Thumb | Image.Image, b: Thumb | Image.Image) -> Match:
     """The best alignment of the two images, either way round; symmetric.
 
@@ -281,8 +304,7 @@ def copy_match(a: Thumb | Image.Image, b: Thumb | Image.Image) -> Match:
     b = b if isinstance(b, Thumb) else Thumb.of(b)
     if a.flat or b.flat:
         return NO_MATCH
-    return max((_one_way(a, b), _one_way(b, a), _whole_resized(a, b), _whole_resized(b, a)),
-               key=lambda p: p.fit).match
+    return _winner(a, b)[0].match
 
 
 VERIFIERS = ("align", "none")

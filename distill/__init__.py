@@ -12,10 +12,11 @@ Modules (one concept each):
                   returning named losses
     similarity.py task similarity of a representation to probe labels: PARC, CKA, RSA; teacher weights
     rank.py       rank candidate teachers on the labelled probe set from cached features (`distill rank`)
-    plots.py      small PNG figures next to a run's metrics (AFT's learned weight per pretrained model)
+    plots.py      figures as files: AFT's learned weight per pretrained model (PNG), the ranking (SVG)
+    report.py     OUT/report.html: learning curves, per-class accuracy, confusion matrix, AFT weights
     data.py       transfer shards (webdataset stream), labelled query shards, test split
     trainer.py    AdamW + cosine with warmup, AMP, atomic checkpoints, exact resume
-    evaluate.py   accuracy and per-class accuracy on the test split
+    evaluate.py   accuracy, per-class accuracy and the confusion matrix on the test split
     adaptation.py teachers of a run: adapt on the labels (probe / finetune) or keep the source head,
                   save, reload; rank and select the teachers of kd_nearest / kd_weighted
     caching.py    the cache pass: every teacher output a method reads, built once (caches.json)

@@ -18,6 +18,8 @@ import typing
 from typing import Any
 
 from distill.config import DistillConfig
+from index.errors import run_main
+from index.threads import HELP as THREADS_HELP, threads_for
 
 REQUIRED = ("method", "transfer", "queries", "out")
 HELP = {
@@ -40,6 +42,7 @@ HELP = {
     "baseline": "also train labels_only with the same student and report its accuracy",
     "cache_dir": "teacher output cache directory (default OUT/cache); reused across runs",
     "stop_at_step": "end training after this many steps without saving, as a kill would (testing resume)",
+    "threads": THREADS_HELP,
 }
 
 
@@ -96,10 +99,11 @@ def build_rank_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return p
 
 
-def rank_main(argv: list[str]) -> int:
+def rank_main(argv: list[str] | None) -> int:
     import tempfile
     from pathlib import Path
 
@@ -109,20 +113,19 @@ def rank_main(argv: list[str]) -> int:
     from index.device import pick_device
 
     a = build_rank_parser().parse_args(argv)
-    try:
-        ls, data = _probe_set(a)
-        cache = a.cache_dir or (str(Path(a.out) / "cache") if a.out else tempfile.mkdtemp(prefix="distill-rank-"))
+    ls, data = _probe_set(a)
+    cache = a.cache_dir or (str(Path(a.out) / "cache") if a.out else tempfile.mkdtemp(prefix="distill-rank-"))
+    with threads_for(a.threads):
         result = rank_teachers(a.teachers, ls, data, cache, metric=a.similarity, image_size=a.teacher_image_size,
                                device=torch.device(pick_device(a.device)), probe_accuracy=a.probe_accuracy,
                                probe_steps=a.probe_steps, weight_temperature=a.weight_temperature,
                                batch_size=a.eval_batch_size)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
-        print(f"distill rank: error: {e}", file=sys.stderr)
-        return 2
     result["queries"] = a.queries
     print(format_ranking(result))
     if a.out:
-        print(f"wrote {write_ranking(a.out, result)}")
+        from distill.plots import ranking_plot
+
+        print(f"wrote {write_ranking(a.out, result)} and {ranking_plot(a.out, result)}")
     return 0
 
 
@@ -144,23 +147,24 @@ def _probe_set(a: argparse.Namespace):
     return ls, {"queries": fingerprint(qs.to_draw_dict()), "keys": fingerprint(ls.keys), "count": len(ls)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def distill_main(argv: list[str] | None) -> int:
     from distill.run import run_distill, summary_line
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "rank":
-        return rank_main(argv[1:])
-    try:
-        cfg = config_from_args(argv)
-    except (ValueError, KeyError) as e:
-        print(f"distill: error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(argv)
     launcher = None
     if cfg.workers > 1:   # the cluster lives in jobs/: the library is handed its launcher
         from jobs.train_ray import train_with_ray as launcher
-    metrics = run_distill(cfg, launcher=launcher)
+    with threads_for(cfg.threads):
+        metrics = run_distill(cfg, launcher=launcher)
     print(summary_line(metrics))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "rank":
+        return run_main("distill rank", rank_main, argv[1:])
+    return run_main("distill", distill_main, argv)
 
 
 if __name__ == "__main__":

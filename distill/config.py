@@ -13,11 +13,44 @@ from typing import Any
 
 from index.atomic import fingerprint
 from index.registry import choice
+from index.errors import ConfigError
 
 TEACHER_ADAPTATIONS = ("linear_probe", "finetune")
 TEACHER_HEADS = ("probe", "source")
 FEATURE_LOSSES = ("cosine", "contrastive", "cosine+contrastive")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+# (field, lowest value, whether None is allowed): integers, then positive numbers
+_INTEGERS = (("resolution", 8, True), ("teacher_image_size", 8, True), ("probe_steps", 1, False),
+             ("teacher_epochs", 0, False), ("transfer_epochs", 0, False), ("transfer_steps", 1, True),
+             ("finetune_epochs", 0, False), ("label_batch_size", 1, True), ("shuffle_buffer", 1, False),
+             ("decode_threads", 0, False), ("checkpoint_every", 1, False), ("seed", 0, False),
+             ("query_seed", 0, False), ("stop_at_step", 0, True), ("threads", 1, True))
+_POSITIVE = (("lr", False), ("finetune_lr", True), ("teacher_lr", False), ("aft_lr", False),
+             ("contrastive_temperature", False))
+_NON_NEGATIVE = ("weight_decay", "probe_weight_decay", "beta")
+
+
+def _check_numbers(cfg: "DistillConfig") -> None:
+    import math
+
+    for name, low, optional in _INTEGERS:
+        v = getattr(cfg, name)
+        if optional and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"{name} must be an integer >= {low}{' (or unset)' if optional else ''}; got {v!r}")
+    for name, optional in _POSITIVE:
+        v = getattr(cfg, name)
+        if optional and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"{name} must be a finite number > 0; got {v!r}")
+    for name in _NON_NEGATIVE:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"{name} must be a finite number >= 0; got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -81,6 +114,7 @@ class DistillConfig:
     eval_batch_size: int = 64
     progress: bool = True
     stop_at_step: int | None = None              # end training after this many steps without saving (a kill)
+    threads: int | None = None                   # CPU threads (None: the CPUs other processes leave free)
 
     def __post_init__(self) -> None:
         from distill.methods import METHODS
@@ -92,7 +126,7 @@ class DistillConfig:
         choice("teacher adaptation", self.teacher_adapt, TEACHER_ADAPTATIONS)
         choice("teacher head", self.teacher_head, TEACHER_HEADS)
         if not self.weight_temperature >= 0:
-            raise ValueError(f"weight_temperature must be >= 0 (0: equal weights, inf: the nearest teacher), "
+            raise ConfigError(f"weight_temperature must be >= 0 (0: equal weights, inf: the nearest teacher), "
                              f"got {self.weight_temperature}")
         choice("feature loss", self.feature_loss, FEATURE_LOSSES)
         choice("device", self.device, DEVICES)
@@ -101,22 +135,23 @@ class DistillConfig:
                     "teacher_batch_size": self.teacher_batch_size}
         for k, v in positive.items():
             if v <= 0:
-                raise ValueError(f"{k} must be > 0, got {v}")
+                raise ConfigError(f"{k} must be > 0, got {v}")
+        _check_numbers(self)
         if not 0.0 <= self.warmup_frac < 1.0:
-            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+            raise ConfigError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
         for k in ("feature_encoders", "teachers"):
             if isinstance(getattr(self, k), list):
                 object.__setattr__(self, k, tuple(getattr(self, k)))
         if len(set(self.teacher_sources)) != len(self.teacher_sources):
-            raise ValueError(f"teachers must be distinct, got {list(self.teacher_sources)}")
+            raise ConfigError(f"teachers must be distinct, got {list(self.teacher_sources)}")
         from distill.methods import MULTI_TEACHER
 
         if self.method not in MULTI_TEACHER:
             if self.teacher_head != "probe":
-                raise ValueError(f"teacher_head={self.teacher_head!r} applies to {', '.join(MULTI_TEACHER)}; "
+                raise ConfigError(f"teacher_head={self.teacher_head!r} applies to {', '.join(MULTI_TEACHER)}; "
                                  f"method {self.method!r} uses the teacher adapted on the labels")
             if self.method == "kd" and len(self.teachers) > 1:
-                raise ValueError(f"kd distils one teacher (--teacher); for several use {' or '.join(MULTI_TEACHER)}")
+                raise ConfigError(f"kd distils one teacher (--teacher); for several use {' or '.join(MULTI_TEACHER)}")
 
     # ------------------------------------------------------------------ derived values
 
@@ -152,7 +187,7 @@ class DistillConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(names))}")
+            raise ConfigError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(names))}")
         d = dict(d)
         for k in ("feature_encoders", "teachers"):
             if k in d:
@@ -167,7 +202,7 @@ class DistillConfig:
         outputs go are left out, so a resumed run with those changed still matches."""
         d = self.to_dict()
         for k in ("out", "cache_dir", "progress", "stop_at_step", "baseline", "decode_threads",
-                  "checkpoint_every", "eval_batch_size", "data_root"):
+                  "checkpoint_every", "eval_batch_size", "data_root", "threads"):
             d.pop(k)
         return fingerprint(d)
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 from index.atomic import fingerprint
 from index.contract import QUERIES_DRAW_FILE, QUERIES_PATTERN, TRANSFER_PATTERN
+from index.errors import InputError, MissingInputError
 
 Batch = dict[str, Any]
 Lookup = Callable[[list[str]], dict[str, torch.Tensor]]
@@ -296,11 +297,11 @@ def load_labelled(curated: str | Path) -> LabelledSet:
 
     draw_path = Path(curated) / QUERIES_DRAW_FILE
     if not draw_path.exists():
-        raise FileNotFoundError(f"{draw_path} is missing: is {curated} a curated directory (curate --out)?")
+        raise MissingInputError(f"{draw_path} is missing: is {curated} a curated directory (curate --out)?")
     draw = json.loads(draw_path.read_text())
     shards = shard_paths(curated, QUERIES_PATTERN)
     if not shards:
-        raise FileNotFoundError(f"no {QUERIES_PATTERN.split('%')[0]}*.tar in {curated}")
+        raise MissingInputError(f"no {QUERIES_PATTERN.split('%')[0]}*.tar in {curated}")
     keys, images, labels = [], [], []
     skipped: Counter = Counter()
     for sample in wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=wds.reraise_exception)):
@@ -308,19 +309,19 @@ def load_labelled(curated: str | Path) -> LabelledSet:
         if dec is None:
             continue
         if "cls" not in sample:
-            raise ValueError(f"query sample {sample['__key__']} in {sample.get('__url__')} has no .cls label")
+            raise InputError(f"query sample {sample['__key__']} in {sample.get('__url__')} has no .cls label")
         keys.append(dec[0])
         images.append(dec[1].convert("RGB"))
         labels.append(int(sample["cls"].decode().strip()))
     if skipped:
-        raise ValueError(f"unreadable labelled images in {curated}: {dict(skipped)}")
+        raise InputError(f"unreadable labelled images in {curated}: {dict(skipped)}")
     if len(keys) != len(draw["queries"]):
-        raise ValueError(f"{curated}: {len(keys)} query samples in the shards but {len(draw['queries'])} "
+        raise InputError(f"{curated}: {len(keys)} query samples in the shards but {len(draw['queries'])} "
                          f"in {QUERIES_DRAW_FILE}")
     n_cls = len(draw["classes"])
     bad = sorted({y for y in labels if not 0 <= y < n_cls})
     if bad:
-        raise ValueError(f"labels {bad} are outside the {n_cls} classes of {draw_path}")
+        raise InputError(f"labels {bad} are outside the {n_cls} classes of {draw_path}")
     return LabelledSet(keys, images, labels, list(draw["classes"]), draw.get("name", ""))
 
 
@@ -342,9 +343,23 @@ def labelled_batches(ls: LabelledSet, *, seed: int, epoch: int, batch_size: int,
 
 # ------------------------------------------------------------------ test split
 
-def test_batches(items: Sequence[Any], resolution: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def test_batches(items: Sequence[Any], resolution: int, batch_size: int) -> "EvalBatches":
     """Items with .label and .loader() -> PIL (curation.querysets); eval transform, in order."""
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        x = torch.stack([eval_transform(it.loader(), resolution) for it in chunk])
-        yield x, torch.tensor([int(it.label) for it in chunk], dtype=torch.long)
+    return EvalBatches(items, resolution, batch_size)
+
+
+class EvalBatches:
+    """(images, labels) batches of a test split; ``len()`` is the number of images, so a progress
+    bar over them has its total."""
+
+    def __init__(self, items: Sequence[Any], resolution: int, batch_size: int):
+        self.items, self.resolution, self.batch_size = items, resolution, batch_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.items), self.batch_size):
+            chunk = self.items[start:start + self.batch_size]
+            x = torch.stack([eval_transform(it.loader(), self.resolution) for it in chunk])
+            yield x, torch.tensor([int(it.label) for it in chunk], dtype=torch.long)

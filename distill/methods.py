@@ -2,7 +2,9 @@
 
 A task sees two kinds of batches: labelled batches ("label" present) and transfer batches (cached
 teacher outputs present, no label). Every task returns {"loss": total to minimise, "task_loss": CE
-or 0, <method>_loss: its regulariser, unscaled}. Phases: an optional transfer phase on the transfer
+or 0, <method>_loss: its regulariser, unscaled}, and for the learning curves "accuracy" on labelled
+batches and, for KD on transfer batches, "teacher_agreement" (the student's top class is the
+teacher's); those two are detached and not minimised. Phases: an optional transfer phase on the transfer
 set, then a finetune phase on the labelled set (Vemulapalli et al. 2024, Figure 2).
 
 - labels_only   CE on the labelled set (the baseline).
@@ -34,9 +36,15 @@ from torch import nn
 from distill.losses import (aft_kernel_distance, feature_contrastive_loss, feature_cosine_loss, kd_loss,
                             scale_grad)
 from index.registry import Registry
+from index.errors import InputError
 
 Batch = dict[str, Any]
 Losses = dict[str, torch.Tensor]
+
+
+def top1(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose top logit is the target class (detached)."""
+    return (logits.detach().argmax(dim=1) == target.to(logits.device)).float().mean()
 
 
 def decay_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
@@ -78,8 +86,9 @@ class LabelsOnly(Task):
     def forward(self, batch: Batch) -> Losses:
         if "label" not in batch:
             raise ValueError("labels_only trains on labelled batches only")
-        loss = self._ce(self.student(batch["image"]), batch)
-        return {"loss": loss, "task_loss": loss.detach()}
+        logits = self.student(batch["image"])
+        loss = self._ce(logits, batch)
+        return {"loss": loss, "task_loss": loss.detach(), "accuracy": top1(logits, batch["label"])}
 
 
 class KD(Task):
@@ -93,9 +102,11 @@ class KD(Task):
         logits = self.student(batch["image"])
         if "label" in batch:
             loss = self._ce(logits, batch)
-            return {"loss": loss, "task_loss": loss.detach()}
-        kd = kd_loss(logits, batch["teacher_logits"].to(logits.device), self.temperature)
-        return {"loss": kd, "task_loss": torch.zeros((), device=kd.device), "kd_loss": kd.detach()}
+            return {"loss": loss, "task_loss": loss.detach(), "accuracy": top1(logits, batch["label"])}
+        teacher = batch["teacher_logits"].to(logits.device)
+        kd = kd_loss(logits, teacher, self.temperature)
+        return {"loss": kd, "task_loss": torch.zeros((), device=kd.device), "kd_loss": kd.detach(),
+                "teacher_agreement": top1(logits, teacher.argmax(dim=1))}
 
     @torch.no_grad()
     def matched_targets(self, batch: Batch) -> Batch:
@@ -114,8 +125,9 @@ class FeatureKD(Task):
 
     def forward(self, batch: Batch) -> Losses:
         if "label" in batch:
-            loss = self._ce(self.student(batch["image"]), batch)
-            return {"loss": loss, "task_loss": loss.detach()}
+            logits = self.student(batch["image"])
+            loss = self._ce(logits, batch)
+            return {"loss": loss, "task_loss": loss.detach(), "accuracy": top1(logits, batch["label"])}
         pred = self.projection(self.student.forward_features(batch["image"]))
         target = batch["teacher_features"].to(pred.device)
         parts = {}
@@ -152,6 +164,7 @@ class AFT(Task):
             ce = self._ce(logits, batch)
             loss = loss + ce
             out["task_loss"] = ce.detach()
+            out["accuracy"] = top1(logits, batch["label"])
         else:
             out["task_loss"] = zero
         if "teacher_features" in batch:
@@ -202,8 +215,9 @@ class WeightedKD(Task):
 
     def forward(self, batch: Batch) -> Losses:
         if "label" in batch:
-            loss = self._ce(self.student(batch["image"]), batch)
-            return {"loss": loss, "task_loss": loss.detach()}
+            logits = self.student(batch["image"])
+            loss = self._ce(logits, batch)
+            return {"loss": loss, "task_loss": loss.detach(), "accuracy": top1(logits, batch["label"])}
         feats = self.student.forward_features(batch["image"])
         targets = batch["teacher_logits"].to(feats.device)
         if targets.shape[1] != sum(self.outputs):
@@ -272,5 +286,5 @@ def phases(method: str, cfg: Any, has_transfer: bool) -> list[str]:
     if method == "aft" and not (cfg.aft_on_transfer and has_transfer):
         return ["finetune"]
     if not has_transfer:
-        raise ValueError(f"method {method!r} needs transfer shards (transfer-*.tar) in {cfg.transfer}")
+        raise InputError(f"method {method!r} needs transfer shards (transfer-*.tar) in {cfg.transfer}")
     return ["transfer", "finetune"]

@@ -24,6 +24,7 @@ from distill.similarity import SIMILARITIES, similarity_weights
 from distill.teachers import build_feature_model, fit_linear_head
 from index.atomic import write_json
 from index.contract import encoder_slug
+from index.errors import ConfigError
 
 RANKING_FILE = "ranking.json"
 
@@ -48,7 +49,7 @@ def cv_probe_accuracy(features: np.ndarray, labels: np.ndarray, *, folds: int = 
     classes, counts = np.unique(y, return_counts=True)
     k = min(folds, int(counts.min()))
     if k < 2:
-        raise ValueError("cross-validated probe accuracy needs at least 2 examples of every class")
+        raise ConfigError("cross-validated probe accuracy needs at least 2 examples of every class")
     fold = np.empty(len(y), dtype=np.int64)
     for c in classes:
         idx = np.flatnonzero(y == c)
@@ -99,9 +100,9 @@ def rank_teachers(teachers: Sequence[str], ls: LabelledSet, data: dict[str, Any]
     """
     SIMILARITIES.get(metric)
     if not teachers:
-        raise ValueError("rank needs at least one teacher")
+        raise ConfigError("rank needs at least one teacher")
     if len(set(teachers)) != len(teachers):
-        raise ValueError(f"teachers must be distinct, got {list(teachers)}")
+        raise ConfigError(f"teachers must be distinct, got {list(teachers)}")
     device = torch.device(device)
     labels = np.asarray(ls.labels)
     scores: dict[str, dict[str, Any]] = {}

@@ -16,6 +16,7 @@ from torch import nn
 
 from distill.adapter import InputAdapter
 from index.registry import Registry
+from index.errors import ConfigError, MissingInputError
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def resolve_student(name: str) -> StudentConfig:
 
     if name.split(".")[0] not in timm.list_models():
         close = difflib.get_close_matches(name, STUDENTS.names() + timm.list_models(), n=3, cutoff=0.5)
-        raise ValueError(f"unknown student {name!r}: not a timm model (timm.list_models()) nor one of "
+        raise ConfigError(f"unknown student {name!r}: not a timm model (timm.list_models()) nor one of "
                          f"{', '.join(STUDENTS.names())}. Closest: {close}")
     return StudentConfig(name)
 
@@ -86,7 +87,7 @@ def build_student(name: str, num_classes: int, *, weights: str | None = None, re
     kwargs = dict(cfg.kwargs)
     if weights is not None:
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"student weights not found: {weights}")
+            raise MissingInputError(f"student weights not found: {weights}")
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from index.atomic import FingerprintMismatch, atomic_path, check_done, write_json
+from index.errors import ConfigError
 
 Batch = dict[str, Any]
 BatchFn = Callable[[int, int], Iterator[Batch]]   # (epoch, batches to skip) -> batches
@@ -44,6 +45,7 @@ class PhaseResult:
     completed: bool
     steps: int
     epochs: list[dict[str, float]] = field(default_factory=list)   # {"epoch", "seconds", "steps", losses...}
+    step_loss: list[float] = field(default_factory=list)           # the loss of every step, in order
     resumed_from: int | None = None
     reused: bool = False
 
@@ -111,13 +113,14 @@ def train_phase(task: nn.Module, plan: PhasePlan, batches: BatchFn, *, ckpt_dir:
     done = check_done(ckpt_dir / DONE, run_fingerprint)
     if done is not None:
         task.load_state_dict(torch.load(ckpt_dir / FINAL, map_location="cpu", weights_only=False)["task"])
-        return PhaseResult(plan.name, True, done["steps"], done["epochs"], reused=True)
+        return PhaseResult(plan.name, True, done["steps"], done["epochs"], step_loss=done.get("step_loss", []),
+                           reused=True)
     if plan.total_steps <= 0:
-        raise ValueError(f"phase {plan.name!r} has no steps (empty data or zero epochs)")
+        raise ConfigError(f"phase {plan.name!r} has no steps (empty data or zero epochs)")
 
     task.to(device)
     opt, sched = make_optimizer(task, plan)
-    step, epoch, in_epoch, epochs, resumed_from = 0, 0, 0, [], None
+    step, epoch, in_epoch, epochs, step_loss, resumed_from = 0, 0, 0, [], [], None
     last = ckpt_dir / LAST
     if last.exists():
         ck = torch.load(last, map_location="cpu", weights_only=False)
@@ -129,6 +132,7 @@ def train_phase(task: nn.Module, plan: PhasePlan, batches: BatchFn, *, ckpt_dir:
         sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         step, epoch, in_epoch, epochs = ck["step"], ck["epoch"], ck["in_epoch"], ck["epochs"]
+        step_loss = list(ck.get("step_loss", []))
         resumed_from = step
     else:
         seed_everything(seed)
@@ -142,7 +146,8 @@ def train_phase(task: nn.Module, plan: PhasePlan, batches: BatchFn, *, ckpt_dir:
         if is_main:
             _save(last, {"task": task.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "rng": rng_state(), "step": step, "epoch": epoch, "in_epoch": in_epoch,
-                         "epochs": epochs, "fingerprint": run_fingerprint, "phase": plan.name})
+                         "epochs": epochs, "step_loss": step_loss, "fingerprint": run_fingerprint,
+                         "phase": plan.name})
 
     from tqdm.auto import tqdm
 
@@ -156,7 +161,7 @@ def train_phase(task: nn.Module, plan: PhasePlan, batches: BatchFn, *, ckpt_dir:
                 if step >= plan.total_steps:
                     break
                 if stop_at is not None and step >= stop_at:
-                    return PhaseResult(plan.name, False, step, epochs, resumed_from)
+                    return PhaseResult(plan.name, False, step, epochs, step_loss, resumed_from)
                 batch = _to_device(batch, device)
                 with autocast:
                     losses = model(batch)
@@ -167,6 +172,7 @@ def train_phase(task: nn.Module, plan: PhasePlan, batches: BatchFn, *, ckpt_dir:
                 step, in_epoch, n = step + 1, in_epoch + 1, n + 1
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
+                step_loss.append(float(f"{float(losses['loss'].detach()):.6g}"))
                 bar.update(1)
                 bar.set_postfix(loss=f"{sums['loss'] / n:.4f}", refresh=False)
                 if checkpoint_every and step % checkpoint_every == 0 and step < plan.total_steps:
@@ -182,6 +188,6 @@ def train_phase(task: nn.Module, plan: PhasePlan, batches: BatchFn, *, ckpt_dir:
     if is_main:
         _save(ckpt_dir / FINAL, {"task": task.state_dict(), "phase": plan.name, "steps": step})
         write_json(ckpt_dir / DONE, {"fingerprint": run_fingerprint, "steps": step, "epochs": epochs,
-                                     "plan": plan.__dict__})
+                                     "step_loss": step_loss, "plan": plan.__dict__})
         last.unlink(missing_ok=True)
-    return PhaseResult(plan.name, True, step, epochs, resumed_from)
+    return PhaseResult(plan.name, True, step, epochs, step_loss, resumed_from)

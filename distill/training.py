@@ -34,6 +34,14 @@ class Launcher(Protocol):
         ...
 
 
+def worker_device() -> torch.device:
+    """A data-parallel worker's device: its GPU under NCCL (the launcher gives each worker one), else the CPU."""
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def per_source_weights(mu: torch.Tensor, names: tuple[str, ...] | list[str], dims: list[int]) -> list[dict[str, Any]]:
     """AFT's weights sigmoid(s) summarised per pretrained model (its block of the concatenated features)."""
     if len(names) != len(dims) or sum(dims) != mu.numel():
@@ -59,7 +67,7 @@ def _feature_weights_summary(task: Task, cfg: DistillConfig, lookups: list[Cache
 def train_student(cfg: DistillConfig, *, rank: int = 0, world: int = 1, distributed: bool = False) -> dict[str, Any]:
     """Train the student through the method's phases; rank 0 writes OUT/student.pt and OUT/train_result.json."""
     out = Path(cfg.out)
-    device = torch.device(pick_device(cfg.device)) if not distributed else torch.device("cpu")
+    device = torch.device(pick_device(cfg.device)) if not distributed else worker_device()
     ls = load_labelled(cfg.transfer)
     shards = transfer_shards(cfg.transfer)
     plan = phases(cfg.method, cfg, bool(shards))

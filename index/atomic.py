@@ -6,10 +6,12 @@ A reader never sees a truncated file under a final name. A stage writes its outp
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
 import re
+import signal
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -52,7 +54,8 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """Cheap stable digest of a large file: its size + sha256 of its first and last MiB."""
+    """Cheap stable digest of a large file: its size + sha256 of its first and last MiB. For files this
+    project writes or weights it names; gallery shards are hashed whole (index.gallery.shard_digest)."""
     size = os.stat(path).st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -63,10 +66,35 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()[:24]
 
 
-def tree_digest(root: str | os.PathLike, files: list[str | os.PathLike]) -> str:
-    """Digest of a set of files (relative names + file digests), e.g. an image folder."""
-    root = Path(root)
-    return fingerprint([[str(Path(f).relative_to(root)), file_digest(f)] for f in sorted(map(str, files))])
+KILL_AT_ENV = "VFM_KILL_AT"   # tests: "before:<glob>[#n]" / "after:<glob>[#n]" (see kill_point)
+_commits: dict[str, int] = {}
+
+
+def kill_point(when: str, final: Path) -> None:
+    """Crash tests: with ``VFM_KILL_AT=after:last.pt#2`` the process kills itself with SIGKILL right
+    after its 2nd commit of a file named like the glob (``before:``: with the data written under the
+    temporary name, not yet renamed), as a power cut or ``kill -9`` there would."""
+    spec = os.environ.get(KILL_AT_ENV)
+    if not spec or not spec.startswith(when + ":"):
+        return
+    glob, _, nth = spec[len(when) + 1:].partition("#")
+    if fnmatch.fnmatch(final.name, glob):
+        _commits[spec] = _commits.get(spec, 0) + 1
+        if _commits[spec] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc says it (Linux), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -75,11 +103,18 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())   # mkstemp's 0600 would ignore the umask
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        kill_point("before", final)
         os.replace(tmp_path, final)
+        kill_point("after", final)
+    except OSError as e:
+        if e.filename is None:   # a failed write() names no file: say which output it was
+            e.filename = str(final)
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -12,6 +12,8 @@ same result.
 from __future__ import annotations
 
 import functools
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +24,11 @@ import numpy as np
 from index import contract, faiss_io, knn, store
 from index.atomic import CODE_VERSION, check_done, fingerprint, write_json
 from index.config import FaissConfig, IndexConfig
+from index.device import pick_device
 from index.embed import EmbedTask, Embedder, ShardResult
 from index.encoders import EncoderSpec, resolve_encoders
 from index.gallery import SkipCounts, list_shards
+from index.outdir import Owner, invalidate, owned_dir, pattern_dirs
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ def _committed(out_dir: str, file: str, fp: str, make) -> dict[str, Any]:
     if record is not None:
         return record
     t0 = time.perf_counter()
+    invalidate(out_dir, contract.MANIFEST_FILE)
     record = {"fingerprint": fp, "file": file, **make(), "seconds": 0.0}
     record["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(done_path, record)
@@ -175,6 +180,9 @@ def build_faiss_groups(out_dir: str | Path, entries: list[dict[str, Any]], encod
         factory = knn.choose_factory(largest, dim, int(faiss_cfg.memory_budget_gb * 2**30),
                                      flat_threshold=faiss_cfg.flat_threshold,
                                      total_vectors=total if shared else None)
+    if groups:   # before any training: say so, rather than fail inside faiss
+        knn.check_trainable(factory, dim, total if shared else min(sum(s["num_vectors"] for s in g) for g in groups),
+                            "the gallery gave" if shared else "the smallest shard group holds")
     trained = None
     if shared and groups and knn.needs_training(factory, dim):
         ttask = TrainTask(out_dir=str(out_dir), shards=tuple(s for g in groups for s in g), encoders=encoders,
@@ -196,19 +204,54 @@ def build_faiss_groups(out_dir: str | Path, entries: list[dict[str, Any]], encod
     }
 
 
+OWNER = Owner("build_index", (re.escape(contract.MANIFEST_FILE), re.escape(contract.EMBEDDINGS_DIR),
+                             re.escape(contract.FAISS_DIR)), done_record=contract.MANIFEST_FILE, lazy=True)
+
+
 def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) -> dict[str, Any]:
+    """Validate everything that can be checked before work (encoders, gallery, device, the factory
+    against the dimension and the most vectors the gallery can hold), take `out_dir`
+    (`index.outdir.owned_dir`), then embed, build the FAISS groups and write the manifest last."""
     from index.executor import LocalExecutor
 
     executor = executor or LocalExecutor()
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg.check_gallery()
     specs: list[EncoderSpec] = resolve_encoders(list(cfg.encoders), dict(cfg.weights), cfg.image_size)
-    shards = list_shards(cfg.gallery if isinstance(cfg.gallery, str) else list(cfg.gallery))
+    gallery = cfg.gallery if isinstance(cfg.gallery, str) else list(cfg.gallery)
+    shards = list_shards(gallery)
+    if isinstance(executor, LocalExecutor):
+        pick_device(cfg.device)
+    dim = sum(s.embed_dim for s in specs)
+    if cfg.faiss.factory != "auto":
+        knn.validate_factory(cfg.faiss.factory, dim)
+        knn.check_trainable(cfg.faiss.factory, dim, max_vectors(shards, cfg.crops.crops_per_image),
+                            "the gallery can hold at most")
+    with owned_dir(out_dir, OWNER, {"the gallery": pattern_dirs(gallery)}) as owned:
+        return _build(cfg, owned.path, executor, specs, shards, dim, t0)
+
+
+def max_vectors(shards, crops_per_image: int) -> int:
+    """An upper bound on the vectors a gallery gives, without reading it: a tar sample takes at least
+    1,024 bytes (a header block and a data block), a folder image one file."""
+    n = 0
+    for s in shards:
+        if s.kind == "tar":
+            n += os.path.getsize(s.path) // 1024
+        else:
+            walk = os.walk(s.path) if s.recursive else [(s.path, [], os.listdir(s.path))]
+            n += sum(len(files) for _, _, files in walk)
+    return n * crops_per_image
+
+
+def _build(cfg: IndexConfig, out: Path, executor, specs: list[EncoderSpec], shards, dim: int,
+           t0: float) -> dict[str, Any]:
     tasks = [EmbedTask(shard=s, out_dir=str(out), encoders=tuple(specs), crops=cfg.crops, seed=cfg.seed,
                        batch_size=cfg.batch_size) for s in shards]
-    results: list[ShardResult] = executor.map(
-        functools.partial(Embedder, tuple(specs), cfg.device), tasks, desc="embed shards")
+    streaming = getattr(executor, "embed_shards", None)  # a cluster executor's own embedding pipeline
+    results: list[ShardResult] = (
+        streaming(tasks, tuple(specs), cfg.device) if streaming is not None else
+        executor.map(functools.partial(Embedder, tuple(specs), cfg.device), tasks, desc="embed shards"))
 
     entries, offset, skipped = [], 0, SkipCounts()
     for shard, r in zip(shards, results):
@@ -217,7 +260,6 @@ def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) ->
         offset += r.num_vectors
         for reason, n in r.skipped.items():
             skipped.add(reason, n)
-    dim = sum(s.embed_dim for s in specs)
     faiss_part = build_faiss_groups(out, entries, tuple(s.name for s in specs), dim, cfg.faiss, cfg.seed, executor)
 
     manifest = {

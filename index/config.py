@@ -13,19 +13,29 @@ from typing import Any, TypeVar
 import yaml
 
 from index.crops import CropConfig
+from index.errors import ConfigError, MissingInputError
 
 C = TypeVar("C")
 
 
 def from_mapping(cls: type[C], data: dict[str, Any] | None, where: str = "config") -> C:
     """Build a dataclass from a mapping, refusing unknown keys (and naming the valid ones)."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of field names to values; got a {type(data).__name__}")
     data = dict(data or {})
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
     # YAML has no tuples; frozen configs keep sequences as tuples so they hash and compare
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _integer(name: str, v: Any, low: int, optional: bool = False) -> None:
+    if optional and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ConfigError(f"{name} must be an integer >= {low}{' or null' if optional else ''}; got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -40,20 +50,21 @@ class FaissConfig:
 
     def __post_init__(self):
         if not isinstance(self.factory, str) or not self.factory:
-            raise ValueError(f"faiss.factory must be 'auto' or a faiss factory string; got {self.factory!r}")
-        if not self.memory_budget_gb > 0:
-            raise ValueError(f"faiss.memory_budget_gb must be > 0; got {self.memory_budget_gb!r}")
+            raise ConfigError(f"faiss.factory must be 'auto' or a faiss factory string; got {self.factory!r}")
+        if isinstance(self.memory_budget_gb, bool) or not isinstance(self.memory_budget_gb, (int, float)) \
+                or not self.memory_budget_gb > 0:
+            raise ConfigError(f"faiss.memory_budget_gb must be > 0; got {self.memory_budget_gb!r}")
         for name in ("shards_per_group", "nprobe"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"faiss.{name} must be an integer >= 1; got {v!r}")
+                raise ConfigError(f"faiss.{name} must be an integer >= 1; got {v!r}")
         if isinstance(self.flat_threshold, bool) or not isinstance(self.flat_threshold, int) or self.flat_threshold < 0:
-            raise ValueError(f"faiss.flat_threshold must be an integer >= 0; got {self.flat_threshold!r}")
+            raise ConfigError(f"faiss.flat_threshold must be an integer >= 0; got {self.flat_threshold!r}")
         if not isinstance(self.shared_quantizer, bool):
-            raise ValueError(f"faiss.shared_quantizer must be true or false; got {self.shared_quantizer!r}")
+            raise ConfigError(f"faiss.shared_quantizer must be true or false; got {self.shared_quantizer!r}")
         if self.train_size is not None and (isinstance(self.train_size, bool) or not isinstance(self.train_size, int)
                                             or self.train_size < 1):
-            raise ValueError(f"faiss.train_size must be an integer >= 1 or null; got {self.train_size!r}")
+            raise ConfigError(f"faiss.train_size must be an integer >= 1 or null; got {self.train_size!r}")
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,7 @@ class IndexConfig:
     crops: CropConfig = field(default_factory=CropConfig)
     faiss: FaissConfig = field(default_factory=FaissConfig)
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int | None = None    # crops per forward (None: index.embed.default_batch_size)
     device: str | None = None        # None: CUDA when present
     executor: str = "local"          # local | ray
     num_workers: int | None = None   # Ray actors (None: one per CPU)
@@ -75,12 +86,36 @@ class IndexConfig:
         if isinstance(self.encoders, (list, str)):
             enc = self.encoders.split(",") if isinstance(self.encoders, str) else self.encoders
             object.__setattr__(self, "encoders", tuple(enc))
-        if not self.encoders:
-            raise ValueError("config needs at least one encoder")
+        if not self.encoders or not all(isinstance(e, str) and e for e in self.encoders):
+            raise ConfigError(f"encoders must be a non-empty list of encoder names; got {list(self.encoders)!r}")
+        _integer("image_size", self.image_size, 1, optional=True)
+        _integer("seed", self.seed, 0)
+        _integer("batch_size", self.batch_size, 1, optional=True)   # None: chosen by device
+        _integer("num_workers", self.num_workers, 1, optional=True)
+        if self.device is not None:
+            try:
+                import torch
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"unknown device {self.device!r}; valid choices: cpu, cuda, cuda:N, "
+                                  "or null (CUDA when present)") from None
+        if self.executor not in ("local", "ray"):
+            raise ConfigError(f"executor must be one of local, ray; got {self.executor!r}")
+        if isinstance(self.gpus_per_worker, bool) or not isinstance(self.gpus_per_worker, (int, float)) \
+                or self.gpus_per_worker < 0:
+            raise ConfigError(f"gpus_per_worker must be a number >= 0; got {self.gpus_per_worker!r}")
+        if not isinstance(self.weights, dict):
+            raise ConfigError(f"weights must map encoder names to weight files; got {self.weights!r}")
         if isinstance(self.crops, dict):
             object.__setattr__(self, "crops", from_mapping(CropConfig, self.crops, "crops"))
         if isinstance(self.faiss, dict):
             object.__setattr__(self, "faiss", from_mapping(FaissConfig, self.faiss, "faiss"))
+
+    def check_gallery(self) -> None:
+        """Refuse a missing or empty gallery (a config without one serves as defaults elsewhere)."""
+        gallery = [self.gallery] if isinstance(self.gallery, str) else self.gallery
+        if not isinstance(gallery, (list, tuple)) or not gallery or not all(isinstance(g, str) and g for g in gallery):
+            raise ConfigError(f"gallery must be a tar glob, a list of tars or an image folder; got {self.gallery!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -92,7 +127,15 @@ class IndexConfig:
 def load_index_config(path: str | Path, **overrides: Any) -> IndexConfig:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+        raise MissingInputError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of config fields (gallery:, encoders:, ...); "
+                          f"it holds a YAML {type(data).__name__}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_mapping(IndexConfig, data, str(p))

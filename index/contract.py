@@ -10,13 +10,16 @@ Gallery
 
 Index directory (``build_index.py --out DIR``)
     DIR/embeddings/<shard>/<encoder-slug>.npy   float16 [n, dim] L2-normalised, one per encoder
-    DIR/embeddings/<shard>/rows.jsonl           one line per row: {"id", "crop", "recipe", "loc"}
+    DIR/embeddings/<shard>/rows.jsonl           one line per row: {"id", "crop", "recipe", "loc", "hash"}
                                                 (ROW_FIELDS; "loc" is absent in indexes built before
-                                                locations were recorded, ROWS_FORMAT 1)
+                                                locations were recorded, ROWS_FORMAT 1, "hash" in
+                                                those built before content hashes, ROWS_FORMAT <= 2)
     DIR/embeddings/<shard>/rows.offsets.npy     int64 [n + 1]: byte offset of each rows.jsonl line,
                                                 then the file size, so row r is bytes
                                                 [off[r], off[r + 1]) (absent in ROWS_FORMAT 1 indexes)
-    DIR/embeddings/<shard>/done.json            written last: counts, fingerprint, encoders,
+    DIR/embeddings/<shard>/done.json            written last: counts, fingerprint (over the config and
+                                                "input", the digest of every byte of the gallery
+                                                shard: index.gallery.shard_digest), encoders,
                                                 "rows_format", ...
     DIR/faiss/trained.index                     the trained, empty index every group is filled from
                                                 (IVF factories; manifest "shared_quantizer": true)
@@ -68,9 +71,11 @@ ROWS_FILE = "rows.jsonl"
 ROWS_OFFSETS_FILE = "rows.offsets.npy"
 DONE_FILE = "done.json"
 
-# 1: rows {"id", "crop", "recipe"}; 2: + "loc" and the line-offset table. Part of every embedding
-# shard's fingerprint, so a shard written in another format is refused, never silently reused.
-ROWS_FORMAT = 2
+# 1: rows {"id", "crop", "recipe"}; 2: + "loc" and the line-offset table; 3: + "hash". Part of every
+# embedding shard's fingerprint, so a shard written in another format is refused, never silently
+# reused; indexes of older formats are still read (without "hash": changed images go unnoticed, with
+# a warning).
+ROWS_FORMAT = 3
 
 ROW_FIELDS = (
     "id",       # gallery image id "<shard>/<key>"
@@ -78,6 +83,8 @@ ROW_FIELDS = (
     "recipe",   # CropRecipe.to_dict()
     "loc",      # where the image's bytes live in its gallery shard (ROW_LOC_FIELDS), or null where
                 # they cannot be sought (a compressed tar stream): the image is then read by scanning
+    "hash",     # blake2b-128 hex of the image member's stored bytes (index.content.image_hash); every
+                # later read compares it, so an image replaced since indexing is 'changed', not used
 )
 
 # The "loc" of a row: every later read of a gallery image seeks to exactly these bytes (index.ranged).

@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandAugment
 from torchvision.transforms import functional as TF
 from torchvision.transforms.autoaugment import _apply_op
+from index.errors import ConfigError
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in source pixels
 
@@ -59,7 +60,7 @@ class CropConfig:
         elif not 0 <= self.magnitude < self.num_magnitude_bins:
             problems.append(f"magnitude must be in [0, {self.num_magnitude_bins - 1}], got {self.magnitude}")
         if problems:
-            raise ValueError("invalid CropConfig: " + "; ".join(problems))
+            raise ConfigError("invalid CropConfig: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -71,7 +72,7 @@ class CropConfig:
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ValueError(f"unknown CropConfig field(s) {unknown}; valid fields: {', '.join(valid)}")
+            raise ConfigError(f"unknown CropConfig field(s) {unknown}; valid fields: {', '.join(valid)}")
         return cls(**d)
 
 
@@ -92,7 +93,7 @@ class CropRecipe:
         ops = tuple((str(name), float(mag)) for name, mag in d.get("ops", ()))
         for name, _ in ops:
             if name not in valid:
-                raise ValueError(f"unknown RandAugment op {name!r}; valid ops: {', '.join(valid)}")
+                raise ConfigError(f"unknown RandAugment op {name!r}; valid ops: {', '.join(valid)}")
         box = tuple(int(x) for x in d["box"])
         if len(box) != 4:
             raise ValueError(f"box must be [top, left, height, width], got {d['box']}")
@@ -190,12 +191,19 @@ def recipes_for(image_id: str, image_size: tuple[int, int], seed: int,
 # ---------------------------------------------------------------- pixels
 
 
+def check_box(box: Box, image_size: tuple[int, int]) -> None:
+    """Raise unless `box` lies inside an image of `image_size` = (width, height)."""
+    top, left, h, w = box
+    width, height = image_size
+    if top < 0 or left < 0 or h < 1 or w < 1 or top + h > height or left + w > width:
+        raise ValueError(f"crop box (top, left, height, width) = {tuple(box)} does not fit an image of "
+                         f"size {tuple(image_size)} (width, height): was the recipe made for another image?")
+
+
 def materialize(image: Image.Image, recipe: CropRecipe) -> Image.Image:
     """RGB size x size crop: bilinear antialiased resized_crop, then the ops as RandAugment applies them."""
+    check_box(recipe.box, image.size)
     top, left, h, w = recipe.box
-    if top < 0 or left < 0 or h < 1 or w < 1 or top + h > image.height or left + w > image.width:
-        raise ValueError(f"crop box (top, left, height, width) = {recipe.box} does not fit an image of "
-                         f"size {image.size} (width, height): was the recipe made for another image?")
     img = image if image.mode == "RGB" else image.convert("RGB")
     out = TF.resized_crop(img, top, left, h, w, [recipe.size, recipe.size],
                           interpolation=InterpolationMode.BILINEAR, antialias=True)

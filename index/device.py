@@ -3,19 +3,25 @@ from __future__ import annotations
 
 import torch
 
-from index.errors import UserError
+from index.errors import ConfigError
 
 
-class DeviceUnavailable(UserError, ValueError):
+class DeviceUnavailable(ConfigError):
     pass
 
 
 def pick_device(name: str | None = None) -> str:
-    """None or "auto": "cuda" when CUDA is available, else "cpu"; any other name is used as given,
-    except that a CUDA device is refused up front where CUDA is not available (rather than failing
-    at the first tensor moved there)."""
+    """None, "" or "auto": "cuda" when CUDA is available, else "cpu". Any other name must be a device
+    this machine has: an unknown name, or a CUDA device where there is none (or not that many), is
+    refused up front with the choices, rather than failing at the first tensor moved there."""
     if name in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceUnavailable(f"device {name!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}; valid choices: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"device {name!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name

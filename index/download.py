@@ -18,11 +18,13 @@ import glob
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from index.registry import choice
+from index.errors import ConfigError, MissingInputError, run_main
 
 INPUT_FORMATS = ("txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz",
                  "jsonl", "jsonl.gz", "parquet")
@@ -35,7 +37,7 @@ def input_format_of(url_list: str) -> str:
     for fmt in sorted(INPUT_FORMATS, key=len, reverse=True):
         if name.endswith("." + fmt):
             return fmt
-    raise ValueError(f"cannot tell the format of url list {url_list!r} from its name; "
+    raise ConfigError(f"cannot tell the format of url list {url_list!r} from its name; "
                      f"valid extensions: {', '.join('.' + f for f in INPUT_FORMATS)}")
 
 
@@ -85,21 +87,21 @@ def download(url_list: str, out_dir: str, *, max_side: int | None = None, proces
 
     fmt = choice("url list format", input_format, INPUT_FORMATS) if input_format else input_format_of(url_list)
     if not os.path.isfile(url_list):
-        raise FileNotFoundError(f"url list {url_list!r} does not exist")
+        raise MissingInputError(f"url list {url_list!r} does not exist")
     if max_side is not None and max_side < 1:
-        raise ValueError(f"max_side must be a positive number of pixels or None (keep size), got {max_side}")
+        raise ConfigError(f"max_side must be a positive number of pixels or None (keep size), got {max_side}")
     if fmt in _TABLE_FORMATS:
         columns = _table_columns(url_list, fmt)
         if url_col not in columns:
-            raise ValueError(f"url list {url_list!r} has no column {url_col!r}; its columns: {', '.join(columns)}")
+            raise ConfigError(f"url list {url_list!r} has no column {url_col!r}; its columns: {', '.join(columns)}")
         if caption_col == "auto":
             caption_col = "caption" if "caption" in columns else None
         elif caption_col is not None and caption_col not in columns:
-            raise ValueError(f"url list {url_list!r} has no caption column {caption_col!r}; "
+            raise ConfigError(f"url list {url_list!r} has no caption column {caption_col!r}; "
                              f"its columns: {', '.join(columns)}")
     else:
         if caption_col not in (None, "auto"):
-            raise ValueError(f"a {fmt} url list has no columns; caption_col={caption_col!r} needs a table format")
+            raise ConfigError(f"a {fmt} url list has no columns; caption_col={caption_col!r} needs a table format")
         caption_col = None
 
     main = threading.current_thread() is threading.main_thread()
@@ -133,7 +135,7 @@ def download(url_list: str, out_dir: str, *, max_side: int | None = None, proces
     return summarize(out_dir)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m index.download", description=__doc__.splitlines()[0])
     p.add_argument("url_list")
     p.add_argument("out_dir")
@@ -150,7 +152,12 @@ def main(argv: list[str] | None = None) -> None:
                      timeout=a.timeout, retries=a.retries, samples_per_shard=a.samples_per_shard,
                      url_col=a.url_col, caption_col=a.caption_col)
     print(json.dumps(stats, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("python -m index.download", _main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,11 +3,17 @@
 `embed_shard(task)` reads the shard's images, cuts each into its crops (recipes are a pure function of
 (image id, crop index, seed)), embeds every crop with every encoder (batched, no_grad, CUDA when
 present) and writes float16 L2-normalised matrices + the row table (each row with its image's location
-in the gallery shard, contract.ROW_LOC_FIELDS), then the done record last.
-A rerun skips shards whose done record matches the task's fingerprint and refuses a mismatch.
+in the gallery shard, contract.ROW_LOC_FIELDS, and its content hash), then the done record last.
+The fingerprint covers every byte of the gallery shard (`index.gallery.shard_digest`): hashed while
+the shard is read for embedding, so the first build costs no extra pass; a rerun reads the shard once
+(no decoding) to compute it, skips the shard when its done record matches and refuses a mismatch, so
+an image replaced by another of the same size is never served from stale embeddings.
 
 Workers receive `EmbedTask`s (plain data) and build their encoders once (`Embedder`), so the same
-function runs in-process and in Ray actors.
+function runs in-process and in Ray actors. A shard is a stream of batches in two halves,
+`Embedder.batches` (CPU: read, and on the CPU path decode + crop) and `Embedder.embed_batch` (device:
+on CUDA, JPEG decode + crops from their recipes (index.device_batches), then the encoders in bf16),
+which jobs.ray_data runs in separate Ray workers.
 """
 from __future__ import annotations
 
@@ -18,18 +24,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from index import contract, store
-from index.atomic import CODE_VERSION, file_digest, fingerprint, tree_digest
+from index.atomic import CODE_VERSION, fingerprint
 from index.crops import CropConfig, materialize, recipes_for
 from index.device import pick_device
+from index.device_batches import ImageBatch, image_batches, materialize_batch
 from index.encoders import Encoder, EncoderSpec, build_encoder
-from index.gallery import ShardRef, SkipCounts, iter_images
+from index.gallery import ShardRef, SkipCounts, iter_images, shard_digest
 
 
 @dataclass(frozen=True)
@@ -39,11 +46,12 @@ class EmbedTask:
     encoders: tuple[EncoderSpec, ...]
     crops: CropConfig
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int | None = None   # crops per forward; None: default_batch_size of the worker's device
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, input_digest: str | None = None) -> str:
+        """Over the config and the shard's bytes (`input_digest`: `shard_digest`, computed if None)."""
         return fingerprint({
-            "shard": self.shard.name, "input": shard_digest(self.shard),
+            "shard": self.shard.name, "input": input_digest or shard_digest(self.shard),
             "encoders": [e.identity() for e in self.encoders],
             "crops": self.crops.to_dict(), "seed": self.seed, "rows_format": contract.ROWS_FORMAT,
         })
@@ -64,19 +72,17 @@ class ShardResult:
         return dataclasses.asdict(self)
 
 
-def shard_digest(shard: ShardRef) -> str:
-    p = Path(shard.path)
-    if p.is_dir():
-        files = p.rglob("*") if shard.recursive else p.glob("*")
-        return tree_digest(p, [f for f in files if f.is_file()])
-    return file_digest(p)
+def default_batch_size(device: str) -> int:
+    """Crops per forward: 64 on CPU; 512 on CUDA, enough to keep a ViT-L/14 busy in bf16."""
+    return 512 if device.startswith("cuda") else 64
 
 
-def crops_of_shard(task: EmbedTask, counts: SkipCounts) -> Iterator[tuple[store.Row, np.ndarray]]:
-    """(row, crop pixels uint8 HxWx3) for every crop of every readable image of the shard."""
-    for img in iter_images(task.shard, counts):
+def crops_of_shard(task: EmbedTask, counts: SkipCounts, on_digest=None) -> Iterator[tuple[store.Row, np.ndarray]]:
+    """(row, crop pixels uint8 HxWx3) for every crop of every readable image of the shard;
+    `on_digest` gets the shard's digest once it is read to the end (`iter_images`)."""
+    for img in iter_images(task.shard, counts, on_digest=on_digest):
         for i, recipe in enumerate(recipes_for(img.id, img.image.size, task.seed, task.crops)):
-            yield store.Row(img.id, i, recipe.to_dict(), img.loc), np.asarray(materialize(img.image, recipe))
+            yield store.Row(img.id, i, recipe.to_dict(), img.loc, img.hash), np.asarray(materialize(img.image, recipe))
 
 
 def _batches(it: Iterator[tuple[store.Row, np.ndarray]], size: int):
@@ -89,6 +95,16 @@ def _batches(it: Iterator[tuple[store.Row, np.ndarray]], size: int):
             rows, pix = [], []
     if rows:
         yield rows, np.stack(pix)
+
+
+def shard_batches(task: EmbedTask, counts: SkipCounts, crops_on_device: bool, batch_size: int,
+                  on_digest: Callable[[str], None] | None = None) -> Iterator[Any]:
+    """The CPU half of the stage, what `Embedder.embed_batch` takes: (rows, uint8 crops) batches, or
+    with `crops_on_device` ImageBatches of JPEG bytes. Skips found while reading go to `counts`;
+    `on_digest` gets the shard's digest once it is read to its end."""
+    if crops_on_device:
+        return image_batches(task, counts, batch_size, on_digest)
+    return _batches(crops_of_shard(task, counts, on_digest), batch_size)
 
 
 def _prefetch(gen, depth: int = 2):
@@ -125,16 +141,56 @@ def prepare(pixels: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
     return (x - mean) / std
 
 
-@torch.no_grad()
-def encode(models: list[Encoder], pixels: np.ndarray, device: str) -> list[np.ndarray]:
-    """L2-normalised float16 features of a batch of crops, one matrix per encoder."""
-    t = torch.from_numpy(pixels).to(device, non_blocking=True)
+def _normalised(models: list[Encoder], pixels: np.ndarray | torch.Tensor, device: str) -> list[torch.Tensor]:
+    t = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
+    t = t.to(device, non_blocking=True)
+    cuda = device.startswith("cuda")
     out = []
     for m in models:
-        with torch.autocast("cuda", enabled=device.startswith("cuda")):
-            f = m(prepare(t, m.spec))
-        out.append(F.normalize(f.float(), dim=-1).cpu().numpy().astype(np.float16))
+        x = prepare(t, m.spec)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            f = m(x)
+        out.append(F.normalize(f.float(), dim=-1))
     return out
+
+
+@torch.no_grad()
+def encode(models: list[Encoder], pixels: np.ndarray | torch.Tensor, device: str) -> list[np.ndarray]:
+    """L2-normalised float16 features of a batch of uint8 [B,H,W,3] crops, one matrix per encoder.
+
+    On CUDA the forward runs under bf16 autocast on channels-last input; on CPU in float32 as is."""
+    return [f.cpu().numpy().astype(np.float16) for f in _normalised(models, pixels, device)]
+
+
+class PendingFeatures:
+    """`encode`'s result on CUDA while it is still being computed: the copy to (pinned) host memory
+    is queued behind the forward, so the next batch is prepared while the GPU works."""
+
+    def __init__(self, feats: list[torch.Tensor]):
+        self.host = [torch.empty(f.shape, dtype=f.dtype, pin_memory=True) for f in feats]
+        for h, f in zip(self.host, feats):
+            h.copy_(f, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def result(self) -> list[np.ndarray]:
+        self.event.synchronize()
+        return [h.numpy().astype(np.float16) for h in self.host]
+
+
+@torch.no_grad()
+def encode_async(models: list[Encoder], pixels: np.ndarray | torch.Tensor,
+                 device: str) -> list[np.ndarray] | PendingFeatures:
+    """`encode`, returning at once on CUDA (call `resolve` on the result); as `encode` elsewhere."""
+    if not device.startswith("cuda"):
+        return encode(models, pixels, device)
+    return PendingFeatures(_normalised(models, pixels, device))
+
+
+def resolve(feats: list[np.ndarray] | PendingFeatures) -> list[np.ndarray]:
+    return feats.result() if isinstance(feats, PendingFeatures) else feats
 
 
 def core_free_for_decode(device: str) -> bool:
@@ -153,45 +209,86 @@ class Embedder:
 
     `prefetch`: decode/crop in a background thread while the encoder runs (None: where a core is
     free for it, see `core_free_for_decode`). It changes timing only, never the output.
+    `crops_on_device`: decode JPEGs and cut crops on the encoders' device (index.device_batches;
+    None: on CUDA). The rows are the same either way; pixels agree closely, not bit for bit.
     """
 
     def __init__(self, encoders: tuple[EncoderSpec, ...], device: str | None = None,
-                 prefetch: bool | None = None):
+                 prefetch: bool | None = None, crops_on_device: bool | None = None):
         self.device = pick_device(device)
         self.models = [build_encoder(s, self.device) for s in encoders]
+        if self.device.startswith("cuda"):
+            self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         self.prefetch = core_free_for_decode(self.device) if prefetch is None else prefetch
+        self.crops_on_device = self.device.startswith("cuda") if crops_on_device is None else crops_on_device
 
     def __call__(self, task: EmbedTask) -> ShardResult:
         return embed_shard(task, self)
 
+    def batch_size(self, task: EmbedTask) -> int:
+        return task.batch_size or default_batch_size(self.device)
+
+    def batches(self, task: EmbedTask, counts: SkipCounts,
+                on_digest: Callable[[str], None] | None = None) -> Iterator[Any]:
+        return shard_batches(task, counts, self.crops_on_device, self.batch_size(task), on_digest)
+
+    def embed_batch(self, batch: Any, task: EmbedTask,
+                    counts: SkipCounts) -> tuple[list[store.Row], list[np.ndarray] | PendingFeatures]:
+        """The device half: (rows, one float16 matrix per encoder) of one batch from `batches`; on
+        CUDA the matrices may still be in flight (`resolve` them)."""
+        if isinstance(batch, ImageBatch):
+            rows, crops = materialize_batch(batch, task, self.device, counts)
+            if crops is None:
+                return [], [np.zeros((0, m.spec.embed_dim), np.float16) for m in self.models]
+            return rows, encode_async(self.models, crops.permute(0, 2, 3, 1), self.device)
+        rows, pixels = batch
+        return rows, encode_async(self.models, pixels, self.device)
+
 
 def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResult:
-    fp = task.fingerprint()
-    record = store.done_record(task.out_dir, task.shard.name, fp)
-    if record is not None:
-        return ShardResult(**{**record["result"], "reused": True})
+    if store.has_done(task.out_dir, task.shard.name):   # a rerun: reuse only if the shard's bytes match
+        record = store.done_record(task.out_dir, task.shard.name, task.fingerprint())
+        if record is not None:
+            return ShardResult(**{**record["result"], "reused": True})
     embedder = embedder or Embedder(task.encoders)
     t0 = time.perf_counter()
-    counts = SkipCounts()
+    counts, device_counts = SkipCounts(), SkipCounts()  # one per thread
+    digest: list[str] = []
     rows: list[store.Row] = []
     feats: list[list[np.ndarray]] = [[] for _ in task.encoders]
-    batches = _batches(crops_of_shard(task, counts), task.batch_size)
-    for batch_rows, pixels in (_prefetch(batches) if embedder.prefetch else batches):
+    batches = embedder.batches(task, counts, digest.append)
+    in_flight = None  # the previous batch's features: collected once the next batch is queued
+    for batch in (_prefetch(batches) if embedder.prefetch else batches):
+        batch_rows, batch_feats = embedder.embed_batch(batch, task, device_counts)
         rows.extend(batch_rows)
-        for acc, f in zip(feats, encode(embedder.models, pixels, embedder.device)):
+        for acc, f in zip(feats, resolve(in_flight) if in_flight is not None else ()):
             acc.append(f)
+        in_flight = batch_feats
+    for acc, f in zip(feats, resolve(in_flight) if in_flight is not None else ()):
+        acc.append(f)
+    counts.merge(device_counts)
+    if len(digest) != 1:
+        raise RuntimeError(f"{task.shard.path}: the shard was not read to its end")
+    return write_result(task, digest[0], rows, feats, counts, time.perf_counter() - t0)
+
+
+def write_result(task: EmbedTask, digest: str, rows: list[store.Row], feats: list[list[np.ndarray]],
+                 counts: SkipCounts, seconds: float) -> ShardResult:
+    """Write the shard's matrices, row table and done record (last); the shard's result. `digest` is
+    the shard's `shard_digest`, hashed while it was read."""
     features = {
         spec.name: (np.concatenate(acc) if acc else np.zeros((0, spec.embed_dim), np.float16))
         for spec, acc in zip(task.encoders, feats)
     }
+    fp = task.fingerprint(digest)
     num_images = len({r.id for r in rows})
     result = ShardResult(shard=task.shard.name, num_images=num_images, num_vectors=len(rows),
-                         skipped=counts.to_dict(), seconds=round(time.perf_counter() - t0, 3),
-                         fingerprint=fp)
+                         skipped=counts.to_dict(), seconds=round(seconds, 3), fingerprint=fp)
     store.write_shard(task.out_dir, task.shard.name, features, rows, {
         "fingerprint": fp, "code_version": CODE_VERSION, "result": result.to_dict(),
         "encoders": [e.to_dict() for e in task.encoders], "crops": task.crops.to_dict(),
-        "seed": task.seed, "source": str(Path(task.shard.path)), "rows_format": contract.ROWS_FORMAT,
+        "seed": task.seed, "source": str(Path(task.shard.path)), "input_digest": digest,
+        "rows_format": contract.ROWS_FORMAT,
     })
     return result
 
@@ -209,7 +306,7 @@ def embed_images(models: list[Encoder], images: list, batch_size: int = 64) -> l
         parts = [np.zeros((0, m.spec.embed_dim), np.float32)]
         for a in range(0, len(images), batch_size):
             x = torch.stack([tf(im) for im in images[a:a + batch_size]]).to(device)
-            with torch.autocast("cuda", enabled=device.type == "cuda"):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 f = m(x)
             parts.append(F.normalize(f.float(), dim=-1).cpu().numpy())
         out.append(np.concatenate(parts))

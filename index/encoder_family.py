@@ -22,7 +22,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from index.encoder_spec import EncoderSpec
-from index.errors import UserError
+from index.errors import ConfigError
 from index.registry import Registry
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -44,7 +44,7 @@ class Encoder(nn.Module):
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         if self.text_model is None:
-            raise ValueError(f"encoder {self.spec.name} has no text tower; text queries need a CLIP encoder")
+            raise ConfigError(f"encoder {self.spec.name} has no text tower; text queries need a CLIP encoder")
         device = next(self.text_model.parameters()).device
         return self.text_model.encode_text(self.tokenizer(texts).to(device))
 
@@ -56,7 +56,7 @@ class Built:
     head: nn.Linear | None = None
 
 
-class NoSourceHead(UserError, ValueError):
+class NoSourceHead(ConfigError):
     pass
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from index.errors import UserError
+from index.errors import ConfigError, MissingInputError, UserError
 
 Tuple3 = tuple[float, float, float]
 OPENAI_MEAN: Tuple3 = (0.48145466, 0.4578275, 0.40821073)
@@ -41,10 +41,10 @@ class EncoderSpec:
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"encoder {self.name}: unknown resize_mode {self.resize_mode!r}; "
+            raise ConfigError(f"encoder {self.name}: unknown resize_mode {self.resize_mode!r}; "
                              f"valid: {', '.join(RESIZE_MODES)}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"encoder {self.name}: unknown interpolation {self.interpolation!r}; "
+            raise ConfigError(f"encoder {self.name}: unknown interpolation {self.interpolation!r}; "
                              f"valid: {', '.join(INTERPOLATIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,5 +87,5 @@ def existing_file(path: str | os.PathLike) -> str:
     """The absolute path of a weights file that exists; a clear error naming it otherwise."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"weights file not found: {p}")
+        raise MissingInputError(f"weights file not found: {p}")
     return str(p.resolve())

@@ -33,6 +33,7 @@ from index.encoder_families.open_clip_models import TINY_CLIP_ARCH  # noqa: F401
 from index.encoder_family import FAMILIES, Encoder, EncoderFamily, Transform  # noqa: F401  (public names)
 from index.encoder_spec import (OPENAI_MEAN, OPENAI_STD, EncoderMismatch, EncoderSpec,  # noqa: F401  (public names)
                                 check_same_encoders, weights_dir)
+from index.errors import ConfigError
 
 
 def fixed_names() -> list[str]:
@@ -51,7 +52,7 @@ def _family_of(name: str) -> EncoderFamily:
     close = difflib.get_close_matches(name, fixed_names() + [s for f in families for s in f.suggestions()],
                                       n=3, cutoff=0.5)
     patterns = "; ".join(f.pattern_hint for f in families if f.pattern_hint)
-    raise ValueError(f"unknown encoder {name!r}. Valid: {', '.join(fixed_names())}; {patterns}. Closest: {close}")
+    raise ConfigError(f"unknown encoder {name!r}. Valid: {', '.join(fixed_names())}; {patterns}. Closest: {close}")
 
 
 def resolve_encoder(name: str, weights: str | None = None, image_size: int | None = None) -> EncoderSpec:
@@ -63,7 +64,7 @@ def resolve_encoder(name: str, weights: str | None = None, image_size: int | Non
     spec = _family_of(name).resolve(name, weights)
     if image_size is not None and image_size != spec.image_size:
         if spec.family == "open_clip":
-            raise ValueError(f"{name}: open_clip ViTs are built for {spec.image_size} px inputs; "
+            raise ConfigError(f"{name}: open_clip ViTs are built for {spec.image_size} px inputs; "
                              "image_size overrides are for CNN encoders")
         spec = dataclasses.replace(spec, image_size=int(image_size))
     return spec

@@ -30,10 +30,12 @@ import glob
 import io
 import json
 import logging
+import lzma
 import os
 import re
 import tarfile
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,10 @@ import braceexpand
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import base_plus_ext
 
+from index import content
+from index.bitdepth import to_rgb8
 from index.contract import IMAGE_EXTS, image_id
+from index.errors import ConfigError, InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +60,25 @@ SKIP_REASONS: dict[str, str] = {
     "not_image": "the sample has no jpg/jpeg/png/webp member, or its image bytes are not an image",
     "too_large": "width*height exceeds max_pixels (decompression-bomb guard; checked before decoding)",
     "too_small": "the shorter side is below min_side",
-    "bad_meta": "the .json member is not a JSON object",
+    "bad_meta": "the .json member is not a JSON object (bad JSON, another type, or nested too deeply to parse)",
     "duplicate_key": "a key already seen in this shard (the first occurrence is kept)",
     "missing": "read_images: a requested key is not in the shard",
-    "tar_truncated": "the tar ends before its end-of-archive block (cut mid-file); the sample being "
-                     "assembled at the cut is dropped and counted once; samples after the cut are unknowable",
-    "tar_corrupt": "the tar cannot be opened or has an invalid header; counted once per break, as above",
+    "tar_truncated": "the tar (or its gzip/bz2/xz stream) ends before its end-of-archive block (cut mid-file); "
+                     "the sample being assembled at the cut is dropped and counted once; samples after the cut "
+                     "are unknowable",
+    "tar_corrupt": "the tar has an invalid header after valid members, or its compressed stream is damaged; "
+                   "counted once per break, as above",
+    "not_a_tar": "a file named .tar whose first block is neither a tar header nor a gzip/bz2/xz stream; "
+                 "counted once, nothing in it is read",
+    "empty_tar": "a file named .tar with zero bytes; counted once",
+    "dangling_symlink": "folder gallery: a symlink whose target does not exist (never opened)",
+    "not_regular_file": "folder gallery: a FIFO, device, socket or other non-regular file, directly or through "
+                        "a symlink (e.g. to /dev/zero); never opened, so never read or waited on",
+    "unreadable_file": "folder gallery: a regular file that cannot be opened or read (permissions, I/O error)",
     "stale_location": "a read by recorded location found the gallery changed since indexing: the file is gone "
                       "or shorter than offset+size, or the tar header before the bytes is not the member's",
+    "changed": "a read by recorded location found bytes whose content hash differs from the one indexed "
+               "(the image was replaced, even by one of the same size)",
 }
 
 # PIL's own decompression-bomb threshold (about 89.5 Mpx). PIL refuses images above twice this at
@@ -141,10 +157,11 @@ class ShardRef:
 class GalleryImage:
     id: str
     key: str
-    image: Image.Image  # RGB, fully loaded
+    image: Image.Image  # RGB, fully loaded (or what iter_images' `decode` returned)
     caption: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     loc: dict[str, Any] | None = None  # where its bytes live (contract.ROW_LOC_FIELDS); None: not seekable
+    hash: str | None = None  # content.image_hash of the image member's stored bytes
 
 
 def _is_pattern(s: str) -> bool:
@@ -193,7 +210,7 @@ def list_shards(path_or_glob: str | list[str]) -> list[ShardRef]:
     or two shards share a name (image ids would collide)."""
     patterns = [path_or_glob] if isinstance(path_or_glob, (str, os.PathLike)) else list(path_or_glob)
     if not patterns:
-        raise ValueError("list_shards: no gallery path given")
+        raise ConfigError("list_shards: no gallery path given")
     looked_for = "*.tar files, or image files (" + ", ".join("." + e for e in IMAGE_EXTS) + ") in a folder"
     found: dict[str, ShardRef] = {}
     for pattern in map(str, patterns):
@@ -211,17 +228,17 @@ def list_shards(path_or_glob: str | list[str]) -> list[ShardRef]:
             elif os.path.isfile(p) and p.endswith(".tar"):
                 shards.append(ShardRef(Path(p).stem, os.path.abspath(p), "tar"))
             elif not os.path.exists(p):
-                raise FileNotFoundError(f"gallery path {p!r} does not exist")
+                raise MissingInputError(f"gallery path {p!r} does not exist")
         if not shards:
             if _is_pattern(pattern):
                 what = f"it matched {len(paths)} path(s)"
             else:
                 what = "a folder without .tar files or images" if os.path.isdir(pattern) else "not a .tar file"
-            raise FileNotFoundError(f"no gallery shards found for {pattern!r} ({what}); looked for {looked_for}")
+            raise MissingInputError(f"no gallery shards found for {pattern!r} ({what}); looked for {looked_for}")
         for s in shards:
             other = found.get(s.name)
             if other is not None and other.path != s.path:
-                raise ValueError(f"two gallery shards are named {s.name!r} ({other.path} and {s.path}); "
+                raise InputError(f"two gallery shards are named {s.name!r} ({other.path} and {s.path}); "
                                  "image ids '<shard>/<key>' would collide: rename one or index them separately")
             found[s.name] = s
     return [found[n] for n in sorted(found)]
@@ -232,7 +249,8 @@ def list_shards(path_or_glob: str | list[str]) -> list[ShardRef]:
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  min_side: int = 0) -> tuple[Image.Image | None, str | None]:
-    """(RGB image, None) or (None, skip reason). Never raises for bad bytes."""
+    """(RGB image, None) or (None, skip reason). Never raises for bad bytes. High bit depths are
+    scaled to 8 bits (index.bitdepth), not clipped."""
     if not data:
         return None, "empty"
     with warnings.catch_warnings():
@@ -253,11 +271,15 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             return None, "too_small"
         try:
             im.load()
-            return im.convert("RGB"), None
+            return to_rgb8(im), None
         except Image.DecompressionBombError:
             return None, "too_large"
         except Exception as e:  # noqa: BLE001
             return None, _decode_error_reason(e)
+
+
+# (bytes, max_pixels=, min_side=) -> (image, None) | (None, skip reason)
+Decoder = Callable[..., "tuple[Any, str | None]"]
 
 
 def _decode_error_reason(e: Exception) -> str:
@@ -305,44 +327,77 @@ def _tar_members(fileobj: Any, handler: Callable[[Exception], bool],
             break
 
 
-def _zero_tail(f: Any, offset: int) -> bool:
-    f.seek(offset)
+def _zero_tail(f: Any, offset: int | None = None) -> bool:
+    """Whether every byte from `offset` (None: the current position) to the end is zero."""
+    if offset is not None:
+        f.seek(offset)
     while block := f.read(1 << 20):
         if block.count(0) != len(block):
             return False
     return True
 
 
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")   # gzip, bz2, xz: tarfile's "r:*" reads them
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(tarfile.BLOCKSIZE)
+
+
+def _first_block_problem(path: str) -> str | None:
+    """'empty_tar' or 'not_a_tar' from the file's first block; None if it may be a tar."""
+    head = _head(path)
+    if not head:
+        return "empty_tar"
+    if head.startswith(_COMPRESSED_MAGIC) or head.count(0) == len(head):
+        return None
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+        return None
+    except tarfile.HeaderError:
+        return None if head[257:262] == b"ustar" else "not_a_tar"   # a tar whose first header is damaged
+
+
 def _tar_problem(path: str) -> str | None:
-    """None if the archive is intact: every header valid and only zero blocks after the last member."""
+    """None if the archive is intact: every header valid and only zero blocks after the last member
+    (for a compressed tar: the stream complete, its checksum right, and only zeros after the members)."""
+    first = _first_block_problem(path)
+    if first:
+        return first
+    compressed = _head(path).startswith(_COMPRESSED_MAGIC)
     size = os.path.getsize(path)
-    if size % tarfile.BLOCKSIZE:
+    if not compressed and size % tarfile.BLOCKSIZE:
         return "tar_truncated"
     try:
-        with tarfile.open(path, "r:") as tf:
+        with tarfile.open(path, "r:*" if compressed else "r:") as tf:
             while tf.next() is not None:
                 tf.members = []
             end = tf.offset
+            if compressed:   # reading the stream to its end checks its length and checksum
+                return None if _zero_tail(tf.fileobj) else "tar_corrupt"
     except tarfile.ReadError as e:
         return "tar_truncated" if "unexpected end" in str(e) else "tar_corrupt"
-    except (EOFError, OSError):
+    except EOFError:
         return "tar_truncated"
+    except (tarfile.CompressionError, OSError, ValueError, zlib.error, lzma.LZMAError):
+        return "tar_corrupt"   # a damaged compressed stream (bad data or checksum)
     if end + tarfile.BLOCKSIZE > size:
         return "tar_truncated"  # no end-of-archive block: cut on a member boundary
     with open(path, "rb") as f:
         return None if _zero_tail(f, end) else "tar_corrupt"
 
 
-def _tar_samples(shard: ShardRef, counts: SkipCounts,
-                 select: Callable[[str], bool] | None) -> Iterator[tuple[str, _Members, _Where]]:
+def _tar_samples(shard: ShardRef, counts: SkipCounts, select: Callable[[str], bool] | None,
+                 on_digest: Callable[[str], None] | None = None) -> Iterator[tuple[str, _Members, _Where]]:
     """Members grouped by key, as webdataset groups them. At a break in the archive the sample being
-    assembled is yielded only if the break is known to lie in a later sample's member."""
-    member_errors: list[Exception] = []
-    header_errors: list[Exception] = []
-    announced: list[str] = []  # name of the member _tar_members is about to read
+    assembled is yielded only if a member of a later sample had begun (wanted or not), so it is known
+    complete. `on_digest` gets the digest of the whole file (content.HashingReader), hashed while read."""
+    errors: list[Exception] = []
+    announced: list[str] = []  # the last member _tar_members has looked at
 
     def stop(exn: Exception) -> bool:
-        member_errors.append(exn)
+        errors.append(exn)
         return False  # stop this archive; the break is counted below
 
     def select_files(fname: str) -> bool:
@@ -352,7 +407,15 @@ def _tar_samples(shard: ShardRef, counts: SkipCounts,
     key: str | None = None
     members: _Members = {}
     where: _Where = {}
-    with open(shard.path, "rb") as f:
+    not_tar = _first_block_problem(shard.path)
+    if not_tar:
+        log.warning("gallery shard %s: %s; nothing in it is read", shard.path, not_tar)
+        counts.add(not_tar)
+        if on_digest is not None:
+            on_digest(shard_digest(shard))
+        return
+    with open(shard.path, "rb") as raw:
+        f = raw if on_digest is None else content.HashingReader(raw)
         try:
             for fname, data, offset in _tar_members(f, handler=stop, select_files=select_files):
                 prefix, suffix = _tar_key(fname)
@@ -363,19 +426,20 @@ def _tar_samples(shard: ShardRef, counts: SkipCounts,
                 members[suffix] = data
                 if offset is not None:
                     where[suffix] = (offset, len(data))
-        except (tarfile.TarError, EOFError, OSError) as exn:  # raised while reading a header
-            header_errors.append(exn)
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exn:  # raised reading a header
+            errors.append(exn)
+        if on_digest is not None:
+            on_digest(f.hexdigest())
     reason = _tar_problem(shard.path)
-    if not (member_errors or header_errors or reason):
+    if not (errors or reason):
         if key is not None:
             yield key, members, where
         return
-    errors = member_errors + header_errors
     reason = reason or "tar_corrupt"
     log.warning("gallery shard %s: %s (%s); the sample at the break is dropped and reading stops",
                 shard.path, reason, errors[0] if errors else "archive ends without its end-of-archive block")
-    if key is not None and member_errors and not header_errors and announced and _tar_key(announced[0])[0] != key:
-        yield key, members, where  # the broken member starts a new sample: the one assembled is complete
+    if key is not None and announced and _tar_key(announced[0])[0] != key:
+        yield key, members, where  # a later sample's member had begun: the one assembled is complete
     counts.add(reason)
 
 
@@ -391,45 +455,95 @@ def _folder_key(rel_stem: str) -> str:
     return rel_stem.replace(os.sep, "_").replace("/", "_").replace(".", "_")
 
 
-def _folder_samples(shard: ShardRef, select: Callable[[str], bool] | None
-                    ) -> Iterator[tuple[str, _Members, _Where]]:
-    files: list[str] = []
+def _folder_entries(shard: ShardRef) -> list[tuple[str, str | None]]:
+    """(path relative to the shard folder, '/'-separated; None or the skip reason) of every gallery
+    file of a folder shard, sorted. Non-regular entries (dangling symlinks, FIFOs, devices, symlinks
+    to them) are classified by stat alone: never opened."""
     root = shard.path
+    names: list[str] = []
     if shard.recursive:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            files.extend(os.path.relpath(os.path.join(dirpath, n), root) for n in filenames if not n.startswith("."))
+            names.extend(os.path.relpath(os.path.join(dirpath, n), root) for n in filenames if not n.startswith("."))
     else:
         with os.scandir(root) as it:
-            files = [e.name for e in it if e.is_file() and _visible(e)]
+            names = [e.name for e in it if _visible(e) and not e.is_dir()]
+    rels = sorted(n.replace(os.sep, "/") for n in names if _ext(n) in IMAGE_EXTS or _ext(n) in _SIDE_EXTS)
+    return [(rel, content.file_kind(os.path.join(root, rel))) for rel in rels]
+
+
+def _fill_tree(root: str, entries: list[tuple[str, str | None]], tree: content.TreeHasher) -> None:
+    """Add every entry not yet in `tree` (read now if regular) so it covers the whole shard."""
+    for rel, reason in entries:
+        if rel in tree:
+            continue
+        if reason:
+            tree.skip(rel, reason)
+            continue
+        try:
+            tree.add(rel, content.read_regular(os.path.join(root, rel)))
+        except OSError:
+            tree.skip(rel, "unreadable_file")
+
+
+def _folder_samples(shard: ShardRef, counts: SkipCounts, select: Callable[[str], bool] | None,
+                    on_digest: Callable[[str], None] | None = None, tree: content.TreeHasher | None = None
+                    ) -> Iterator[tuple[str, _Members, _Where]]:
+    """Samples of a folder shard. A sample with a non-regular file is counted once under that file's
+    reason and not yielded. With `on_digest`, the files read through `_read(..., tree)` are hashed as
+    they are read, and the rest once every sample is done, into the shard's digest."""
+    root = shard.path
+    entries = _folder_entries(shard)
+    bad = {rel: reason for rel, reason in entries if reason}
     groups: dict[str, _Where] = {}
-    for rel in sorted(files):
+    for rel, _ in entries:
         ext = _ext(rel)
-        if ext not in IMAGE_EXTS and ext not in _SIDE_EXTS:
-            continue  # not a gallery file (e.g. README.md)
-        stem = rel[: -len(ext) - 1]
-        groups.setdefault(stem, {})[ext] = rel.replace(os.sep, "/")
+        groups.setdefault(rel[: -len(ext) - 1], {})[ext] = rel
     # Files sharing a stem (a.jpg + a.png) are one sample, its image the first in IMAGE_EXTS order;
     # different stems mapping to one key (a.b.jpg, a_b.jpg) are duplicate keys.
     for stem in sorted(groups):
         key = _folder_key(stem)
-        if select is None or select(key):
-            where = groups[stem]
-            yield key, {ext: os.path.join(root, rel) for ext, rel in where.items()}, where
+        if select is not None and not select(key):
+            continue
+        where = groups[stem]
+        problems = [bad[where[e]] for e in (*IMAGE_EXTS, *_SIDE_EXTS) if e in where and where[e] in bad]
+        if problems:
+            counts.add(problems[0])
+            continue
+        yield key, {ext: os.path.join(root, rel) for ext, rel in where.items()}, where
+    if on_digest is not None and tree is not None:
+        _fill_tree(root, entries, tree)
+        on_digest(tree.hexdigest())
 
 
-def _read(member: bytes | str) -> bytes:
+def shard_digest(shard: ShardRef) -> str:
+    """The digest iter_images(..., on_digest=...) reports for this shard, computed by reading its
+    bytes only (no decoding): a tar's whole file, a folder's gallery files (content.TreeHasher)."""
+    if shard.kind == "tar":
+        with open(shard.path, "rb") as f:
+            return content.file_hash(f)
+    tree = content.TreeHasher()
+    _fill_tree(shard.path, _folder_entries(shard), tree)
+    return tree.hexdigest()
+
+
+def _read(member: bytes | str, rel: Any = None, tree: content.TreeHasher | None = None) -> bytes:
+    """A member's bytes: in memory (tar) or a folder file, opened only if regular (OSError if not),
+    and added to `tree` under its relative path `rel`."""
     if isinstance(member, bytes):
         return member
-    with open(member, "rb") as f:
-        return f.read()
+    data = content.read_regular(member)
+    if tree is not None and isinstance(rel, str):
+        tree.add(rel, data)
+    return data
 
 
-def _samples(shard: ShardRef, counts: SkipCounts, select: Callable[[str], bool] | None):
+def _samples(shard: ShardRef, counts: SkipCounts, select: Callable[[str], bool] | None,
+             on_digest: Callable[[str], None] | None = None, tree: content.TreeHasher | None = None):
     if shard.kind == "tar":
-        return _tar_samples(shard, counts, select)
+        return _tar_samples(shard, counts, select, on_digest)
     if shard.kind == "folder":
-        return _folder_samples(shard, select)
+        return _folder_samples(shard, counts, select, on_digest, tree)
     raise ValueError(f"unknown shard kind {shard.kind!r}; valid choices: tar, folder")
 
 
@@ -442,7 +556,7 @@ def meta_of(raw: bytes) -> dict[str, Any] | None:
     """The parsed ``.json`` member, or None if it is not a JSON object (skip reason 'bad_meta')."""
     try:
         meta = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):   # RecursionError: [[[[...]]]] nested deeply
         return None
     return meta if isinstance(meta, dict) else None
 
@@ -464,38 +578,52 @@ def _location(where: _Where, ext: str, size: int) -> dict[str, Any] | None:
 
 
 def _to_image(shard: ShardRef, key: str, members: _Members, where: _Where, counts: SkipCounts,
-              max_pixels: int, min_side: int) -> GalleryImage | None:
+              max_pixels: int, min_side: int, decode: Decoder = decode_image,
+              tree: content.TreeHasher | None = None) -> GalleryImage | None:
     ext = image_ext(members)
     if ext is None:
         counts.add("not_image")
         return None
-    meta: dict[str, Any] | None = {}
-    if "json" in members:
-        meta = meta_of(_read(members["json"]))
-        if meta is None:
-            counts.add("bad_meta")
-            return None
-    data = _read(members[ext])
-    image, reason = decode_image(data, max_pixels=max_pixels, min_side=min_side)
+    try:
+        meta: dict[str, Any] | None = {}
+        if "json" in members:
+            meta = meta_of(_read(members["json"], where.get("json"), tree))
+            if meta is None:
+                counts.add("bad_meta")
+                return None
+        data = _read(members[ext], where.get(ext), tree)
+        caption = _read(members["txt"], where.get("txt"), tree) if "txt" in members else None
+    except OSError:   # a folder file that cannot be read, or no longer a regular file
+        counts.add("unreadable_file")
+        return None
+    image, reason = decode(data, max_pixels=max_pixels, min_side=min_side)
     if image is None:
         counts.add(reason or "corrupt")
         return None
-    caption = _read(members["txt"]).decode("utf-8", errors="replace") if "txt" in members else None
-    return GalleryImage(id=image_id(shard.name, key), key=key, image=image, caption=caption, meta=meta,
-                        loc=_location(where, ext, len(data)))
+    return GalleryImage(id=image_id(shard.name, key), key=key, image=image,
+                        caption=None if caption is None else caption.decode("utf-8", errors="replace"),
+                        meta=meta, loc=_location(where, ext, len(data)), hash=content.image_hash(data))
 
 
 def iter_images(shard: ShardRef, counts: SkipCounts | None = None, *,
-                max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0) -> Iterator[GalleryImage]:
-    """Decoded images of one shard, in shard order. Skipped entries are added to `counts`."""
+                max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0,
+                decode: Decoder = decode_image,
+                on_digest: Callable[[str], None] | None = None) -> Iterator[GalleryImage]:
+    """Decoded images of one shard, in shard order. Skipped entries are added to `counts`.
+
+    `decode` turns an image member's bytes into (image, None) or (None, skip reason); a decoder may
+    defer the pixels (index.device_decode keeps JPEG bytes for a batched decode on the device).
+    `on_digest`, when given, is called once the shard is read to its end with the digest of all its
+    bytes (`shard_digest`), hashed while they were read for decoding."""
     counts = SkipCounts() if counts is None else counts
+    tree = content.TreeHasher() if on_digest is not None and shard.kind == "folder" else None
     seen: set[str] = set()
-    for key, members, where in _samples(shard, counts, None):
+    for key, members, where in _samples(shard, counts, None, on_digest, tree):
         if key in seen:
             counts.add("duplicate_key")
             continue
         seen.add(key)
-        item = _to_image(shard, key, members, where, counts, max_pixels, min_side)
+        item = _to_image(shard, key, members, where, counts, max_pixels, min_side, decode, tree)
         if item is not None:
             yield item
 
@@ -505,14 +633,21 @@ def read_images(shard: ShardRef, keys: set[str], counts: SkipCounts | None = Non
     """Read one shard once and return only the images of `keys` (the same images iter_images gives).
 
     This scans the shard; curate reads by recorded location instead (index.ranged) and comes here only
-    for an index built before locations were recorded.
+    for an index built before locations were recorded, or a compressed tar.
 
     Only wanted members are read from a tar. Wanted keys that cannot be decoded are counted under
     their reason, wanted keys absent from the shard under 'missing'.
     """
+    got = read_gallery_images(shard, keys, counts, max_pixels=max_pixels, min_side=min_side)
+    return {k: g.image for k, g in got.items()}
+
+
+def read_gallery_images(shard: ShardRef, keys: set[str], counts: SkipCounts | None = None, *,
+                        max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0) -> dict[str, GalleryImage]:
+    """`read_images` with the whole `GalleryImage` of each key (its content hash included)."""
     counts = SkipCounts() if counts is None else counts
     wanted = set(keys)
-    out: dict[str, Image.Image] = {}
+    out: dict[str, GalleryImage] = {}
     seen: set[str] = set()
     for key, members, where in _samples(shard, counts, wanted.__contains__):
         if key in seen:
@@ -520,6 +655,6 @@ def read_images(shard: ShardRef, keys: set[str], counts: SkipCounts | None = Non
         seen.add(key)
         item = _to_image(shard, key, members, where, counts, max_pixels, min_side)
         if item is not None:
-            out[key] = item.image
+            out[key] = item
     counts.add("missing", len(wanted - seen))
     return out

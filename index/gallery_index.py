@@ -19,10 +19,30 @@ from index.atomic import read_json
 from index.encoders import EncoderSpec, check_same_encoders, resolve_encoder
 from index.gallery import ShardRef
 from index.ranged import ReadStats
+from index.errors import InputError, MissingInputError
 
 
 SEARCH_TASK_BYTES = 2 << 30   # default memory budget of one search task: index files it opens
 SEARCH_CACHE_ENTRIES = 4      # query sets whose deepest lists are kept (curate searches one set)
+
+
+_REQUIRED_KEYS = ("num_vectors", "encoders", "index_factory", "shards", "groups")   # in indexes of every version
+
+
+def read_index_manifest(root: str | Path) -> dict[str, Any]:
+    """An index directory's manifest; a missing, truncated or foreign one is refused naming the file."""
+    path = Path(root) / contract.MANIFEST_FILE
+    if not path.is_file():
+        raise MissingInputError(f"{path} not found: build the index first "
+                                f"(python curation/build_index.py --config ... --out {root})")
+    try:
+        manifest = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not a complete index manifest ({e}); rebuild the index") from None
+    missing = [k for k in _REQUIRED_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise InputError(f"{path} is not an index manifest: it lacks {missing}; rebuild the index")
+    return manifest
 
 
 class GalleryIndex:
@@ -39,11 +59,7 @@ class GalleryIndex:
         self._cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.searches = 0   # searches run (requests served from the cache are not counted)
         self.root = Path(root)
-        path = self.root / contract.MANIFEST_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: build the index first "
-                                    f"(python curation/build_index.py --config ... --out {self.root})")
-        self.manifest = read_json(path)
+        self.manifest = read_index_manifest(self.root)
         self.specs = [EncoderSpec.from_dict(d) for d in self.manifest["encoders"]]
         self.shards = self.manifest["shards"]
         self.offsets = np.array([s["offset"] for s in self.shards], dtype=np.int64)
@@ -51,6 +67,7 @@ class GalleryIndex:
         self._faiss = None
         self._pos = {s["name"]: i for i, s in enumerate(self.shards)}
         self._locs: dict[str, dict[str, Any] | None] = {}   # image id -> loc, of every row returned
+        self._hashes: dict[str, str | None] = {}             # image id -> content hash, likewise
         self._seekable: dict[int, bool] = {}                 # shard position -> has a line-offset table
         self.read_stats = ReadStats()                        # bytes read from gallery files by id
 
@@ -150,34 +167,41 @@ class GalleryIndex:
             sel = order[a:b]
             for j, row in zip(sel, self._rows_at(int(pos[sel[0]]), local[sel])):
                 out[j] = row
-                self._locs[row.id] = row.loc
+                self._locs[row.id], self._hashes[row.id] = row.loc, row.hash
         return out  # type: ignore[return-value]
 
     @functools.lru_cache(maxsize=64)
-    def _shard_locs(self, shard_name: str) -> dict[str, dict[str, Any] | None]:
-        """image id -> loc over a whole shard's row table: for ids `rows` has not returned."""
-        return {r.id: r.loc for r in self._rows(self._pos[shard_name])}
+    def _shard_locs(self, shard_name: str) -> dict[str, tuple[dict[str, Any] | None, str | None]]:
+        """image id -> (loc, hash) over a whole shard's row table: for ids `rows` has not returned."""
+        return {r.id: (r.loc, r.hash) for r in self._rows(self._pos[shard_name])}
+
+    def _from_table(self, iid: str) -> bool:
+        """Look an id up in its shard's whole row table; False if the index does not hold it."""
+        shard = contract.split_image_id(iid)[0]
+        if shard not in self._pos:
+            return False
+        table = self._shard_locs(shard)
+        if iid not in table:
+            return False
+        self._locs[iid], self._hashes[iid] = table[iid]
+        return True
 
     def locations(self, ids: Iterable[str]) -> dict[str, dict[str, Any] | None]:
         """image id -> its location (contract.ROW_LOC_FIELDS), or None where the index holds the image
         but no location (an index built before locations were recorded). Ids the index does not hold
         are left out. Ids not returned by `rows` before cost a read of their shard's row table."""
-        out: dict[str, dict[str, Any] | None] = {}
-        for iid in ids:
-            if iid in self._locs:
-                out[iid] = self._locs[iid]
-                continue
-            shard = contract.split_image_id(iid)[0]
-            if shard in self._pos:
-                table = self._shard_locs(shard)
-                if iid in table:
-                    out[iid] = self._locs[iid] = table[iid]
-        return out
+        return {iid: self._locs[iid] for iid in ids if iid in self._locs or self._from_table(iid)}
 
-    def remember(self, locs: dict[str, dict[str, Any] | None]) -> None:
-        """Take image locations found elsewhere (a driver's `rows`, sent with a task), so a worker's
-        reads of those images cost no row-table read."""
+    def hashes(self, ids: Iterable[str]) -> dict[str, str | None]:
+        """image id -> the content hash its rows record (None in indexes built before they did); ids
+        the index does not hold are left out. Looked up as `locations` does."""
+        return {iid: self._hashes[iid] for iid in ids if iid in self._hashes or self._from_table(iid)}
+
+    def remember(self, locs: dict[str, dict[str, Any] | None], hashes: dict[str, str | None] | None = None) -> None:
+        """Take image locations (and content hashes) found elsewhere (a driver's `rows`, sent with a
+        task), so a worker's reads of those images cost no row-table read."""
         self._locs.update(locs)
+        self._hashes.update(hashes or {})
 
     def location(self, image_id: str) -> dict[str, Any] | None:
         """The image's location, or None where the index has none recorded; KeyError if not indexed."""

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
+from index.errors import ConfigError
 
 MIN_POINTS_PER_LIST = 39      # faiss warns below this many training points per centroid
 TRAIN_POINTS_PER_LIST = 50    # training sample size per IVF list (faiss uses at most 256)
@@ -72,9 +73,30 @@ def validate_factory(factory: str, dim: int) -> str:
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise ValueError(f"invalid faiss factory string {factory!r} for dim {dim} ({e}); examples: "
+        raise ConfigError(f"invalid faiss factory string {factory!r} for dim {dim} ({e}); examples: "
                          "'Flat', 'IVF1024,Flat', 'IVF4096,PQ64', 'HNSW32,Flat', or 'auto'") from None
     return factory
+
+
+def min_training_vectors(factory: str) -> int:
+    """The fewest training vectors faiss accepts for `factory`: one per IVF list, 2**nbits per PQ
+    sub-quantizer (0 for a factory that needs no training)."""
+    need = 0
+    ivf = re.search(r"IVF(\d+)", factory)
+    if ivf:
+        need = int(ivf.group(1))
+    pq = re.search(r"PQ(\d+)(?:x(\d+))?", factory)
+    if pq:
+        need = max(need, 2 ** int(pq.group(2) or 8))
+    return need
+
+
+def check_trainable(factory: str, dim: int, num_vectors: int, what: str) -> None:
+    """Refuse a factory that cannot be trained on `num_vectors` vectors, before any training."""
+    need = min_training_vectors(factory)
+    if need and needs_training(factory, dim) and num_vectors < need:
+        raise ConfigError(f"faiss factory {factory!r} needs at least {need} training vectors; {what} "
+                          f"{num_vectors}: use fewer IVF lists (about 4*sqrt(n)), a Flat index, or 'auto'")
 
 
 def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int,
@@ -115,7 +137,7 @@ def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int,
         return f"IVF{nlist},Flat"
     fitting = [m for m in range(1, dim // 2 + 1) if dim % m == 0 and _bytes_ivf_pq(n, dim, nlist, m) <= budget]
     if not fitting or total < PQ_MIN_TRAIN:
-        raise ValueError(
+        raise ConfigError(
             f"memory budget {budget} bytes is too small for {n} vectors of dim {dim}: Flat needs "
             f"{_bytes_flat(n, dim)}, IVF{nlist},Flat {_bytes_ivf_flat(n, dim, nlist)}, IVF{nlist},PQ1 "
             f"{_bytes_ivf_pq(n, dim, nlist, 1)} bytes (and PQ needs >= {PQ_MIN_TRAIN} vectors to train); "

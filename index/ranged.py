@@ -31,14 +31,18 @@ from typing import Any, BinaryIO, Iterable
 
 from PIL import Image
 
+from index import content
 from index.contract import IMAGE_EXTS, image_id, split_image_id
 from index.gallery import (DEFAULT_MAX_PIXELS, ShardRef, SkipCounts, decode_image, meta_of,
-                           read_images)
+                           read_gallery_images)
 
 log = logging.getLogger(__name__)
 
 STALE = "stale_location"
+CHANGED = "changed"
+CHANGED_REASONS = (CHANGED, STALE)   # the gallery no longer holds what was indexed there
 _warned_scan = False
+_warned_unhashed = False
 
 
 @dataclass
@@ -81,7 +85,7 @@ class _RangeFile:
 
     def __init__(self, path: str, stats: ReadStats):
         self.path, self.stats = path, stats
-        self._f: BinaryIO = open(path, "rb")
+        self._f: BinaryIO = content.open_regular(path)   # never a FIFO or device swapped in
         stats.files += 1
         self.size = os.fstat(self._f.fileno()).st_size
 
@@ -148,6 +152,8 @@ def _end(span: tuple[int, int, str]) -> int:
 
 
 def _folder_file(root: str, rel: Any, stats: ReadStats, size: int | None = None) -> bytes | None:
+    """The file's bytes; None if the location leaves the shard folder, the file is gone or not regular,
+    or (`size` given, no content hash to decide by) its size differs from the recorded one."""
     if not isinstance(rel, str) or posixpath.isabs(rel) or posixpath.normpath(rel).startswith(".."):
         return None  # a location never leaves its shard folder
     try:
@@ -163,8 +169,9 @@ def _folder_file(root: str, rel: Any, stats: ReadStats, size: int | None = None)
 
 
 def _decode(data: bytes | None, meta: bytes | None, has_meta: bool, max_pixels: int,
-            min_side: int) -> tuple[Image.Image | None, str | None]:
-    """The same checks in the same order as the index-time reader: meta, then the image."""
+            min_side: int, expected: str | None = None) -> tuple[Image.Image | None, str | None]:
+    """The same checks in the same order as the index-time reader: meta, then the image; with the
+    content hash recorded at index time (`expected`), bytes that differ are 'changed'."""
     if has_meta:
         if meta is None:
             return None, STALE
@@ -172,6 +179,8 @@ def _decode(data: bytes | None, meta: bytes | None, has_meta: bool, max_pixels: 
             return None, "bad_meta"
     if data is None:
         return None, STALE
+    if expected is not None and content.image_hash(data) != expected:
+        return None, CHANGED
     image, reason = decode_image(data, max_pixels=max_pixels, min_side=min_side)
     return image, None if image is not None else (reason or "corrupt")
 
@@ -184,10 +193,13 @@ def _sort_key(item: tuple[str, ShardRef, dict[str, Any]]) -> tuple[str, int, str
 
 def read_located(items: Iterable[tuple[str, ShardRef, dict[str, Any]]], counts: SkipCounts | None = None,
                  stats: ReadStats | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 min_side: int = 0) -> ReadResult:
+                 min_side: int = 0, hashes: dict[str, str | None] | None = None) -> ReadResult:
     """Read (image id, shard, loc) items by their recorded locations, sorted by (file, offset) so each
     tar is opened once and read forward. Unreadable items are counted in `counts` under their reason
-    and listed in the result; a malformed or stale location is 'stale_location'."""
+    and listed in the result; a malformed or stale location is 'stale_location'. `hashes` (image id ->
+    the content hash its index row records) makes an image whose bytes differ 'changed'; a folder
+    file whose size changed is then read and 'changed' too."""
+    hashes = hashes or {}
     counts = SkipCounts() if counts is None else counts
     stats = ReadStats() if stats is None else stats
     out = ReadResult()
@@ -217,12 +229,13 @@ def read_located(items: Iterable[tuple[str, ShardRef, dict[str, Any]]], counts: 
                                      else (None, None, ""))
                     data, *meta = _tar_members(current, spans)
                     image, reason = _decode(data, meta[0] if meta else None, "json" in loc, max_pixels,
-                                            min_side)
+                                            min_side, hashes.get(iid))
             elif shard.kind == "folder":
                 meta = _folder_file(shard.path, loc["json"], stats) if "json" in loc else None
-                data = _folder_file(shard.path, loc.get("file"), stats, loc.get("size")) \
+                size = None if hashes.get(iid) else loc.get("size")   # the hash decides where there is one
+                data = _folder_file(shard.path, loc.get("file"), stats, size) \
                     if "json" not in loc or meta is not None else None
-                image, reason = _decode(data, meta, "json" in loc, max_pixels, min_side)
+                image, reason = _decode(data, meta, "json" in loc, max_pixels, min_side, hashes.get(iid))
             else:
                 raise ValueError(f"unknown shard kind {shard.kind!r}; valid choices: tar, folder")
             if image is None:
@@ -249,14 +262,23 @@ def read_by_id(gindex, ids: Iterable[str], counts: SkipCounts | None = None,
     Ids with a recorded location are read by range; ids the index holds without one (an index built
     before locations were recorded, or a compressed tar) are read by scanning their shard once, with a
     warning the first time; ids the index does not hold are 'missing'. Bytes read are added to `stats`
-    (default: ``gindex.read_stats``), a scanned shard counting its whole size.
+    (default: ``gindex.read_stats``), a scanned shard counting its whole size. Every image whose row
+    records a content hash (``gindex.hashes``) is checked against it: other bytes are 'changed'.
     """
-    global _warned_scan
+    global _warned_scan, _warned_unhashed
     counts = SkipCounts() if counts is None else counts
     stats = getattr(gindex, "read_stats", None) if stats is None else stats
     stats = ReadStats() if stats is None else stats
     wanted = sorted(set(map(str, ids)))
     locs = gindex.locations(wanted)
+    hashes = gindex.hashes(wanted) if hasattr(gindex, "hashes") else None
+    if hashes is None:
+        hashes = {}
+    elif not _warned_unhashed and any(hashes.get(i) is None for i in locs):
+        _warned_unhashed = True
+        log.warning("%s: its rows record no content hash (an index built before they were); a gallery image "
+                    "replaced since indexing cannot be noticed. Rebuild the index to have them checked.",
+                    getattr(gindex, "root", "index"))
     located, scan = [], {}
     out = ReadResult()
     for iid in wanted:
@@ -269,7 +291,7 @@ def read_by_id(gindex, ids: Iterable[str], counts: SkipCounts | None = None,
             scan.setdefault(shard, set()).add(key)
         else:
             located.append((iid, gindex.shard_ref(shard), locs[iid]))
-    got = read_located(located, counts, stats, **limits)
+    got = read_located(located, counts, stats, hashes=hashes, **limits)
     out.images.update(got.images)
     out.unreadable.update(got.unreadable)
     if scan and not _warned_scan:
@@ -281,7 +303,14 @@ def read_by_id(gindex, ids: Iterable[str], counts: SkipCounts | None = None,
     for shard, keys in sorted(scan.items()):
         ref = gindex.shard_ref(shard)
         shard_counts = SkipCounts()
-        images = read_images(ref, keys, shard_counts, **limits)
+        images = {}
+        for key, item in read_gallery_images(ref, keys, shard_counts, **limits).items():
+            expected = hashes.get(image_id(shard, key))
+            if expected is not None and item.hash != expected:
+                shard_counts.add(CHANGED)
+                out.unreadable[image_id(shard, key)] = CHANGED
+            else:
+                images[key] = item.image
         counts.merge(shard_counts)
         stats.scanned_files += 1
         stats.files += 1
@@ -291,7 +320,7 @@ def read_by_id(gindex, ids: Iterable[str], counts: SkipCounts | None = None,
             if key in images:
                 out.images[image_id(shard, key)] = images[key]
             else:
-                out.unreadable[image_id(shard, key)] = reason
+                out.unreadable.setdefault(image_id(shard, key), reason)
     return out
 
 

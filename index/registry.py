@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 from typing import Generic, Iterator, TypeVar
 
-from index.errors import UserError
+from index.errors import ConfigError, UserError
 
 T = TypeVar("T")
 
@@ -62,6 +62,6 @@ class Registry(Generic[T]):
 def choice(kind: str, value: str, valid: list[str] | tuple[str, ...]) -> str:
     """Validate a plain option value, raising with the valid choices."""
     if value not in valid:
-        raise ValueError(f"unknown {kind} {value!r}; valid choices: {', '.join(valid)}")
+        raise ConfigError(f"unknown {kind} {value!r}; valid choices: {', '.join(valid)}")
     return value
 

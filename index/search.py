@@ -9,6 +9,8 @@ Rows with fewer than k results are padded with id -1 and score -inf.
   only the few columns that can still enter the top-k are merged. k is not capped (faiss GPU
   indexes cap k at 2048; query-balanced retrieval can need more).
 - `ShardedIndex`: one FAISS index per shard group; `search` fans out and merges top-k exactly.
+  Flat groups are searched by GEMM + top-k in torch on the GPU when CUDA is present
+  (index.torch_search); IVF groups by faiss GPU when the `gpu` extra is installed (index.faiss_gpu).
 - `assign_queries` / `search_groups`: groups that share one trained quantizer are searched with the
   queries' coarse assignment computed once (`IndexIVF.search_preassigned`), so a query costs what it
   costs in one index; `search_groups` is the unit of work of a fan-out (it opens only its groups,
@@ -349,6 +351,9 @@ class ShardedIndex:
         flat = flat_arrays(index)
         if flat is not None:
             vectors, ids = flat
+            from index.torch_search import cuda_available, torch_exact_search
+            if cuda_available():  # the same top-k by block GEMM + top-k on the GPU (index.torch_search)
+                return torch_exact_search(queries, [(ids, vectors)], k, device="cuda")
             rows = default_block_rows(len(queries))
             return _search_blocks(queries, ((ids[a:a + rows], vectors[a:a + rows])
                                             for a in range(0, len(vectors), rows)), k, rows)
@@ -480,10 +485,11 @@ def _opened_groups(root: str, group_files: tuple[str, ...], trained_file: str | 
     this process (query-balanced selection deepens k, backfill searches again): their lists stay page
     cache, which the kernel reclaims, not process memory. `stamp` (sizes and mtimes) keys the files'
     contents, so a rebuilt index is opened afresh."""
+    from index.faiss_gpu import ivf_to_gpu
     indexes = [load_index(Path(root) / f, mmap=True) for f in group_files]
     if trained_file is not None:
         indexes = [stack_groups(indexes, load_index(Path(root) / trained_file))]
-    return ShardedIndex(indexes)
+    return ShardedIndex([ivf_to_gpu(ix) for ix in indexes])
 
 
 def plan_group_tasks(sizes: Sequence[int], budget_bytes: int) -> list[list[int]]:

@@ -17,6 +17,12 @@ import numpy as np
 
 from index import contract
 from index.atomic import atomic_path, check_done, read_json, write_json
+from index.errors import InputError
+from index.outdir import invalidate
+
+
+class RowTableMismatch(InputError, IndexError):
+    """A row table that does not hold the rows the index refers to."""
 
 
 @dataclass(frozen=True)
@@ -25,13 +31,14 @@ class Row:
     crop: int        # crop index within the image
     recipe: dict[str, Any]
     loc: dict[str, Any] | None = None  # contract.ROW_LOC_FIELDS; None in old indexes or unseekable shards
+    hash: str | None = None            # the image's content hash (contract.ROW_FIELDS); None in old indexes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "crop": self.crop, "recipe": self.recipe, "loc": self.loc}
+        return {"id": self.id, "crop": self.crop, "recipe": self.recipe, "loc": self.loc, "hash": self.hash}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Row":
-        return cls(id=d["id"], crop=d["crop"], recipe=d["recipe"], loc=d.get("loc"))
+        return cls(id=d["id"], crop=d["crop"], recipe=d["recipe"], loc=d.get("loc"), hash=d.get("hash"))
 
 
 def shard_dir(root: str | Path, shard: str) -> Path:
@@ -42,6 +49,7 @@ def write_shard(root: str | Path, shard: str, features: dict[str, np.ndarray], r
                 record: dict[str, Any]) -> dict[str, Any]:
     """Write one shard's matrices and rows, then its done record (last)."""
     d = shard_dir(root, shard)
+    invalidate(root, contract.MANIFEST_FILE)   # the index is being changed: no longer finished
     d.mkdir(parents=True, exist_ok=True)
     for name, mat in features.items():
         if len(mat) != len(rows):
@@ -63,6 +71,10 @@ def write_shard(root: str | Path, shard: str, features: dict[str, np.ndarray], r
     return record
 
 
+def has_done(root: str | Path, shard: str) -> bool:
+    return (shard_dir(root, shard) / contract.DONE_FILE).is_file()
+
+
 def done_record(root: str | Path, shard: str, fingerprint: str) -> dict[str, Any] | None:
     """The shard's done record if complete with this fingerprint; None if not done; raises if it differs."""
     return check_done(shard_dir(root, shard) / contract.DONE_FILE, fingerprint)
@@ -73,8 +85,22 @@ def load_features(root: str | Path, shard: str, encoder: str, mmap: bool = True)
 
 
 def load_rows(root: str | Path, shard: str) -> list[Row]:
-    with open(shard_dir(root, shard) / contract.ROWS_FILE) as f:
-        return [Row.from_dict(json.loads(line)) for line in f]
+    path = shard_dir(root, shard) / contract.ROWS_FILE
+    with open(path, "rb") as f:
+        return [parse_row(line, path, shard, i) for i, line in enumerate(f)]
+
+
+def parse_row(line: bytes, path: Path, shard: str, position: int) -> Row:
+    """One row-table line; a truncated line, or a row of another shard's table, is refused naming the file."""
+    try:
+        row = Row.from_dict(json.loads(line))
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: row {position} is truncated or not a row ({type(e).__name__}: {e}); "
+                         "rebuild this shard (delete its directory and rerun build_index)") from None
+    if contract.split_image_id(row.id)[0] != shard:
+        raise InputError(f"{path}: row {position} is image {row.id!r}, not one of shard {shard!r}: "
+                         "this row table belongs to another shard; rebuild this shard")
+    return row
 
 
 def has_row_offsets(root: str | Path, shard: str) -> bool:
@@ -90,10 +116,15 @@ def load_rows_at(root: str | Path, shard: str, rows: Sequence[int] | np.ndarray)
     if not (d / contract.ROWS_OFFSETS_FILE).is_file():
         table = load_rows(root, shard)
         return [table[int(r)] for r in want]
-    offsets = np.load(d / contract.ROWS_OFFSETS_FILE, mmap_mode="r")
+    try:
+        offsets = np.load(d / contract.ROWS_OFFSETS_FILE, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise InputError(f"{d / contract.ROWS_OFFSETS_FILE} is not a readable line-offset table ({e}); "
+                         "rebuild this shard (delete its directory and rerun build_index)") from None
     n = len(offsets) - 1
     if want.size and (want.min() < 0 or want.max() >= n):
-        raise IndexError(f"{d}: row positions must be in [0, {n})")
+        raise RowTableMismatch(f"{d}: row positions must be in [0, {n}): its row table holds {n} rows, fewer "
+                               "than the index asks for; it belongs to another shard or build: rebuild this shard")
     uniq = np.unique(want)
     found: dict[int, Row] = {}
     with open(d / contract.ROWS_FILE, "rb") as f:
@@ -103,10 +134,11 @@ def load_rows_at(root: str | Path, shard: str, rows: Sequence[int] | np.ndarray)
             f.seek(start)
             block = f.read(end - start)
             if len(block) != end - start:
-                raise ValueError(f"{d / contract.ROWS_FILE} is shorter than its line-offset table says")
+                raise InputError(f"{d / contract.ROWS_FILE} is shorter than its line-offset table says "
+                                 "(truncated); rebuild this shard (delete its directory and rerun build_index)")
             for r in run:
                 a, b = int(offsets[r]) - start, int(offsets[r + 1]) - start
-                found[int(r)] = Row.from_dict(json.loads(block[a:b]))
+                found[int(r)] = parse_row(block[a:b], d / contract.ROWS_FILE, shard, int(r))
     return [found[int(r)] for r in want]
 
 

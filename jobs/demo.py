@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     steps: dict[str, float] = {}
     py = str(BIN / "python")
     steps["gallery"] = run([py, "-m", "jobs.demo_gallery", "--out", str(data)], data / "gallery.done.json")
-    steps["index"] = run([py, "curation/build_index.py", "--config", "jobs/demo.yaml", "--out", str(data / "idx")],
-                         data / "idx" / "manifest.json")
+    steps["index"] = run([py, "curation/build_index.py", "--config", "jobs/demo.yaml", "--out", str(data / "idx"),
+                          "--gallery", str(data / "gallery" / "*.tar")], data / "idx" / "manifest.json")
     for name, strategy in (("curated", "query_balanced"), ("random", "random")):
         steps[f"curate {name}"] = run(
             [str(BIN / "curate"), "--queries", QUERIES, "--index", str(data / "idx"), "--size", str(a.size),
@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     print("=" * 72)
     ranking = json.loads((data / "rank" / "ranking.json").read_text())
     print(f"teachers: {ranking_line(ranking)}")
-    print(f"report:   {data / 'curated' / 'report.html'}")
+    print(f"reports:  curated set {(data / 'curated' / 'report.html').resolve()}")
+    print(f"          distillation {(data / 'runs' / 'kd_curated' / 'report.html').resolve()}"
+          f" (every run directory under {data / 'runs'} has one; ranking plot {data / 'rank' / 'ranking.svg'})")
     print(f"outputs:  index {data / 'idx'}, curated {data / 'curated'}, random {data / 'random'}, "
           f"runs {data / 'runs'}, ranking {data / 'rank' / 'ranking.json'}")
     print(f"pipeline time: {time.perf_counter() - t0:.0f} s "

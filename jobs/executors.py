@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence, TypeVar
 
-from tqdm.auto import tqdm
-
-from index.executor import Executor, LocalExecutor  # noqa: F401 - re-exported: the in-process executor
+from index.executor import Executor, LocalExecutor, progress_bar  # noqa: F401 - re-exported: the in-process executor
+from index.errors import ConfigError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,7 +63,28 @@ class RayExecutor:
                      include_dashboard=False if address is None else None)
         return ray
 
-    def map(self, make_worker: Callable[[], Callable[[T], R]], tasks: Sequence[T], desc: str = "") -> list[R]:
+    def embed_shards(self, tasks: Sequence[Any], specs: tuple[Any, ...], device: str | None) -> list[Any]:
+        """The embedding stage as a Ray Data stream (jobs.ray_data): shards read and decoded on CPU
+        tasks, encoders in `num_workers` actors with `gpus_per_worker` GPUs each (default: one actor
+        per GPU share; on CPU, half the CPUs, leaving the rest to the readers)."""
+        if not tasks:
+            return []
+        ray = self._init()
+        from jobs.ray_data import embed_with_ray_data
+
+        res = ray.cluster_resources()
+        cpus = res.get("CPU", 1)
+        if self.gpus_per_worker > 0:
+            n = self.num_workers or max(1, int(res.get("GPU", 0) // self.gpus_per_worker))
+        else:
+            n = self.num_workers or max(1, int(cpus // (2 * self.cpus_per_worker)))
+        n = max(1, min(n, int((cpus - 1) // self.cpus_per_worker)))  # one CPU stays for the readers
+        return embed_with_ray_data(list(tasks), specs, device, num_encoders=n,
+                                   gpus_per_encoder=self.gpus_per_worker, cpus_per_encoder=self.cpus_per_worker,
+                                   torch_threads=self.torch_threads or _local_torch_threads())
+
+    def map(self, make_worker: Callable[[], Callable[[T], R]], tasks: Sequence[T], desc: str = "",
+            units: Sequence[int] | None = None, unit: str = "task") -> list[R]:
         if not tasks:
             return []
         ray = self._init()
@@ -75,8 +95,12 @@ class RayExecutor:
         actor_cls = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)(_Actor)
         actors = [actor_cls.remote(make_worker, self.torch_threads or _local_torch_threads()) for _ in range(n)]
         pool = ActorPool(actors)
-        results = list(tqdm(pool.map(lambda a, t: a.run.remote(t), list(tasks)), total=len(tasks),
-                            desc=desc, unit="task"))
+        bar, sizes = progress_bar(tasks, desc, units, unit)
+        results = []
+        with bar:
+            for n, res in zip(sizes, pool.map(lambda a, t: a.run.remote(t), list(tasks))):
+                results.append(res)
+                bar.update(n)
         for a in actors:
             ray.kill(a)
         return results
@@ -95,4 +119,4 @@ def make_executor(name: str, **kwargs: Any) -> Executor:
         return LocalExecutor()
     if name == "ray":
         return RayExecutor(**kwargs)
-    raise ValueError(f"unknown executor {name!r}; valid choices: {', '.join(EXECUTORS)}")
+    raise ConfigError(f"unknown executor {name!r}; valid choices: {', '.join(EXECUTORS)}")

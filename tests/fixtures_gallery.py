@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,3 +179,23 @@ def webp_bytes(im: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     im.convert("RGB").save(buf, "WEBP", quality=quality)
     return buf.getvalue()
+
+
+def curated_outputs(out: Path) -> dict[str, bytes]:
+    """Every output of a curated directory a rerun must reproduce, byte for byte: its files (not the
+    run's bookkeeping: owner marker and lock), the write stage's report thumbnails, and the manifest
+    without timings or config.out."""
+    from index import contract
+    from index.outdir import LOCK, MARKER
+
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir())
+             if p.is_file() and p.name not in (contract.MANIFEST_FILE, MARKER, LOCK)}
+    # the report's timings section, like the manifest's timings, says how this run spent its time
+    files[contract.REPORT_FILE] = re.sub(rb'<section id="timings">.*?</section>', b"",
+                                         files[contract.REPORT_FILE], flags=re.S)
+    files[contract.REPORT_THUMBS_FILE] = (out / contract.REPORT_THUMBS_FILE).read_bytes()
+    m = json.loads((out / contract.MANIFEST_FILE).read_text())
+    m.pop("timings")
+    m["config"].pop("out")
+    files[contract.MANIFEST_FILE] = json.dumps(m, sort_keys=True).encode()
+    return files

@@ -31,6 +31,7 @@ SCRIPTS = {
     "scale.py": (("io", "search"), True, True),
     "verify.py": (("sets", "all"), True, False),
     "search_groups.py": (("runs", "own_quantizer_time_ratio"), True, False),
+    "shared_cpu.py": (("cases", "slowdown"), True, False),
 }
 
 
@@ -138,3 +139,29 @@ def test_quality_memo_forwards_every_argument_of_embed_originals(monkeypatch):
     assert set(into2) == {"s/a", "s/cc"} and set(keys2) == {"s/a", "s/cc"}
     with pytest.raises(TypeError):
         workers.embed_originals(G(), [M()], ["s/a"], {}, unknown_keyword=1)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_needs_no_faiss_ray_or_open_clip(tmp_path):
+    """bench/gpu_check.sh --dry runs its steps on the CPU at smoke sizes, with faiss, ray and open_clip
+    unimportable (the GPU machine it is meant for has none of them), and writes its summary."""
+    blocked = tmp_path / "blocked"
+    for name in ("faiss", "ray", "open_clip"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "PYTHONPATH": str(blocked),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry"], capture_output=True, text=True,
+                          env=env, cwd=str(REPO), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + (out / "log.txt").read_text()[-3000:]
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["device"] == "cpu"
+    assert {"embed_l14.crops_per_s", "search_gpu.search_over_gemm_bound"} <= set(summary["targets"])
+    for t in summary["targets"].values():
+        assert set(t) == {"value", "goal", "met"}
+    search = json.loads((out / "search_gpu.json").read_text())
+    assert search["identical_to_exact_search"] is True
+    embed = json.loads((out / "embed_b32.json").read_text())
+    assert embed["crops_on_device"] is True
+    assert len(list(out.iterdir())) <= 8  # the device tool brings back at most 8 files

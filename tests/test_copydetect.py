@@ -24,9 +24,9 @@ class CountingExecutor(LocalExecutor):
     def __init__(self):
         self.calls: list[tuple[str, int]] = []
 
-    def map(self, make_worker, tasks, desc=""):
+    def map(self, make_worker, tasks, desc="", **progress):
         self.calls.append((desc, len(tasks)))
-        return super().map(make_worker, tasks, desc)
+        return super().map(make_worker, tasks, desc, **progress)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -94,7 +94,7 @@ def test_each_pair_is_verified_once_in_one_batch_per_call(world):
     first = det.leaks(ids, g_feats, None)
     n = det.pairs_verified
     assert n == sum(len(x.neighbor_ids) for x in first.leaks + first.rejected) > 3
-    assert ex.calls == [("verify", len(chunks(range(n), 3)))], "all of a call's pairs in one map"
+    assert ex.calls == [("verify pairs", len(chunks(range(n), 3)))], "all of a call's pairs in one map"
     assert det.leaks(ids, g_feats, None) == first, "a second round decides the same"
     assert det.pairs_verified == n and len(ex.calls) == 1, "and verifies nothing again"
 

@@ -36,7 +36,7 @@ from index.gallery import iter_images, list_shards
 from index.gallery_index import GalleryIndex
 from index.registry import UnknownNameError
 
-from fixtures_gallery import CLASSES, SHOTS, Fixture, build_fixture, write_index_config
+from fixtures_gallery import CLASSES, SHOTS, Fixture, build_fixture, curated_outputs, write_index_config
 
 CROP = 64          # crop size in the index config (the contract's default is 224)
 CROPS_PER_IMAGE = 2
@@ -54,22 +54,13 @@ class World:
 def _build_index(root: Path, gallery: Path, encoders: list[str], name: str) -> Path:
     cfg = write_index_config(root / f"{name}.yaml", str(gallery / "*.tar"), encoders, crop_size=CROP,
                              crops_per_image=CROPS_PER_IMAGE)
-    build_index_main(["--config", str(cfg), "--out", str(root / name)])
+    assert build_index_main(["--config", str(cfg), "--out", str(root / name)]) == 0
     return root / name
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine they only spin."""
-    import faiss
-    import torch
-
-    before = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before[0])
-    faiss.omp_set_num_threads(before[1])
+def _one_thread(one_thread_per_module):
+    """Tiny models gain nothing from intra-op threads (conftest.one_thread_per_module)."""
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +305,9 @@ def test_decontamination_removes_planted_copies_and_keeps_the_look_alike(world: 
         assert gid in leaks_html and rid in leaks_html
     assert "not a copy by verification: kept" in leaks_html and "verification score" in leaks_html
     assert "pixel key " in leaks_html
-    assert "Calibration" in _section((out / contract.REPORT_FILE).read_text(), "summary")
+    calibration = _section((out / contract.REPORT_FILE).read_text(), "calibration")
+    assert f"leak threshold <b>{m['calibration']['leak_threshold']:.4g}</b>" in calibration
+    assert calibration.count('<img class="plot"') == 5      # four curves and the recall per kind
 
 
 def test_pixel_keys_find_leaks_the_embedding_does_not(world: World, capsys):
@@ -398,13 +391,13 @@ def test_unreadable_gallery_images_are_counted_and_n_still_reached(world: World,
     assert res.written == len(records) - 1 and sum(res.skipped.values()) == 1
 
     out = root / "out"
-    m = _run(world, out, index=index)
+    m = _run(world, out, "--changed-images", "skip", index=index)   # its bytes changed since indexing
     c = m["counts"]
-    assert c["removed_unreadable"] + c["unreadable_at_write"] >= 1
+    assert c["removed_changed"] + c["unreadable_at_write"] >= 1
     assert c["written"] == N == len(_records(out))
     assert victim not in {r["source_id"] for r in _records(out)}
     assert (c["retrieved"] - c["removed_duplicate"] - c["removed_leak"] - c["removed_unreadable"]
-            + c["backfilled"] - c["unreadable_at_write"]) == c["written"]
+            - c["removed_changed"] + c["backfilled"] - c["unreadable_at_write"]) == c["written"]
 
 
 def test_when_every_image_is_flagged_nothing_is_written_and_the_manifest_says_so(world: World):
@@ -510,14 +503,32 @@ def test_missing_index_is_a_clear_error(world: World, capsys):
 
 
 def test_report_has_every_section(world: World, base):
+    from curation.report import SECTION_IDS
+
     out, m, _ = base
     html = (out / contract.REPORT_FILE).read_text()
-    for sid in ("summary", "per-query", "dedup-clusters", "leaks", "histograms"):
+    for sid in SECTION_IDS:
         _section(html, sid)
     per_query = _section(html, "per-query")
     draw = json.loads((out / contract.QUERIES_DRAW_FILE).read_text())
     assert any(q["id"] in per_query for q in draw["queries"])
     assert str(m["counts"]["written"]) in _section(html, "summary")
+
+
+@pytest.mark.slow
+def test_report_of_a_real_run_reads_well_in_headless_chromium(world: World, base, tmp_path):
+    """Every thumbnail of a real run's report loads (removed leaks and duplicates included), the
+    first screen shows the curated crops, and every section is one click from the contents."""
+    from browser import assert_readable_report, inspect_page
+
+    out, m, _ = base
+    check = inspect_page(out / contract.REPORT_FILE, tmp_path / "curate-report.png")
+    assert m["counts"]["unreadable_at_write"] == 0 and m["counts"]["removed_unreadable"] == 0
+    assert_readable_report(check, min_first_screen=8, placeholders=0)
+    assert check.first_screen_thumbnails >= 8
+    html = (out / contract.REPORT_FILE).read_text()
+    assert "gallery, aligned" in _section(html, "leaks")          # the verification evidence of each leak
+    assert _section(html, "calibration").count('<img class="plot"') >= 4 or m["calibration"] is None
 
 
 # ---------------------------------------------------------------- stages, resume, executors
@@ -526,15 +537,7 @@ class _Killed(BaseException):
     """Raised right after a stage is committed, as a crash there would stop the run."""
 
 
-def _outputs(out: Path) -> dict[str, bytes]:
-    """Every output a rerun must reproduce, byte for byte; the manifest without timings or config.out."""
-    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != contract.MANIFEST_FILE}
-    files[contract.REPORT_THUMBS_FILE] = (out / contract.REPORT_THUMBS_FILE).read_bytes()   # the write stage's
-    m = json.loads((out / contract.MANIFEST_FILE).read_text())
-    m.pop("timings")
-    m["config"].pop("out")
-    files[contract.MANIFEST_FILE] = json.dumps(m, sort_keys=True).encode()
-    return files
+_outputs = curated_outputs
 
 
 def _statuses(out: Path) -> dict[str, str]:
@@ -625,6 +628,11 @@ def test_summary_and_manifest_report_stage_timings_and_verification_rate(base):
     assert all(v["seconds"] >= 0 for v in stages.values())
     assert m["verified_pairs"] > 0 and m["timings"]["verify_pairs_per_s"] > 0
     assert f"verified {m['verified_pairs']} pairs" in stdout and "[open " in stdout
+    parts = m["timings"]["parts"]      # finer than the stages; the summary names the three largest
+    assert {"embed references", "calibrate", "embed originals", "verify pairs", "write"} <= set(parts)
+    assert parts["verify pairs"] == pytest.approx(m["timings"]["verify"], abs=1e-3)
+    top = sorted(parts, key=lambda k: -parts[k])[:3]
+    assert re.search(r"most time: " + ", ".join(rf"{re.escape(k)} [\d.]+ s" for k in top), stdout)
     assert set(m["stages"]) == set(stages) - {"open", "manifest"}
 
 

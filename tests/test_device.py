@@ -23,4 +23,12 @@ def test_cuda_refused_up_front_without_cuda(monkeypatch):
             pick_device(name)
         assert isinstance(e.value, UserError)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert pick_device("cuda:1") == "cuda:1"
+    with pytest.raises(DeviceUnavailable, match="2 CUDA device"):
+        pick_device("cuda:2")
+
+
+def test_unknown_device_lists_the_choices():
+    with pytest.raises(UserError, match="valid choices: auto, cpu, cuda"):
+        pick_device("gpu0")

@@ -21,6 +21,7 @@ from index.config import IndexConfig
 from index.crops import CropConfig
 from index.encoders import EncoderSpec, resolve_encoders
 from index.gallery_index import GalleryIndex
+from index.outdir import LOCK
 from jobs.executors import LocalExecutor
 
 # shard -> (number of samples, index of a corrupt sample or None)
@@ -89,7 +90,7 @@ class RecordingExecutor(LocalExecutor):
         self.die_at = die_at
         self.results: list[list[Any]] = []
 
-    def map(self, make_worker, tasks, desc=""):
+    def map(self, make_worker, tasks, desc="", **progress):
         worker = make_worker()
         out = []
         for i, t in enumerate(tasks):
@@ -235,7 +236,8 @@ def test_kill_then_rerun_equals_uninterrupted_run(gallery, built, tmp_path):
 def test_rerun_skips_finished_work(gallery, built, tmp_path):
     out = tmp_path / "idx"
     shutil.copytree(built[0], out)
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != contract.MANIFEST_FILE}
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")
+              if p.is_file() and p.name not in (contract.MANIFEST_FILE, LOCK)}   # the lock names its holder
     ex = RecordingExecutor()
     manifest = build_gallery_index(config(gallery), out, ex)
     embed_results, group_records = ex.results

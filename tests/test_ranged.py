@@ -400,8 +400,11 @@ def test_a_curate_run_reads_no_gallery_shard_whole(many, tmp_path: Path):
     sources = sorted({r["source_id"] for r in records})
     assert set(sources) <= set(originals)
     # the images the report shows that were never written: the only ones it reads
+    draw = json.loads((out / contract.QUERIES_DRAW_FILE).read_text())
+    classes = {q["id"]: draw["classes"][q["label"]] for q in draw["queries"]}
     shown = report_items([contract.TransferRecord.from_dict(r) for r in sorted(records, key=lambda r: r["rank"])],
-                         LeakReport.from_dict(filt["leaks"]), Filtered.from_dict(filt["filtered"]), ReportLimits())
+                         LeakReport.from_dict(filt["leaks"]), Filtered.from_dict(filt["filtered"]), classes,
+                         ReportLimits())
     extra = sorted(shown.original_ids() - set(sources))
     # the write stage kept a thumbnail of every written crop and original the report shows
     crops, thumbs = read_report_thumbs(out / contract.REPORT_THUMBS_FILE)

@@ -321,11 +321,11 @@ class DieAtGroups(LocalExecutor):
     def __init__(self):
         self.descs: list[str] = []
 
-    def map(self, make_worker, tasks, desc=""):
+    def map(self, make_worker, tasks, desc="", **progress):
         self.descs.append(desc)
         if desc == "build indexes":
             raise KeyboardInterrupt("killed before the groups")
-        return super().map(make_worker, tasks, desc)
+        return super().map(make_worker, tasks, desc, **progress)
 
 
 def test_train_step_resumes_and_refuses_by_fingerprint(shared8, data, tmp_path):

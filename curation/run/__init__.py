@@ -6,4 +6,5 @@
     workers.py  units of work fanned out over the executor (original embedding, crop materialisation
                 and the report's thumbnails of the written images)
     report_items.py  which images the report shows (pure; the write and report stages share it)
+    report_stage.py  the report stage's body: the run's state -> curation.report.ReportData -> report.html
 """

@@ -30,6 +30,7 @@ import numpy as np
 
 from curation import pixelkey
 from curation import report as rpt
+from curation.changed import changed_since_indexing
 from curation.calibrate import Calibration
 from curation.copydetect import CopyDetector
 from curation.decontam import LeakReport, clear_reviewed, read_review
@@ -40,8 +41,8 @@ from curation.run.records import Record, StageStore
 from curation.run.state import Filtered, RunState, selection_from_record, selection_to_record
 from curation.run.workers import crops_worker, embed_original_images, originals_worker, write_transfer
 from curation.selection import SELECTORS, Selection, class_prompts, class_text_queries, select_with_search
-from curation.report_thumbs import read_report_thumbs
-from curation.run.report_items import query_rank, report_items
+from curation.run.report_items import report_items
+from curation.run.report_stage import query_classes, write_report_html
 from curation.shards import read_originals, write_query_shards
 from curation.thresholds import Thresholds, resolve_thresholds
 from curation.features import embed_labeled
@@ -49,6 +50,7 @@ from index import contract
 from index.atomic import CODE_VERSION, canonical_json, file_digest, fingerprint, write_json
 from index.gallery_index import GalleryIndex
 from index.knn import combine_features
+from index.errors import ConfigError, InputError
 
 KILL_ENV = "VFM_CURATE_KILL_AFTER"   # a stage name: the process exits right after committing it (tests)
 KILL_EXIT_CODE = 86
@@ -70,7 +72,7 @@ class Stage:
 def open_run(cfg, executor: Executor | None) -> RunState:
     if executor is None:
         if cfg.executor != "local":
-            raise ValueError(f"executor {cfg.executor!r} needs an executor passed in: "
+            raise ConfigError(f"executor {cfg.executor!r} needs an executor passed in: "
                              f"curate(cfg, executor=jobs.executors.make_executor({cfg.executor!r}, ...)); "
                              "the curate CLI builds it")
         executor = LocalExecutor()
@@ -84,13 +86,16 @@ def open_run(cfg, executor: Executor | None) -> RunState:
     if selector.queries == "text":
         missing = [s.name for s in specs if not s.has_text_tower]
         if missing:
-            raise ValueError(f"strategy 'text' needs encoders with a text tower; {missing} have none. "
+            raise ConfigError(f"strategy 'text' needs encoders with a text tower; {missing} have none. "
                              "Index with a CLIP encoder (open_clip ARCH.TAG) to use text queries.")
     base = {"code_version": CODE_VERSION, "index": fingerprint(gindex.manifest), "draw": qs.to_draw_dict(),
-            "references": fingerprint([r.id for r in qs.references]), "encoders": [s.identity() for s in specs]}
+            "encoders": [s.identity() for s in specs]}
     out.mkdir(parents=True, exist_ok=True)
-    return RunState(cfg=cfg, out=out, executor=executor, gindex=gindex, specs=specs, qs=qs, selector=selector,
-                    base_fingerprint=base)
+    st = RunState(cfg=cfg, out=out, executor=executor, gindex=gindex, specs=specs, qs=qs, selector=selector,
+                  base_fingerprint=base)
+    # by content: a reference changed under the same name makes every stage after it recompute
+    base["references"] = fingerprint(list(zip(st.ref_ids, st.ref_hashes)))
+    return st
 
 
 # ---------------------------------------------------------------- embed queries
@@ -144,8 +149,10 @@ def _references(st: RunState) -> Record:
     t = time.perf_counter()
     _ = st.ref_feats, st.ref_keys   # computed here, or read from the feature cache
     st.timings["embed_references"] = time.perf_counter() - t
+    t = time.perf_counter()
     th, cal = resolve_thresholds(st.cfg, st.models if _needs_models(st) else None, st.qs, st.ref_feats,
                                  st.ref_keys, st.cache.root)
+    st.timings["calibrate"] = time.perf_counter() - t
     # the calibration as its cache stores it (keys sorted), whether computed now or read back
     return Record({"thresholds": th.to_dict(), "calibration": json.loads(canonical_json(cal.to_dict())) if cal else None})
 
@@ -181,16 +188,20 @@ def _filter(st: RunState) -> Record:
     orig: dict[str, list[np.ndarray]] = {}     # gallery image id -> per-encoder feature rows
     keys: dict[str, np.ndarray] = {}           # gallery image id -> pixel key
     unreadable_imgs: dict[str, str] = {}
+    changed_imgs: set[str] = set()              # unreadable because the gallery changed since indexing
     leak_report, rounds, t_embed = None, 0, 0.0
     while True:
         rounds += 1
         img_of = np.array([r.id for r in gindex.rows(sel.ids)])
         new = sorted(set(img_of.tolist()) - set(orig) - set(unreadable_imgs))
         t = time.perf_counter()
-        unreadable_imgs.update(embed_original_images(st.executor, make_worker, gindex, new, orig,
-                                                     keys if cfg.verify != "none" else None))
+        found = embed_original_images(st.executor, make_worker, gindex, new, orig,
+                                      keys if cfg.verify != "none" else None)
+        changed_imgs |= changed_since_indexing(found, cfg.changed_images, str(gindex.root))   # refuse: raises
+        unreadable_imgs.update(found)
         t_embed += time.perf_counter() - t
-        unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs}
+        changed = {int(g) for g, i in zip(sel.ids, img_of) if i in changed_imgs}
+        unreadable = {int(g) for g, i in zip(sel.ids, img_of) if i in unreadable_imgs} - changed
         ok = np.array([i not in unreadable_imgs and i in orig for i in img_of], dtype=bool)
         # decontamination over every original image seen so far (stable across rounds)
         seen = sorted(orig)
@@ -212,9 +223,10 @@ def _filter(st: RunState) -> Record:
             dups = {int(g) for g in sel.ids[alive[~keep]]}
             for lab in np.unique(labels[~keep]):
                 filtered.link(sorted({str(img_of[alive[m]]) for m in np.flatnonzero(labels == lab)}))
-        if not (unreadable | leaks | dups):
+        if not (unreadable | changed | leaks | dups):
             break
         filtered.unreadable |= unreadable
+        filtered.changed |= changed
         filtered.leaks |= leaks
         for i in img_of:
             if i in leaked_imgs:
@@ -226,7 +238,7 @@ def _filter(st: RunState) -> Record:
         unknown = sorted(review - {x.image_id for x in leak_report.cleared})
         if unknown:
             flagged = sorted(x.image_id for x in leak_report.leaks)
-            raise ValueError(
+            raise InputError(
                 f"{cfg.leak_review}: {len(unknown)} reviewed id(s) were not flagged as leaks in this run "
                 f"(e.g. {unknown[:5]}); flagged ids: {flagged[:20]}{' ...' if len(flagged) > 20 else ''}")
     flags, arrays = selection_to_record(sel, "")
@@ -264,12 +276,14 @@ def _output_files(st: RunState) -> list[str]:
 def _write(st: RunState) -> Record:
     records = transfer_records(st.sel, st.gindex.rows(st.sel.ids), st.query_ids)
     limits = rpt.ReportLimits()
-    shown = report_items(records, st.leak_report, st.filtered, limits)
+    shown = report_items(records, st.leak_report, st.filtered, query_classes(st), limits)
     written = write_transfer(st.out, st.gindex, records, st.cfg.shard_size, st.executor,
                              functools.partial(crops_worker, str(st.gindex.root), st.cfg.jpeg_quality,
                                                limits.thumb_size),
                              thumb_keys=shown.crop_keys(),
-                             thumb_originals=shown.original_ids() & {r.source_id for r in records})
+                             thumb_originals=shown.original_ids() & {r.source_id for r in records},
+                             on_unreadable=lambda found: changed_since_indexing(
+                                 found, st.cfg.changed_images, str(st.gindex.root)))
     write_query_shards(st.out, st.qs)
     write_json(st.out / contract.QUERIES_DRAW_FILE, st.qs.to_draw_dict())
     return Record({"written": written, "digests": {f: file_digest(st.out / f) for f in _output_files(st)}})
@@ -296,80 +310,37 @@ def counts(st: RunState) -> dict[str, Any]:
     f, w = st.filtered, st.written
     c = {"requested": st.cfg.size, "retrieved": len(st.first),
          "removed_duplicate": len(f.duplicates & first_ids), "removed_leak": len(f.leaks & first_ids),
-         "removed_unreadable": len(f.unreadable & first_ids),
+         "removed_unreadable": len(f.unreadable & first_ids), "removed_changed": len(f.changed & first_ids),
          "backfilled": len(set(st.sel.ids.tolist()) - first_ids),
          "written": w["written"], "unreadable_at_write": w["unreadable"], "rounds": st.rounds,
          "exhausted": bool(st.sel.exhausted), "depth_k": int(st.sel.k)}
     assert c["retrieved"] - c["removed_duplicate"] - c["removed_leak"] - c["removed_unreadable"] \
-        + c["backfilled"] - c["unreadable_at_write"] == c["written"]
+        - c["removed_changed"] + c["backfilled"] - c["unreadable_at_write"] == c["written"]
     return c
 
 
+def time_parts(st: RunState) -> dict[str, float]:
+    """Where this run's time went, finer than its stages (only the stages it computed): reference
+    embedding and calibration within references, original embedding and verification within filter."""
+    status = st.stage_status
+    ran = {k: v["seconds"] for k, v in status.items() if v["status"] != "reused"}
+    parts: dict[str, float] = {}
+    if "references" in ran:
+        parts["embed references"] = st.timings.get("embed_references", 0.0)
+        parts["calibrate"] = st.timings.get("calibrate", 0.0)
+        parts["references (other)"] = ran.pop("references") - parts["embed references"] - parts["calibrate"]
+    if "filter" in ran:
+        parts["embed originals"] = st.timings.get("embed_originals", 0.0)
+        parts["verify pairs"] = st.verify_seconds
+        parts["filter (search, decontamination, dedup)"] = ran.pop("filter") - parts["embed originals"] \
+            - parts["verify pairs"]
+    parts.update({k.replace("_", " "): v for k, v in ran.items()})
+    return {k: max(0.0, v) for k, v in parts.items()}
+
+
 def _report(st: RunState) -> Record:
-    write_report_html(st)
+    write_report_html(st, counts(st), time_parts(st))
     return Record({"digests": {contract.REPORT_FILE: file_digest(st.out / contract.REPORT_FILE)}})
-
-
-def write_report_html(st: RunState) -> None:
-    qs, records, leak_report, th, filtered = st.qs, st.records, st.leak_report, st.th, st.filtered
-    c = counts(st)
-    shown = rpt.ReportLimits()
-    items = report_items(records, leak_report, filtered, shown)
-    rejected, clusters = items.rejected, items.clusters
-    # written images' thumbnails come from the write stage; only images never written (removed
-    # leaks and duplicates) are read from the gallery
-    crop_thumbs, originals = read_report_thumbs(st.out / contract.REPORT_THUMBS_FILE)
-    originals.update(read_originals(st.gindex, items.original_ids() - {r.source_id for r in records}))
-    qimg = {q.id: q for q in qs.queries}
-    label = {q.id: qs.classes[q.label] for q in qs.queries}
-    panels = []
-    for qid, recs in items.panels:
-        panels.append(rpt.QueryPanel(
-            id=qid, class_name=label.get(qid, qid.removeprefix("text:")),
-            image=qimg[qid].load() if qid in qimg else None,
-            retrieved=[rpt.RetrievedItem(source_id=r.source_id, crop=r.crop,
-                                         similarity=next(h.similarity for h in r.queries if h.query == qid),
-                                         rank=query_rank(r, qid),
-                                         crop_image=crop_thumbs.get(r.key),
-                                         original_image=originals.get(r.source_id))
-                       for r in recs]))
-    refs = {r.id: r for r in qs.references}
-    leak_panels = []
-    if leak_report:
-        for leak, state in ([(x, "removed") for x in leak_report.leaks] + [(x, "cleared") for x in leak_report.cleared]
-                            + [(x, "rejected") for x in rejected]):
-            nbrs = list(zip(leak.neighbor_ids, leak.neighbor_similarity))[:shown.max_neighbours]
-            if leak.verified_reference and leak.verified_reference not in dict(nbrs):
-                k = leak.neighbor_ids.index(leak.verified_reference)   # the best-verifying one is always shown
-                nbrs = nbrs[:-1] + [(leak.verified_reference, leak.neighbor_similarity[k])]
-            leak_panels.append(rpt.LeakPanel(
-                source_id=leak.image_id, image=originals.get(leak.image_id),
-                max_similarity=leak.max_similarity,
-                neighbours=[rpt.ReferenceMatch(id=i, similarity=s, image=refs[i].load() if i in refs else None,
-                                               verified=i == leak.verified_reference)
-                            for i, s in nbrs],
-                crops_removed=filtered.leak_items.get(leak.image_id, 0) if state == "removed" else 0,
-                unflagged=state == "cleared", review_note="marked not a leak on review" if state == "cleared" else "",
-                verify_score=leak.verify_score, verify_residual=leak.verify_residual,
-                key_similarity=leak.key_similarity, rejected=state == "rejected"))
-    per_query, per_class = rpt.count_per_query_and_class(records, {q: label.get(q, q) for q in st.query_ids})
-    thd = th.to_dict()
-    data = rpt.ReportData(
-        title=f"Curated transfer set: {qs.name}", query_set=qs.name, requested=st.cfg.size,
-        retrieved=c["retrieved"], removed_duplicates=c["removed_duplicate"],
-        removed_leaks=c["removed_leak"], backfilled=c["backfilled"], written=c["written"],
-        unreadable=c["removed_unreadable"] + c["unreadable_at_write"],
-        thresholds={k: thd[k] for k in ("dedup", "leak", "verify", "max_residual") if thd[k] is not None},
-        calibration=st.calibration.to_dict() if st.calibration else None,
-        rejected_total=len(leak_report.rejected) if leak_report else 0,
-        encoders=[s.name for s in st.specs],
-        extra={"strategy": st.cfg.strategy, "depth k": c["depth_k"], "verifier": th.verifier,
-               "thresholds from": th.source, "references verified per candidate": th.neighbours},
-        queries=panels, leaks=leak_panels,
-        dedup_clusters=[rpt.DedupCluster([rpt.DedupMember(id=i, image=originals.get(i), kept=k)
-                                          for i, k in cl]) for cl in clusters],
-        per_query_counts=per_query, per_class_counts=per_class)
-    rpt.write_report(st.out / contract.REPORT_FILE, data)
 
 
 # ---------------------------------------------------------------- the run
@@ -384,10 +355,10 @@ STAGES: tuple[Stage, ...] = (
           _retrieve, _apply_retrieve),
     Stage("references", _THRESHOLD_FIELDS + ("batch_size", "device"), (), ("th", "calibration"),
           _references, _apply_references),
-    Stage("filter", ("leak_review", "batch_size", "device", "size", "seed", "max_k", "nprobe"),
+    Stage("filter", ("leak_review", "batch_size", "device", "size", "seed", "max_k", "nprobe", "changed_images"),
           ("retrieve", "references"),
           ("sel", "filtered", "leak_report", "rounds", "verified_pairs", "verify_seconds"), _filter, _apply_filter),
-    Stage("write", ("shard_size", "jpeg_quality"), ("filter",),
+    Stage("write", ("shard_size", "jpeg_quality", "changed_images"), ("filter",),
           ("records", "written", "transfer-*.tar", "queries-*.tar", contract.QUERIES_DRAW_FILE,
            contract.REPORT_THUMBS_FILE),
           _write, _apply_write, _write_intact),

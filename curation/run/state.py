@@ -15,7 +15,7 @@ from curation.decontam import LeakReport
 from index.executor import Executor
 from curation.features import FeatureCache, embed_labeled, labeled_keys
 from curation.pixelkey import Keys
-from curation.querysets import QuerySet
+from curation.querysets import QuerySet, content_hashes
 from curation.selection import Selection, Selector
 from curation.thresholds import Thresholds
 from index import contract
@@ -47,9 +47,10 @@ class Filtered:
     leak_items: dict[str, int] = field(default_factory=dict)  # leaked image id -> crops removed
     leaks: set[int] = field(default_factory=set)
     unreadable: set[int] = field(default_factory=set)
+    changed: set[int] = field(default_factory=set)   # their image changed since indexing (curation.changed)
 
     def all(self) -> np.ndarray:
-        return np.array(sorted(self.duplicates | self.leaks | self.unreadable), dtype=np.int64)
+        return np.array(sorted(self.duplicates | self.leaks | self.unreadable | self.changed), dtype=np.int64)
 
     def _root(self, i: str) -> str:
         while self.dup_parent.setdefault(i, i) != i:
@@ -76,13 +77,14 @@ class Filtered:
 
     def to_dict(self) -> dict[str, Any]:
         return {"duplicates": sorted(self.duplicates), "leaks": sorted(self.leaks),
-                "unreadable": sorted(self.unreadable), "dup_parent": dict(sorted(self.dup_parent.items())),
+                "unreadable": sorted(self.unreadable), "changed": sorted(self.changed), "dup_parent": dict(sorted(self.dup_parent.items())),
                 "leak_items": dict(sorted(self.leak_items.items()))}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Filtered":
         return cls(duplicates=set(d["duplicates"]), dup_parent=dict(d["dup_parent"]),
-                   leak_items=dict(d["leak_items"]), leaks=set(d["leaks"]), unreadable=set(d["unreadable"]))
+                   leak_items=dict(d["leak_items"]), leaks=set(d["leaks"]), unreadable=set(d["unreadable"]),
+                   changed=set(d.get("changed", ())))
 
 
 @dataclass
@@ -142,10 +144,15 @@ class RunState:
         return [r.id for r in self.qs.references]
 
     @functools.cached_property
+    def ref_hashes(self) -> list[str]:
+        """The content hash of every reference: the caches are keyed by contents, not names."""
+        return content_hashes(self.qs.references)
+
+    @functools.cached_property
     def ref_feats(self) -> list[np.ndarray]:
-        """Features of every reference (cached by query set + encoders, across runs)."""
+        """Features of every reference (cached by query set, reference contents and encoders, across runs)."""
         return self.cache.get_or_compute(
-            {"kind": "references", "query_set": self.qs.name, "ids": self.ref_ids,
+            {"kind": "references", "query_set": self.qs.name, "ids": self.ref_ids, "contents": self.ref_hashes,
              "encoders": [s.identity() for s in self.specs]},
             lambda: embed_labeled(self.models, self.qs.references, self.cfg.batch_size, desc="embed references"))
 
@@ -155,5 +162,6 @@ class RunState:
         if self.cfg.verify == "none":
             return None
         return Keys(self.cache.get_or_compute(
-            {"kind": "pixel-keys", "query_set": self.qs.name, "ids": self.ref_ids, "version": pixelkey.KEY_VERSION},
+            {"kind": "pixel-keys", "query_set": self.qs.name, "ids": self.ref_ids, "contents": self.ref_hashes,
+             "version": pixelkey.KEY_VERSION},
             lambda: [labeled_keys(self.qs.references)])[0])

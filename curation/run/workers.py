@@ -7,6 +7,9 @@ and `RayExecutor` give the same results in the same order.
     originals_worker(...)  task: gallery image ids  -> their features (+ pixel keys), unreadable ids
     crops_worker(...)      task: transfer records   -> JPEG bytes of each crop (None: unreadable), and
                                                        report thumbnails of the crops/originals asked for
+
+Each image travels with its location and the content hash its index row records, so a worker reads
+no row table and an image replaced since indexing comes back unreadable as 'changed'.
 """
 from __future__ import annotations
 
@@ -41,10 +44,11 @@ def _reads(gindex: GalleryIndex) -> dict[str, int]:
     return stats
 
 
-def _embed_task(task: list[tuple[str, dict | None]], gindex: GalleryIndex, models: list, batch_size: int,
-                with_keys: bool) -> dict[str, Any]:
-    gindex.remember(dict(task))   # locations travel with the task: no row table is read here
-    ids = [i for i, _ in task]
+def _embed_task(task: list[tuple[str, dict | None, str | None]], gindex: GalleryIndex, models: list,
+                batch_size: int, with_keys: bool) -> dict[str, Any]:
+    # locations and content hashes travel with the task: no row table is read here
+    gindex.remember({i: loc for i, loc, _ in task}, {i: h for i, _, h in task})
+    ids = [i for i, _, _ in task]
     feats: dict[str, list[np.ndarray]] = {}
     keys: dict[str, np.ndarray] | None = {} if with_keys else None
     unreadable = embed_originals(gindex, models, ids, feats, batch_size, keys_into=keys)
@@ -57,7 +61,7 @@ def _embed_task(task: list[tuple[str, dict | None]], gindex: GalleryIndex, model
 
 
 def originals_worker(index_root: str, specs: list[EncoderSpec], device: str | None, batch_size: int,
-                     with_keys: bool) -> Callable[[list[tuple[str, dict | None]]], dict[str, Any]]:
+                     with_keys: bool) -> Callable[[list[tuple[str, dict | None, str | None]]], dict[str, Any]]:
     gindex = GalleryIndex(index_root)
     models = [build_encoder(s, pick_device(device)) for s in specs]
     return lambda task: _embed_task(task, gindex, models, batch_size, with_keys)
@@ -69,9 +73,9 @@ def embed_original_images(executor: Executor, make_worker: Callable, gindex: Gal
     """Embed these gallery originals over the executor (ids sorted, so by shard, each with its
     location); return unreadable. The workers' gallery reads are added to ``gindex.read_stats``."""
     ids = sorted(image_ids)
-    locs = gindex.locations(ids)
-    tasks = chunks([(i, locs.get(i)) for i in ids], per_task)
-    results = executor.map(make_worker, tasks, desc="embed originals")
+    locs, hashes = gindex.locations(ids), gindex.hashes(ids)
+    tasks = chunks([(i, locs.get(i), hashes.get(i)) for i in ids], per_task)
+    results = executor.map(make_worker, tasks, desc="embed originals", units=[len(t) for t in tasks], unit="image")
     unreadable: dict[str, str] = {}
     for res in results:
         gindex.read_stats.merge(ReadStats(**res["reads"]))
@@ -85,16 +89,18 @@ def embed_original_images(executor: Executor, make_worker: Callable, gindex: Gal
 
 # ---------------------------------------------------------------- transfer crops
 
-def _crops_task(task: tuple[list[dict], dict[str, dict | None], list[str], list[str]], gindex: GalleryIndex,
-                quality: int, thumb_size: int) -> dict[str, Any]:
-    recs, locs, thumb_keys, thumb_originals = task
-    gindex.remember(locs)
+def _crops_task(task: tuple[list[dict], dict[str, dict | None], dict[str, str | None], list[str], list[str]],
+                gindex: GalleryIndex, quality: int, thumb_size: int) -> dict[str, Any]:
+    recs, locs, hashes, thumb_keys, thumb_originals = task
+    gindex.remember(locs, hashes)
     counts = SkipCounts()
+    unreadable: dict[str, str] = {}
     records = [contract.TransferRecord.from_dict(d) for d in recs]
     want_crop, want_orig = set(thumb_keys), set(thumb_originals)
     got: dict[str, bytes | None] = {}
     thumbs: dict[str, dict[str, bytes]] = {}
-    for r, crop, original in materialized_crops(gindex, records, counts, with_originals=True):
+    for r, crop, original in materialized_crops(gindex, records, counts, with_originals=True,
+                                                unreadable=unreadable):
         got[r.key] = None if crop is None else jpeg_bytes(crop, quality)
         if crop is None:
             continue
@@ -107,30 +113,36 @@ def _crops_task(task: tuple[list[dict], dict[str, dict | None], list[str], list[
         if t:
             thumbs[r.key] = t
     return {"jpg": [got[r.key] for r in records], "thumbs": [thumbs.get(r.key) for r in records],
-            "skipped": counts.to_dict(), "reads": _reads(gindex)}
+            "skipped": counts.to_dict(), "unreadable": unreadable, "reads": _reads(gindex)}
 
 
 def crops_worker(index_root: str, quality: int, thumb_size: int = ReportLimits().thumb_size
-                 ) -> Callable[[tuple[list[dict], dict, list[str], list[str]]], dict[str, Any]]:
+                 ) -> Callable[[tuple[list[dict], dict, dict, list[str], list[str]]], dict[str, Any]]:
     gindex = GalleryIndex(index_root)
     return lambda task: _crops_task(task, gindex, quality, thumb_size)
 
 
 def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.TransferRecord], shard_size: int,
                    executor: Executor, make_worker: Callable, per_task: int = CROPS_PER_TASK,
-                   thumb_keys: set[str] = frozenset(), thumb_originals: set[str] = frozenset()) -> dict[str, Any]:
+                   thumb_keys: set[str] = frozenset(), thumb_originals: set[str] = frozenset(),
+                   on_unreadable: Callable[[dict[str, str]], None] | None = None) -> dict[str, Any]:
     """Materialise the crops over the executor and write ``transfer-*.tar`` in order on this process;
     returns {"written", "unreadable", "skipped", "files"} (stale shards of an earlier run are removed).
+    `on_unreadable` sees {source id: reason} of the originals that could not be read before anything
+    is written, and may raise to refuse them.
 
     The crops of ``thumb_keys`` (record keys) and the originals of ``thumb_originals`` (source ids)
     are also returned as report thumbnails, made from the images decoded for the crops, and written
     to ``DIR/contract.REPORT_THUMBS_FILE`` (see `write_report_thumbs`)."""
     ordered = write_order(gindex, records)
     parts = chunks([r.to_dict() for r in ordered], per_task)
-    tasks = [(part, gindex.locations({r["source_id"] for r in part}),
+    sources = [sorted({r["source_id"] for r in part}) for part in parts]
+    tasks = [(part, gindex.locations(src), gindex.hashes(src),
               sorted(r["key"] for r in part if r["key"] in thumb_keys),
-              sorted({r["source_id"] for r in part} & set(thumb_originals))) for part in parts]
-    results = executor.map(make_worker, tasks, desc="materialise crops")
+              sorted(set(src) & set(thumb_originals))) for part, src in zip(parts, sources)]
+    results = executor.map(make_worker, tasks, desc="write crops", units=[len(t[0]) for t in tasks], unit="crop")
+    if on_unreadable is not None:
+        on_unreadable({i: why for res in results for i, why in res["unreadable"].items()})
     writer = AtomicShardWriter(out, contract.TRANSFER_PATTERN, shard_size)
     skipped = SkipCounts()
     written = unreadable = 0
@@ -147,6 +159,6 @@ def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.T
             writer.write({"__key__": rec["key"], "jpg": jpg, "json": json.dumps(rec, sort_keys=True).encode()})
             written += 1
     files = writer.close()
-    remove_stale(out, "transfer", files)
+    remove_stale(out, contract.TRANSFER_PATTERN, files)
     write_report_thumbs(out / contract.REPORT_THUMBS_FILE, thumbs)
     return {"written": written, "unreadable": unreadable, "skipped": skipped.to_dict(), "files": files}

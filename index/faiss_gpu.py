@@ -1,0 +1,32 @@
+"""IVF groups on the GPU with faiss's GPU indexes, where the `gpu` extra (faiss-gpu) is installed.
+
+`ivf_to_gpu(index)` copies an IVF index (Flat or PQ lists) to GPU 0 and returns the GPU index, or
+returns the index unchanged: when this faiss has no GPU support or sees no GPU, and for every
+non-IVF index (flat groups are searched exactly in torch, index.torch_search). faiss's GPU indexes
+cap k at 2,048: `index.search.ShardedIndex` searches a CPU copy above that.
+"""
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=1)
+def _resources():
+    import faiss
+    return faiss.StandardGpuResources()
+
+
+def gpu_available() -> bool:
+    import faiss
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def ivf_to_gpu(index, device: int = 0):
+    import faiss
+    if not gpu_available():
+        return index
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index
+        return index
+    return faiss.index_cpu_to_gpu(_resources(), device, index)
