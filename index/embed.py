@@ -77,7 +77,8 @@ def default_batch_size(device: str) -> int:
     return 512 if device.startswith("cuda") else 64
 
 
-def crops_of_shard(task: EmbedTask, counts: SkipCounts, on_digest=None) -> Iterator[tuple[store.Row, np.ndarray]]:
+def crops_of_shard(task: EmbedTask, counts: SkipCounts,
+                   on_digest: Callable[[str], None] | None = None) -> Iterator[tuple[store.Row, np.ndarray]]:
     """(row, crop pixels uint8 HxWx3) for every crop of every readable image of the shard;
     `on_digest` gets the shard's digest once it is read to the end (`iter_images`)."""
     for img in iter_images(task.shard, counts, on_digest=on_digest):
@@ -245,11 +246,19 @@ class Embedder:
         return rows, encode_async(self.models, pixels, self.device)
 
 
+def reused_result(task: EmbedTask) -> ShardResult | None:
+    """A rerun's result for a shard already written: reused only if its done record matches the task
+    and the shard's bytes (read once, not decoded); None where there is none; a mismatch raises."""
+    if not store.has_done(task.out_dir, task.shard.name):
+        return None
+    record = store.done_record(task.out_dir, task.shard.name, task.fingerprint())
+    return None if record is None else ShardResult(**{**record["result"], "reused": True})
+
+
 def embed_shard(task: EmbedTask, embedder: Embedder | None = None) -> ShardResult:
-    if store.has_done(task.out_dir, task.shard.name):   # a rerun: reuse only if the shard's bytes match
-        record = store.done_record(task.out_dir, task.shard.name, task.fingerprint())
-        if record is not None:
-            return ShardResult(**{**record["result"], "reused": True})
+    reused = reused_result(task)
+    if reused is not None:
+        return reused
     embedder = embedder or Embedder(task.encoders)
     t0 = time.perf_counter()
     counts, device_counts = SkipCounts(), SkipCounts()  # one per thread

@@ -23,8 +23,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from index import store
-from index.embed import (EmbedTask, Embedder, ShardResult, default_batch_size, resolve, shard_batches,
-                         write_result)
+from index.embed import (EmbedTask, Embedder, ShardResult, default_batch_size, resolve, reused_result,
+                         shard_batches, write_result)
 from index.encoders import EncoderSpec
 from index.gallery import SkipCounts
 
@@ -37,7 +37,7 @@ def encoder_device(device: str | None, gpus_per_encoder: float) -> str:
 def _read_shard(item: dict[str, Any], tasks: list[EmbedTask], device: str,
                 crops_on_device: bool) -> Iterator[dict[str, Any]]:
     """flat_map (a CPU task): one shard -> its batches, each a row {i, b, last, payload, skipped};
-    the last row carries the skips found while reading."""
+    the last row's `skipped` carries what reading found: the skips and the shard's digest."""
     i = int(item["i"])
     task = tasks[i]
     counts = SkipCounts()
@@ -48,7 +48,6 @@ def _read_shard(item: dict[str, Any], tasks: list[EmbedTask], device: str,
         if prev is not None:
             yield {"i": i, "b": b - 1, "last": False, "payload": pickle.dumps(prev), "skipped": b""}
         prev, b = batch, b + 1
-    # the last row carries what reading found: the skips and the digest of the shard's bytes
     yield {"i": i, "b": max(b - 1, 0), "last": True, "payload": pickle.dumps(prev),
            "skipped": pickle.dumps((counts.to_dict(), digest[0]))}
 
@@ -95,11 +94,12 @@ class _Shard:
         self.num_batches: int | None = None
         self.digest = ""   # the shard's bytes, hashed by the reader (`index.gallery.shard_digest`)
 
-    def add(self, b: int, last: bool, rows, feats, skipped: dict[str, int]) -> bool:
+    def add(self, b: int, last: bool, rows, feats, skipped: dict[str, int], digest: str) -> bool:
+        """Take batch `b`; the last one also brings the shard's digest. True once all are in."""
         self.parts[b] = (rows, feats)
         self.counts.merge(skipped)
         if last:
-            self.num_batches = b + 1
+            self.num_batches, self.digest = b + 1, digest
         return self.num_batches is not None and len(self.parts) == self.num_batches
 
 
@@ -114,10 +114,10 @@ def embed_with_ray_data(tasks: list[EmbedTask], specs: tuple[EncoderSpec, ...], 
     if num_encoders < 1:
         raise ValueError(f"num_encoders must be >= 1; got {num_encoders}")
     results: dict[int, ShardResult] = {}
-    for i, t in enumerate(tasks):   # a rerun: reuse a shard whose bytes match its done record
-        record = store.done_record(t.out_dir, t.shard.name, t.fingerprint()) if store.has_done(t.out_dir, t.shard.name) else None
-        if record is not None:
-            results[i] = ShardResult(**{**record["result"], "reused": True})
+    for i, t in enumerate(tasks):
+        reused = reused_result(t)
+        if reused is not None:
+            results[i] = reused
     pending = [i for i in range(len(tasks)) if i not in results]
     if pending:
         dev = encoder_device(device, gpus_per_encoder)
@@ -133,9 +133,7 @@ def embed_with_ray_data(tasks: list[EmbedTask], specs: tuple[EncoderSpec, ...], 
         for row in ds.iter_rows():
             i = int(row["i"])
             rows, feats, skipped, digest = pickle.loads(row["result"])
-            if digest:
-                shards[i].digest = digest
-            if shards[i].add(int(row["b"]), bool(row["last"]), rows, feats, skipped):
+            if shards[i].add(int(row["b"]), bool(row["last"]), rows, feats, skipped, digest):
                 shard = shards.pop(i)
                 order = sorted(shard.parts)
                 all_rows = [r for b in order for r in shard.parts[b][0]]
