@@ -57,8 +57,9 @@ from distill.evaluate import evaluate
 from distill.methods import phases
 from distill.students import build_student, student_resolution
 from distill.training import train_student
-from index import contract
-from index.atomic import read_json, write_json
+from index.core.config import from_mapping
+from index.core import contract
+from index.core.atomic import read_json, write_json
 from index.device import pick_device
 from index.gallery_index import GalleryIndex
 
@@ -274,7 +275,7 @@ def distill(cfg: DistillConfig, test: list, eval_teacher: bool) -> dict[str, Any
     done = out / "metrics.json"
     if done.is_file():
         m = read_json(done)
-        same = DistillConfig.from_dict(m["config"]).training_fingerprint() == cfg.training_fingerprint()
+        same = from_mapping(DistillConfig, m["config"]).training_fingerprint() == cfg.training_fingerprint()
         if same and (m.get("teacher_accuracy") is not None or not eval_teacher):
             return m
         raise ValueError(f"{done} was written with a different config; remove {out} to rerun")

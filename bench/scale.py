@@ -428,7 +428,7 @@ def child_search(spec: dict[str, Any]) -> dict[str, Any]:
     memory-mapped, `search_task_bytes` of index files each. Recall@50 against the exact ids given."""
     import faiss
 
-    from index.executor import LocalExecutor
+    from index.core.executor import LocalExecutor
     from index.gallery_index import GalleryIndex
 
     faiss.omp_set_num_threads(spec["threads"])
@@ -478,7 +478,7 @@ def needed_bytes(out: Path, member_sizes: dict[str, int]) -> tuple[int, int]:
 def candidate_images(out: Path, index: Path) -> set[str]:
     """The distinct gallery images curate read the originals of (stage ``filter``'s record lists them)."""
     from curation.run.records import StageStore
-    from index.atomic import read_json
+    from index.core.atomic import read_json
 
     return set(read_json(StageStore(out).json_path("filter"))["data"]["originals"])
 

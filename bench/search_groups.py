@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from index import contract, knn, store  # noqa: E402
-from index.atomic import write_json  # noqa: E402
+from index import knn, store  # noqa: E402
+from index.core import contract
+from index.core.atomic import write_json  # noqa: E402
 from index.build import build_faiss_groups  # noqa: E402
 from index.config import FaissConfig  # noqa: E402
 from index.gallery_index import GalleryIndex  # noqa: E402

@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from index.build import build_gallery_index  # noqa: E402
 from index.config import load_index_config  # noqa: E402
-from index.errors import run_main  # noqa: E402
+from index.core.errors import run_main  # noqa: E402
 from index.threads import HELP as THREADS_HELP, threads_for  # noqa: E402
 
 

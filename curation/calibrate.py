@@ -51,7 +51,7 @@ from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.querysets import content_hash
 from curation.verify import Thumb, VerifyRule
 from curation.verify_batch import match_pairs
-from index.atomic import fingerprint, read_json, write_json
+from index.core.atomic import fingerprint, read_json, write_json
 
 CALIBRATION_VERSION = 6
 MAX_NEIGHBOURS = 32                             # most references verified per candidate

@@ -9,7 +9,7 @@ counts them in the manifest (``counts.removed_changed``) and the summary line.
 """
 from __future__ import annotations
 
-from index.errors import UserError
+from index.core.errors import UserError
 from index.ranged import CHANGED_REASONS
 
 CHANGED_POLICIES = ("refuse", "skip")

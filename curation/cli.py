@@ -12,7 +12,7 @@ from curation.pipeline import CurateConfig, curate
 from curation.querysets import list_query_sets
 from curation.selection import SELECTORS
 from curation.verify import VERIFIERS
-from index.errors import run_main
+from index.core.errors import run_main
 from index.threads import HELP as THREADS_HELP, threads_for
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from curation import verify_batch
 from curation.decontam import LeakReport, find_leaks, verify_leaks
 from curation.dedup import duplicate_clusters
-from index.executor import Executor, LocalExecutor, chunks
+from index.core.executor import Executor, LocalExecutor, chunks
 from curation.pixelkey import Keys
 from curation.thresholds import Thresholds
 from curation.verify import NO_MATCH, Match, Thumb

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from index.contract import IMAGE_EXTS
-from index.errors import ConfigError, InputError, UserError
+from index.core.contract import IMAGE_EXTS
+from index.core.errors import ConfigError, InputError, UserError
 
 
 class DatasetNotFoundError(UserError, FileNotFoundError):

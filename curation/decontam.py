@@ -31,7 +31,7 @@ from curation.dedup import check_normalised, similar_pairs
 from curation.pixelkey import Keys
 from curation.verify import Match, VerifyRule
 from index.knn import combine_features
-from index.errors import InputError
+from index.core.errors import InputError
 
 Features = np.ndarray | Sequence[np.ndarray]
 

@@ -28,7 +28,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curation import pixelkey
-from index.registry import choice
+from index.core.registry import choice
 
 SEARCH_METHODS = ("auto", "flat", "ivf")
 EXACT_MAX = 20_000  # auto: exact search up to this many indexed vectors

@@ -30,10 +30,10 @@ from curation.changed import check_policy
 from curation.selection import SELECTORS
 from curation.timing import most_time
 from curation.verify import VERIFIERS
-from index import contract
-from index.atomic import CODE_VERSION, write_json
-from index.errors import ConfigError, MissingInputError
-from index.outdir import Owner, owned_dir, owning_also, pattern_dirs, pattern_regex
+from index.core import contract
+from index.core.atomic import CODE_VERSION, write_json
+from index.core.errors import ConfigError, MissingInputError
+from index.core.outdir import Owner, owned_dir, owning_also, pattern_dirs, pattern_regex
 
 OWNER = Owner("curate", (pattern_regex(contract.TRANSFER_PATTERN), pattern_regex(contract.QUERIES_PATTERN),
                          re.escape(contract.QUERIES_DRAW_FILE), re.escape(contract.MANIFEST_FILE),
@@ -122,7 +122,7 @@ class CurateConfig:
 def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
     """Run (or resume) the curation stages into ``cfg.out``; returns the manifest.
 
-    ``executor`` (`index.executor.Executor`) fans out original embedding, verification and crop
+    ``executor`` (`index.core.executor.Executor`) fans out original embedding, verification and crop
     materialisation; None runs them in this process (``cfg.executor`` must then be "local").
     """
     t0 = time.perf_counter()

@@ -33,8 +33,8 @@ from typing import Any, NamedTuple, Sequence
 from PIL import Image
 
 from curation import htmlpage
-from index.atomic import atomic_path
-from index.contract import TransferRecord
+from index.core.atomic import atomic_path
+from index.core.contract import TransferRecord
 
 
 class Unreadable(NamedTuple):

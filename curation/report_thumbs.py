@@ -20,7 +20,7 @@ from typing import Iterable
 
 import webdataset as wds
 
-from index.atomic import atomic_path
+from index.core.atomic import atomic_path
 
 
 def write_report_thumbs(path: Path, thumbs: Iterable[tuple[dict, dict[str, bytes]]]) -> None:

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from index.registry import Registry
+from index.core.registry import Registry
 
 # ---------------------------------------------------------------- neighbour lists
 

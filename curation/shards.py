@@ -21,10 +21,10 @@ from typing import Iterable, Iterator
 import webdataset as wds
 from PIL import Image
 
-from index import contract
-from index.atomic import atomic_path
+from index.core import contract
+from index.core.atomic import atomic_path
 from index.crops import CropRecipe, materialize
-from index.outdir import pattern_regex
+from index.core.outdir import pattern_regex
 from index.gallery import SkipCounts
 from index.ranged import read_by_id
 

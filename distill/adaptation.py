@@ -24,8 +24,8 @@ from distill.methods import MULTI_TEACHER, TeacherMix
 from distill.rank import rank_teachers
 from distill.teachers import Teacher, TeacherCETask, build_source_teacher, build_teacher, linear_probe, weights_hash
 from distill.trainer import PhasePlan, train_phase
-from index.atomic import atomic_path, check_done, file_sha256, fingerprint, read_json, write_json
-from index.contract import QUERIES_DRAW_FILE, encoder_slug
+from index.core.atomic import atomic_path, check_done, file_sha256, fingerprint, read_json, write_json
+from index.core.contract import QUERIES_DRAW_FILE, encoder_slug
 
 TEACHERS_FILE = "teachers.json"
 

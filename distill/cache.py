@@ -9,7 +9,7 @@ Layout of a cache directory:
 
 The fingerprint covers the teacher spec, a hash of the weights that produced the outputs (the head,
 or the whole model after finetuning), the dataset manifest (shards, sizes, keys) and the eval
-transform. Arrays are written under temporary names and renamed; done.json last (index.atomic).
+transform. Arrays are written under temporary names and renamed; done.json last (index.core.atomic).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from index.atomic import CODE_VERSION, atomic_path, check_done, fingerprint, write_json
+from index.core.atomic import CODE_VERSION, atomic_path, check_done, fingerprint, write_json
 
 DONE = "done.json"
 OutputsIter = Iterable[tuple[list[str], torch.Tensor | None, torch.Tensor]]

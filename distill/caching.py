@@ -21,8 +21,8 @@ from distill.config import DistillConfig
 from distill.data import EVAL_TRANSFORM_ID, LabelledSet, ShardSet, labelled_batches, transfer_batches
 from distill.methods import METHODS, phases
 from distill.teachers import Teacher, build_feature_model, weights_hash
-from index.atomic import fingerprint, read_json
-from index.contract import encoder_slug
+from index.core.atomic import fingerprint, read_json
+from index.core.contract import encoder_slug
 
 CACHES_FILE = "caches.json"
 Caches = dict[str, dict[str, Any]]

@@ -18,7 +18,7 @@ import typing
 from typing import Any
 
 from distill.config import DistillConfig
-from index.errors import run_main
+from index.core.errors import run_main
 from index.threads import HELP as THREADS_HELP, threads_for
 
 REQUIRED = ("method", "transfer", "queries", "out")
@@ -132,7 +132,7 @@ def rank_main(argv: list[str] | None) -> int:
 def _probe_set(a: argparse.Namespace):
     """(LabelledSet, its manifest): the curated directory's labelled images, or the named query set's shots."""
     from distill.data import LabelledSet, load_labelled
-    from index.atomic import fingerprint
+    from index.core.atomic import fingerprint
 
     if a.transfer:
         from distill.adaptation import labelled_manifest

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from index.atomic import fingerprint
-from index.registry import choice
-from index.errors import ConfigError
+from index.core.atomic import fingerprint
+from index.core.registry import choice
+from index.core.errors import ConfigError
 
 TEACHER_ADAPTATIONS = ("linear_probe", "finetune")
 TEACHER_HEADS = ("probe", "source")
@@ -181,18 +181,6 @@ class DistillConfig:
         d["feature_encoders"] = list(self.feature_encoders)
         d["teachers"] = list(self.teachers)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(names))}")
-        d = dict(d)
-        for k in ("feature_encoders", "teachers"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
 
     def replace(self, **changes: Any) -> "DistillConfig":
         return dataclasses.replace(self, **changes)

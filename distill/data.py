@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from index.atomic import fingerprint
-from index.contract import QUERIES_DRAW_FILE, QUERIES_PATTERN, TRANSFER_PATTERN
-from index.errors import InputError, MissingInputError
+from index.core.atomic import fingerprint
+from index.core.contract import QUERIES_DRAW_FILE, QUERIES_PATTERN, TRANSFER_PATTERN
+from index.core.errors import InputError, MissingInputError
 
 Batch = dict[str, Any]
 Lookup = Callable[[list[str]], dict[str, torch.Tensor]]

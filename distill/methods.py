@@ -35,8 +35,8 @@ from torch import nn
 
 from distill.losses import (aft_kernel_distance, feature_contrastive_loss, feature_cosine_loss, kd_loss,
                             scale_grad)
-from index.registry import Registry
-from index.errors import InputError
+from index.core.registry import Registry
+from index.core.errors import InputError
 
 Batch = dict[str, Any]
 Losses = dict[str, torch.Tensor]

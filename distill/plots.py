@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from index.atomic import atomic_path
+from index.core.atomic import atomic_path
 
 
 def bar_plot(path: str | Path, labels: Sequence[str], values: Sequence[float], *, title: str = "",

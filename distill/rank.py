@@ -22,9 +22,9 @@ from distill.cache import OutputCache, build_or_load_cache, cache_pass, data_dir
 from distill.data import EVAL_TRANSFORM_ID, LabelledSet, labelled_batches
 from distill.similarity import SIMILARITIES, similarity_weights
 from distill.teachers import build_feature_model, fit_linear_head
-from index.atomic import write_json
-from index.contract import encoder_slug
-from index.errors import ConfigError
+from index.core.atomic import write_json
+from index.core.contract import encoder_slug
+from index.core.errors import ConfigError
 
 RANKING_FILE = "ranking.json"
 

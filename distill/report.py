@@ -26,7 +26,7 @@ import numpy as np
 
 from curation import plots
 from curation.htmlpage import escape, page, table
-from index.atomic import atomic_path
+from index.core.atomic import atomic_path
 
 REPORT_FILE = "report.html"
 SMOOTH = 25   # steps in the moving average drawn over the per-step loss

@@ -36,12 +36,12 @@ from distill.report import REPORT_FILE, write_run_report
 from distill.students import build_student, resolve_student, student_resolution
 from distill.teachers import Teacher
 from distill.training import TRAIN_RESULT, Launcher, train_student
-from index.atomic import read_json, write_json
-from index.contract import QUERIES_DRAW_FILE
+from index.core.atomic import read_json, write_json
+from index.core.contract import QUERIES_DRAW_FILE
 from index.device import pick_device
 from index.encoders import resolve_encoder
-from index.errors import ConfigError, InputError, MissingInputError
-from index.outdir import Owner, owned_dir, owning_also
+from index.core.errors import ConfigError, InputError, MissingInputError
+from index.core.outdir import Owner, owned_dir, owning_also
 
 OWNER = Owner("distill", tuple(re.escape(n) for n in (
     "config.json", "teacher", "teachers", "cache", "checkpoints", "student.pt", "metrics.json", CACHES_FILE,
@@ -84,7 +84,7 @@ def run_distill(cfg: DistillConfig, *, query_set: Any = None, launcher: Launcher
 
     `query_set`: an object with .classes and .test (items with .label, .loader()); by default the
     named query set `cfg.queries` from curation.querysets. The run directory is owned
-    (`index.outdir.owned_dir`): it may not be or lie inside the curated set.
+    (`index.core.outdir.owned_dir`): it may not be or lie inside the curated set.
     `launcher`: starts `cfg.workers` training workers (needed when workers > 1), e.g.
     jobs.train_ray.train_with_ray.
     """

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
-from index.registry import Registry
+from index.core.registry import Registry
 
 PARC_DIM = 32
 

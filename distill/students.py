@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from distill.adapter import InputAdapter
-from index.registry import Registry
-from index.errors import ConfigError, MissingInputError
+from index.core.registry import Registry
+from index.core.errors import ConfigError, MissingInputError
 
 
 @dataclass(frozen=True)

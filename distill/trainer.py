@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from index.atomic import FingerprintMismatch, atomic_path, check_done, write_json
-from index.errors import ConfigError
+from index.core.atomic import FingerprintMismatch, atomic_path, check_done, write_json
+from index.core.errors import ConfigError
 
 Batch = dict[str, Any]
 BatchFn = Callable[[int, int], Iterator[Batch]]   # (epoch, batches to skip) -> batches

@@ -22,7 +22,7 @@ from distill.data import ShardSet, labelled_batches, load_labelled, steps_per_ep
 from distill.methods import MULTI_TEACHER, Task, build_task, phases
 from distill.students import build_student, student_resolution
 from distill.trainer import PhasePlan, train_phase
-from index.atomic import atomic_path, fingerprint, write_json
+from index.core.atomic import atomic_path, fingerprint, write_json
 from index.device import pick_device
 
 TRAIN_RESULT = "train_result.json"

@@ -21,14 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from index import contract, faiss_io, knn, store
-from index.atomic import CODE_VERSION, check_done, fingerprint, write_json
+from index import faiss_io, knn, store
+from index.core import contract
+from index.core.atomic import CODE_VERSION, check_done, fingerprint, write_json
 from index.config import FaissConfig, IndexConfig
 from index.device import pick_device
 from index.embed import EmbedTask, Embedder, ShardResult
 from index.encoders import EncoderSpec, resolve_encoders
 from index.gallery import SkipCounts, list_shards
-from index.outdir import Owner, invalidate, owned_dir, pattern_dirs
+from index.core.outdir import Owner, invalidate, owned_dir, pattern_dirs
 
 
 @dataclass(frozen=True)
@@ -211,8 +212,8 @@ OWNER = Owner("build_index", (re.escape(contract.MANIFEST_FILE), re.escape(contr
 def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) -> dict[str, Any]:
     """Validate everything that can be checked before work (encoders, gallery, device, the factory
     against the dimension and the most vectors the gallery can hold), take `out_dir`
-    (`index.outdir.owned_dir`), then embed, build the FAISS groups and write the manifest last."""
-    from index.executor import LocalExecutor
+    (`index.core.outdir.owned_dir`), then embed, build the FAISS groups and write the manifest last."""
+    from index.core.executor import LocalExecutor
 
     executor = executor or LocalExecutor()
     t0 = time.perf_counter()

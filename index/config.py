@@ -1,4 +1,4 @@
-"""Indexing job config: YAML/JSON mapped onto frozen dataclasses by plain field names.
+"""Indexing job config: YAML/JSON mapped onto frozen dataclasses by plain field names (index.core.config).
 
 No import paths or code in configs. Unknown keys raise with the valid field names. The fully
 resolved config is written into the index manifest.
@@ -8,35 +8,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
+import torch
 
+from index.core.config import check_integer, from_mapping, read_mapping
+from index.core.errors import ConfigError
 from index.crops import CropConfig
-from index.errors import ConfigError, MissingInputError
-
-C = TypeVar("C")
-
-
-def from_mapping(cls: type[C], data: dict[str, Any] | None, where: str = "config") -> C:
-    """Build a dataclass from a mapping, refusing unknown keys (and naming the valid ones)."""
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping of field names to values; got a {type(data).__name__}")
-    data = dict(data or {})
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
-    # YAML has no tuples; frozen configs keep sequences as tuples so they hash and compare
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def _integer(name: str, v: Any, low: int, optional: bool = False) -> None:
-    if optional and v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ConfigError(f"{name} must be an integer >= {low}{' or null' if optional else ''}; got {v!r}")
-
 
 @dataclass(frozen=True)
 class FaissConfig:
@@ -88,13 +66,12 @@ class IndexConfig:
             object.__setattr__(self, "encoders", tuple(enc))
         if not self.encoders or not all(isinstance(e, str) and e for e in self.encoders):
             raise ConfigError(f"encoders must be a non-empty list of encoder names; got {list(self.encoders)!r}")
-        _integer("image_size", self.image_size, 1, optional=True)
-        _integer("seed", self.seed, 0)
-        _integer("batch_size", self.batch_size, 1, optional=True)   # None: chosen by device
-        _integer("num_workers", self.num_workers, 1, optional=True)
+        check_integer("image_size", self.image_size, 1, optional=True)
+        check_integer("seed", self.seed, 0)
+        check_integer("batch_size", self.batch_size, 1, optional=True)   # None: chosen by device
+        check_integer("num_workers", self.num_workers, 1, optional=True)
         if self.device is not None:
             try:
-                import torch
                 torch.device(self.device)
             except (RuntimeError, TypeError):
                 raise ConfigError(f"unknown device {self.device!r}; valid choices: cpu, cuda, cuda:N, "
@@ -125,17 +102,7 @@ class IndexConfig:
 
 
 def load_index_config(path: str | Path, **overrides: Any) -> IndexConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise MissingInputError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p} must hold a mapping of config fields (gallery:, encoders:, ...); "
-                          f"it holds a YAML {type(data).__name__}")
+    """The job config a YAML file holds, with the given non-None overrides applied."""
+    data = read_mapping(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return from_mapping(IndexConfig, data, str(p))
+    return from_mapping(IndexConfig, data, str(path))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandAugment
 from torchvision.transforms import functional as TF
 from torchvision.transforms.autoaugment import _apply_op
-from index.errors import ConfigError
+from index.core.errors import ConfigError
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in source pixels
 
@@ -66,14 +66,6 @@ class CropConfig:
         d = asdict(self)
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CropConfig":
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown CropConfig field(s) {unknown}; valid fields: {', '.join(valid)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)

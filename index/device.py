@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from index.errors import ConfigError
+from index.core.errors import ConfigError
 
 
 class DeviceUnavailable(ConfigError):

@@ -23,8 +23,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from index.registry import choice
-from index.errors import ConfigError, MissingInputError, run_main
+from index.core.registry import choice
+from index.core.errors import ConfigError, MissingInputError, run_main
 
 INPUT_FORMATS = ("txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz",
                  "jsonl", "jsonl.gz", "parquet")

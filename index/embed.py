@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index import contract, store
-from index.atomic import CODE_VERSION, fingerprint
+from index import store
+from index.core import contract
+from index.core.atomic import CODE_VERSION, fingerprint
 from index.crops import CropConfig, materialize, recipes_for
 from index.device import pick_device
 from index.device_batches import ImageBatch, image_batches, materialize_batch

@@ -22,8 +22,8 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from index.encoder_spec import EncoderSpec
-from index.errors import ConfigError
-from index.registry import Registry
+from index.core.errors import ConfigError
+from index.core.registry import Registry
 
 Transform = Callable[[Image.Image], torch.Tensor]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from index.errors import ConfigError, MissingInputError, UserError
+from index.core.errors import ConfigError, MissingInputError, UserError
 
 Tuple3 = tuple[float, float, float]
 OPENAI_MEAN: Tuple3 = (0.48145466, 0.4578275, 0.40821073)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 
-from index.atomic import atomic_path
-from index.errors import InputError, MissingInputError
+from index.core.atomic import atomic_path
+from index.core.errors import InputError, MissingInputError
 
 
 def save_index(index, path: str | os.PathLike) -> None:

@@ -47,8 +47,8 @@ from webdataset.tariterators import base_plus_ext
 
 from index import content
 from index.bitdepth import to_rgb8
-from index.contract import IMAGE_EXTS, image_id
-from index.errors import ConfigError, InputError, MissingInputError
+from index.core.contract import IMAGE_EXTS, image_id
+from index.core.errors import ConfigError, InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 

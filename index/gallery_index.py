@@ -14,12 +14,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from index import contract, store
-from index.atomic import read_json
+from index import store
+from index.core import contract
+from index.core.atomic import read_json
 from index.encoders import EncoderSpec, check_same_encoders, resolve_encoder
 from index.gallery import ShardRef
 from index.ranged import ReadStats
-from index.errors import InputError, MissingInputError
+from index.core.errors import InputError, MissingInputError
 
 
 SEARCH_TASK_BYTES = 2 << 30   # default memory budget of one search task: index files it opens

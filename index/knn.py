@@ -2,7 +2,7 @@
 
 Vectors are the combined multi-encoder features (`combine_features`), so inner product = mean
 cosine over the encoders; every index here uses METRIC_INNER_PRODUCT. FAISS ids are global int64
-row numbers (shard offset + row in shard, index.contract).
+row numbers (shard offset + row in shard, index.core.contract).
 
 Search lives in index.search; reading and writing index files in index.faiss_io.
 """
@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from index.errors import ConfigError
+from index.core.errors import ConfigError
 
 MIN_POINTS_PER_LIST = 39      # faiss warns below this many training points per centroid
 TRAIN_POINTS_PER_LIST = 50    # training sample size per IVF list (faiss uses at most 256)

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, Iterable
 from PIL import Image
 
 from index import content
-from index.contract import IMAGE_EXTS, image_id, split_image_id
+from index.core.contract import IMAGE_EXTS, image_id, split_image_id
 from index.gallery import (DEFAULT_MAX_PIXELS, ShardRef, SkipCounts, decode_image, meta_of,
                            read_gallery_images)
 

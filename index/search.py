@@ -32,8 +32,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from index import contract
-from index.atomic import read_json
+from index.core import contract
+from index.core.atomic import read_json
 from index.faiss_io import load_index
 
 # Internal id of an empty slot: larger than any real id, so it loses every tie; reported as -1.
@@ -304,7 +304,7 @@ class ShardedIndex:
     @classmethod
     def from_dir(cls, index_dir: str | os.PathLike, mmap: bool = False,
                  nprobe: int | None = None) -> "ShardedIndex":
-        """Open the groups listed in an index directory's manifest (index.contract).
+        """Open the groups listed in an index directory's manifest (index.core.contract).
 
         Groups that share one trained quantizer (manifest ``shared_quantizer``) are opened as one
         IVF index (`stack_groups`): their lists moved into it (in RAM) or viewed in place (`mmap`).

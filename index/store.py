@@ -1,6 +1,6 @@
 """Embedding shards on disk: per gallery shard, float16 L2-normalised matrices per encoder + a row table.
 
-Layout (index.contract): ``<root>/embeddings/<shard>/{<encoder>.npy, rows.jsonl, rows.offsets.npy,
+Layout (index.core.contract): ``<root>/embeddings/<shard>/{<encoder>.npy, rows.jsonl, rows.offsets.npy,
 done.json}``. The matrices, the row table and its line-offset table are written atomically first;
 ``done.json`` is written last and carries counts and the fingerprint of the shard's inputs, so its
 presence means the shard is complete. `load_rows_at` reads only the lines asked for (a shard's row table
@@ -15,10 +15,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from index import contract
-from index.atomic import atomic_path, check_done, read_json, write_json
-from index.errors import InputError
-from index.outdir import invalidate
+from index.core import contract
+from index.core.atomic import atomic_path, check_done, read_json, write_json
+from index.core.errors import InputError
+from index.core.outdir import invalidate
 
 
 class RowTableMismatch(InputError, IndexError):

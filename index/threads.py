@@ -19,7 +19,7 @@ import os
 import time
 from typing import Iterator
 
-from index.errors import ConfigError
+from index.core.errors import ConfigError
 
 ENV = "OMP_NUM_THREADS"
 HELP = "CPU threads for torch and faiss (default: the CPUs other processes leave free, or $OMP_NUM_THREADS)"

@@ -29,7 +29,7 @@ from PIL import Image
 
 from curation.datasets import load_fashion_mnist
 from curation.querysets import get_query_set
-from index.atomic import write_json
+from index.core.atomic import write_json
 
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
 SKIMAGE_SAMPLES = ("astronaut", "brick", "camera", "cat", "coffee", "coins", "colorwheel", "grass",

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence, TypeVar
 
-from index.executor import Executor, LocalExecutor, progress_bar  # noqa: F401 - re-exported: the in-process executor
-from index.errors import ConfigError
+from index.core.executor import Executor, LocalExecutor, progress_bar  # noqa: F401 - re-exported: the in-process executor
+from index.core.errors import ConfigError
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from index.core.config import from_mapping
+
 
 def _train_loop(config: dict[str, Any]) -> None:
     import torch
@@ -22,7 +24,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     from distill.training import train_student
 
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    train_student(DistillConfig.from_dict(config["cfg"]), rank=dist.get_rank(), world=dist.get_world_size(),
+    train_student(from_mapping(DistillConfig, config["cfg"]), rank=dist.get_rank(), world=dist.get_world_size(),
                   distributed=True)
 
 
@@ -45,7 +47,7 @@ def train_with_ray(cfg: dict[str, Any], num_workers: int, *, threads_per_worker:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from distill.training import TRAIN_RESULT
-    from index.atomic import read_json
+    from index.core.atomic import read_json
 
     out = Path(cfg["out"]).resolve()
     started = not ray.is_initialized()

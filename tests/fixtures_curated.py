@@ -1,7 +1,7 @@
 """Tiny deterministic curated directories and query sets, for tests and benchmarks (no network).
 
 Images of class c are a flat colour from a fixed palette plus noise and a random bright square, so a
-small student learns them in a few steps. The directory follows index/contract.py: transfer and
+small student learns them in a few steps. The directory follows index/core/contract.py: transfer and
 query WebDataset shards and queries.json.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from index.contract import QUERIES_DRAW_FILE, QUERIES_PATTERN, TRANSFER_PATTERN, TransferRecord
+from index.core.contract import QUERIES_DRAW_FILE, QUERIES_PATTERN, TRANSFER_PATTERN, TransferRecord
 
 PALETTE = np.array([[200, 40, 40], [40, 180, 60], [50, 70, 210], [220, 200, 40],
                     [160, 60, 190], [40, 190, 190], [240, 130, 30], [120, 120, 120]], dtype=np.float32)

@@ -185,8 +185,8 @@ def curated_outputs(out: Path) -> dict[str, bytes]:
     """Every output of a curated directory a rerun must reproduce, byte for byte: its files (not the
     run's bookkeeping: owner marker and lock), the write stage's report thumbnails, and the manifest
     without timings or config.out."""
-    from index import contract
-    from index.outdir import LOCK, MARKER
+    from index.core import contract
+    from index.core.outdir import LOCK, MARKER
 
     files = {p.name: p.read_bytes() for p in sorted(out.iterdir())
              if p.is_file() and p.name not in (contract.MANIFEST_FILE, MARKER, LOCK)}

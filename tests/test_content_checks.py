@@ -18,8 +18,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from index import contract, store
-from index.atomic import FingerprintMismatch
+from index import store
+from index.core import contract
+from index.core.atomic import FingerprintMismatch
 from index.bitdepth import to_rgb8
 from index.build import build_gallery_index
 from index.config import IndexConfig

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandAugment
 
+from index.core.config import from_mapping
 from index.crops import (CropConfig, CropRecipe, full_box, make_recipe, materialize, op_names,
                          recipes_for)
 
@@ -154,8 +155,8 @@ def test_bad_inputs_raise_clearly():
         CropConfig(magnitude=31)
     with pytest.raises(ValueError, match="scale must be"):
         CropConfig(scale=(0.9, 0.1))
-    with pytest.raises(ValueError, match="valid fields"):
-        CropConfig.from_dict({"crops": 3})
+    with pytest.raises(ValueError, match="valid keys"):
+        from_mapping(CropConfig, {"crops": 3})
     with pytest.raises(ValueError, match="crop_index"):
         make_recipe("s/k", 10, 0, (10, 10), CropConfig())
     with pytest.raises(ValueError, match="image_size"):
@@ -169,7 +170,7 @@ def test_bad_inputs_raise_clearly():
 def test_config_roundtrip():
     cfg = CropConfig(crops_per_image=3, scale=[0.2, 0.9], keep_full_image=True)
     assert cfg.scale == (0.2, 0.9)
-    assert CropConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert from_mapping(CropConfig, json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_sampling_uses_no_global_rng_state():

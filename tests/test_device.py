@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from index.device import DeviceUnavailable, pick_device
-from index.errors import UserError
+from index.core.errors import UserError
 
 
 @pytest.mark.parametrize("cuda", [True, False])

@@ -13,7 +13,7 @@ from distill.cache import CacheLookup, build_or_load_cache, cache_fingerprint_in
 from distill.data import (ShardSet, _batches_of, labelled_batches, load_labelled, num_batches,
                           random_resized_crop_box, steps_per_epoch, transfer_batches, transfer_shards)
 from fixtures_curated import write_curated_dir
-from index.atomic import FingerprintMismatch
+from index.core.atomic import FingerprintMismatch
 
 
 @pytest.fixture(scope="module")

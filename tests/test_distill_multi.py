@@ -12,6 +12,7 @@ import torch
 
 from distill.cli import main
 from distill.config import DistillConfig
+from index.core.config import from_mapping
 from distill.data import load_labelled
 from distill.methods import WeightedKD, build_task
 from distill.rank import cv_probe_accuracy, rank_teachers
@@ -157,7 +158,7 @@ def test_config_refuses_options_that_would_be_ignored(curated, tmp_path):
     with pytest.raises(KeyError, match="cka, parc, rsa"):
         _cfg(curated, tmp_path, similarity="pearson")
     cfg = _cfg(curated, tmp_path, weight_temperature=float("inf"))
-    assert DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert from_mapping(DistillConfig, json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
 def test_rank_cli_draws_the_probe_set_from_the_named_query_set(curated, tmp_path, monkeypatch, capsys):

@@ -11,10 +11,11 @@ import torch
 
 from distill.cli import main
 from distill.config import DistillConfig
+from index.core.config import from_mapping
 from distill.methods import METHODS
 from distill.run import run_distill
 from fixtures_curated import write_curated_dir
-from index.atomic import FingerprintMismatch
+from index.core.atomic import FingerprintMismatch
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # deterministic float math across machines
@@ -144,7 +145,7 @@ def test_several_workers_need_a_launcher_and_use_the_one_passed_in(curated, tmp_
 
     def in_process(cfg: dict, num_workers: int) -> dict:   # stands in for Ray Train: one worker, same body
         calls.append(num_workers)
-        return train_student(DistillConfig.from_dict(cfg))
+        return train_student(from_mapping(DistillConfig, cfg))
 
     m = run_distill(_cfg(curated, tmp_path / "fake", method="labels_only", workers=2, finetune_epochs=1),
                     query_set=curated[1], launcher=in_process)

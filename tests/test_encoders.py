@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from index.atomic import file_digest
+from index.core.atomic import file_digest
 from index.encoders import (TINY_CLIP_ARCH, EncoderMismatch, EncoderSpec, build_encoder,
                             check_same_encoders, image_transform, resolve_encoder, source_head)
 

@@ -4,7 +4,7 @@ or a user's files in the output leave behind, and what a rerun makes of it.
 One tiny gallery and index (`fixtures_gallery`, the random-init `test-tiny-timm` encoder) serve every
 test; curate runs with the paper's fixed thresholds and no verification, so no calibration runs.
 Crashes are real: a subprocess kills itself with SIGKILL at a named commit (``VFM_KILL_AT``, see
-`index.atomic.kill_point`).
+`index.core.atomic.kill_point`).
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ from curation.build_index import main as build_index_main
 from curation.pipeline import OWNER
 from curation.querysets import get_query_set
 from distill import cli as distill_cli
-from index import contract
-from index.atomic import KILL_AT_ENV
+from index.core import contract
+from index.core.atomic import KILL_AT_ENV
 from index.download import main as download_main
 from index.gallery_index import GalleryIndex
-from index.outdir import LOCK, MARKER
+from index.core.outdir import LOCK, MARKER
 
 from fixtures_gallery import SHOTS, Fixture, build_fixture, curated_outputs, write_index_config
 
@@ -132,7 +132,7 @@ def test_out_equal_to_or_inside_an_input_is_refused_and_the_index_still_works(wo
 def test_a_second_run_into_a_dir_in_use_fails_at_once(world: World, reference: Path, capsys):
     out = world.root / "busy"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from curation.pipeline import OWNER; from index.outdir import owned_dir\n"
+        [sys.executable, "-c", "import sys; from curation.pipeline import OWNER; from index.core.outdir import owned_dir\n"
          f"with owned_dir({str(out)!r}, OWNER):\n    print('held', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=subprocess_env())
     try:

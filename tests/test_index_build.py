@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index import contract, store
-from index.atomic import FingerprintMismatch
+from index import store
+from index.core import contract
+from index.core.atomic import FingerprintMismatch
 from index.build import build_gallery_index
 from index.config import IndexConfig
 from index.crops import CropConfig
 from index.encoders import EncoderSpec, resolve_encoders
 from index.gallery_index import GalleryIndex
-from index.outdir import LOCK
+from index.core.outdir import LOCK
 from jobs.executors import LocalExecutor
 
 # shard -> (number of samples, index of a corrupt sample or None)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from curation.timing import Clock, most_time
-from index.executor import LocalExecutor
+from index.core.executor import LocalExecutor
 
 
 def _final_counts(err: str) -> list[str]:

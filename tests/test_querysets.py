@@ -14,7 +14,7 @@ from curation.datasets import (
 from curation.querysets import (
     QUERY_SETS, draw_per_class, get_query_set, holdout_mask, iter_images, list_query_sets,
 )
-from index.registry import UnknownNameError
+from index.core.registry import UnknownNameError
 
 PER_CLASS = 15  # -> 3 held out for test, 12 available for the draw
 

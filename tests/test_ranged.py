@@ -16,7 +16,8 @@ import webdataset as wds
 from PIL import Image
 
 from curation.shards import materialized_crops, read_originals
-from index import contract, ranged, store
+from index import ranged, store
+from index.core import contract
 from index.build import build_gallery_index
 from index.config import IndexConfig
 from index.crops import CropConfig, CropRecipe, materialize

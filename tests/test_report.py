@@ -15,7 +15,7 @@ from curation.report import (
     SECTION_IDS, Aligned, ClassMosaic, DedupCluster, DedupMember, LeakPanel, MosaicItem, QueryPanel, ReferenceMatch,
     ReportData, ReportLimits, RetrievedItem, Unreadable, count_per_query_and_class, render_report, write_report,
 )
-from index.contract import QueryHit, TransferRecord
+from index.core.contract import QueryHit, TransferRecord
 
 RED = (255, 0, 0)
 EVIL = '<script>alert("x")</script>'

@@ -8,7 +8,7 @@ from curation.selection import (PROMPT_TEMPLATES, SELECTORS, SearchCache, Select
                                 SelectionInput,
                                 best_matches, class_prompts, class_text_queries, exclude,
                                 query_balanced, random_select, select_with_search)
-from index.registry import UnknownNameError
+from index.core.registry import UnknownNameError
 
 
 def lists(rows: list[list[tuple[int, float]]], k: int | None = None):

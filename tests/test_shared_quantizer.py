@@ -12,8 +12,9 @@ import faiss
 import numpy as np
 import pytest
 
-from index import contract, faiss_io, knn, store
-from index.atomic import FingerprintMismatch, write_json
+from index import faiss_io, knn, store
+from index.core import contract
+from index.core.atomic import FingerprintMismatch, write_json
 from index.build import build_faiss_groups
 from index.config import FaissConfig, IndexConfig
 from index.gallery_index import GalleryIndex

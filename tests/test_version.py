@@ -5,7 +5,7 @@ import re
 from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
-import index.atomic as atomic
+import index.core.atomic as atomic
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

@@ -2,7 +2,7 @@
 
 A record is the small result of one stage (ids, scores, thresholds, counts; never pixels) with the
 fingerprint of the inputs it was made from. The arrays are written first and the JSON last, each by
-rename (`index.atomic`), so a JSON record that exists is complete. A record whose fingerprint differs
+rename (`index.core.atomic`), so a JSON record that exists is complete. A record whose fingerprint differs
 is stale: the stage is recomputed and the record replaced (the curated directory's outputs are the
 run's own; the manifest says which stages were recomputed and why). The run continues from the
 record as read back, also right after computing it, so a resumed and an uninterrupted run go on
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from index import contract
-from index.atomic import atomic_path, read_json
+from index.core import contract
+from index.core.atomic import atomic_path, read_json
 
 
 @dataclass

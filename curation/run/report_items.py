@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from curation.report import ReportLimits, record_class
-from index.contract import TransferRecord
+from index.core.contract import TransferRecord
 
 
 @dataclass(frozen=True)

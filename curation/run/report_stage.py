@@ -15,7 +15,7 @@ from curation.report_evidence import aligned_evidence
 from curation.report_thumbs import read_report_thumbs
 from curation.run.report_items import query_rank, report_items
 from curation.run.state import RunState
-from index import contract
+from index.core import contract
 from index.gallery import SkipCounts
 from index.ranged import read_by_id
 

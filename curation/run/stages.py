@@ -35,7 +35,7 @@ from curation.calibrate import Calibration
 from curation.copydetect import CopyDetector
 from curation.decontam import LeakReport, clear_reviewed, read_review
 from curation.dedup import keep_one_per_cluster
-from index.executor import Executor, LocalExecutor
+from index.core.executor import Executor, LocalExecutor
 from curation.querysets import get_query_set
 from curation.run.records import Record, StageStore
 from curation.run.state import Filtered, RunState, selection_from_record, selection_to_record
@@ -46,11 +46,11 @@ from curation.run.report_stage import query_classes, write_report_html
 from curation.shards import read_originals, write_query_shards
 from curation.thresholds import Thresholds, resolve_thresholds
 from curation.features import embed_labeled
-from index import contract
-from index.atomic import CODE_VERSION, canonical_json, file_digest, fingerprint, write_json
+from index.core import contract
+from index.core.atomic import CODE_VERSION, canonical_json, file_digest, fingerprint, write_json
 from index.gallery_index import GalleryIndex
 from index.knn import combine_features
-from index.errors import ConfigError, InputError
+from index.core.errors import ConfigError, InputError
 
 KILL_ENV = "VFM_CURATE_KILL_AFTER"   # a stage name: the process exits right after committing it (tests)
 KILL_EXIT_CODE = 86

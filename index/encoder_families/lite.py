@@ -6,10 +6,10 @@ import importlib
 import torch
 from torch import nn
 
-from index.atomic import file_digest
+from index.core.atomic import file_digest
 from index.encoder_family import FAMILIES, Built, Encoder, EncoderFamily, checked_head
 from index.encoder_spec import EncoderSpec, existing_file
-from index.errors import MissingDependencyError
+from index.core.errors import MissingDependencyError
 
 # EfficientNet-Lite was trained on (x - 127) / 128 in 0..255 pixel units
 LITE_MEAN = (127 / 255,) * 3

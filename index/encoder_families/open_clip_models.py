@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from index.atomic import file_digest
+from index.core.atomic import file_digest
 from index.encoder_family import FAMILIES, Built, Encoder, EncoderFamily, Transform
 from index.encoder_spec import OPENAI_MEAN, OPENAI_STD, EncoderSpec, existing_file, weights_dir
-from index.errors import ConfigError, MissingInputError
+from index.core.errors import ConfigError, MissingInputError
 
 TINY_CLIP_ARCH = "vfm-tiny-ViT"
 TINY = {"test-tiny-clip": "shortest", "test-tiny-clip-squash": "squash"}   # name: resize mode

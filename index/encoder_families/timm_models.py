@@ -9,10 +9,10 @@ import difflib
 
 import torch
 
-from index.atomic import file_digest
+from index.core.atomic import file_digest
 from index.encoder_family import FAMILIES, Built, Encoder, EncoderFamily, checked_head
 from index.encoder_spec import EncoderSpec, existing_file
-from index.errors import ConfigError
+from index.core.errors import ConfigError
 
 PREFIX = "timm:"
 TINY = {"test-tiny-timm": ("test_efficientnet", 64)}   # name: (timm model, image size)

@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator
 
-from index.errors import UserError
+from index.core.errors import UserError
 
 PACKAGE = "vfm-curate"
 
@@ -28,7 +28,7 @@ def code_version() -> str:
     try:
         return version(PACKAGE)
     except PackageNotFoundError:
-        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
         found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
         return found.group(1) if found else "0+unknown"
 

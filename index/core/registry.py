@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 from typing import Generic, Iterator, TypeVar
 
-from index.errors import ConfigError, UserError
+from index.core.errors import ConfigError, UserError
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@
   fails at once, naming the process that holds it;
 - removes the old done record (the manifest) before anything new is written, so an interrupted
   rerun never leaves a finished-looking directory over a mix of old and new files;
-- removes the temporary files of killed runs (``.<name>.<random>.tmp``, `index.atomic.atomic_path`);
+- removes the temporary files of killed runs (``.<name>.<random>.tmp``, `index.core.atomic.atomic_path`);
 - writes ``.vfm-owner.json`` once (the command, the first run's id and process), the marker of what wrote
   the directory; the lock file names the run holding it now;
 - removes the directory again when it created it and the run failed before writing anything.
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
-from index.errors import UserError
+from index.core.errors import UserError
 
 MARKER = ".vfm-owner.json"
 LOCK = ".vfm-owner.lock"
-TEMP_RE = r"\..+\.tmp"          # index.atomic.atomic_path's temporary names
+TEMP_RE = r"\..+\.tmp"          # index.core.atomic.atomic_path's temporary names
 MAX_LISTED = 20
 
 
@@ -193,7 +193,7 @@ def _lock(path: Path, owner: Owner) -> int:
 
 
 def _run_info(owner: Owner, run_id: str) -> dict:
-    from index.atomic import CODE_VERSION
+    from index.core.atomic import CODE_VERSION
 
     return {"command": owner.command, "run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
             "code_version": CODE_VERSION,
@@ -203,7 +203,7 @@ def _run_info(owner: Owner, run_id: str) -> dict:
 def _mark(path: Path, fd: int, owner: Owner, run_id: str) -> None:
     """The lock file says who holds the directory now; the marker (written once, by the first run)
     what wrote it."""
-    from index.atomic import write_json
+    from index.core.atomic import write_json
 
     info = json.dumps(_run_info(owner, run_id)).encode()
     os.ftruncate(fd, 0)

@@ -1,0 +1,13 @@
+"""The base layer: what every stage shares. It imports nothing else of the project.
+
+    contract   the data contract between stages: file names, record fields, formats (one place)
+    atomic     atomic writes (temp file, fsync, rename), JSON I/O, fingerprints, CODE_VERSION, crash points
+    outdir     owned output directories: the owner marker, the run lock, refusing what a run did not write
+    errors     UserError and its kinds (config, input, missing input, missing dependency); run_main for CLIs
+    registry   one name -> object registry with did-you-mean, for encoders, query sets, selectors, methods
+    config     from_mapping: every config dataclass built from a mapping, unknown keys refused
+    executor   the Executor protocol (map over tasks with workers built where they run) and LocalExecutor
+
+Layers above it, each importing only those below: index.core <- index <- curation <- distill <- jobs
+<- the command-line modules. Nothing in the library imports jobs (tests/test_layers.py checks this).
+"""
