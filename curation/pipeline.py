@@ -23,7 +23,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from curation.changed import check_policy
@@ -33,6 +33,7 @@ from curation.verify import VERIFIERS
 from index.core import contract
 from index.core.atomic import CODE_VERSION, write_json
 from index.core.errors import ConfigError, MissingInputError
+from index.threads import HELP as THREADS_HELP
 from index.core.outdir import Owner, owned_dir, owning_also, pattern_dirs, pattern_regex
 
 OWNER = Owner("curate", (pattern_regex(contract.TRANSFER_PATTERN), pattern_regex(contract.QUERIES_PATTERN),
@@ -58,40 +59,56 @@ def parse_threshold(value: float | str, name: str = "threshold", low: float = -1
 
 @dataclass(frozen=True)
 class CurateConfig:
-    queries: str
-    index: str
-    size: int
-    out: str
-    strategy: str = "query_balanced"
-    seed: int = 0
-    data_root: str | None = None
-    dedup_threshold: float | str = "auto"     # "auto" (calibrated) or a mean cosine
-    leak_threshold: float | str = "auto"      # "auto" (calibrated) or a max cosine
-    verify: str = "align"                     # second signal on candidates: align | none
-    verify_threshold: float | str = "auto"    # "auto" (calibrated) or a verify.Match.score limit
-    verify_max_residual: float | str = "auto"  # "auto" (calibrated) or grey levels (verify.Match.residual)
-    key_threshold: float | str = "auto"       # "auto" (calibrated) or a pixel key similarity (1: off)
-    copy_recall: float = 0.99                 # calibration target: recall of every copy kind
-    calibration_images: int = 300             # references sampled for calibration
-    leak_neighbours: int = 5
-    leak_review: str | None = None
-    k0: int | None = None              # first search depth (default: from N and the query count)
-    max_k: int | None = None           # cap on the search depth
-    nprobe: int | None = None
-    shard_size: int = 1000             # transfer samples per output shard
-    jpeg_quality: int = 95
-    batch_size: int = 64
-    device: str | None = None
-    cache_dir: str | None = None       # reference-feature cache (default ~/.cache/vfm-curate/features)
-    executor: str = "local"
-    num_workers: int | None = None
-    changed_images: str = "refuse"     # a gallery image changed since indexing: refuse | skip (curation.changed)
+    queries: str = field(metadata={"help": "named query set: eurosat_{5,10,25}shot, fashion_mnist_{5,10,25}shot, "
+                                           "folder:PATH:Kshot (curation.querysets)"})
+    index: str = field(metadata={"help": "index directory written by build-index"})
+    size: int = field(metadata={"help": "N, the transfer-set size"})
+    out: str = field(metadata={"help": "output directory"})
+    strategy: str = field(default="query_balanced", metadata={
+        "help": "selection strategy: query_balanced | best_matches | random | text (curation.selection)"})
+    seed: int = field(default=0, metadata={"help": "query draw and random-drop seed"})
+    data_root: str | None = field(default=None, metadata={"help": "where the query set's dataset lives"})
+    dedup_threshold: float | str = field(default="auto", metadata={
+        "help": "'auto' (calibrated for the index's encoders) or a mean cosine; the paper: 0.99"})
+    leak_threshold: float | str = field(default="auto", metadata={
+        "help": "'auto' (calibrated) or a max cosine over encoders; the paper: 0.95"})
+    verify: str = field(default="align", metadata={
+        "help": "second signal that confirms copies among the candidates: align | none (threshold only)"})
+    verify_threshold: float | str = field(default="auto", metadata={
+        "help": "'auto' (calibrated) or a lower limit on the aligned correlation, in [-1, 1]"})
+    verify_max_residual: float | str = field(default="auto", metadata={
+        "help": "'auto' (calibrated) or an upper limit on the aligned grey-level residual (inf: none)"})
+    key_threshold: float | str = field(default="auto", metadata={
+        "help": "'auto' (calibrated) or a pixel key similarity above which an image is also a copy candidate, "
+                "checked against its nearest references by pixel key (1: off)"})
+    copy_recall: float = field(default=0.99, metadata={
+        "help": "calibration target: recall of every kind of synthetic near-copy"})
+    calibration_images: int = field(default=300, metadata={"help": "references sampled for calibration"})
+    leak_neighbours: int = field(default=5, metadata={
+        "help": "nearest references shown (and verified against) for each possible leak"})
+    leak_review: str | None = field(default=None, metadata={
+        "help": "JSON list of gallery image ids a person judged not to be leaks"})
+    k0: int | None = field(default=None, metadata={
+        "help": "first per-query search depth (default: from N and the query count)"})
+    max_k: int | None = field(default=None, metadata={"help": "cap on the per-query search depth"})
+    nprobe: int | None = field(default=None, metadata={"help": "IVF lists probed (default: the index's)"})
+    shard_size: int = field(default=1000, metadata={"help": "samples per transfer shard"})
+    jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of the written crops, 1-100"})
+    batch_size: int = field(default=64, metadata={"help": "images per encoder forward"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda when present)"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "reference feature cache (default: ~/.cache/vfm-curate/features)"})
+    executor: str = field(default="local", metadata={
+        "help": "where original embedding, verification and crop materialisation run: local | ray"})
+    num_workers: int | None = field(default=None, metadata={"help": "Ray actors (default: one per CPU)"})
+    changed_images: str = field(default="refuse", metadata={
+        "help": "a gallery image whose bytes changed since indexing: refuse (stop before writing, naming them) "
+                "or skip (leave it out, counted in the manifest and summary) (curation.changed)"})
+    threads: int | None = field(default=None, metadata={"help": THREADS_HELP})
 
     def __post_init__(self):
         SELECTORS.get(self.strategy)  # raises with the valid names
         check_policy(self.changed_images)
-        if self.size < 1:
-            raise ValueError(f"size must be >= 1; got {self.size}")
         for name in ("dedup_threshold", "leak_threshold", "verify_threshold", "key_threshold"):
             object.__setattr__(self, name, parse_threshold(getattr(self, name), name))
         object.__setattr__(self, "verify_max_residual", parse_threshold(
@@ -104,10 +121,10 @@ class CurateConfig:
         if self.calibration_images < 2:
             raise ConfigError(f"calibration_images must be >= 2; got {self.calibration_images}")
         for name in ("size", "shard_size", "batch_size", "leak_neighbours", "nprobe", "max_k", "k0", "num_workers",
-                     "seed", "calibration_images", "jpeg_quality"):
+                     "seed", "calibration_images", "jpeg_quality", "threads"):
             v = getattr(self, name)
             low = 0 if name == "seed" else 1
-            if not (v is None and name in ("nprobe", "max_k", "k0", "num_workers")) and (
+            if not (v is None and name in ("nprobe", "max_k", "k0", "num_workers", "threads")) and (
                     isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ConfigError(f"{name} must be an integer >= {low}; got {v!r}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -124,12 +141,12 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
 
     ``executor`` (`index.core.executor.Executor`) fans out original embedding, verification and crop
     materialisation; None runs them in this process (``cfg.executor`` must then be "local").
+    The `curate` command prints ``summary_line(manifest, seconds)``.
     """
-    t0 = time.perf_counter()
     inputs = check_inputs(cfg)
     # a feature cache kept inside the output is the run's own
     with owned_dir(cfg.out, owning_also(OWNER, cfg.out, [cfg.cache_dir]), inputs):
-        return _curate(cfg, executor, t0)
+        return _curate(cfg, executor)
 
 
 def check_inputs(cfg: CurateConfig) -> dict[str, list[str]]:
@@ -149,7 +166,7 @@ def check_inputs(cfg: CurateConfig) -> dict[str, list[str]]:
             "the query set's images": query_set_dirs(cfg.queries, cfg.data_root)}
 
 
-def _curate(cfg: CurateConfig, executor, t0: float) -> dict[str, Any]:
+def _curate(cfg: CurateConfig, executor) -> dict[str, Any]:
     from curation.run.stages import counts, pairs_per_second, run_stages, time_parts
 
     st = run_stages(cfg, executor)
@@ -186,7 +203,6 @@ def _curate(cfg: CurateConfig, executor, t0: float) -> dict[str, Any]:
     }
     timings["stages"]["manifest"] = {"seconds": round(time.perf_counter() - t, 3), "status": "computed"}
     write_json(st.out / contract.MANIFEST_FILE, manifest)
-    print(summary_line(manifest, time.perf_counter() - t0), flush=True)
     return manifest
 
 

@@ -8,6 +8,7 @@ the two cannot disagree.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from curation.calibrate import Calibration, cached_calibration
 from curation.pixelkey import Keys
 from curation.verify import VerifyRule
 
+log = logging.getLogger(__name__)
 PAPER_DEDUP, PAPER_LEAK, DEFAULT_VERIFY = 0.99, 0.95, 0.9   # used when there is nothing to calibrate on
 
 
@@ -62,10 +64,10 @@ def resolve_thresholds(cfg, models, qs, ref_feats: list[np.ndarray], ref_keys: K
                                          recall=cfg.copy_recall, verify=cfg.verify,
                                          min_neighbours=cfg.leak_neighbours, batch_size=cfg.batch_size,
                                          ref_keys=None if ref_keys is None else ref_keys.keys, progress=True)
-        print(f"curate: calibration {'reused' if reused else 'computed'}: leak {cal.leak_threshold:.4g} "
-              f"dedup {cal.dedup_threshold:.4g} verify {_fmt(cal.verify_threshold)} "
-              f"residual<={_fmt(cal.verify_max_residual)} key {_fmt(cal.pixel_threshold)}, "
-              f"estimated false-positive rate {cal.false_positive_rate:.3g}", flush=True)
+        log.info("calibration %s: leak %.4g dedup %.4g verify %s residual<=%s key %s, "
+                 "estimated false-positive rate %.3g", "reused" if reused else "computed", cal.leak_threshold,
+                 cal.dedup_threshold, _fmt(cal.verify_threshold), _fmt(cal.verify_max_residual),
+                 _fmt(cal.pixel_threshold), cal.false_positive_rate)
 
     def pick(value, calibrated, paper):
         if value != "auto":

@@ -7,13 +7,14 @@ AFT beta = 10, s initialised at 0 with its own Adam group at lr 1e-2 and no weig
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from index.core.atomic import fingerprint
 from index.core.registry import choice
 from index.core.errors import ConfigError
+from index.threads import HELP as THREADS_HELP
 
 TEACHER_ADAPTATIONS = ("linear_probe", "finetune")
 TEACHER_HEADS = ("probe", "source")
@@ -55,66 +56,95 @@ def _check_numbers(cfg: "DistillConfig") -> None:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    method: str                                  # a name in distill.methods.METHODS
-    transfer: str                                # curated directory (transfer-*.tar, queries-*.tar, queries.json)
-    queries: str                                 # named query set: its test split is the evaluation set
-    out: str                                     # run directory
+    method: str = field(metadata={"help": "distillation method: labels_only | kd | feature_kd | aft | kd_nearest | "
+                                          "kd_weighted (distill.methods)"})
+    transfer: str = field(metadata={"help": "curated directory (transfer-*.tar, queries-*.tar, queries.json)"})
+    queries: str = field(metadata={"help": "named query set; its test split is the evaluation set"})
+    out: str = field(metadata={"help": "run directory (config, checkpoints, caches, metrics.json)"})
     # teacher (a VFM from the encoder registry) and its adaptation on the labelled set
-    teacher: str = "efficientnet_lite0"
-    teacher_weights: str | None = None
-    teacher_image_size: int | None = None        # override the teacher's input resolution (CNN teachers)
-    teacher_adapt: str = "linear_probe"          # linear_probe | finetune
-    probe_steps: int = 100                       # LBFGS iterations of the logistic regression head
-    probe_weight_decay: float = 1e-4             # L2 penalty of the logistic regression head
-    teacher_epochs: int = 10                     # finetune only
-    teacher_lr: float = 1e-5                     # finetune only
-    teacher_batch_size: int = 32
+    teacher: str = field(default="efficientnet_lite0", metadata={
+        "help": "VFM encoder name from the encoder registry (index.encoders)"})
+    teacher_weights: str | None = field(default=None, metadata={
+        "help": "local weights file for the teacher (nothing is downloaded)"})
+    teacher_image_size: int | None = field(default=None, metadata={
+        "help": "teacher input resolution (CNN teachers; default: the encoder's own)"})
+    teacher_adapt: str = field(default="linear_probe", metadata={
+        "help": "how the teacher learns the task: linear_probe | finetune"})
+    probe_steps: int = field(default=100, metadata={
+        "help": "LBFGS iterations of the teacher's logistic-regression head"})
+    probe_weight_decay: float = field(default=1e-4, metadata={"help": "L2 penalty of the logistic-regression head"})
+    teacher_epochs: int = field(default=10, metadata={"help": "teacher finetuning epochs (teacher_adapt finetune)"})
+    teacher_lr: float = field(default=1e-5, metadata={
+        "help": "teacher finetuning learning rate (teacher_adapt finetune)"})
+    teacher_batch_size: int = field(default=32, metadata={
+        "help": "teacher finetuning batch size (teacher_adapt finetune)"})
     # several teachers (kd_nearest, kd_weighted): ranked by task similarity on the labelled probe set
-    teachers: tuple[str, ...] = ()               # candidate teachers (default: the teacher alone)
-    similarity: str = "parc"                     # parc | cka | rsa (distill.similarity.SIMILARITIES)
-    weight_temperature: float = 10.0             # p of w = softmax(p * similarity): 0 equal weights, inf the nearest
-    teacher_head: str = "probe"                  # pseudo-labels: probe (target classes) | source (the model's own head)
-    # pretrained feature sources for AFT / feature KD (default: the teachers, else the teacher's encoder), concatenated
-    feature_encoders: tuple[str, ...] = ()
+    teachers: tuple[str, ...] = field(default=(), metadata={
+        "help": "comma-separated candidate teachers for kd_nearest / kd_weighted "
+                "(default: the teacher alone)"})
+    similarity: str = field(default="parc", metadata={
+        "help": "task similarity that ranks the teachers: parc | cka | rsa"})
+    weight_temperature: float = field(default=10.0, metadata={
+        "help": "p of the teacher weights softmax(p * similarity): 0 equal weights, "
+                "inf the nearest"})
+    teacher_head: str = field(default="probe", metadata={
+        "help": "multi-teacher pseudo-labels: probe (linear probe on the labels) | "
+                "source (the model's own head)"})
+    feature_encoders: tuple[str, ...] = field(default=(), metadata={
+        "help": "comma-separated encoders whose features AFT / feature_kd use, "
+                "concatenated (default: the teachers, else the teacher)"})
     # student
-    student: str = "mobilenetv3_large_100"
-    student_weights: str | None = None
-    resolution: int | None = None                # None: the student's default input size
+    student: str = field(default="mobilenetv3_large_100", metadata={
+        "help": "timm model name or a registered student (test-tiny-student)"})
+    student_weights: str | None = field(default=None, metadata={
+        "help": "local pretrained weights file for the student (nothing is downloaded)"})
+    resolution: int | None = field(default=None, metadata={
+        "help": "student input resolution (default: the student's own)"})
     # data
-    data_root: str | None = None
-    query_seed: int = 0
-    batch_size: int = 32
-    label_batch_size: int | None = None          # None: batch_size
-    augment: bool = True                         # RandomResizedCrop + horizontal flip
-    shuffle_buffer: int = 1000
-    decode_threads: int = 0                      # threads decoding/augmenting a batch; 0 = inline
+    data_root: str | None = field(default=None, metadata={"help": "where the query set's dataset lives"})
+    query_seed: int = field(default=0, metadata={"help": "seed of the query set's draw"})
+    batch_size: int = field(default=32, metadata={"help": "transfer-set batch size"})
+    label_batch_size: int | None = field(default=None, metadata={
+        "help": "labelled-set batch size (default: batch_size)"})
+    augment: bool = field(default=True, metadata={"help": "RandomResizedCrop + horizontal flip on training images"})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "samples in the transfer set's shuffle buffer"})
+    decode_threads: int = field(default=0, metadata={"help": "threads decoding and augmenting a batch; 0: inline"})
     # schedule
-    transfer_epochs: int = 1
-    transfer_steps: int | None = None            # overrides transfer_epochs
-    finetune_epochs: int = 10
-    lr: float = 7e-4                             # transfer phase (paper: 7e-4 for distillation)
-    finetune_lr: float | None = None             # None: lr
-    weight_decay: float = 0.05
-    warmup_frac: float = 0.05                    # warmup steps as a fraction of each phase's steps
+    transfer_epochs: int = field(default=1, metadata={"help": "epochs over the transfer set"})
+    transfer_steps: int | None = field(default=None, metadata={
+        "help": "steps on the transfer set; overrides transfer_epochs"})
+    finetune_epochs: int = field(default=10, metadata={"help": "epochs of finetuning on the labels"})
+    lr: float = field(default=7e-4, metadata={
+        "help": "transfer-phase learning rate (the paper: 7e-4 for distillation)"})
+    finetune_lr: float | None = field(default=None, metadata={"help": "finetuning learning rate (default: lr)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    warmup_frac: float = field(default=0.05, metadata={"help": "warmup steps as a fraction of each phase's steps"})
     # method options
-    temperature: float = 1.0                     # KD
-    beta: float = 10.0                           # AFT regularisation weight
-    aft_lr: float = 1e-2                         # AFT's s (its own Adam group, no weight decay)
-    aft_on_transfer: bool = True                 # AFT on the transfer set too (kernel loss only)
-    feature_loss: str = "cosine"                 # feature_kd: cosine | contrastive | cosine+contrastive
-    contrastive_temperature: float = 0.07
+    temperature: float = field(default=1.0, metadata={"help": "KD softmax temperature"})
+    beta: float = field(default=10.0, metadata={"help": "AFT regularisation weight"})
+    aft_lr: float = field(default=1e-2, metadata={
+        "help": "learning rate of AFT's feature weights s (own Adam group, no weight decay)"})
+    aft_on_transfer: bool = field(default=True, metadata={"help": "AFT on the transfer set too (kernel loss only)"})
+    feature_loss: str = field(default="cosine", metadata={
+        "help": "feature_kd loss: cosine | contrastive | cosine+contrastive"})
+    contrastive_temperature: float = field(default=0.07, metadata={
+        "help": "temperature of the contrastive feature loss"})
     # run
-    seed: int = 0
-    device: str = "auto"                         # auto | cpu | cuda
-    amp: bool = True                             # bfloat16 autocast on CUDA (ignored on CPU)
-    checkpoint_every: int = 100                  # steps
-    workers: int = 1                             # >1: data-parallel training with Ray Train (gloo, CPU)
-    baseline: bool = False                       # also train labels_only and report its accuracy
-    cache_dir: str | None = None                 # teacher output cache (default OUT/cache)
-    eval_batch_size: int = 64
-    progress: bool = True
-    stop_at_step: int | None = None              # end training after this many steps without saving (a kill)
-    threads: int | None = None                   # CPU threads (None: the CPUs other processes leave free)
+    seed: int = field(default=0, metadata={"help": "training seed"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    amp: bool = field(default=True, metadata={"help": "bfloat16 autocast on CUDA (ignored on CPU)"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    workers: int = field(default=1, metadata={"help": "data-parallel workers; > 1 trains with Ray Train (gloo, CPU)"})
+    baseline: bool = field(default=False, metadata={
+        "help": "also train labels_only with the same student and report its accuracy"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "teacher output cache directory (default: OUT/cache); reused across runs"})
+    eval_batch_size: int = field(default=64, metadata={"help": "evaluation and caching batch size"})
+    progress: bool = field(default=True, metadata={"help": "progress bars on stderr"})
+    stop_at_step: int | None = field(default=None, metadata={
+        "help": "end training after this many steps without saving, as a kill would "
+                "(testing resume)"})
+    threads: int | None = field(default=None, metadata={"help": THREADS_HELP})
 
     def __post_init__(self) -> None:
         from distill.methods import METHODS

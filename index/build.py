@@ -212,7 +212,8 @@ OWNER = Owner("build_index", (re.escape(contract.MANIFEST_FILE), re.escape(contr
 def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) -> dict[str, Any]:
     """Validate everything that can be checked before work (encoders, gallery, device, the factory
     against the dimension and the most vectors the gallery can hold), take `out_dir`
-    (`index.core.outdir.owned_dir`), then embed, build the FAISS groups and write the manifest last."""
+    (`index.core.outdir.owned_dir`), then embed, build the FAISS groups and write the manifest last.
+    Returns the manifest; `build-index` prints ``summary_line("index", manifest, manifest["seconds"])``."""
     from index.core.executor import LocalExecutor
 
     executor = executor or LocalExecutor()
@@ -277,7 +278,6 @@ def _build(cfg: IndexConfig, out: Path, executor, specs: list[EncoderSpec], shar
         "seconds": round(time.perf_counter() - t0, 3),
     }
     write_json(out / contract.MANIFEST_FILE, manifest)
-    print(summary_line("index", manifest, time.perf_counter() - t0), flush=True)
     return manifest
 
 

@@ -15,16 +15,21 @@ import torch
 from index.core.config import check_integer, from_mapping, read_mapping
 from index.core.errors import ConfigError
 from index.crops import CropConfig
+from index.threads import HELP as THREADS_HELP
 
 @dataclass(frozen=True)
 class FaissConfig:
-    factory: str = "auto"            # 'auto' (rule in index.knn.choose_factory) or a faiss factory string
-    memory_budget_gb: float = 8.0    # budget for one group's index in RAM
-    flat_threshold: int = 200_000    # below this many vectors per group: exact (Flat)
-    shards_per_group: int = 16       # gallery shards per FAISS index
-    nprobe: int = 32                 # IVF lists probed at search time
-    shared_quantizer: bool = True    # train IVF/PQ once on a gallery-wide sample, fill every group from it
-    train_size: int | None = None    # training sample size (None: index.knn.training_size of the factory)
+    factory: str = field(default="auto", metadata={
+        "help": "'auto' (the rule in index.knn.choose_factory) or a faiss factory string"})
+    memory_budget_gb: float = field(default=8.0, metadata={"help": "budget for one group's index in RAM"})
+    flat_threshold: int = field(default=200_000, metadata={
+        "help": "below this many vectors per group: exact (Flat)"})
+    shards_per_group: int = field(default=16, metadata={"help": "gallery shards per FAISS index"})
+    nprobe: int = field(default=32, metadata={"help": "IVF lists probed at search time"})
+    shared_quantizer: bool = field(default=True, metadata={
+        "help": "train IVF/PQ once on a gallery-wide sample, fill every group from it"})
+    train_size: int | None = field(default=None, metadata={
+        "help": "training sample size (default: index.knn.training_size of the factory)"})
 
     def __post_init__(self):
         if not isinstance(self.factory, str) or not self.factory:
@@ -47,18 +52,27 @@ class FaissConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    gallery: str | tuple[str, ...] = ""    # tar glob / list of tars / image folder
-    encoders: tuple[str, ...] = ("efficientnet_lite0",)
-    weights: dict[str, str] = field(default_factory=dict)   # encoder name -> local weights path
-    image_size: int | None = None    # override the encoders' input resolution (CNN encoders)
-    crops: CropConfig = field(default_factory=CropConfig)
-    faiss: FaissConfig = field(default_factory=FaissConfig)
-    seed: int = 0
-    batch_size: int | None = None    # crops per forward (None: index.embed.default_batch_size)
-    device: str | None = None        # None: CUDA when present
-    executor: str = "local"          # local | ray
-    num_workers: int | None = None   # Ray actors (None: one per CPU)
-    gpus_per_worker: float = 0
+    gallery: str | tuple[str, ...] = field(default="", metadata={
+        "help": "the gallery: a tar glob, a list of tars (config file) or an image folder"})
+    encoders: tuple[str, ...] = field(default=("efficientnet_lite0",), metadata={
+        "help": "encoder names from the encoder registry (index.encoders), indexed together"})
+    weights: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "encoder name -> local weights path"})
+    image_size: int | None = field(default=None, metadata={
+        "help": "override the encoders' input resolution (CNN encoders)"})
+    crops: CropConfig = field(default_factory=CropConfig, metadata={
+        "help": "the crop recipe of every gallery image (index.crops.CropConfig)"})
+    faiss: FaissConfig = field(default_factory=FaissConfig, metadata={
+        "help": "the FAISS indexes (index.config.FaissConfig)"})
+    seed: int = field(default=0, metadata={"help": "crop recipe and training sample seed"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "crops per forward (default: index.embed.default_batch_size)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:N (default: CUDA when present)"})
+    executor: str = field(default="local", metadata={
+        "help": "where the shards are embedded and indexed: local | ray (ray under `ray job submit`)"})
+    num_workers: int | None = field(default=None, metadata={"help": "Ray actors (default: one per CPU)"})
+    gpus_per_worker: float = field(default=0, metadata={"help": "GPUs per Ray actor"})
+    threads: int | None = field(default=None, metadata={"help": THREADS_HELP})
 
     def __post_init__(self):
         if isinstance(self.encoders, (list, str)):
@@ -70,6 +84,7 @@ class IndexConfig:
         check_integer("seed", self.seed, 0)
         check_integer("batch_size", self.batch_size, 1, optional=True)   # None: chosen by device
         check_integer("num_workers", self.num_workers, 1, optional=True)
+        check_integer("threads", self.threads, 1, optional=True)
         if self.device is not None:
             try:
                 torch.device(self.device)

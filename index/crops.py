@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,15 +31,18 @@ Box = tuple[int, int, int, int]  # (top, left, height, width) in source pixels
 
 @dataclass(frozen=True)
 class CropConfig:
-    crops_per_image: int = 10
-    size: int = 224
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    randaugment: bool = True
-    num_ops: int = 2
-    magnitude: int = 9
-    num_magnitude_bins: int = 31
-    keep_full_image: bool = False
+    crops_per_image: int = field(default=10, metadata={"help": "random-resized crops per gallery image"})
+    size: int = field(default=224, metadata={"help": "crop side in pixels"})
+    scale: tuple[float, float] = field(default=(0.08, 1.0), metadata={
+        "help": "RandomResizedCrop area range (min, max), as a fraction of the image"})
+    ratio: tuple[float, float] = field(default=(3 / 4, 4 / 3), metadata={
+        "help": "RandomResizedCrop aspect-ratio range (min, max)"})
+    randaugment: bool = field(default=True, metadata={"help": "apply RandAugment ops to every crop"})
+    num_ops: int = field(default=2, metadata={"help": "RandAugment ops per crop"})
+    magnitude: int = field(default=9, metadata={"help": "RandAugment magnitude, below num_magnitude_bins"})
+    num_magnitude_bins: int = field(default=31, metadata={"help": "RandAugment magnitude bins"})
+    keep_full_image: bool = field(default=False, metadata={
+        "help": "crop 0 is the whole image (centre square, no ops), as queries are seen"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(float(x) for x in self.scale))

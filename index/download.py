@@ -9,22 +9,22 @@ that their longer side is ``max_side`` (aspect kept, never upscaled).
 img2dataset writes each ``_stats.json`` last, so a tar without one is incomplete (the run was
 killed); a rerun into the same folder resumes, skipping the shards whose stats exist.
 
-    python -m index.download urls.txt gallery/ --max-side 512
+    download-gallery --url-list urls.txt --out gallery/ --max-side 512     (index.cli)
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import signal
-import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from index.core.registry import choice
-from index.core.errors import ConfigError, MissingInputError, run_main
+from index.core.config import check_integer
+from index.core.errors import ConfigError, MissingInputError
 
 INPUT_FORMATS = ("txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz",
                  "jsonl", "jsonl.gz", "parquet")
@@ -70,30 +70,72 @@ def summarize(out_dir: str) -> dict[str, Any]:
             "shards": tars, "incomplete_shards": [t for t in tars if t not in done]}
 
 
-def download(url_list: str, out_dir: str, *, max_side: int | None = None, processes: int = 1,
-             threads: int = 4, timeout: int = 5, retries: int = 0, samples_per_shard: int = 10_000,
-             url_col: str = "url", caption_col: str | None = "auto", input_format: str | None = None,
-             encode_quality: int = 95, min_image_size: int = 0, resume: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DownloadConfig:
+    url_list: str = field(metadata={"help": "img2dataset url list: .txt (one url a line) or a csv/tsv/json/jsonl/"
+                                            "parquet table (optionally .gz) with a url column"})
+    out: str = field(metadata={"help": "gallery directory to write (WebDataset shards)"})
+    max_side: int | None = field(default=None, metadata={
+        "help": "shrink larger images so that their longer side is this many pixels (default: keep the size)"})
+    processes: int = field(default=1, metadata={"help": "download processes"})
+    threads: int = field(default=4, metadata={"help": "download threads per process"})
+    timeout: int = field(default=5, metadata={"help": "seconds to wait for each url"})
+    retries: int = field(default=0, metadata={"help": "retries of a failed url"})
+    samples_per_shard: int = field(default=10_000, metadata={"help": "images per tar shard"})
+    url_col: str = field(default="url", metadata={"help": "url column of a table"})
+    caption_col: str | None = field(default="auto", metadata={
+        "help": "caption column of a table ('auto': 'caption' when the table has one)"})
+    input_format: str | None = field(default=None, metadata={
+        "help": f"url list format: {', '.join(INPUT_FORMATS)} (default: from the file name)"})
+    encode_quality: int = field(default=95, metadata={"help": "JPEG quality of the stored images"})
+    min_image_size: int = field(default=0, metadata={"help": "drop images whose shorter side is below this"})
+    resume: bool = field(default=True, metadata={
+        "help": "skip the shards a killed run finished; --no-resume deletes what the directory holds first"})
+
+    def __post_init__(self) -> None:
+        if self.input_format is not None:
+            choice("url list format", self.input_format, INPUT_FORMATS)
+        else:
+            input_format_of(self.url_list)      # refused now if the name does not say
+        check_integer("max_side", self.max_side, 1, optional=True)
+        for name, low in (("processes", 1), ("threads", 1), ("timeout", 1), ("retries", 0),
+                          ("samples_per_shard", 1), ("min_image_size", 0)):
+            check_integer(name, getattr(self, name), low)
+        if isinstance(self.encode_quality, bool) or not isinstance(self.encode_quality, int) \
+                or not 1 <= self.encode_quality <= 100:
+            raise ConfigError(f"encode_quality must be an integer in [1, 100]; got {self.encode_quality!r}")
+
+    @property
+    def format(self) -> str:
+        return self.input_format or input_format_of(self.url_list)
+
+
+def download(url_list: str, out_dir: str, **options: Any) -> dict[str, Any]:
     """Download `url_list` into WebDataset shards under `out_dir`; return ``summarize(out_dir)``.
 
-    url_list: ``.txt`` (one url a line) or a table (csv/tsv/json/jsonl/parquet, optionally .gz)
-    with a `url_col` column. caption_col='auto' takes a 'caption' column when the table has one.
-    resume=False deletes what `out_dir` holds first (img2dataset's 'overwrite' mode).
+    `options` are `DownloadConfig` fields (max_side, threads, url_col, ...).
+    """
+    return download_gallery(DownloadConfig(url_list=url_list, out=out_dir, **options))
+
+
+def download_gallery(cfg: DownloadConfig) -> dict[str, Any]:
+    """Download ``cfg.url_list`` into WebDataset shards under ``cfg.out``; return ``summarize(cfg.out)``.
+
+    A table's `url_col` (and `caption_col` unless None) must be among its columns; a ``.txt`` list has
+    none. ``resume=False`` deletes what ``cfg.out`` holds first (img2dataset's 'overwrite' mode).
     Must run in the main thread (img2dataset installs a SIGINT handler; it is restored after).
     """
     # albumentations (imported by img2dataset, also in its spawned workers) asks PyPI for updates
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import download as img2dataset_download  # heavy import (cv2, wandb, pyarrow)
+    from img2dataset import download as img2dataset_download  # lazy: img2dataset (cv2, wandb, pyarrow)
 
-    fmt = choice("url list format", input_format, INPUT_FORMATS) if input_format else input_format_of(url_list)
+    fmt, url_list, caption_col = cfg.format, cfg.url_list, cfg.caption_col
     if not os.path.isfile(url_list):
         raise MissingInputError(f"url list {url_list!r} does not exist")
-    if max_side is not None and max_side < 1:
-        raise ConfigError(f"max_side must be a positive number of pixels or None (keep size), got {max_side}")
     if fmt in _TABLE_FORMATS:
         columns = _table_columns(url_list, fmt)
-        if url_col not in columns:
-            raise ConfigError(f"url list {url_list!r} has no column {url_col!r}; its columns: {', '.join(columns)}")
+        if cfg.url_col not in columns:
+            raise ConfigError(f"url list {url_list!r} has no column {cfg.url_col!r}; its columns: {', '.join(columns)}")
         if caption_col == "auto":
             caption_col = "caption" if "caption" in columns else None
         elif caption_col is not None and caption_col not in columns:
@@ -109,55 +151,27 @@ def download(url_list: str, out_dir: str, *, max_side: int | None = None, proces
     try:
         img2dataset_download(
             url_list=url_list,
-            output_folder=str(out_dir),
-            processes_count=processes,
-            thread_count=threads,
-            image_size=max_side or 256,  # unused when resize_mode='no'
-            resize_mode="no" if max_side is None else "keep_ratio_largest",
+            output_folder=str(cfg.out),
+            processes_count=cfg.processes,
+            thread_count=cfg.threads,
+            image_size=cfg.max_side or 256,  # unused when resize_mode='no'
+            resize_mode="no" if cfg.max_side is None else "keep_ratio_largest",
             resize_only_if_bigger=True,
             encode_format="jpg",
-            encode_quality=encode_quality,
+            encode_quality=cfg.encode_quality,
             output_format="webdataset",
             input_format=fmt,
-            url_col=url_col,
+            url_col=cfg.url_col,
             caption_col=caption_col,
-            number_sample_per_shard=samples_per_shard,
-            timeout=timeout,
-            retries=retries,
-            min_image_size=min_image_size,
+            number_sample_per_shard=cfg.samples_per_shard,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            min_image_size=cfg.min_image_size,
             enable_wandb=False,
             distributor="multiprocessing",
-            incremental_mode="incremental" if resume else "overwrite",
+            incremental_mode="incremental" if cfg.resume else "overwrite",
         )
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)
-    return summarize(out_dir)
-
-
-def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m index.download", description=__doc__.splitlines()[0])
-    p.add_argument("url_list")
-    p.add_argument("out_dir")
-    p.add_argument("--max-side", type=int, default=None, help="shrink images to this longer side (default: keep)")
-    p.add_argument("--processes", type=int, default=1)
-    p.add_argument("--threads", type=int, default=4)
-    p.add_argument("--timeout", type=int, default=5)
-    p.add_argument("--retries", type=int, default=0)
-    p.add_argument("--samples-per-shard", type=int, default=10_000)
-    p.add_argument("--url-col", default="url")
-    p.add_argument("--caption-col", default="auto")
-    a = p.parse_args(argv)
-    stats = download(a.url_list, a.out_dir, max_side=a.max_side, processes=a.processes, threads=a.threads,
-                     timeout=a.timeout, retries=a.retries, samples_per_shard=a.samples_per_shard,
-                     url_col=a.url_col, caption_col=a.caption_col)
-    print(json.dumps(stats, indent=2))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_main("python -m index.download", _main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return summarize(cfg.out)

@@ -1,7 +1,7 @@
 """`make demo`: the whole pipeline on the embedded demo data, with the same commands a user types.
 
     build gallery (jobs.demo_gallery, via img2dataset from a loopback server)
-    python curation/build_index.py --config jobs/demo.yaml --out DATA/idx
+    build-index --config jobs/demo.yaml --out DATA/idx
     curate --queries fashion_mnist_10shot --index DATA/idx --size N --out DATA/curated
     curate ... --strategy random --out DATA/random            (a random gallery subset of the same size)
     distill --method labels_only ...; distill --method kd --transfer DATA/curated ...;
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     steps: dict[str, float] = {}
     py = str(BIN / "python")
     steps["gallery"] = run([py, "-m", "jobs.demo_gallery", "--out", str(data)], data / "gallery.done.json")
-    steps["index"] = run([py, "curation/build_index.py", "--config", "jobs/demo.yaml", "--out", str(data / "idx"),
+    steps["index"] = run([str(BIN / "build-index"), "--config", "jobs/demo.yaml", "--out", str(data / "idx"),
                           "--gallery", str(data / "gallery" / "*.tar")], data / "idx" / "manifest.json")
     for name, strategy in (("curated", "query_balanced"), ("random", "random")):
         steps[f"curate {name}"] = run(
