@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from curation.querysets import get_query_set
+from curation import querysets
 from distill.adaptation import labelled_manifest
 from distill.config import DEVICES
 from distill.data import LabelledSet, load_labelled
@@ -75,7 +75,7 @@ def probe_set(cfg: RankConfig) -> tuple[LabelledSet, dict[str, Any]]:
     if cfg.transfer:
         ls = load_labelled(cfg.transfer)
         return ls, labelled_manifest(cfg, ls)   # keyed as `distill` runs on that directory key it
-    qs = get_query_set(cfg.queries, data_root=cfg.data_root, seed=cfg.query_seed)
+    qs = querysets.get_query_set(cfg.queries, data_root=cfg.data_root, seed=cfg.query_seed)
     ls = LabelledSet(keys=[q.id for q in qs.queries], images=[q.load().convert("RGB") for q in qs.queries],
                      labels=[q.label for q in qs.queries], classes=list(qs.classes), name=qs.name)
     return ls, {"queries": fingerprint(qs.to_draw_dict()), "keys": fingerprint(ls.keys), "count": len(ls)}

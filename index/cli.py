@@ -23,16 +23,22 @@ from index.threads import threads_for
 from jobs.executors import make_executor
 
 
-def build(argv: list[str] | None = None) -> dict:
-    """Parse the command line, build the index; returns its manifest (user errors raise)."""
+def parse_build(argv: list[str] | None = None) -> tuple[IndexConfig, str]:
+    """(the job config, the output directory) a `build-index` command line names."""
     parser = config_parser(IndexConfig, "build-index", __doc__, argv=argv,
                            defaults={"executor": "ray"} if os.environ.get("RAY_ADDRESS") else None)
     parser.add_argument("--out", required=True, help="index directory to write")
     cfg, args = parse_config(IndexConfig, parser, argv)
+    return cfg, args.out
+
+
+def build(argv: list[str] | None = None) -> dict:
+    """Parse the command line, build the index; returns its manifest (user errors raise)."""
+    cfg, out = parse_build(argv)
     kwargs = {} if cfg.executor == "local" else {"num_workers": cfg.num_workers,
                                                  "gpus_per_worker": cfg.gpus_per_worker}
     with threads_for(cfg.threads):
-        return build_gallery_index(cfg, args.out, make_executor(cfg.executor, **kwargs))
+        return build_gallery_index(cfg, out, make_executor(cfg.executor, **kwargs))
 
 
 def _build_main(argv: list[str] | None) -> int:

@@ -30,7 +30,7 @@ from curation.querysets import get_query_set
 from distill import cli as distill_cli
 from index.core import contract
 from index.core.atomic import KILL_AT_ENV
-from index.download import main as download_main
+from index.cli import download_main
 from index.gallery_index import GalleryIndex
 from index.core.outdir import LOCK, MARKER
 
@@ -126,7 +126,7 @@ def test_out_equal_to_or_inside_an_input_is_refused_and_the_index_still_works(wo
     assert curate_cli.main(curate_args(world, inside)) == 2
     assert "inside the gallery" in error_line(capsys, "curate") and not inside.exists()
     assert build_index_main(["--config", str(world.config), "--out", str(world.fx.gallery / "idx")]) == 2
-    assert "inside the gallery" in error_line(capsys, "build_index")
+    assert "inside the gallery" in error_line(capsys, "build-index")
 
 
 def test_a_second_run_into_a_dir_in_use_fails_at_once(world: World, reference: Path, capsys):
@@ -284,7 +284,7 @@ def _bad_index_config(w: World, tmp: Path, change: dict | list) -> Path:
 def test_build_index_config_errors(world: World, tmp_path, capsys, change, message):
     out = tmp_path / "idx"
     assert build_index_main(["--config", str(_bad_index_config(world, tmp_path, change)), "--out", str(out)]) == 2
-    assert message in error_line(capsys, "build_index")
+    assert message in error_line(capsys, "build-index")
     assert not out.exists()
 
 
@@ -374,8 +374,8 @@ def test_distill_refuses_a_query_set_other_than_the_curated_sets(world: World, r
 
 
 def test_download_errors(tmp_path, capsys):
-    assert download_main([str(tmp_path / "urls.parquet"), str(tmp_path / "out")]) == 2
-    assert "does not exist" in error_line(capsys, "python -m index.download")
+    assert download_main(["--url-list", str(tmp_path / "urls.parquet"), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in error_line(capsys, "download-gallery")
 
 
 def test_a_second_owner_command_is_refused(world: World, reference: Path, capsys):

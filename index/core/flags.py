@@ -86,13 +86,12 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text:      # BooleanOptionalAction appends its own
-            return text
-        if not action.option_strings or action.default is argparse.SUPPRESS:
-            return text.replace("%", "%%")
+        default = getattr(action, "shown_default", action.default)
         if action.required:
-            return f"{text} (required)".replace("%", "%%")
-        return _with_default(text, action.default).replace("%", "%%")
+            text = f"{text} (required)"
+        elif action.option_strings and default is not argparse.SUPPRESS:
+            text = _with_default(text, default)
+        return text.replace("%", "%%")
 
 
 def _shown(v: Any) -> str:
@@ -113,9 +112,10 @@ def config_parser(cls: type, prog: str, description: str | None = None, *,
                   **kwargs: Any) -> argparse.ArgumentParser:
     """A parser with ``--config FILE``, ``--log-level`` and one flag per field of `cls`.
 
-    Defaults, lowest first: the field's own, the ``--config`` file's (read from `argv` here, so that
-    ``--help`` shows them), `defaults` (e.g. one the environment sets); the flags override all.
-    The command adds its other options (not config fields) to the parser it gets back.
+    Defaults, lowest first: the field's own, the ``--config`` file's (read from `argv`, the command
+    line `parse_config` will parse, so that ``--help`` shows them), `defaults` (e.g. one the
+    environment sets); the flags override all. The command adds its other options (not config
+    fields) to the parser it gets back.
     """
     file_values = _file_values(argv)
     epilog = "\n\n".join(e for e in (_file_only_epilog(cls), kwargs.pop("epilog", None)) if e) or None
@@ -134,13 +134,12 @@ def config_parser(cls: type, prog: str, description: str | None = None, *,
         kw = flag_kwargs(hints[f.name])
         if kw is None:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in given:
-            parser.add_argument(flag, dest=f.name, default=given[f.name], help=help_of(f), **kw)
-        elif is_required(f):
-            parser.add_argument(flag, dest=f.name, required=True, help=help_of(f), **kw)
-        else:
-            parser.add_argument(flag, dest=f.name, default=default_of(f), help=help_of(f), **kw)
+        # only the flags given land in the namespace: the file's values reach the config as they are
+        # (argparse would convert a string default with the flag's type, before the config could refuse it)
+        action = parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                                     required=f.name not in given and is_required(f), help=help_of(f), **kw)
+        action.shown_default = given.get(f.name, default_of(f))     # type: ignore[attr-defined]
+    parser._config_values = given      # type: ignore[attr-defined]  # read by parse_config
     return parser
 
 
@@ -148,17 +147,17 @@ def parse_config(cls: type[C], parser: argparse.ArgumentParser,
                  argv: Sequence[str] | None = None) -> tuple[C, argparse.Namespace]:
     """(the config, a namespace of the command's other options); sets up logging (`log_to_stderr`).
 
-    The config is built from the file's mapping with the flags' values over it, by `from_mapping`:
-    unknown keys and bad values are refused there (a `ConfigError`: ``prog: error: ...``, exit 2).
+    The config is built from the file's mapping (and the parser's `defaults`) with the flags given
+    over it, by `from_mapping`; fields in none of them keep the dataclass defaults. There
+    unknown keys and bad values are refused (a `ConfigError`: ``prog: error: ...``, exit 2).
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     log_to_stderr(ns.log_level)
-    data = read_mapping(ns.config) if ns.config else {}
     names = {f.name for f in dataclasses.fields(cls)}   # type: ignore[arg-type]
     flags = {k: v for k, v in vars(ns).items() if k in names}
     rest = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in names})
-    return from_mapping(cls, {**data, **flags}, ns.config or "the command line"), rest
+    values = {**parser._config_values, **flags}      # type: ignore[attr-defined]
+    return from_mapping(cls, values, ns.config or "the command line"), rest
 
 
 def _file_values(argv: Sequence[str] | None) -> dict[str, Any]:
