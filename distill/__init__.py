@@ -11,7 +11,8 @@ Modules (one concept each):
     methods.py    METHODS registry: labels_only, kd, feature_kd, aft, kd_nearest, kd_weighted as tasks
                   returning named losses
     similarity.py task similarity of a representation to probe labels: PARC, CKA, RSA; teacher weights
-    rank.py       rank candidate teachers on the labelled probe set from cached features (`distill rank`)
+    rank.py       rank candidate teachers on the labelled probe set from cached features
+    ranking.py    RankConfig and rank(cfg): `distill rank`'s probe set (curated directory or query set)
     plots.py      figures as files: AFT's learned weight per pretrained model (PNG), the ranking (SVG)
     report.py     OUT/report.html: learning curves, per-class accuracy, confusion matrix, AFT weights
     data.py       transfer shards (webdataset stream), labelled query shards, test split
@@ -23,7 +24,7 @@ Modules (one concept each):
     training.py   train_student: the student-training worker (in-process, or each data-parallel
                   worker started by a launcher the caller passes)
     run.py        run_distill(cfg) -> metrics: orchestration of the steps above, then evaluation
-    cli.py        `distill` command line
+    cli.py        the `distill` and `distill rank` command lines, generated from DistillConfig / RankConfig
 
 Imports go one way: run -> training -> caching -> adaptation -> (teachers, data, methods, rank, ...).
 Nothing here imports jobs/: the cluster launcher for `workers > 1` is passed in (run_distill's

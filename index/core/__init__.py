@@ -7,6 +7,7 @@
     registry   one name -> object registry with did-you-mean, for encoders, query sets, selectors, methods
     config     from_mapping: every config dataclass built from a mapping, unknown keys refused
     executor   the Executor protocol (map over tasks with workers built where they run) and LocalExecutor
+    flags      command lines generated from config dataclasses (help in field metadata, --config FILE)
 
 Layers above it, each importing only those below: index.core <- index <- curation <- distill <- jobs
 <- the command-line modules. Nothing in the library imports jobs (tests/test_layers.py checks this).
