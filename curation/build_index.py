@@ -13,7 +13,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from index.cli import build, build_index_main as main  # noqa: E402,F401 - build: the manifest, for callers
+from index.cli import build_index_main as main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -43,9 +43,9 @@ def input_format_of(url_list: str) -> str:
 
 def _table_columns(url_list: str, fmt: str) -> list[str]:
     if fmt == "parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: pyarrow
         return list(pq.read_schema(url_list).names)
-    import pandas as pd
+    import pandas as pd  # lazy: pandas
     if fmt.startswith(("csv", "tsv")):
         return list(pd.read_csv(url_list, nrows=0, sep="\t" if fmt.startswith("tsv") else ",").columns)
     return list(pd.read_json(url_list, lines=fmt.startswith("jsonl"), nrows=1 if fmt.startswith("jsonl") else None)
