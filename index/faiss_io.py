@@ -35,4 +35,4 @@ def load_index(path: str | os.PathLike, mmap: bool = False):
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{path} is not a readable faiss index ({first}); rebuild it: delete it and its "
-                         ".done.json and rerun build_index") from None
+                         ".done.json and rerun build-index") from None

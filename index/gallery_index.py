@@ -35,7 +35,7 @@ def read_index_manifest(root: str | Path) -> dict[str, Any]:
     path = Path(root) / contract.MANIFEST_FILE
     if not path.is_file():
         raise MissingInputError(f"{path} not found: build the index first "
-                                f"(python curation/build_index.py --config ... --out {root})")
+                                f"(build-index --config ... --out {root})")
     try:
         manifest = read_json(path)
     except (ValueError, UnicodeDecodeError) as e:

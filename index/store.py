@@ -96,7 +96,7 @@ def parse_row(line: bytes, path: Path, shard: str, position: int) -> Row:
         row = Row.from_dict(json.loads(line))
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: row {position} is truncated or not a row ({type(e).__name__}: {e}); "
-                         "rebuild this shard (delete its directory and rerun build_index)") from None
+                         "rebuild this shard (delete its directory and rerun build-index)") from None
     if contract.split_image_id(row.id)[0] != shard:
         raise InputError(f"{path}: row {position} is image {row.id!r}, not one of shard {shard!r}: "
                          "this row table belongs to another shard; rebuild this shard")
@@ -120,7 +120,7 @@ def load_rows_at(root: str | Path, shard: str, rows: Sequence[int] | np.ndarray)
         offsets = np.load(d / contract.ROWS_OFFSETS_FILE, mmap_mode="r")
     except (ValueError, OSError) as e:
         raise InputError(f"{d / contract.ROWS_OFFSETS_FILE} is not a readable line-offset table ({e}); "
-                         "rebuild this shard (delete its directory and rerun build_index)") from None
+                         "rebuild this shard (delete its directory and rerun build-index)") from None
     n = len(offsets) - 1
     if want.size and (want.min() < 0 or want.max() >= n):
         raise RowTableMismatch(f"{d}: row positions must be in [0, {n}): its row table holds {n} rows, fewer "
@@ -135,7 +135,7 @@ def load_rows_at(root: str | Path, shard: str, rows: Sequence[int] | np.ndarray)
             block = f.read(end - start)
             if len(block) != end - start:
                 raise InputError(f"{d / contract.ROWS_FILE} is shorter than its line-offset table says "
-                                 "(truncated); rebuild this shard (delete its directory and rerun build_index)")
+                                 "(truncated); rebuild this shard (delete its directory and rerun build-index)")
             for r in run:
                 a, b = int(offsets[r]) - start, int(offsets[r + 1]) - start
                 found[int(r)] = parse_row(block[a:b], d / contract.ROWS_FILE, shard, int(r))

@@ -8,7 +8,7 @@ Gallery
     ``key.txt``) or an image folder. Image id: ``"<shard>/<key>"`` where ``shard`` is the tar's file
     stem (``00003`` for ``00003.tar``) and ``key`` the sample's ``__key__``.
 
-Index directory (``build_index.py --out DIR``)
+Index directory (``build-index --out DIR``)
     DIR/embeddings/<shard>/<encoder-slug>.npy   float16 [n, dim] L2-normalised, one per encoder
     DIR/embeddings/<shard>/rows.jsonl           one line per row: {"id", "crop", "recipe", "loc", "hash"}
                                                 (ROW_FIELDS; "loc" is absent in indexes built before
