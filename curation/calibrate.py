@@ -52,6 +52,7 @@ from curation.querysets import content_hash
 from curation.verify import Thumb, VerifyRule
 from curation.verify_batch import match_pairs
 from index.core.atomic import fingerprint, read_json, write_json
+from index.embed import embed_images
 
 CALIBRATION_VERSION = 6
 MAX_NEIGHBOURS = 32                             # most references verified per candidate
@@ -149,7 +150,6 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
     in it are verified in batches (`curation.verify_batch.match_pairs`). ``progress``: one tqdm
     bar over the steps (each copy kind, then the look-alikes by embedding and by pixel key)."""
     scores = {} if scores is None else scores
-    from index.embed import embed_images
 
     refs = [np.asarray(r, np.float32) for r in ref_feats]
     n, rows = len(images), np.asarray(sample_rows)

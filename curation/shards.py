@@ -23,8 +23,8 @@ from PIL import Image
 
 from index.core import contract
 from index.core.atomic import atomic_path
-from index.crops import CropRecipe, materialize
 from index.core.outdir import pattern_regex
+from index.crops import CropRecipe, materialize
 from index.gallery import SkipCounts
 from index.ranged import read_by_id
 

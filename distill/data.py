@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 
 from index.core.atomic import fingerprint
@@ -216,8 +217,6 @@ def transfer_batches(shards: Sequence[str], n: int, *, seed: int, epoch: int, ba
                      decode_threads: int = 0, skipped: Counter | None = None) -> Iterator[Batch]:
     """One epoch over the transfer shards; `n` is their sample count (ShardSet.count), `skip` batches
     already done this epoch are passed over before decoding."""
-    import webdataset as wds
-
     skipped = skipped if skipped is not None else Counter()
     order = list(shards)
     stages: list[Any] = [wds.tarfile_to_samples(handler=wds.reraise_exception)]
@@ -293,8 +292,6 @@ class LabelledSet:
 
 
 def load_labelled(curated: str | Path) -> LabelledSet:
-    import webdataset as wds
-
     draw_path = Path(curated) / QUERIES_DRAW_FILE
     if not draw_path.exists():
         raise MissingInputError(f"{draw_path} is missing: is {curated} a curated directory (curate --out)?")

@@ -22,14 +22,15 @@ from typing import Any
 import numpy as np
 
 from index import faiss_io, knn, store
+from index.config import FaissConfig, IndexConfig
 from index.core import contract
 from index.core.atomic import CODE_VERSION, check_done, fingerprint, write_json
-from index.config import FaissConfig, IndexConfig
+from index.core.executor import LocalExecutor
+from index.core.outdir import Owner, invalidate, owned_dir, pattern_dirs
 from index.device import pick_device
 from index.embed import EmbedTask, Embedder, ShardResult
 from index.encoders import EncoderSpec, resolve_encoders
 from index.gallery import SkipCounts, list_shards
-from index.core.outdir import Owner, invalidate, owned_dir, pattern_dirs
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,6 @@ def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) ->
     """Validate everything that can be checked before work (encoders, gallery, device, the factory
     against the dimension and the most vectors the gallery can hold), take `out_dir`
     (`index.core.outdir.owned_dir`), then embed, build the FAISS groups and write the manifest last."""
-    from index.core.executor import LocalExecutor
-
     executor = executor or LocalExecutor()
     t0 = time.perf_counter()
     cfg.check_gallery()

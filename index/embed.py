@@ -36,7 +36,7 @@ from index.core.atomic import CODE_VERSION, fingerprint
 from index.crops import CropConfig, materialize, recipes_for
 from index.device import pick_device
 from index.device_batches import ImageBatch, image_batches, materialize_batch
-from index.encoders import Encoder, EncoderSpec, build_encoder
+from index.encoders import Encoder, EncoderSpec, build_encoder, image_transform
 from index.gallery import ShardRef, SkipCounts, iter_images, shard_digest
 
 
@@ -105,7 +105,7 @@ def shard_batches(task: EmbedTask, counts: SkipCounts, crops_on_device: bool, ba
     with `crops_on_device` ImageBatches of JPEG bytes. Skips found while reading go to `counts`;
     `on_digest` gets the shard's digest once it is read to its end."""
     if crops_on_device:
-        return image_batches(task, counts, batch_size, on_digest)
+        return image_batches(task.shard, task.crops, counts, batch_size, on_digest)
     return _batches(crops_of_shard(task, counts, on_digest), batch_size)
 
 
@@ -239,7 +239,7 @@ class Embedder:
         """The device half: (rows, one float16 matrix per encoder) of one batch from `batches`; on
         CUDA the matrices may still be in flight (`resolve` them)."""
         if isinstance(batch, ImageBatch):
-            rows, crops = materialize_batch(batch, task, self.device, counts)
+            rows, crops = materialize_batch(batch, task.crops, task.seed, self.device, counts)
             if crops is None:
                 return [], [np.zeros((0, m.spec.embed_dim), np.float16) for m in self.models]
             return rows, encode_async(self.models, crops.permute(0, 2, 3, 1), self.device)
@@ -307,8 +307,6 @@ def write_result(task: EmbedTask, digest: str, rows: list[store.Row], feats: lis
 def embed_images(models: list[Encoder], images: list, batch_size: int = 64) -> list[np.ndarray]:
     """Whole images (resize + centre crop, each encoder's own preprocessing) -> one L2-normalised
     float32 matrix per encoder. This is how queries, references and original images are embedded."""
-    from index.encoders import image_transform
-
     out = []
     for m in models:
         tf = image_transform(m.spec)

@@ -69,7 +69,7 @@ def _bytes_ivf_pq(n: int, dim: int, nlist: int, m: int) -> int:
 
 
 def validate_factory(factory: str, dim: int) -> str:
-    import faiss
+    import faiss  # lazy: faiss
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -153,7 +153,7 @@ def _probe_dim(factory: str) -> int:
 
 
 def needs_training(factory: str, dim: int | None = None) -> bool:
-    import faiss
+    import faiss  # lazy: faiss
     return not faiss.index_factory(dim or _probe_dim(factory), factory, faiss.METRIC_INNER_PRODUCT).is_trained
 
 
@@ -219,7 +219,7 @@ def gallery_sample_rows(counts: list[int], size: int, seed: int = 0) -> list[np.
 # ---------------------------------------------------------------- build, save, load
 
 def _ivf(index):
-    import faiss
+    import faiss  # lazy: faiss
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -239,7 +239,7 @@ def build_index(blocks: Iterable[tuple[np.ndarray, np.ndarray]], factory: str, d
     itself. Indexes without their own id storage (Flat, HNSW...) are wrapped in IndexIDMap. IVF
     indexes get `nprobe` (default 32, at most nlist) as their search default.
     """
-    import faiss
+    import faiss  # lazy: faiss
     metric = faiss.METRIC_INNER_PRODUCT if metric is None else metric
     validate_factory(factory, dim)
     if trained is not None:
@@ -288,7 +288,7 @@ def train_index(factory: str, dim: int, train_sample: np.ndarray, nprobe: int | 
 
 def _seed_clustering(index, seed: int) -> None:
     """Seed every k-means faiss runs while training (coarse quantizer, PQ)."""
-    import faiss
+    import faiss  # lazy: faiss
     ivf = _ivf(index)
     if ivf is not None:
         ivf.cp.seed = seed

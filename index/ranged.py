@@ -33,8 +33,7 @@ from PIL import Image
 
 from index import content
 from index.core.contract import IMAGE_EXTS, image_id, split_image_id
-from index.gallery import (DEFAULT_MAX_PIXELS, ShardRef, SkipCounts, decode_image, meta_of,
-                           read_gallery_images)
+from index.gallery import DEFAULT_MAX_PIXELS, ShardRef, SkipCounts, decode_image, meta_of, read_gallery_images
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures_samples import bundled_skimage, stamps
 from index import store
 from index.crops import CropConfig, CropRecipe, materialize, recipes_for
 from index.device_crops import OPS, apply_ops, crop_images, cut
@@ -23,8 +22,9 @@ from index.device_decode import EncodedJpeg, decode_on, defer_jpeg, pil_to_tenso
 from index.embed import EmbedTask, Embedder, embed_shard, encode, prepare
 from index.encoders import build_encoder, resolve_encoder
 from index.gallery import decode_image, list_shards
-
 from tests.test_index_build import CROPS, make_gallery
+
+from fixtures_samples import bundled_skimage, stamps
 
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "horse", "rocket", "hubble_deep_field",
           "immunohistochemistry")

@@ -30,9 +30,9 @@ from curation.querysets import get_query_set
 from distill import cli as distill_cli
 from index.core import contract
 from index.core.atomic import KILL_AT_ENV
+from index.core.outdir import LOCK, MARKER
 from index.download import main as download_main
 from index.gallery_index import GalleryIndex
-from index.core.outdir import LOCK, MARKER
 
 from fixtures_gallery import SHOTS, Fixture, build_fixture, curated_outputs, write_index_config
 
