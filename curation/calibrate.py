@@ -35,6 +35,11 @@ of one class reach it. So the thresholds are measured, not assumed:
 `cached_calibration` stores its result as JSON keyed by a fingerprint of the encoder identities,
 the sampled reference ids and their content hashes and the options, so a rerun reuses it. The curves (recall per kind and
 false-positive rate over a grid of thresholds) go into the curated set's manifest and report.
+
+Why one module: the measurements, the choice of thresholds and verification rule, and the
+evaluation of the false-positive rate are defined on the same `Measurements` and must use the same
+neighbour counts and verification pairs; apart, the rule chosen and the rate reported for it could
+disagree.
 """
 from __future__ import annotations
 

@@ -22,6 +22,11 @@ encoded bytes, `Unreadable`
 with its reason where an image could not be read) and calls `write_report`. A placeholder is drawn
 only for an image that could not be read, and says why. Display limits are options; whatever is cut
 is stated on the page, never hidden.
+
+Why one module: it is the report's data model (ReportData and its panels, the form the run fills)
+and the one function that assembles the page from it; each section's HTML is already apart
+(`curation.report_sections`). The thumbnail functions live here because the write stage stores
+exactly the thumbnail the page would make (`thumbnail_png`), so one definition serves both.
 """
 from __future__ import annotations
 

@@ -7,6 +7,11 @@ augmentation uses an RNG seeded by (seed, epoch, key), so a resumed run skips to
 the result does not depend on how many threads decode. With `world > 1` (data-parallel), every rank
 reads the same shuffled stream and keeps samples i with i % world == rank, truncated to
 n // world samples so all ranks take the same number of steps; the remainder is counted.
+
+Why one module: the three sources (transfer shards, labelled query shards, the test split) obey
+one batch format and one determinism rule (order a pure function of (seed, epoch), per-sample
+augmentation seeded by (seed, epoch, key), rank sharding with equal step counts), and the
+transforms take that per-sample RNG; split by source, each would restate the rule.
 """
 from __future__ import annotations
 

@@ -14,6 +14,11 @@ function runs in-process and in Ray actors. A shard is a stream of batches in tw
 `Embedder.batches` (CPU: read, and on the CPU path decode + crop) and `Embedder.embed_batch` (device:
 on CUDA, JPEG decode + crops from their recipes (index.device_batches), then the encoders in bf16),
 which jobs.ray_data runs in separate Ray workers.
+
+It holds two things: the shard stage (EmbedTask, Embedder, embed_shard, the done record) and the
+encoder forward on batches of pixels (`prepare`, `encode`, `encode_async`, `embed_images`), which
+curation's image features and calibration call too. The forward has no dependency on the shard
+stage and could be a module of its own.
 """
 from __future__ import annotations
 

@@ -23,6 +23,11 @@ Samples and skip reasons
     A sample is a key's group of members (tar) or files (folder). Its image is the first of
     ``contract.IMAGE_EXTS`` it has (``jpg``, ``jpeg``, ``png``, ``webp``). Pixels are as stored:
     EXIF orientation is not applied, alpha is dropped by ``convert("RGB")``.
+
+Why one module: both shard kinds feed one sample -> image path (`_samples`, `_to_image`,
+`decode_image`) and one skip vocabulary (`SKIP_REASONS`, `SkipCounts`) that the other readers
+(`index.ranged`, `index.device_decode`) reuse. Its largest part, the tar reader with its integrity
+checks (truncated, corrupt, compressed, not a tar; about 150 lines), could be a module of its own.
 """
 from __future__ import annotations
 

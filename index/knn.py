@@ -1,10 +1,15 @@
-"""FAISS index per shard group: combined vectors, the factory rule, training, streaming build, save/load.
+"""FAISS index per shard group: combined vectors, the factory rule, training, streaming build.
 
 Vectors are the combined multi-encoder features (`combine_features`), so inner product = mean
 cosine over the encoders; every index here uses METRIC_INNER_PRODUCT. FAISS ids are global int64
 row numbers (shard offset + row in shard, index.core.contract).
 
 Search lives in index.search; reading and writing index files in index.faiss_io.
+
+Why one module: choosing a group's factory (memory rule, dimension check, whether the gallery can
+train it), sizing and drawing its training sample, and building it: all three rest on the same IVF/PQ
+training constants (MIN_POINTS_PER_LIST, PQ_MIN_TRAIN, TRAIN_POINTS_PER_LIST); apart, the check
+that a factory is trainable and the sample that trains it could drift from each other.
 """
 from __future__ import annotations
 

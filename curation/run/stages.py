@@ -14,6 +14,10 @@ its fingerprint covers those, the index manifest, the query set draw and the cod
 orchestrator loads a stage's record when the fingerprint matches (`curation.run.records`), else
 computes it and commits the record; either way the stage's ``apply`` puts the record into the run
 state, so a resumed run continues from exactly what an uninterrupted one had.
+
+Why one module: the stage table is one ordered list, and each stage's compute and apply functions
+sit beside the config fields and upstream stages it declares, so what a stage's fingerprint covers
+can be checked against what it reads in one place; one module per stage would scatter that.
 """
 from __future__ import annotations
 
