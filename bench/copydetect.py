@@ -37,7 +37,7 @@ from curation.calibrate import SampledImages, choose, evaluate, measure
 from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.verify import Thumb, copy_match
 from curation.verify_batch import match_pairs
-from index.embed import embed_images
+from index.encode import embed_images
 from index.encoders import build_encoder, resolve_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests

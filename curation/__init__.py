@@ -20,7 +20,8 @@ by the command line). Module map (one concept each):
     changed.py       what curate does with a gallery image whose bytes changed since indexing
     shards.py        writing the curated set: crops re-materialised from the gallery, the query images
     timing.py        where a command's time went: named parts, and the summary line's "most time"
-    report.py        the curated set's report.html: its data (ReportData) and the page's assembly
+    report_data.py   what that report shows: ReportData and its panels, the thumbnails images become
+    report.py        the curated set's report.html: the page's assembly from a ReportData
     report_sections.py  the HTML of each section of that report
     report_calibration.py  the report's calibration curves as plots
     report_evidence.py  the verification evidence shown for a leak (the aligned pair, the difference)

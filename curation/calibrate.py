@@ -57,7 +57,7 @@ from curation.querysets import content_hash
 from curation.verify import Thumb, VerifyRule
 from curation.verify_batch import match_pairs
 from index.core.atomic import fingerprint, read_json, write_json
-from index.embed import embed_images
+from index.encode import embed_images
 
 CALIBRATION_VERSION = 6
 MAX_NEIGHBOURS = 32                             # most references verified per candidate

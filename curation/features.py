@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from curation import pixelkey
 from curation.querysets import LabeledImage, iter_images
 from index.core.atomic import atomic_path, fingerprint
-from index.embed import embed_images
+from index.encode import embed_images
 from index.gallery import SkipCounts
 from index.ranged import read_by_id
 

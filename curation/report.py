@@ -18,15 +18,10 @@ archive. A table of contents links the sections (stable ids), in this order:
 - ``summary``: the numbers (counts, thresholds, encoders); ``timings``: where the time went.
 
 The pipeline fills a `ReportData` (`curation.report_data`: plain fields; images as PIL images or
-encoded bytes, `Unreadable`
-with its reason where an image could not be read) and calls `write_report`. A placeholder is drawn
-only for an image that could not be read, and says why. Display limits are options; whatever is cut
-is stated on the page, never hidden.
-
-Why one module: it is the report's data model (ReportData and its panels, the form the run fills)
-and the one function that assembles the page from it; each section's HTML is already apart
-(`curation.report_sections`). The thumbnail functions live here because the write stage stores
-exactly the thumbnail the page would make (`thumbnail_png`), so one definition serves both.
+encoded bytes, `Unreadable` with its reason where an image could not be read) and calls
+`write_report`. A placeholder is drawn only for an image that could not be read, and says why.
+Display limits are options; whatever is cut is stated on the page, never hidden. This module
+assembles the page; each section's HTML is in `curation.report_sections`.
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ Modules (one concept each):
     model_configs/   open_clip configs of the tiny random-init test models (JSON)
     device.py        pick_device: where models run (indexing, curation and distillation alike)
     threads.py       how many CPU threads a command computes with on a shared machine
+    encode.py        the encoder forward: pixel batches or whole images -> L2-normalised features
     embed.py         the embedding stage's unit of work: one gallery shard -> one embedding shard
     device_decode.py JPEG decode on the device, batched, the CPU decoder as fallback
     device_crops.py  crops cut from their recipes on image tensors (the GPU path)
@@ -32,6 +33,7 @@ Modules (one concept each):
     knn.py           one FAISS index per shard group: combined vectors, factory rule, training, build
     faiss_io.py      FAISS index files: atomic writes, memory-mapped reads
     faiss_gpu.py     IVF groups on faiss's GPU indexes where the `gpu` extra is installed
+    topk.py          exact top-k lists: selection with ties by id, ordering, merge (every search path)
     torch_search.py  exact inner-product top-k in torch (block GEMM + top-k), no cap on k
     search.py        top-k over the gallery: exact streaming search, fan-out over groups, exact merge
     gallery_index.py a built index directory opened for querying: encoders, groups, rows, shards

@@ -54,7 +54,7 @@ class IndexConfig:
     crops: CropConfig = field(default_factory=CropConfig)
     faiss: FaissConfig = field(default_factory=FaissConfig)
     seed: int = 0
-    batch_size: int | None = None    # crops per forward (None: index.embed.default_batch_size)
+    batch_size: int | None = None    # crops per forward (None: index.encode.default_batch_size)
     device: str | None = None        # None: CUDA when present
     executor: str = "local"          # local | ray
     num_workers: int | None = None   # Ray actors (None: one per CPU)

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from index import store
-from index.embed import (EmbedTask, Embedder, ShardResult, default_batch_size, resolve, reused_result, shard_batches,
-                         write_result)
+from index.embed import EmbedTask, Embedder, ShardResult, reused_result, shard_batches, write_result
+from index.encode import default_batch_size, resolve
 from index.encoders import EncoderSpec
 from index.gallery import SkipCounts
 

@@ -31,7 +31,7 @@ from curation.shards import write_transfer_shards
 from index.core import contract
 from index.core.registry import UnknownNameError
 from index.crops import CropRecipe, materialize
-from index.embed import embed_images
+from index.encode import embed_images
 from index.encoders import EncoderMismatch, build_encoder, resolve_encoder
 from index.gallery import iter_images, list_shards
 from index.gallery_index import GalleryIndex
