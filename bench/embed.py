@@ -60,7 +60,8 @@ from index.device import pick_device  # noqa: E402
 from index.embed import EmbedTask, Embedder, embed_shard  # noqa: E402
 from index.encode import default_batch_size, prepare  # noqa: E402
 from index.encoders import resolve_encoder  # noqa: E402
-from index.gallery import SkipCounts, iter_images, list_shards  # noqa: E402
+from index.gallery import iter_images, list_shards  # noqa: E402
+from index.skips import SkipCounts  # noqa: E402
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 SKIMAGE_SAMPLES = ("astronaut", "camera", "chelsea", "coffee", "coins", "colorwheel", "horse", "logo",

@@ -19,8 +19,8 @@ from curation import pixelkey
 from curation.querysets import LabeledImage, iter_images
 from index.core.atomic import atomic_path, fingerprint
 from index.encode import embed_images
-from index.gallery import SkipCounts
 from index.ranged import read_by_id
+from index.skips import SkipCounts
 
 
 def embed_labeled(models, items: Sequence[LabeledImage], batch_size: int = 64,

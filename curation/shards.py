@@ -25,8 +25,8 @@ from index.core import contract
 from index.core.atomic import atomic_path
 from index.core.outdir import pattern_regex
 from index.crops import CropRecipe, materialize
-from index.gallery import SkipCounts
 from index.ranged import read_by_id
+from index.skips import SkipCounts
 
 
 @dataclass

@@ -30,7 +30,8 @@ from index.core.outdir import Owner, invalidate, owned_dir, pattern_dirs
 from index.device import pick_device
 from index.embed import EmbedTask, Embedder, ShardResult
 from index.encoders import EncoderSpec, resolve_encoders
-from index.gallery import SkipCounts, list_shards
+from index.gallery import list_shards
+from index.skips import SkipCounts
 
 
 @dataclass(frozen=True)

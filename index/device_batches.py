@@ -17,7 +17,8 @@ from index import store
 from index.crops import CropConfig, recipes_for
 from index.device_crops import crop_images
 from index.device_decode import decode_on, defer_jpeg
-from index.gallery import GalleryImage, ShardRef, SkipCounts, iter_images
+from index.gallery import GalleryImage, ShardRef, iter_images
+from index.skips import SkipCounts
 
 @dataclass
 class ImageBatch:

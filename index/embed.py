@@ -37,9 +37,10 @@ from index.core.atomic import CODE_VERSION, fingerprint
 from index.crops import CropConfig, materialize, recipes_for
 from index.device import pick_device
 from index.device_batches import ImageBatch, image_batches, materialize_batch
-from index.encode import PendingFeatures, default_batch_size, encode, encode_async, resolve
-from index.encoders import Encoder, EncoderSpec, build_encoder
-from index.gallery import ShardRef, SkipCounts, iter_images, shard_digest
+from index.encode import PendingFeatures, default_batch_size, encode_async, resolve
+from index.encoders import EncoderSpec, build_encoder
+from index.gallery import ShardRef, iter_images, shard_digest
+from index.skips import SkipCounts
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ from PIL import Image
 
 from index import content
 from index.core.contract import IMAGE_EXTS, image_id, split_image_id
-from index.gallery import DEFAULT_MAX_PIXELS, ShardRef, SkipCounts, decode_image, meta_of, read_gallery_images
+from index.gallery import DEFAULT_MAX_PIXELS, ShardRef, decode_image, meta_of, read_gallery_images
+from index.skips import SkipCounts
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from index import store
 from index.embed import EmbedTask, Embedder, ShardResult, reused_result, shard_batches, write_result
 from index.encode import default_batch_size, resolve
 from index.encoders import EncoderSpec
-from index.gallery import SkipCounts
+from index.skips import SkipCounts
 
 
 def encoder_device(device: str | None, gpus_per_encoder: float) -> str:

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
-from test_gallery import JPG, PNG, _encode, _write_tar, folder_gallery, messy_tar  # noqa: F401 (fixtures)
 
 from curation.shards import materialized_crops, read_originals
 from index import ranged, store
@@ -22,11 +21,13 @@ from index.build import build_gallery_index
 from index.config import IndexConfig
 from index.core import contract
 from index.crops import CropConfig, CropRecipe, materialize
-from index.gallery import ShardRef, SkipCounts, iter_images, list_shards
+from index.gallery import ShardRef, iter_images, list_shards
 from index.gallery_index import GalleryIndex
 from index.ranged import ReadStats, read_by_id, read_located, read_one
+from index.skips import SkipCounts
 
 from fixtures_gallery import build_many_shards
+from test_gallery import JPG, PNG, _encode, _write_tar, folder_gallery, messy_tar  # noqa: F401 (fixtures)
 
 
 def _pixels(im: Image.Image) -> np.ndarray:

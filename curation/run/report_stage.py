@@ -17,8 +17,8 @@ from curation.report_thumbs import read_report_thumbs
 from curation.run.report_items import query_rank, report_items
 from curation.run.state import RunState
 from index.core import contract
-from index.gallery import SkipCounts
 from index.ranged import read_by_id
+from index.skips import SkipCounts
 
 NOT_WRITTEN = "not written (its original could not be read when the crops were cut)"
 

@@ -28,9 +28,9 @@ from index.core import contract
 from index.core.executor import Executor, chunks
 from index.device import pick_device
 from index.encoders import EncoderSpec, build_encoder
-from index.gallery import SkipCounts
 from index.gallery_index import GalleryIndex
 from index.ranged import ReadStats
+from index.skips import SkipCounts
 
 IMAGES_PER_TASK = 512    # originals per embedding task
 CROPS_PER_TASK = 256     # transfer samples per materialisation task
