@@ -1,6 +1,6 @@
 """Benchmark: leak (copy) detection per transformation kind, per encoder, per image set.
 
-For each image set of `curation.samples` and each encoder: a pool of labelled real images is
+For each image set of `tests/fixtures_samples.py` and each encoder: a pool of labelled real images is
 embedded; thresholds are calibrated (`curation.calibrate`) on one half of the pool and measured on
 the other half with fresh copies (another seed). Recall = copies of a held-out image that the
 decision flags, per kind of `curation.copies`; false-positive rate = held-out images flagged
@@ -37,7 +37,7 @@ from curation.calibrate import SampledImages, choose, evaluate, measure
 from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.verify import Thumb, copy_match
 from curation.verify_batch import match_pairs
-from index.embed import embed_images
+from index.encode import embed_images
 from index.encoders import build_encoder, resolve_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests

@@ -23,7 +23,7 @@ disturbs less than wall time; the load average before and after is reported for 
 
 On CUDA the pipeline decodes the JPEGs and cuts the crops on the GPU (``index.device_batches``) and
 the forward (bare and in the pipeline) runs in bf16 on channels-last input; the batch size defaults
-to ``index.embed.default_batch_size`` of the device.
+to ``index.encode.default_batch_size`` of the device.
 
     python bench/embed.py --device cuda --encoder timm:vit_large_patch14_clip_224 --image-size 0 \
         --crops 10 --size 224 --images 1000 --photo-crops --crops-per-s-goal 1500
@@ -57,9 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helper
 from fixtures_samples import bundled_skimage, flatten_on_white  # noqa: E402
 from index.crops import CropConfig, materialize, recipes_for  # noqa: E402
 from index.device import pick_device  # noqa: E402
-from index.embed import EmbedTask, Embedder, default_batch_size, embed_shard, prepare  # noqa: E402
+from index.embed import EmbedTask, Embedder, embed_shard  # noqa: E402
+from index.encode import default_batch_size, prepare  # noqa: E402
 from index.encoders import resolve_encoder  # noqa: E402
-from index.gallery import SkipCounts, iter_images, list_shards  # noqa: E402
+from index.gallery import iter_images, list_shards  # noqa: E402
+from index.skips import SkipCounts  # noqa: E402
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 SKIMAGE_SAMPLES = ("astronaut", "camera", "chelsea", "coffee", "coins", "colorwheel", "horse", "logo",
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--crops", type=int, default=4, help="crops per image")
     p.add_argument("--size", type=int, default=96, help="crop size in pixels")
-    p.add_argument("--batch-size", type=int, default=None, help="crops a batch (default: index.embed.default_batch_size)")
+    p.add_argument("--batch-size", type=int, default=None, help="crops a batch (default: index.encode.default_batch_size)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
             for b in batches:
                 t0 = time.perf_counter()
                 x = prepare(torch.from_numpy(b).to(device), spec)
-                if cuda:  # as index.embed.encode runs it: bf16 autocast, channels-last input
+                if cuda:  # as index.encode.encode runs it: bf16 autocast, channels-last input
                     x = x.contiguous(memory_format=torch.channels_last)
                 sync(device)
                 t1, c1 = time.perf_counter(), time.process_time()

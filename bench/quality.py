@@ -57,9 +57,9 @@ from distill.evaluate import evaluate
 from distill.methods import phases
 from distill.students import build_student, student_resolution
 from distill.training import train_student
-from index.core.config import from_mapping
 from index.core import contract
 from index.core.atomic import read_json, write_json
+from index.core.config import from_mapping
 from index.device import pick_device
 from index.gallery_index import GalleryIndex
 

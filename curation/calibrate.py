@@ -35,6 +35,11 @@ of one class reach it. So the thresholds are measured, not assumed:
 `cached_calibration` stores its result as JSON keyed by a fingerprint of the encoder identities,
 the sampled reference ids and their content hashes and the options, so a rerun reuses it. The curves (recall per kind and
 false-positive rate over a grid of thresholds) go into the curated set's manifest and report.
+
+Why one module: the measurements, the choice of thresholds and verification rule, and the
+evaluation of the false-positive rate are defined on the same `Measurements` and must use the same
+neighbour counts and verification pairs; apart, the rule chosen and the rate reported for it could
+disagree.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ from curation.querysets import content_hash
 from curation.verify import Thumb, VerifyRule
 from curation.verify_batch import match_pairs
 from index.core.atomic import fingerprint, read_json, write_json
+from index.encode import embed_images
 
 CALIBRATION_VERSION = 6
 MAX_NEIGHBOURS = 32                             # most references verified per candidate
@@ -149,7 +155,6 @@ def measure(models, images: Sequence, ref_feats: Sequence[np.ndarray], sample_ro
     in it are verified in batches (`curation.verify_batch.match_pairs`). ``progress``: one tqdm
     bar over the steps (each copy kind, then the look-alikes by embedding and by pixel key)."""
     scores = {} if scores is None else scores
-    from index.embed import embed_images
 
     refs = [np.asarray(r, np.float32) for r in ref_feats]
     n, rows = len(images), np.asarray(sample_rows)

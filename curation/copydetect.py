@@ -23,10 +23,10 @@ from PIL import Image
 from curation import verify_batch
 from curation.decontam import LeakReport, find_leaks, verify_leaks
 from curation.dedup import duplicate_clusters
-from index.core.executor import Executor, LocalExecutor, chunks
 from curation.pixelkey import Keys
 from curation.thresholds import Thresholds
 from curation.verify import NO_MATCH, Match, Thumb
+from index.core.executor import Executor, LocalExecutor, chunks
 from index.knn import combine_features
 
 PAIRS_PER_TASK = 2048   # verification pairs per executor task (thumbnails travel with the task)

@@ -30,8 +30,8 @@ import numpy as np
 from curation.dedup import check_normalised, similar_pairs
 from curation.pixelkey import Keys
 from curation.verify import Match, VerifyRule
-from index.knn import combine_features
 from index.core.errors import InputError
+from index.knn import combine_features
 
 Features = np.ndarray | Sequence[np.ndarray]
 

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from curation import pixelkey
 from curation.querysets import LabeledImage, iter_images
 from index.core.atomic import atomic_path, fingerprint
-from index.embed import embed_images
-from index.gallery import SkipCounts
+from index.encode import embed_images
 from index.ranged import read_by_id
+from index.skips import SkipCounts
 
 
 def embed_labeled(models, items: Sequence[LabeledImage], batch_size: int = 64,

@@ -27,14 +27,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from curation.changed import check_policy
+from curation.decontam import read_review
+from curation.querysets import query_set_dirs
+from curation.run.stages import counts, pairs_per_second, run_stages, time_parts
 from curation.selection import SELECTORS
 from curation.timing import most_time
 from curation.verify import VERIFIERS
 from index.core import contract
 from index.core.atomic import CODE_VERSION, write_json
 from index.core.errors import ConfigError, MissingInputError
-from index.threads import HELP as THREADS_HELP
 from index.core.outdir import Owner, owned_dir, owning_also, pattern_dirs, pattern_regex
+from index.gallery_index import read_index_manifest
+from index.threads import HELP as THREADS_HELP
 
 OWNER = Owner("curate", (pattern_regex(contract.TRANSFER_PATTERN), pattern_regex(contract.QUERIES_PATTERN),
                          re.escape(contract.QUERIES_DRAW_FILE), re.escape(contract.MANIFEST_FILE),
@@ -152,10 +156,6 @@ def curate(cfg: CurateConfig, executor=None) -> dict[str, Any]:
 def check_inputs(cfg: CurateConfig) -> dict[str, list[str]]:
     """Refuse missing or malformed inputs before any work; returns what the run reads (the output
     may be neither equal to nor inside any of it)."""
-    from curation.decontam import read_review
-    from curation.querysets import query_set_dirs
-    from index.gallery_index import read_index_manifest
-
     manifest = read_index_manifest(cfg.index)
     if cfg.leak_review:
         if not os.path.isfile(cfg.leak_review):
@@ -167,8 +167,6 @@ def check_inputs(cfg: CurateConfig) -> dict[str, list[str]]:
 
 
 def _curate(cfg: CurateConfig, executor) -> dict[str, Any]:
-    from curation.run.stages import counts, pairs_per_second, run_stages, time_parts
-
     st = run_stages(cfg, executor)
     t = time.perf_counter()
     timings = {k: round(v, 3) for k, v in st.timings.items()}

@@ -21,16 +21,18 @@ import html
 import io
 from typing import Any, Sequence
 
+import numpy as np
+
 PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974",
            "#64b5cd", "#2f4b7c")
 EMPHASIS = "#c44e52"   # the series a reader compares the others with (look-alikes, the teacher)
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib
 
     return plt
 
@@ -42,7 +44,7 @@ def figure(width: float = 5.0, height: float = 3.2):
 
 def figure_svg(fig, salt: str) -> bytes:
     """The figure as SVG bytes, deterministic for a given ``salt`` (the figure is closed)."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib
 
     plt = _plt()
     buf = io.BytesIO()
@@ -108,8 +110,6 @@ def bar_figure(labels: Sequence[str], groups: dict[str, Sequence[float | None]],
              ylim: tuple[float, float] | None = None, emphasis: Sequence[str] = (), values: bool = True,
              errors: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None, height: float = 3.2):
     """Bars per label, one colour per group (None: no bar); ``errors``: {group: (low, high)} whiskers."""
-    import numpy as np
-
     fig, ax = figure(max(4.5, 0.45 * len(labels) * max(1, len(groups)) + 2.0), height)
     n = max(1, len(groups))
     w = 0.8 / n
@@ -143,8 +143,6 @@ def bar_figure(labels: Sequence[str], groups: dict[str, Sequence[float | None]],
 def matrix_figure(matrix: Sequence[Sequence[float]], labels: Sequence[str], *, title: str, xlabel: str, ylabel: str,
                   normalise_rows: bool = True):
     """A square matrix as a heatmap (rows normalised to fractions for the colour), counts in the cells."""
-    import numpy as np
-
     m = np.asarray(matrix, float)
     shade = m / np.maximum(m.sum(axis=1, keepdims=True), 1) if normalise_rows else m
     side = max(4.0, 0.42 * len(labels) + 2.2)

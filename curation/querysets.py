@@ -41,14 +41,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from curation.datasets import (EUROSAT_CLASSES, FASHION_MNIST_CLASSES, eurosat_root, fashion_mnist_root,
+                               load_fashion_mnist, load_fashion_mnist_labels, scan_image_folder)
 from index.bitdepth import to_rgb8
 from index.content import image_hash
-from index.core.registry import Registry, UnknownNameError
-from curation.datasets import (
-    EUROSAT_CLASSES, FASHION_MNIST_CLASSES, eurosat_root, fashion_mnist_root, load_fashion_mnist,
-    load_fashion_mnist_labels, scan_image_folder,
-)
 from index.core.errors import ConfigError, InputError
+from index.core.registry import Registry, UnknownNameError
 
 TEST_FRACTION = 0.2
 _HOLDOUT_ENTROPY = 0x7E57  # fixed: the held-out test split must not move with the draw seed

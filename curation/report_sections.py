@@ -8,10 +8,8 @@ from __future__ import annotations
 import statistics
 from typing import Sequence
 
-from curation.htmlpage import escape as _e
-from curation.htmlpage import fmt as _fmt
-from curation.htmlpage import table
-from curation.report import QueryPanel, ReportData, ReportLimits, _Thumbs
+from curation.htmlpage import escape as _e, fmt as _fmt, table
+from curation.report_data import QueryPanel, ReportData, ReportLimits, Thumbs
 
 
 def lede(data: ReportData) -> str:
@@ -26,7 +24,7 @@ def lede(data: ReportData) -> str:
     return f'<p class="lede">{", ".join(p for p in parts if p)}.</p>'
 
 
-def mosaic(data: ReportData, limits: ReportLimits, th: _Thumbs) -> str:
+def mosaic(data: ReportData, limits: ReportLimits, th: Thumbs) -> str:
     if not data.mosaic:
         return "<p>No curated items.</p>"
     out = [f'<p class="small">Up to {limits.max_mosaic_per_class} crops per class, spread evenly over the '
@@ -57,7 +55,7 @@ def _spread_by_class(queries: Sequence[QueryPanel], limit: int) -> list[QueryPan
     return [queries[i] for i in sorted(chosen)]
 
 
-def per_query(data: ReportData, limits: ReportLimits, th: _Thumbs) -> str:
+def per_query(data: ReportData, limits: ReportLimits, th: Thumbs) -> str:
     if not data.queries:
         return "<p>No queries recorded.</p>"
     shown = _spread_by_class(data.queries, limits.max_queries)
@@ -95,7 +93,7 @@ def _limit(name: str, value: float | None, limit: float | None, op: str) -> str:
     return f"{name} <b>{_fmt(value)}</b>" + ("" if limit is None else f" (copy: {_e(op)} {_fmt(limit)})")
 
 
-def leaks(data: ReportData, limits: ReportLimits, th: _Thumbs) -> str:
+def leaks(data: ReportData, limits: ReportLimits, th: Thumbs) -> str:
     if not data.leaks:
         return "<p>No leaks flagged.</p>"
     n_unflagged = sum(lk.unflagged for lk in data.leaks)
@@ -146,7 +144,7 @@ def leaks(data: ReportData, limits: ReportLimits, th: _Thumbs) -> str:
     return "\n".join(out)
 
 
-def dedup(data: ReportData, limits: ReportLimits, th: _Thumbs) -> str:
+def dedup(data: ReportData, limits: ReportLimits, th: Thumbs) -> str:
     if not data.dedup_clusters:
         return "<p>No duplicate clusters" + (f" (the {data.removed_duplicates} items removed as duplicates were "
                                               "further crops of an image already in the set)" if data.removed_duplicates

@@ -29,6 +29,11 @@ Search depth and backfill
     ``removed``: they are masked out of the neighbour lists (``exclude``) and the same strategy is
     run again for the same n, so the final set still holds exactly n items (the strategy is applied
     to the gallery without the removed items). Ranks in a result are ranks in the masked lists.
+
+Why one module: every strategy reads the same neighbour lists under the same conventions
+(`SelectionInput`: tie order, padding means exhausted, `needs_deeper`), and `select_with_search` /
+`SearchCache` are the loop that answers `needs_deeper` for all of them; the text prompts
+(`class_prompts`, `class_text_queries`) are the text strategy's query side, a small part.
 """
 from __future__ import annotations
 

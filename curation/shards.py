@@ -23,10 +23,10 @@ from PIL import Image
 
 from index.core import contract
 from index.core.atomic import atomic_path
-from index.crops import CropRecipe, materialize
 from index.core.outdir import pattern_regex
-from index.gallery import SkipCounts
+from index.crops import CropRecipe, materialize
 from index.ranged import read_by_id
+from index.skips import SkipCounts
 
 
 @dataclass

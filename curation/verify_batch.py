@@ -26,6 +26,11 @@ flat images give NO_MATCH, as there. There is no cascade: every pair gets the fu
 rate on the CPU: the OpenCV map calls (about 14 a pair at 28 px, 20 at 96 px; see `_argmax_cv2`
 for the alternatives measured), and, where thumbnail shapes vary (web images, the Tux Paint
 stamps), that a pair of sizes seen once has no work to share.
+
+Why one module: each part (the plan by thumbnail sizes, the shared variants, the correlation maps
+on CPU and GPU, the exact fit, the cover check, the scoring of winners) mirrors one step of
+`curation.verify.copy_match` and must stay in step with it for the scores to be equal; read apart,
+that correspondence is lost.
 """
 from __future__ import annotations
 

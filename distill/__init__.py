@@ -1,5 +1,8 @@
 """Distillation backend: teach the target task to a VFM, transfer it to a small timm student, evaluate.
 
+Builds on `index` (encoders, contract, atomic writes) and `curation` (query sets, the HTML page and
+plots, timing); never imports `jobs`.
+
 Modules (one concept each):
 
     config.py     DistillConfig: the frozen, fully resolved run configuration
@@ -24,7 +27,8 @@ Modules (one concept each):
     training.py   train_student: the student-training worker (in-process, or each data-parallel
                   worker started by a launcher the caller passes)
     run.py        run_distill(cfg) -> metrics: orchestration of the steps above, then evaluation
-    cli.py        the `distill` and `distill rank` command lines, generated from DistillConfig / RankConfig
+    cli.py        the `distill` and `distill rank` command lines, generated from DistillConfig / RankConfig;
+                  prints the summary line
 
 Imports go one way: run -> training -> caching -> adaptation -> (teachers, data, methods, rank, ...).
 Nothing here imports jobs/: the cluster launcher for `workers > 1` is passed in (run_distill's

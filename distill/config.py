@@ -7,13 +7,16 @@ AFT beta = 10, s initialised at 0 with its own Adam group at lr 1e-2 and no weig
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.methods import METHODS, MULTI_TEACHER
+from distill.similarity import SIMILARITIES
 from index.core.atomic import fingerprint
-from index.core.registry import choice
 from index.core.errors import ConfigError
+from index.core.registry import choice
 from index.threads import HELP as THREADS_HELP
 
 TEACHER_ADAPTATIONS = ("linear_probe", "finetune")
@@ -34,8 +37,6 @@ _NON_NEGATIVE = ("weight_decay", "probe_weight_decay", "beta")
 
 
 def _check_numbers(cfg: "DistillConfig") -> None:
-    import math
-
     for name, low, optional in _INTEGERS:
         v = getattr(cfg, name)
         if optional and v is None:
@@ -147,10 +148,7 @@ class DistillConfig:
     threads: int | None = field(default=None, metadata={"help": THREADS_HELP})
 
     def __post_init__(self) -> None:
-        from distill.methods import METHODS
-
         METHODS.get(self.method)  # raises with the valid names
-        from distill.similarity import SIMILARITIES
 
         SIMILARITIES.get(self.similarity)
         choice("teacher adaptation", self.teacher_adapt, TEACHER_ADAPTATIONS)
@@ -174,7 +172,6 @@ class DistillConfig:
                 object.__setattr__(self, k, tuple(getattr(self, k)))
         if len(set(self.teacher_sources)) != len(self.teacher_sources):
             raise ConfigError(f"teachers must be distinct, got {list(self.teacher_sources)}")
-        from distill.methods import MULTI_TEACHER
 
         if self.method not in MULTI_TEACHER:
             if self.teacher_head != "probe":

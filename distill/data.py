@@ -7,6 +7,11 @@ augmentation uses an RNG seeded by (seed, epoch, key), so a resumed run skips to
 the result does not depend on how many threads decode. With `world > 1` (data-parallel), every rank
 reads the same shuffled stream and keeps samples i with i % world == rank, truncated to
 n // world samples so all ranks take the same number of steps; the remainder is counted.
+
+Why one module: the three sources (transfer shards, labelled query shards, the test split) obey
+one batch format and one determinism rule (order a pure function of (seed, epoch), per-sample
+augmentation seeded by (seed, epoch, key), rank sharding with equal step counts), and the
+transforms take that per-sample RNG; split by source, each would restate the rule.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 
 from index.core.atomic import fingerprint
@@ -216,8 +222,6 @@ def transfer_batches(shards: Sequence[str], n: int, *, seed: int, epoch: int, ba
                      decode_threads: int = 0, skipped: Counter | None = None) -> Iterator[Batch]:
     """One epoch over the transfer shards; `n` is their sample count (ShardSet.count), `skip` batches
     already done this epoch are passed over before decoding."""
-    import webdataset as wds
-
     skipped = skipped if skipped is not None else Counter()
     order = list(shards)
     stages: list[Any] = [wds.tarfile_to_samples(handler=wds.reraise_exception)]
@@ -293,8 +297,6 @@ class LabelledSet:
 
 
 def load_labelled(curated: str | Path) -> LabelledSet:
-    import webdataset as wds
-
     draw_path = Path(curated) / QUERIES_DRAW_FILE
     if not draw_path.exists():
         raise MissingInputError(f"{draw_path} is missing: is {curated} a curated directory (curate --out)?")

@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import (aft_kernel_distance, feature_contrastive_loss, feature_cosine_loss, kd_loss,
-                            scale_grad)
-from index.core.registry import Registry
+from distill.losses import aft_kernel_distance, feature_contrastive_loss, feature_cosine_loss, kd_loss, scale_grad
 from index.core.errors import InputError
+from index.core.registry import Registry
 
 Batch = dict[str, Any]
 Losses = dict[str, torch.Tensor]

@@ -8,20 +8,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from curation.plots import bar_figure, figure_svg
 from index.core.atomic import atomic_path
 
 
 def bar_plot(path: str | Path, labels: Sequence[str], values: Sequence[float], *, title: str = "",
              ylabel: str = "") -> Path:
     """One bar per label, its value printed on top; written atomically as PNG."""
-    from curation.plots import bar_figure
-
     fig = bar_figure(labels, {ylabel: values}, title=title, ylabel=ylabel, ylim=(0, max(1.0, max(values, default=0) * 1.15)))
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.tight_layout()
         fig.savefig(tmp, format="png", dpi=100)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib
 
     plt.close(fig)
     return path
@@ -32,8 +31,6 @@ RANKING_PLOT = "ranking.svg"
 
 def ranking_plot(out_dir: str | Path, result: dict) -> Path:
     """`distill rank`'s table as a plot: each teacher's similarities (and probe accuracy), best first."""
-    from curation.plots import bar_figure, figure_svg
-
     ranking = result["ranking"]
     names = [f"{r['rank']}. {r['name']}" for r in ranking]
     metrics = list(ranking[0]["similarity"]) if ranking else []

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from curation.querysets import get_query_set
 from curation.timing import Clock, most_time
 from distill.adaptation import TEACHERS_FILE, prepare_teacher, prepare_teachers
 from distill.caching import CACHES_FILE, prepare_caches
@@ -38,10 +39,10 @@ from distill.teachers import Teacher
 from distill.training import TRAIN_RESULT, Launcher, train_student
 from index.core.atomic import read_json, write_json
 from index.core.contract import QUERIES_DRAW_FILE
-from index.device import pick_device
-from index.encoders import resolve_encoder
 from index.core.errors import ConfigError, InputError, MissingInputError
 from index.core.outdir import Owner, owned_dir, owning_also
+from index.device import pick_device
+from index.encoders import resolve_encoder
 
 OWNER = Owner("distill", tuple(re.escape(n) for n in (
     "config.json", "teacher", "teachers", "cache", "checkpoints", "student.pt", "metrics.json", CACHES_FILE,
@@ -92,8 +93,6 @@ def run_distill(cfg: DistillConfig, *, query_set: Any = None, launcher: Launcher
     t_start = time.perf_counter()
     check_names(cfg, launcher)
     if query_set is None:
-        from curation.querysets import get_query_set
-
         query_set = get_query_set(cfg.queries, data_root=cfg.data_root, seed=cfg.query_seed)
     check_query_set(cfg, query_set)
     inputs = {"--transfer": [cfg.transfer], "--data-root": [cfg.data_root] if cfg.data_root else []}

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from distill.adapter import InputAdapter
-from index.core.registry import Registry
 from index.core.errors import ConfigError, MissingInputError
+from index.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Student(nn.Module):
 def resolve_student(name: str) -> StudentConfig:
     if name in STUDENTS:
         return STUDENTS.get(name)
-    import timm
+    import timm  # lazy: timm
 
     if name.split(".")[0] not in timm.list_models():
         close = difflib.get_close_matches(name, STUDENTS.names() + timm.list_models(), n=3, cutoff=0.5)
@@ -72,7 +73,7 @@ def student_resolution(name: str, resolution: int | None = None) -> int:
     cfg = resolve_student(name)
     if cfg.resolution is not None:
         return cfg.resolution
-    import timm
+    import timm  # lazy: timm
 
     return int(timm.get_pretrained_cfg(cfg.timm_name.split(".")[0]).input_size[-1])
 
@@ -80,8 +81,7 @@ def student_resolution(name: str, resolution: int | None = None) -> int:
 def build_student(name: str, num_classes: int, *, weights: str | None = None, resolution: int | None = None,
                   seed: int = 0) -> Student:
     """Deterministic for a seed: the random init does not depend on (nor touch) the global RNG."""
-    import timm
-    from pathlib import Path
+    import timm  # lazy: timm
 
     cfg = resolve_student(name)
     kwargs = dict(cfg.kwargs)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from index.core.atomic import FingerprintMismatch, atomic_path, check_done, write_json
 from index.core.errors import ConfigError
@@ -148,8 +149,6 @@ def train_phase(task: nn.Module, plan: PhasePlan, batches: BatchFn, *, ckpt_dir:
                          "rng": rng_state(), "step": step, "epoch": epoch, "in_epoch": in_epoch,
                          "epochs": epochs, "step_loss": step_loss, "fingerprint": run_fingerprint,
                          "phase": plan.name})
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=plan.total_steps, initial=step, desc=plan.name, disable=not (is_main and progress),
                dynamic_ncols=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
+import torch.distributed as dist
 
 from distill.adaptation import read_teacher_mix
 from distill.cache import CacheLookup
@@ -36,7 +37,6 @@ class Launcher(Protocol):
 
 def worker_device() -> torch.device:
     """A data-parallel worker's device: its GPU under NCCL (the launcher gives each worker one), else the CPU."""
-    import torch.distributed as dist
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -22,14 +22,16 @@ from typing import Any
 import numpy as np
 
 from index import faiss_io, knn, store
+from index.config import FaissConfig, IndexConfig
 from index.core import contract
 from index.core.atomic import CODE_VERSION, check_done, fingerprint, write_json
-from index.config import FaissConfig, IndexConfig
+from index.core.executor import LocalExecutor
+from index.core.outdir import Owner, invalidate, owned_dir, pattern_dirs
 from index.device import pick_device
 from index.embed import EmbedTask, Embedder, ShardResult
 from index.encoders import EncoderSpec, resolve_encoders
-from index.gallery import SkipCounts, list_shards
-from index.core.outdir import Owner, invalidate, owned_dir, pattern_dirs
+from index.gallery import list_shards
+from index.skips import SkipCounts
 
 
 @dataclass(frozen=True)
@@ -214,8 +216,6 @@ def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) ->
     against the dimension and the most vectors the gallery can hold), take `out_dir`
     (`index.core.outdir.owned_dir`), then embed, build the FAISS groups and write the manifest last.
     Returns the manifest; `build-index` prints ``summary_line("index", manifest, manifest["seconds"])``."""
-    from index.core.executor import LocalExecutor
-
     executor = executor or LocalExecutor()
     t0 = time.perf_counter()
     cfg.check_gallery()

@@ -66,7 +66,7 @@ class IndexConfig:
         "help": "the FAISS indexes (index.config.FaissConfig)"})
     seed: int = field(default=0, metadata={"help": "crop recipe and training sample seed"})
     batch_size: int | None = field(default=None, metadata={
-        "help": "crops per forward (default: index.embed.default_batch_size)"})
+        "help": "crops per forward (default: index.encode.default_batch_size)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:N (default: CUDA when present)"})
     executor: str = field(default="local", metadata={
         "help": "where the shards are embedded and indexed: local | ray (ray under `ray job submit`)"})

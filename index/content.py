@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 HASH_BYTES = 16   # blake2b digest size of image hashes and shard digests (128 bits)
 
-# the skip reasons of entries that are never opened (index.gallery.SKIP_REASONS)
+# the skip reasons of entries that are never opened (index.skips.SKIP_REASONS)
 DANGLING_SYMLINK = "dangling_symlink"
 NOT_REGULAR = "not_regular_file"
 

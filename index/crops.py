@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from torchvision.transforms import InterpolationMode, RandAugment
-from torchvision.transforms import functional as TF
+from torchvision.transforms import InterpolationMode, RandAugment, functional as TF
 from torchvision.transforms.autoaugment import _apply_op
+
 from index.core.errors import ConfigError
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in source pixels

@@ -9,19 +9,16 @@ depend on the image id and size only, and an image the device cannot decode is d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from index import store
-from index.crops import recipes_for
+from index.crops import CropConfig, recipes_for
 from index.device_crops import crop_images
 from index.device_decode import decode_on, defer_jpeg
-from index.gallery import GalleryImage, SkipCounts, iter_images
-
-if TYPE_CHECKING:
-    from index.embed import EmbedTask
-
+from index.gallery import GalleryImage, ShardRef, iter_images
+from index.skips import SkipCounts
 
 @dataclass
 class ImageBatch:
@@ -34,12 +31,12 @@ def images_per_batch(batch_size: int, crops_per_image: int) -> int:
     return max(1, batch_size // crops_per_image)
 
 
-def image_batches(task: "EmbedTask", counts: SkipCounts, batch_size: int,
+def image_batches(shard: ShardRef, crops: CropConfig, counts: SkipCounts, batch_size: int,
                   on_digest: Callable[[str], None] | None = None) -> Iterator[ImageBatch]:
     """The CPU half: read the shard, keep JPEG bytes, group whole images; `on_digest` as `iter_images`'s."""
-    n = images_per_batch(batch_size, task.crops.crops_per_image)
+    n = images_per_batch(batch_size, crops.crops_per_image)
     batch: list[GalleryImage] = []
-    for img in iter_images(task.shard, counts, decode=defer_jpeg, on_digest=on_digest):
+    for img in iter_images(shard, counts, decode=defer_jpeg, on_digest=on_digest):
         batch.append(img)
         if len(batch) == n:
             yield ImageBatch(batch)
@@ -48,7 +45,7 @@ def image_batches(task: "EmbedTask", counts: SkipCounts, batch_size: int,
         yield ImageBatch(batch)
 
 
-def materialize_batch(batch: ImageBatch, task: "EmbedTask", device: str | torch.device,
+def materialize_batch(batch: ImageBatch, crops: CropConfig, seed: int, device: str | torch.device,
                       counts: SkipCounts) -> tuple[list[store.Row], torch.Tensor | None]:
     """The device half: (rows, uint8 [N, 3, S, S] crops on `device`), None where no image decoded.
     Images that fail to decode are added to `counts` under the CPU decoder's reason."""
@@ -57,7 +54,7 @@ def materialize_batch(batch: ImageBatch, task: "EmbedTask", device: str | torch.
         if pixels is None:
             counts.add(reason or "corrupt")
             continue
-        rs = recipes_for(img.id, (int(pixels.shape[2]), int(pixels.shape[1])), task.seed, task.crops)
+        rs = recipes_for(img.id, (int(pixels.shape[2]), int(pixels.shape[1])), seed, crops)
         images.append(pixels)
         recipes.append(rs)
         rows.extend(store.Row(img.id, i, r.to_dict(), img.loc, img.hash) for i, r in enumerate(rs))

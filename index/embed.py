@@ -14,6 +14,8 @@ function runs in-process and in Ray actors. A shard is a stream of batches in tw
 `Embedder.batches` (CPU: read, and on the CPU path decode + crop) and `Embedder.embed_batch` (device:
 on CUDA, JPEG decode + crops from their recipes (index.device_batches), then the encoders in bf16),
 which jobs.ray_data runs in separate Ray workers.
+
+The encoder forward on pixel batches is `index.encode`'s.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from index import store
 from index.core import contract
@@ -36,8 +37,10 @@ from index.core.atomic import CODE_VERSION, fingerprint
 from index.crops import CropConfig, materialize, recipes_for
 from index.device import pick_device
 from index.device_batches import ImageBatch, image_batches, materialize_batch
-from index.encoders import Encoder, EncoderSpec, build_encoder
-from index.gallery import ShardRef, SkipCounts, iter_images, shard_digest
+from index.encode import PendingFeatures, default_batch_size, encode_async, resolve
+from index.encoders import EncoderSpec, build_encoder
+from index.gallery import ShardRef, iter_images, shard_digest
+from index.skips import SkipCounts
 
 
 @dataclass(frozen=True)
@@ -73,11 +76,6 @@ class ShardResult:
         return dataclasses.asdict(self)
 
 
-def default_batch_size(device: str) -> int:
-    """Crops per forward: 64 on CPU; 512 on CUDA, enough to keep a ViT-L/14 busy in bf16."""
-    return 512 if device.startswith("cuda") else 64
-
-
 def crops_of_shard(task: EmbedTask, counts: SkipCounts,
                    on_digest: Callable[[str], None] | None = None) -> Iterator[tuple[store.Row, np.ndarray]]:
     """(row, crop pixels uint8 HxWx3) for every crop of every readable image of the shard;
@@ -105,7 +103,7 @@ def shard_batches(task: EmbedTask, counts: SkipCounts, crops_on_device: bool, ba
     with `crops_on_device` ImageBatches of JPEG bytes. Skips found while reading go to `counts`;
     `on_digest` gets the shard's digest once it is read to its end."""
     if crops_on_device:
-        return image_batches(task, counts, batch_size, on_digest)
+        return image_batches(task.shard, task.crops, counts, batch_size, on_digest)
     return _batches(crops_of_shard(task, counts, on_digest), batch_size)
 
 
@@ -130,69 +128,6 @@ def _prefetch(gen, depth: int = 2):
         if isinstance(item, BaseException):
             raise item
         yield item
-
-
-def prepare(pixels: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
-    """uint8 [B,H,W,3] crops -> the encoder's normalised input [B,3,S,S] (on the crops' device)."""
-    x = pixels.permute(0, 3, 1, 2).float().div_(255)
-    if x.shape[-1] != spec.image_size or x.shape[-2] != spec.image_size:
-        x = F.interpolate(x, size=(spec.image_size, spec.image_size), mode="bilinear",
-                          antialias=True, align_corners=False)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def _normalised(models: list[Encoder], pixels: np.ndarray | torch.Tensor, device: str) -> list[torch.Tensor]:
-    t = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
-    t = t.to(device, non_blocking=True)
-    cuda = device.startswith("cuda")
-    out = []
-    for m in models:
-        x = prepare(t, m.spec)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            f = m(x)
-        out.append(F.normalize(f.float(), dim=-1))
-    return out
-
-
-@torch.no_grad()
-def encode(models: list[Encoder], pixels: np.ndarray | torch.Tensor, device: str) -> list[np.ndarray]:
-    """L2-normalised float16 features of a batch of uint8 [B,H,W,3] crops, one matrix per encoder.
-
-    On CUDA the forward runs under bf16 autocast on channels-last input; on CPU in float32 as is."""
-    return [f.cpu().numpy().astype(np.float16) for f in _normalised(models, pixels, device)]
-
-
-class PendingFeatures:
-    """`encode`'s result on CUDA while it is still being computed: the copy to (pinned) host memory
-    is queued behind the forward, so the next batch is prepared while the GPU works."""
-
-    def __init__(self, feats: list[torch.Tensor]):
-        self.host = [torch.empty(f.shape, dtype=f.dtype, pin_memory=True) for f in feats]
-        for h, f in zip(self.host, feats):
-            h.copy_(f, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
-
-    def result(self) -> list[np.ndarray]:
-        self.event.synchronize()
-        return [h.numpy().astype(np.float16) for h in self.host]
-
-
-@torch.no_grad()
-def encode_async(models: list[Encoder], pixels: np.ndarray | torch.Tensor,
-                 device: str) -> list[np.ndarray] | PendingFeatures:
-    """`encode`, returning at once on CUDA (call `resolve` on the result); as `encode` elsewhere."""
-    if not device.startswith("cuda"):
-        return encode(models, pixels, device)
-    return PendingFeatures(_normalised(models, pixels, device))
-
-
-def resolve(feats: list[np.ndarray] | PendingFeatures) -> list[np.ndarray]:
-    return feats.result() if isinstance(feats, PendingFeatures) else feats
 
 
 def core_free_for_decode(device: str) -> bool:
@@ -239,7 +174,7 @@ class Embedder:
         """The device half: (rows, one float16 matrix per encoder) of one batch from `batches`; on
         CUDA the matrices may still be in flight (`resolve` them)."""
         if isinstance(batch, ImageBatch):
-            rows, crops = materialize_batch(batch, task, self.device, counts)
+            rows, crops = materialize_batch(batch, task.crops, task.seed, self.device, counts)
             if crops is None:
                 return [], [np.zeros((0, m.spec.embed_dim), np.float16) for m in self.models]
             return rows, encode_async(self.models, crops.permute(0, 2, 3, 1), self.device)
@@ -301,23 +236,3 @@ def write_result(task: EmbedTask, digest: str, rows: list[store.Row], feats: lis
         "rows_format": contract.ROWS_FORMAT,
     })
     return result
-
-
-@torch.no_grad()
-def embed_images(models: list[Encoder], images: list, batch_size: int = 64) -> list[np.ndarray]:
-    """Whole images (resize + centre crop, each encoder's own preprocessing) -> one L2-normalised
-    float32 matrix per encoder. This is how queries, references and original images are embedded."""
-    from index.encoders import image_transform
-
-    out = []
-    for m in models:
-        tf = image_transform(m.spec)
-        device = next(m.parameters()).device
-        parts = [np.zeros((0, m.spec.embed_dim), np.float32)]
-        for a in range(0, len(images), batch_size):
-            x = torch.stack([tf(im) for im in images[a:a + batch_size]]).to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                f = m(x)
-            parts.append(F.normalize(f.float(), dim=-1).cpu().numpy())
-        out.append(np.concatenate(parts))
-    return out

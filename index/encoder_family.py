@@ -21,9 +21,9 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from index.encoder_spec import EncoderSpec
 from index.core.errors import ConfigError
 from index.core.registry import Registry
+from index.encoder_spec import EncoderSpec
 
 Transform = Callable[[Image.Image], torch.Tensor]
 

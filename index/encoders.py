@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 import index.encoder_families  # noqa: F401  (registers every family in FAMILIES)
+from index.core.errors import ConfigError
 from index.encoder_families.open_clip_models import TINY_CLIP_ARCH  # noqa: F401  (public name)
 from index.encoder_family import FAMILIES, Encoder, EncoderFamily, Transform  # noqa: F401  (public names)
 from index.encoder_spec import (OPENAI_MEAN, OPENAI_STD, EncoderMismatch, EncoderSpec,  # noqa: F401  (public names)
                                 check_same_encoders, weights_dir)
-from index.core.errors import ConfigError
 
 
 def fixed_names() -> list[str]:

@@ -12,17 +12,17 @@ import functools
 
 @functools.lru_cache(maxsize=1)
 def _resources():
-    import faiss
+    import faiss  # lazy: faiss
     return faiss.StandardGpuResources()
 
 
 def gpu_available() -> bool:
-    import faiss
+    import faiss  # lazy: faiss
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def ivf_to_gpu(index, device: int = 0):
-    import faiss
+    import faiss  # lazy: faiss
     if not gpu_available():
         return index
     try:

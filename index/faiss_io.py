@@ -9,7 +9,7 @@ from index.core.errors import InputError, MissingInputError
 
 def save_index(index, path: str | os.PathLike) -> None:
     """Write atomically: a killed writer never leaves a truncated index under the final name."""
-    import faiss   # optional where only exact torch search runs (the GPU check imports index.search without it)
+    import faiss  # lazy: faiss (optional where only exact torch search runs (the GPU check imports index.search without it))
     if type(index).__name__.startswith("Gpu"):
         index = faiss.index_gpu_to_cpu(index)
     with atomic_path(path) as tmp:
@@ -26,7 +26,7 @@ def load_index(path: str | os.PathLike, mmap: bool = False):
     scan, the probed lists for IVF), as clean page cache the kernel can drop. The mapped index is
     read-only.
     """
-    import faiss   # optional, as in save_index
+    import faiss  # lazy: faiss (optional, as in save_index)
     if not os.path.isfile(path):
         raise MissingInputError(f"faiss index not found: {path}")
     flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0

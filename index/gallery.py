@@ -1,12 +1,11 @@
 """Gallery readers: img2dataset WebDataset tars and plain image folders, with every skip counted.
 
 A gallery is a list of shards (``list_shards``); a shard yields ``GalleryImage``s (``iter_images``)
-whose id is ``contract.image_id(shard.name, key)``. Tar members are read in tarfile's stream mode
-exactly as webdataset's ``tar_file_iterator`` reads them (same member filter, same grouping), but with
-each member's data offset kept, so every image carries its location (``GalleryImage.loc``, the format
-is ``contract.ROW_LOC_FIELDS``) and is later read back by byte range (``index.ranged``). Images are
-decoded here with PIL and no error is swallowed: every entry that does not become an image is counted
-in a ``SkipCounts`` under one of ``SKIP_REASONS``.
+whose id is ``contract.image_id(shard.name, key)``. Tar members are read as webdataset reads them, with
+each member's data offset kept (``index.tar_reader``), so every image carries its location
+(``GalleryImage.loc``, the format is ``contract.ROW_LOC_FIELDS``) and is later read back by byte range
+(``index.ranged``). Images are decoded here with PIL and no error is swallowed: every entry that does
+not become an image is counted in a ``SkipCounts`` under one of ``SKIP_REASONS`` (``index.skips``).
 
 Shards
     ``x.tar``                a tar shard named ``x`` (the file stem, as the contract says).
@@ -23,63 +22,32 @@ Samples and skip reasons
     A sample is a key's group of members (tar) or files (folder). Its image is the first of
     ``contract.IMAGE_EXTS`` it has (``jpg``, ``jpeg``, ``png``, ``webp``). Pixels are as stored:
     EXIF orientation is not applied, alpha is dropped by ``convert("RGB")``.
+
+Why one module of about 400 lines: it is the one path from a gallery path to decoded images, shard
+listing, folder samples, decoding and the sample -> image step (`_samples`, `_to_image`,
+`decode_image`) that both shard kinds and the range reader (`index.ranged`) share.
 """
 from __future__ import annotations
 
 import glob
 import io
 import json
-import logging
-import lzma
 import os
-import re
-import tarfile
 import warnings
-import zlib
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import braceexpand
 from PIL import Image, UnidentifiedImageError
-from webdataset.tariterators import base_plus_ext
 
 from index import content
 from index.bitdepth import to_rgb8
 from index.core.contract import IMAGE_EXTS, image_id
 from index.core.errors import ConfigError, InputError, MissingInputError
+from index.skips import SkipCounts
+from index.tar_reader import Members, Where, tar_samples
 
-log = logging.getLogger(__name__)
-
-SKIP_REASONS: dict[str, str] = {
-    "empty": "the image member/file has zero bytes",
-    "truncated": "the image data ends early (PIL: 'image file is truncated', EOF)",
-    "corrupt": "an image format was recognised but the data cannot be decoded "
-               "(broken stream, bad CRC, unreadable header after a valid signature)",
-    "not_image": "the sample has no jpg/jpeg/png/webp member, or its image bytes are not an image",
-    "too_large": "width*height exceeds max_pixels (decompression-bomb guard; checked before decoding)",
-    "too_small": "the shorter side is below min_side",
-    "bad_meta": "the .json member is not a JSON object (bad JSON, another type, or nested too deeply to parse)",
-    "duplicate_key": "a key already seen in this shard (the first occurrence is kept)",
-    "missing": "read_images: a requested key is not in the shard",
-    "tar_truncated": "the tar (or its gzip/bz2/xz stream) ends before its end-of-archive block (cut mid-file); "
-                     "the sample being assembled at the cut is dropped and counted once; samples after the cut "
-                     "are unknowable",
-    "tar_corrupt": "the tar has an invalid header after valid members, or its compressed stream is damaged; "
-                   "counted once per break, as above",
-    "not_a_tar": "a file named .tar whose first block is neither a tar header nor a gzip/bz2/xz stream; "
-                 "counted once, nothing in it is read",
-    "empty_tar": "a file named .tar with zero bytes; counted once",
-    "dangling_symlink": "folder gallery: a symlink whose target does not exist (never opened)",
-    "not_regular_file": "folder gallery: a FIFO, device, socket or other non-regular file, directly or through "
-                        "a symlink (e.g. to /dev/zero); never opened, so never read or waited on",
-    "unreadable_file": "folder gallery: a regular file that cannot be opened or read (permissions, I/O error)",
-    "stale_location": "a read by recorded location found the gallery changed since indexing: the file is gone "
-                      "or shorter than offset+size, or the tar header before the bytes is not the member's",
-    "changed": "a read by recorded location found bytes whose content hash differs from the one indexed "
-               "(the image was replaced, even by one of the same size)",
-}
 
 # PIL's own decompression-bomb threshold (about 89.5 Mpx). PIL refuses images above twice this at
 # open time whatever max_pixels says; those are counted as too_large too.
@@ -87,52 +55,6 @@ DEFAULT_MAX_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 _SIDE_EXTS = ("json", "txt")
-
-
-# ---------------------------------------------------------------- counts
-
-
-class SkipCounts:
-    """reason -> number of skipped gallery entries. Reasons are free strings (see SKIP_REASONS)."""
-
-    def __init__(self, counts: dict[str, int] | None = None):
-        self._c: Counter[str] = Counter()
-        for reason, n in (counts or {}).items():
-            self.add(reason, n)
-
-    def add(self, reason: str, n: int = 1) -> None:
-        if not reason:
-            raise ValueError("skip reason must be a non-empty string")
-        if n < 0:
-            raise ValueError(f"skip count must be >= 0, got {n} for {reason!r}")
-        if n:
-            self._c[reason] += n
-
-    def merge(self, other: "SkipCounts | dict[str, int]") -> "SkipCounts":
-        items = other.to_dict() if isinstance(other, SkipCounts) else other
-        for reason, n in items.items():
-            self.add(reason, n)
-        return self
-
-    @property
-    def total(self) -> int:
-        return sum(self._c.values())
-
-    def __getitem__(self, reason: str) -> int:
-        return self._c.get(reason, 0)
-
-    def to_dict(self) -> dict[str, int]:
-        return {k: self._c[k] for k in sorted(self._c)}
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, SkipCounts):
-            return self.to_dict() == other.to_dict()
-        if isinstance(other, dict):
-            return self.to_dict() == {k: v for k, v in other.items() if v}
-        return NotImplemented
-
-    def __repr__(self) -> str:
-        return f"SkipCounts({self.to_dict()})"
 
 
 # ---------------------------------------------------------------- shards and images
@@ -288,169 +210,6 @@ def _decode_error_reason(e: Exception) -> str:
     return "corrupt"
 
 
-# ---------------------------------------------------------------- raw samples
-
-# A raw sample: key, members suffix -> bytes (tar) or file path (folder, read on demand), and where
-# each member lives: suffix -> (data offset, size) in a plain tar, suffix -> path relative to the shard
-# folder; empty where members cannot be sought (a compressed tar stream).
-_Members = dict[str, "bytes | str"]
-_Where = dict[str, "tuple[int, int] | str"]
-
-# webdataset's tar_file_iterator skips these member names (its skip_meta and meta_prefix/suffix)
-_SKIP_META = re.compile(r"__[^/]*__($|/)")
-
-
-def _tar_members(fileobj: Any, handler: Callable[[Exception], bool],
-                 select_files: Callable[[str], bool]) -> Iterator[tuple[str, bytes, int | None]]:
-    """(name, data, data offset) per regular member: webdataset.tariterators.tar_file_iterator with
-    the member's data offset kept (TarInfo.offset_data; None in a compressed stream, where offsets are
-    not file offsets). Same member filter, same error handling: `handler(exn)` True continues."""
-    stream = tarfile.open(fileobj=fileobj, mode="r|*")
-    seekable = getattr(stream.fileobj, "comptype", "tar") == "tar"
-    for tarinfo in stream:
-        fname = tarinfo.name
-        try:
-            if not tarinfo.isreg() or fname is None:
-                continue
-            if "/" not in fname and fname.startswith("__") and fname.endswith("__"):
-                continue
-            if _SKIP_META.match(fname):
-                continue
-            if not select_files(fname):
-                continue
-            data = stream.extractfile(tarinfo).read()
-            yield fname, data, tarinfo.offset_data if seekable else None
-            stream.members = []
-        except Exception as exn:  # noqa: BLE001 - the handler decides, as in tar_file_iterator
-            if handler(exn):
-                continue
-            break
-
-
-def _zero_tail(f: Any, offset: int | None = None) -> bool:
-    """Whether every byte from `offset` (None: the current position) to the end is zero."""
-    if offset is not None:
-        f.seek(offset)
-    while block := f.read(1 << 20):
-        if block.count(0) != len(block):
-            return False
-    return True
-
-
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")   # gzip, bz2, xz: tarfile's "r:*" reads them
-
-
-def _head(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(tarfile.BLOCKSIZE)
-
-
-def _first_block_problem(path: str) -> str | None:
-    """'empty_tar' or 'not_a_tar' from the file's first block; None if it may be a tar."""
-    head = _head(path)
-    if not head:
-        return "empty_tar"
-    if head.startswith(_COMPRESSED_MAGIC) or head.count(0) == len(head):
-        return None
-    try:
-        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
-        return None
-    except tarfile.HeaderError:
-        return None if head[257:262] == b"ustar" else "not_a_tar"   # a tar whose first header is damaged
-
-
-def _tar_problem(path: str) -> str | None:
-    """None if the archive is intact: every header valid and only zero blocks after the last member
-    (for a compressed tar: the stream complete, its checksum right, and only zeros after the members)."""
-    first = _first_block_problem(path)
-    if first:
-        return first
-    compressed = _head(path).startswith(_COMPRESSED_MAGIC)
-    size = os.path.getsize(path)
-    if not compressed and size % tarfile.BLOCKSIZE:
-        return "tar_truncated"
-    try:
-        with tarfile.open(path, "r:*" if compressed else "r:") as tf:
-            while tf.next() is not None:
-                tf.members = []
-            end = tf.offset
-            if compressed:   # reading the stream to its end checks its length and checksum
-                return None if _zero_tail(tf.fileobj) else "tar_corrupt"
-    except tarfile.ReadError as e:
-        return "tar_truncated" if "unexpected end" in str(e) else "tar_corrupt"
-    except EOFError:
-        return "tar_truncated"
-    except (tarfile.CompressionError, OSError, ValueError, zlib.error, lzma.LZMAError):
-        return "tar_corrupt"   # a damaged compressed stream (bad data or checksum)
-    if end + tarfile.BLOCKSIZE > size:
-        return "tar_truncated"  # no end-of-archive block: cut on a member boundary
-    with open(path, "rb") as f:
-        return None if _zero_tail(f, end) else "tar_corrupt"
-
-
-def _tar_samples(shard: ShardRef, counts: SkipCounts, select: Callable[[str], bool] | None,
-                 on_digest: Callable[[str], None] | None = None) -> Iterator[tuple[str, _Members, _Where]]:
-    """Members grouped by key, as webdataset groups them. At a break in the archive the sample being
-    assembled is yielded only if a member of a later sample had begun (wanted or not), so it is known
-    complete. `on_digest` gets the digest of the whole file (content.HashingReader), hashed while read."""
-    errors: list[Exception] = []
-    announced: list[str] = []  # the last member _tar_members has looked at
-
-    def stop(exn: Exception) -> bool:
-        errors.append(exn)
-        return False  # stop this archive; the break is counted below
-
-    def select_files(fname: str) -> bool:
-        announced[:] = [fname]
-        return select is None or select(_tar_key(fname)[0])
-
-    key: str | None = None
-    members: _Members = {}
-    where: _Where = {}
-    not_tar = _first_block_problem(shard.path)
-    if not_tar:
-        log.warning("gallery shard %s: %s; nothing in it is read", shard.path, not_tar)
-        counts.add(not_tar)
-        if on_digest is not None:
-            on_digest(shard_digest(shard))
-        return
-    with open(shard.path, "rb") as raw:
-        f = raw if on_digest is None else content.HashingReader(raw)
-        try:
-            for fname, data, offset in _tar_members(f, handler=stop, select_files=select_files):
-                prefix, suffix = _tar_key(fname)
-                if key is not None and (prefix != key or suffix in members):
-                    yield key, members, where
-                    members, where = {}, {}
-                key = prefix
-                members[suffix] = data
-                if offset is not None:
-                    where[suffix] = (offset, len(data))
-        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exn:  # raised reading a header
-            errors.append(exn)
-        if on_digest is not None:
-            on_digest(f.hexdigest())
-    reason = _tar_problem(shard.path)
-    if not (errors or reason):
-        if key is not None:
-            yield key, members, where
-        return
-    reason = reason or "tar_corrupt"
-    log.warning("gallery shard %s: %s (%s); the sample at the break is dropped and reading stops",
-                shard.path, reason, errors[0] if errors else "archive ends without its end-of-archive block")
-    if key is not None and announced and _tar_key(announced[0])[0] != key:
-        yield key, members, where  # a later sample's member had begun: the one assembled is complete
-    counts.add(reason)
-
-
-def _tar_key(fname: str) -> tuple[str, str]:
-    """(key, lower-case suffix) as webdataset splits names; a name without extension has suffix ''."""
-    prefix, suffix = base_plus_ext(fname)
-    if prefix is None:
-        return fname, ""
-    return prefix, suffix.lower()
-
-
 def _folder_key(rel_stem: str) -> str:
     return rel_stem.replace(os.sep, "_").replace("/", "_").replace(".", "_")
 
@@ -488,14 +247,14 @@ def _fill_tree(root: str, entries: list[tuple[str, str | None]], tree: content.T
 
 def _folder_samples(shard: ShardRef, counts: SkipCounts, select: Callable[[str], bool] | None,
                     on_digest: Callable[[str], None] | None = None, tree: content.TreeHasher | None = None
-                    ) -> Iterator[tuple[str, _Members, _Where]]:
+                    ) -> Iterator[tuple[str, Members, Where]]:
     """Samples of a folder shard. A sample with a non-regular file is counted once under that file's
     reason and not yielded. With `on_digest`, the files read through `_read(..., tree)` are hashed as
     they are read, and the rest once every sample is done, into the shard's digest."""
     root = shard.path
     entries = _folder_entries(shard)
     bad = {rel: reason for rel, reason in entries if reason}
-    groups: dict[str, _Where] = {}
+    groups: dict[str, Where] = {}
     for rel, _ in entries:
         ext = _ext(rel)
         groups.setdefault(rel[: -len(ext) - 1], {})[ext] = rel
@@ -541,7 +300,7 @@ def _read(member: bytes | str, rel: Any = None, tree: content.TreeHasher | None 
 def _samples(shard: ShardRef, counts: SkipCounts, select: Callable[[str], bool] | None,
              on_digest: Callable[[str], None] | None = None, tree: content.TreeHasher | None = None):
     if shard.kind == "tar":
-        return _tar_samples(shard, counts, select, on_digest)
+        return tar_samples(shard.path, counts, select, on_digest)
     if shard.kind == "folder":
         return _folder_samples(shard, counts, select, on_digest, tree)
     raise ValueError(f"unknown shard kind {shard.kind!r}; valid choices: tar, folder")
@@ -561,7 +320,7 @@ def meta_of(raw: bytes) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _location(where: _Where, ext: str, size: int) -> dict[str, Any] | None:
+def _location(where: Where, ext: str, size: int) -> dict[str, Any] | None:
     """The sample's location record (contract.ROW_LOC_FIELDS), or None where it cannot be sought."""
     img = where.get(ext)
     if img is None:
@@ -577,7 +336,7 @@ def _location(where: _Where, ext: str, size: int) -> dict[str, Any] | None:
     return loc
 
 
-def _to_image(shard: ShardRef, key: str, members: _Members, where: _Where, counts: SkipCounts,
+def _to_image(shard: ShardRef, key: str, members: Members, where: Where, counts: SkipCounts,
               max_pixels: int, min_side: int, decode: Decoder = decode_image,
               tree: content.TreeHasher | None = None) -> GalleryImage | None:
     ext = image_ext(members)

@@ -17,10 +17,13 @@ import numpy as np
 from index import store
 from index.core import contract
 from index.core.atomic import read_json
+from index.core.errors import InputError, MissingInputError
 from index.encoders import EncoderSpec, check_same_encoders, resolve_encoder
+from index.faiss_io import load_index
 from index.gallery import ShardRef
 from index.ranged import ReadStats
-from index.core.errors import InputError, MissingInputError
+from index.search import GroupSearchTask, ShardedIndex, assign_queries, group_search_worker, plan_group_tasks
+from index.topk import check_queries, merge_topk
 
 
 SEARCH_TASK_BYTES = 2 << 30   # default memory budget of one search task: index files it opens
@@ -93,8 +96,7 @@ class GalleryIndex:
         `index.search.search_groups` tasks, so this process opens no group; without one the
         groups are loaded here once (as one index when they share a quantizer) and kept.
         """
-        from index.search import _check_queries
-        queries = _check_queries(queries, k)
+        queries = check_queries(queries, k)
         if nprobe is None:
             nprobe = self.manifest.get("nprobe")
         key = (hashlib.sha1(queries.tobytes()).hexdigest(), queries.shape, nprobe)
@@ -110,9 +112,6 @@ class GalleryIndex:
         return scores, ids
 
     def _search(self, queries: np.ndarray, k: int, nprobe: int | None, executor):
-        from index.faiss_io import load_index
-        from index.search import (GroupSearchTask, ShardedIndex, assign_queries, group_search_worker, merge_topk,
-                                  plan_group_tasks)
         assign = None
         trained = self.manifest.get("trained_index")
         if self.manifest.get("shared_quantizer") and trained:
@@ -121,7 +120,7 @@ class GalleryIndex:
                 self._quantizer = load_index(self.root / trained["file"], mmap=True)
             if queries.shape[1] != self._quantizer.d:
                 raise ValueError(f"queries have dim {queries.shape[1]}; the index has dim {self._quantizer.d}")
-            import faiss
+            import faiss  # lazy: faiss
             assign = assign_queries(self._quantizer, queries,
                                     nprobe or faiss.extract_index_ivf(self._quantizer).nprobe)
         if executor is None:

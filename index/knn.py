@@ -1,10 +1,15 @@
-"""FAISS index per shard group: combined vectors, the factory rule, training, streaming build, save/load.
+"""FAISS index per shard group: combined vectors, the factory rule, training, streaming build.
 
 Vectors are the combined multi-encoder features (`combine_features`), so inner product = mean
 cosine over the encoders; every index here uses METRIC_INNER_PRODUCT. FAISS ids are global int64
 row numbers (shard offset + row in shard, index.core.contract).
 
 Search lives in index.search; reading and writing index files in index.faiss_io.
+
+Why one module: choosing a group's factory (memory rule, dimension check, whether the gallery can
+train it), sizing and drawing its training sample, and building it: all three rest on the same IVF/PQ
+training constants (MIN_POINTS_PER_LIST, PQ_MIN_TRAIN, TRAIN_POINTS_PER_LIST); apart, the check
+that a factory is trainable and the sample that trains it could drift from each other.
 """
 from __future__ import annotations
 
@@ -69,7 +74,7 @@ def _bytes_ivf_pq(n: int, dim: int, nlist: int, m: int) -> int:
 
 
 def validate_factory(factory: str, dim: int) -> str:
-    import faiss
+    import faiss  # lazy: faiss
     try:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -153,7 +158,7 @@ def _probe_dim(factory: str) -> int:
 
 
 def needs_training(factory: str, dim: int | None = None) -> bool:
-    import faiss
+    import faiss  # lazy: faiss
     return not faiss.index_factory(dim or _probe_dim(factory), factory, faiss.METRIC_INNER_PRODUCT).is_trained
 
 
@@ -219,7 +224,7 @@ def gallery_sample_rows(counts: list[int], size: int, seed: int = 0) -> list[np.
 # ---------------------------------------------------------------- build, save, load
 
 def _ivf(index):
-    import faiss
+    import faiss  # lazy: faiss
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -239,7 +244,7 @@ def build_index(blocks: Iterable[tuple[np.ndarray, np.ndarray]], factory: str, d
     itself. Indexes without their own id storage (Flat, HNSW...) are wrapped in IndexIDMap. IVF
     indexes get `nprobe` (default 32, at most nlist) as their search default.
     """
-    import faiss
+    import faiss  # lazy: faiss
     metric = faiss.METRIC_INNER_PRODUCT if metric is None else metric
     validate_factory(factory, dim)
     if trained is not None:
@@ -288,7 +293,7 @@ def train_index(factory: str, dim: int, train_sample: np.ndarray, nprobe: int | 
 
 def _seed_clustering(index, seed: int) -> None:
     """Seed every k-means faiss runs while training (coarse quantizer, PQ)."""
-    import faiss
+    import faiss  # lazy: faiss
     ivf = _ivf(index)
     if ivf is not None:
         ivf.cp.seed = seed

@@ -19,6 +19,10 @@ Local paths only. An object store plugs in at `_RangeFile` and nowhere else: wit
 the same ``seek``/``read`` below, one ranged GET per read with ``block_size=0``/``cache_type="none"``)
 or, statelessly, ``read(start, n)`` becomes ``fs.cat_file(path, start, start + n)``; ``size`` becomes
 ``fs.size(path)``. For many small members ``fs.cat_ranges(paths, starts, ends)`` batches the requests.
+
+Why one module: tar members and folder files are read by one path (open, range read, header or
+size check, `decode_image`, the same skip reasons, ReadStats), and the object-store seam is the one
+class `_RangeFile`; splitting by gallery kind would duplicate that path.
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ from PIL import Image
 
 from index import content
 from index.core.contract import IMAGE_EXTS, image_id, split_image_id
-from index.gallery import (DEFAULT_MAX_PIXELS, ShardRef, SkipCounts, decode_image, meta_of,
-                           read_gallery_images)
+from index.gallery import DEFAULT_MAX_PIXELS, ShardRef, decode_image, meta_of, read_gallery_images
+from index.skips import SkipCounts
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ Rows with fewer than k results are padded with id -1 and score -inf.
   queries' coarse assignment computed once (`IndexIVF.search_preassigned`), so a query costs what it
   costs in one index; `search_groups` is the unit of work of a fan-out (it opens only its groups,
   memory-mapped), `plan_group_tasks` packs groups into tasks under a memory budget.
-- `select_topk` / `sort_topk`: the exact per-row selection and ordering both use.
+- The exact per-row selection, ordering and merge all of them use are in `index.topk`.
 
 One module of about 500 lines, over the usual size: every path here (exact, sharded, grouped)
 returns the same total order with the same padding through the same selection helpers, and reads
@@ -34,79 +34,17 @@ import numpy as np
 
 from index.core import contract
 from index.core.atomic import read_json
+from index.faiss_gpu import ivf_to_gpu
 from index.faiss_io import load_index
+from index.topk import EMPTY_ID, check_queries, merge_topk, select_topk, sort_topk
+from index.torch_search import cuda_available, torch_exact_search
 
-# Internal id of an empty slot: larger than any real id, so it loses every tie; reported as -1.
-EMPTY_ID = np.iinfo(np.int64).max
 OPEN_TASKS_KEPT = 4        # search tasks whose opened groups a process keeps (see _opened_groups)
 GPU_MAX_K = 2048           # faiss GPU indexes refuse k (and nprobe) above this
 SCORE_BUFFER_BYTES = 64 << 20   # memory for one block's [rows, Q] float32 score matrix
 
 
-# ---------------------------------------------------------------- exact per-row selection
-
-def select_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best entries of every row by (higher score, smaller id), unordered, as [Q, k] arrays.
-
-    Exact, ties included: among entries tied at the k-th best score, the smallest ids are kept.
-    Rows shorter than k are padded with (-inf, EMPTY_ID).
-    """
-    q, n = scores.shape
-    if n <= k:
-        pad = k - n
-        return (np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf),
-                np.pad(ids, ((0, 0), (0, pad)), constant_values=EMPTY_ID))
-    kth = n - k
-    v = np.partition(scores, kth, axis=1)[:, kth:kth + 1]   # the k-th best score of each row
-    keep = scores >= v
-    extra = keep.sum(axis=1) - k                            # entries tied at v beyond the k slots
-    for r in np.flatnonzero(extra):
-        tied = np.flatnonzero(scores[r] == v[r, 0])
-        drop = tied[np.argsort(ids[r, tied], kind="stable")[len(tied) - extra[r]:]]
-        keep[r, drop] = False
-    return scores[keep].reshape(q, k), ids[keep].reshape(q, k)
-
-
-def sort_topk(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order each row by (higher score, smaller id); empty slots become id -1, score -inf."""
-    order = np.lexsort((ids, -scores), axis=1)
-    s = np.take_along_axis(scores, order, axis=1).astype(np.float32, copy=False)
-    i = np.take_along_axis(ids, order, axis=1)
-    empty = i == EMPTY_ID
-    s[empty] = -np.inf
-    i[empty] = -1
-    return np.ascontiguousarray(s), np.ascontiguousarray(i)
-
-
-def merge_topk(results: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge several (scores [Q, k_j], ids [Q, k_j]) results into one sorted top-k.
-
-    Entries with id < 0 (faiss's and our padding) are empty. The merge of exact per-part top-k
-    lists is the exact top-k of the union.
-    """
-    if not results:
-        raise ValueError("merge_topk needs at least one result")
-    s = np.concatenate([np.asarray(r[0], dtype=np.float32) for r in results], axis=1)
-    i = np.concatenate([np.asarray(r[1], dtype=np.int64) for r in results], axis=1)
-    empty = i < 0
-    s = np.where(empty, -np.inf, s).astype(np.float32)
-    i = np.where(empty, EMPTY_ID, i)
-    return sort_topk(*select_topk(s, i, k))
-
-
 # ---------------------------------------------------------------- exact streaming search
-
-def _check_queries(queries: np.ndarray, k: int) -> np.ndarray:
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer; got {k!r}")
-    queries = np.asarray(queries)
-    if queries.ndim != 2 or queries.shape[0] == 0:
-        raise ValueError(f"queries must be a non-empty [Q, dim] matrix; got shape {queries.shape}")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if not np.isfinite(queries).all():
-        raise ValueError("queries contain NaN or inf")
-    return queries
-
 
 def default_block_rows(num_queries: int, budget_bytes: int = SCORE_BUFFER_BYTES) -> int:
     """Gallery rows per GEMM: the [rows, Q] float32 score block stays within `budget_bytes`.
@@ -135,7 +73,7 @@ def exact_search(queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], 
             if not isinstance(offset, (int, np.integer)) or offset < 0:
                 raise ValueError(f"block offsets are global row ids, integers >= 0; got {offset!r}")
             yield int(offset), vectors
-    return _search_blocks(_check_queries(queries, k), with_ids(), k, block_rows)
+    return _search_blocks(check_queries(queries, k), with_ids(), k, block_rows)
 
 
 def _search_blocks(queries: np.ndarray, blocks: Iterable[tuple[int | np.ndarray, np.ndarray]], k: int,
@@ -263,7 +201,7 @@ def flat_arrays(index) -> tuple[np.ndarray, np.ndarray] | None:
 
     None for any other index. The views share memory with the index: keep it alive while using them.
     """
-    import faiss
+    import faiss  # lazy: faiss
     ids = None
     inner = index
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
@@ -287,7 +225,7 @@ class ShardedIndex:
     """
 
     def __init__(self, indexes: Sequence, nprobe: int | None = None):
-        import faiss
+        import faiss  # lazy: faiss
         if not indexes:
             raise ValueError("ShardedIndex needs at least one index")
         dims = {ix.d for ix in indexes}
@@ -335,7 +273,7 @@ class ShardedIndex:
         then scans those p lists (`search_preassigned`) instead of running its quantizer again.
         It is only valid for groups filled from that one trained index.
         """
-        queries = _check_queries(queries, k)
+        queries = check_queries(queries, k)
         if queries.shape[1] != self.d:
             raise ValueError(f"queries have dim {queries.shape[1]}; the index has dim {self.d}")
         if assign is not None:
@@ -346,12 +284,11 @@ class ShardedIndex:
 
     def _search_group(self, g: int, queries: np.ndarray, k: int, nprobe: int | None,
                       assign: tuple[np.ndarray, np.ndarray] | None = None):
-        import faiss
+        import faiss  # lazy: faiss
         index = self.indexes[g]
         flat = flat_arrays(index)
         if flat is not None:
             vectors, ids = flat
-            from index.torch_search import cuda_available, torch_exact_search
             if cuda_available():  # the same top-k by block GEMM + top-k on the GPU (index.torch_search)
                 return torch_exact_search(queries, [(ids, vectors)], k, device="cuda")
             rows = default_block_rows(len(queries))
@@ -388,7 +325,7 @@ class ShardedIndex:
 
 def _is_plain_ivf(index) -> bool:
     """An IndexIVF searched on the raw queries (no pre-transform or refinement around it)."""
-    import faiss
+    import faiss  # lazy: faiss
     return isinstance(faiss.downcast_index(index), faiss.IndexIVF)
 
 
@@ -409,7 +346,7 @@ def assign_queries(trained, queries: np.ndarray, nprobe: int) -> tuple[np.ndarra
     """
     if not _is_plain_ivf(trained):
         raise ValueError(f"assign_queries needs a plain IVF index (no pre-transform); got {type(trained).__name__}")
-    import faiss
+    import faiss  # lazy: faiss
     ivf = faiss.extract_index_ivf(trained)
     if not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
         raise ValueError(f"nprobe must be a positive integer; got {nprobe!r}")
@@ -427,7 +364,7 @@ def stack_groups(indexes: Sequence, trained, move: bool = False):
     read-only: works on memory-mapped groups and reads only the probed lists); the view keeps
     the groups alive. Within a list, group g's entries come before group g+1's.
     """
-    import faiss
+    import faiss  # lazy: faiss
     if not indexes:
         raise ValueError("stack_groups needs at least one group")
     if not _is_plain_ivf(trained):
@@ -485,7 +422,6 @@ def _opened_groups(root: str, group_files: tuple[str, ...], trained_file: str | 
     this process (query-balanced selection deepens k, backfill searches again): their lists stay page
     cache, which the kernel reclaims, not process memory. `stamp` (sizes and mtimes) keys the files'
     contents, so a rebuilt index is opened afresh."""
-    from index.faiss_gpu import ivf_to_gpu
     indexes = [load_index(Path(root) / f, mmap=True) for f in group_files]
     if trained_file is not None:
         indexes = [stack_groups(indexes, load_index(Path(root) / trained_file))]

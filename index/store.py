@@ -19,6 +19,7 @@ from index.core import contract
 from index.core.atomic import atomic_path, check_done, read_json, write_json
 from index.core.errors import InputError
 from index.core.outdir import invalidate
+from index.knn import combine_features
 
 
 class RowTableMismatch(InputError, IndexError):
@@ -148,7 +149,6 @@ def read_record(root: str | Path, shard: str) -> dict[str, Any]:
 
 def combined(root: str | Path, shard: str, encoders: list[str]) -> np.ndarray:
     """float32 [n, sum(dims)]: each encoder's features scaled by 1/sqrt(E), so inner product = mean cosine."""
-    from index.knn import combine_features
     return combine_features([load_features(root, shard, e) for e in encoders])
 
 

@@ -19,6 +19,8 @@ import os
 import time
 from typing import Iterator
 
+import torch
+
 from index.core.errors import ConfigError
 
 ENV = "OMP_NUM_THREADS"
@@ -81,8 +83,6 @@ def threads_for(requested: int | None = None) -> Iterator[int]:
     """Compute with `choose_threads(requested)` torch (and faiss OpenMP) threads inside the block, then
     restore the counts before it. Without `requested` the count is never raised above the current
     one (a caller that set 1 thread keeps 1)."""
-    import torch
-
     before = torch.get_num_threads()
     n = choose_threads(requested) if requested is not None else min(before, choose_threads(None))
     faiss = _faiss()
@@ -100,7 +100,7 @@ def threads_for(requested: int | None = None) -> Iterator[int]:
 
 def _faiss():
     try:
-        import faiss
+        import faiss  # lazy: faiss
         return faiss
     except ImportError:
         return None

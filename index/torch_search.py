@@ -5,7 +5,7 @@ faiss's GPU indexes refuse k above 2,048 while query-balanced selection can need
 GEMM against the queries; a per-query threshold (the k-th best score so far) drops every score
 that k kept entries already beat, the few that pass are gathered and folded into the running top-k
 by an exact selection. Ties at the k-th score are broken by the smaller id, and the result is
-ordered by `index.search.sort_topk`, so the lists are what `exact_search` returns for the same
+ordered by `index.topk.sort_topk`, so the lists are what `exact_search` returns for the same
 scores.
 
 On CUDA the GEMM runs in the vectors' own dtype (float16 as stored) with float32 accumulation and
@@ -20,7 +20,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from index.search import EMPTY_ID, _check_queries, sort_topk
+from index.topk import EMPTY_ID, check_queries, sort_topk
 
 CUDA_SCORE_BYTES = 2 << 30      # one block's [Q, rows] float32 scores on a GPU
 CPU_SCORE_BYTES = 64 << 20
@@ -142,7 +142,7 @@ def torch_exact_search(queries: np.ndarray, blocks: Iterable[tuple[int | np.ndar
     array (a memmap is fine: `block_rows` rows are moved at a time) or a tensor, possibly already
     on the device. Returns (scores [Q, k] float32, ids [Q, k] int64) as `exact_search` does.
     """
-    queries = _check_queries(queries, k)
+    queries = check_queries(queries, k)
     dev = torch.device(device)
     rows_per = block_rows or block_rows_for(len(queries), device)
     cuda = dev.type == "cuda"

@@ -30,6 +30,8 @@ from PIL import Image
 from curation.datasets import load_fashion_mnist
 from curation.querysets import get_query_set
 from index.core.atomic import write_json
+from index.download import download
+from index.gallery import iter_images, list_shards
 
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
 SKIMAGE_SAMPLES = ("astronaut", "brick", "camera", "cat", "coffee", "coins", "colorwheel", "grass",
@@ -91,7 +93,7 @@ def stamp_items(rng: np.random.Generator, crops_per_stamp: int, limit: int | Non
 
 
 def skimage_items(rng: np.random.Generator, crops_per_photo: int) -> tuple[list[Item], list[str]]:
-    import skimage.data
+    import skimage.data  # lazy: skimage
 
     items, missing = [], []
     for name in SKIMAGE_SAMPLES:
@@ -148,7 +150,6 @@ def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
 def build_demo_gallery(out: str | Path, pool: int = 1500, leaks: int = 30, crops_per_stamp: int = 4,
                        crops_per_photo: int = 40, query_set: str = "fashion_mnist_10shot", seed: int = 0,
                        shard_size: int = 1000) -> dict:
-    from index.download import download
 
     out = Path(out)
     done = out / "gallery.done.json"
@@ -192,8 +193,6 @@ def build_demo_gallery(out: str | Path, pool: int = 1500, leaks: int = 30, crops
 
 def _truth_by_gallery_id(gallery: Path, truth_by_name: dict) -> dict:
     """Map gallery image ids to the hidden truth through the url img2dataset stores per sample."""
-    from index.gallery import iter_images, list_shards
-
     truth = {}
     for shard in list_shards(str(gallery / "*.tar")):
         for img in iter_images(shard):

@@ -12,8 +12,11 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence, TypeVar
 
-from index.core.executor import Executor, LocalExecutor, progress_bar  # noqa: F401 - re-exported: the in-process executor
+import torch
+
 from index.core.errors import ConfigError
+from index.core.executor import Executor, LocalExecutor, progress_bar  # noqa: F401 - re-exported: the in-process executor
+from jobs.ray_data import embed_with_ray_data
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -22,7 +25,6 @@ R = TypeVar("R")
 class _Actor:
     def __init__(self, make_worker: Callable[[], Callable[[Any], Any]], torch_threads: int | None):
         if torch_threads:
-            import torch
             torch.set_num_threads(torch_threads)
         self.worker = make_worker()
 
@@ -56,7 +58,7 @@ class RayExecutor:
         self.torch_threads = torch_threads
 
     def _init(self):
-        import ray
+        import ray  # lazy: ray
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS")
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
@@ -70,7 +72,6 @@ class RayExecutor:
         if not tasks:
             return []
         ray = self._init()
-        from jobs.ray_data import embed_with_ray_data
 
         res = ray.cluster_resources()
         cpus = res.get("CPU", 1)
@@ -88,7 +89,7 @@ class RayExecutor:
         if not tasks:
             return []
         ray = self._init()
-        from ray.util import ActorPool
+        from ray.util import ActorPool  # lazy: ray
 
         n = self.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_worker))
         n = min(n, len(tasks))
@@ -107,7 +108,6 @@ class RayExecutor:
 
 
 def _local_torch_threads() -> int:
-    import torch
     return torch.get_num_threads()
 
 

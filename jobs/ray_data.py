@@ -21,12 +21,13 @@ from collections import defaultdict
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from index import store
-from index.embed import (EmbedTask, Embedder, ShardResult, default_batch_size, resolve, reused_result,
-                         shard_batches, write_result)
+from index.embed import EmbedTask, Embedder, ShardResult, reused_result, shard_batches, write_result
+from index.encode import default_batch_size, resolve
 from index.encoders import EncoderSpec
-from index.gallery import SkipCounts
+from index.skips import SkipCounts
 
 
 def encoder_device(device: str | None, gpus_per_encoder: float) -> str:
@@ -58,7 +59,6 @@ class _Encoder:
     def __init__(self, tasks: list[EmbedTask], specs: tuple[EncoderSpec, ...], device: str,
                  crops_on_device: bool, torch_threads: int | None):
         if torch_threads:
-            import torch
             torch.set_num_threads(torch_threads)
         self.tasks = tasks
         self.embedder = Embedder(specs, device, crops_on_device=crops_on_device)
@@ -109,7 +109,7 @@ def embed_with_ray_data(tasks: list[EmbedTask], specs: tuple[EncoderSpec, ...], 
                         crops_on_device: bool | None = None) -> list[ShardResult]:
     """Embed `tasks` on the Ray cluster this process is connected to; results in task order.
     `crops_on_device` as `Embedder`'s (None: when the encoders' device is CUDA)."""
-    import ray
+    import ray  # lazy: ray
 
     if num_encoders < 1:
         raise ValueError(f"num_encoders must be >= 1; got {num_encoders}")

@@ -13,16 +13,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from distill.config import DistillConfig
+from distill.training import TRAIN_RESULT, train_student
+from index.core.atomic import read_json
 from index.core.config import from_mapping
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from distill.config import DistillConfig
-    from distill.training import train_student
-
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     train_student(from_mapping(DistillConfig, config["cfg"]), rank=dist.get_rank(), world=dist.get_world_size(),
                   distributed=True)
@@ -42,12 +42,9 @@ def plan_workers(num_workers: int, gpus: float, device: str | None) -> tuple[boo
 def train_with_ray(cfg: dict[str, Any], num_workers: int, *, threads_per_worker: int = 1) -> dict[str, Any]:
     """Train on `num_workers` Ray Train workers (see `plan_workers`); returns the rank-0 train
     result (OUT/train_result.json)."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from distill.training import TRAIN_RESULT
-    from index.core.atomic import read_json
+    import ray  # lazy: ray
+    from ray.train import RunConfig, ScalingConfig  # lazy: ray
+    from ray.train.torch import TorchConfig, TorchTrainer  # lazy: ray
 
     out = Path(cfg["out"]).resolve()
     started = not ray.is_initialized()

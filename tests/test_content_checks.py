@@ -19,15 +19,15 @@ import yaml
 from PIL import Image
 
 from index import store
-from index.core import contract
-from index.core.atomic import FingerprintMismatch
 from index.bitdepth import to_rgb8
 from index.build import build_gallery_index
 from index.config import IndexConfig
 from index.content import image_hash
+from index.core import contract
+from index.core.atomic import FingerprintMismatch
 from index.crops import CropConfig
-from index.gallery import (SKIP_REASONS, SkipCounts, decode_image, iter_images, list_shards, read_images,
-                           shard_digest)
+from index.gallery import decode_image, iter_images, list_shards, read_images, shard_digest
+from index.skips import SKIP_REASONS, SkipCounts
 
 from fixtures_gallery import class_member, pattern, write_tar
 from fixtures_hostile import build_hostile, gradient16, png16, replace_member, stored_png

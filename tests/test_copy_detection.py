@@ -18,10 +18,11 @@ from curation.calibrate import Measurements, SampledImages, cached_calibration, 
 from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.decontam import Leak, LeakReport, verify_leaks
 from curation.dedup import duplicate_clusters, nearest_partners
-from fixtures_samples import SAMPLES
 from curation.verify import NO_MATCH, Match, VerifyRule, copy_match
-from index.embed import embed_images
+from index.encode import embed_images
 from index.encoders import build_encoder, resolve_encoder
+
+from fixtures_samples import SAMPLES
 
 
 @pytest.fixture(scope="module", autouse=True)

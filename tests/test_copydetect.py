@@ -14,10 +14,11 @@ from curation.copies import copy_rng, make_copy
 from curation.copydetect import CopyDetector, match_pairs
 from curation.decontam import find_leaks, verify_leaks
 from curation.dedup import duplicate_clusters
-from index.core.executor import LocalExecutor, chunks
-from fixtures_samples import SAMPLES
 from curation.thresholds import Thresholds
 from curation.verify import Thumb, copy_match
+from index.core.executor import LocalExecutor, chunks
+
+from fixtures_samples import SAMPLES
 
 
 class CountingExecutor(LocalExecutor):

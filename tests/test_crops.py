@@ -11,8 +11,7 @@ from PIL import Image
 from torchvision.transforms import RandAugment
 
 from index.core.config import from_mapping
-from index.crops import (CropConfig, CropRecipe, full_box, make_recipe, materialize, op_names,
-                         recipes_for)
+from index.crops import CropConfig, CropRecipe, full_box, make_recipe, materialize, op_names, recipes_for
 
 
 def _image(w: int, h: int, seed: int = 0) -> Image.Image:

@@ -29,12 +29,12 @@ from curation.copies import COPY_KINDS
 from curation.pipeline import CurateConfig, curate
 from curation.shards import write_transfer_shards
 from index.core import contract
+from index.core.registry import UnknownNameError
 from index.crops import CropRecipe, materialize
-from index.embed import embed_images
+from index.encode import embed_images
 from index.encoders import EncoderMismatch, build_encoder, resolve_encoder
 from index.gallery import iter_images, list_shards
 from index.gallery_index import GalleryIndex
-from index.core.registry import UnknownNameError
 
 from fixtures_gallery import CLASSES, SHOTS, Fixture, build_fixture, curated_outputs, write_index_config
 

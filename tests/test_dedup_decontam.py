@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fixtures_gallery import pattern
-
 from curation.decontam import clear_reviewed, combine_features, find_leaks, read_review
 from curation.dedup import duplicate_clusters, duplicate_pairs, keep_one_per_cluster
+
+from fixtures_gallery import pattern
 
 # ---------------------------------------------------------------- fixtures: images and features
 

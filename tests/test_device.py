@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from index.device import DeviceUnavailable, pick_device
 from index.core.errors import UserError
+from index.device import DeviceUnavailable, pick_device
 
 
 @pytest.mark.parametrize("cuda", [True, False])

@@ -15,16 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures_samples import bundled_skimage, stamps
 from index import store
 from index.crops import CropConfig, CropRecipe, materialize, recipes_for
 from index.device_crops import OPS, apply_ops, crop_images, cut
 from index.device_decode import EncodedJpeg, decode_on, defer_jpeg, pil_to_tensor
-from index.embed import EmbedTask, Embedder, embed_shard, encode, prepare
+from index.embed import EmbedTask, Embedder, embed_shard
+from index.encode import encode, prepare
 from index.encoders import build_encoder, resolve_encoder
 from index.gallery import decode_image, list_shards
-
 from tests.test_index_build import CROPS, make_gallery
+
+from fixtures_samples import bundled_skimage, stamps
 
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "horse", "rocket", "hubble_deep_field",
           "immunohistochemistry")
@@ -181,7 +182,7 @@ def test_cpu_output_is_float32_as_before(real_images):
 
 
 def test_default_batch_size_depends_on_the_device():
-    from index.embed import default_batch_size
+    from index.encode import default_batch_size
 
     assert default_batch_size("cpu") == 64
     assert default_batch_size("cuda") >= 256

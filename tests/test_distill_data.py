@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from distill.cache import CacheLookup, build_or_load_cache, cache_fingerprint_inputs
-from distill.data import (ShardSet, _batches_of, labelled_batches, load_labelled, num_batches,
-                          random_resized_crop_box, steps_per_epoch, transfer_batches, transfer_shards)
-from fixtures_curated import write_curated_dir
+from distill.data import (ShardSet, _batches_of, labelled_batches, load_labelled, num_batches, random_resized_crop_box,
+                          steps_per_epoch, transfer_batches, transfer_shards)
 from index.core.atomic import FingerprintMismatch
+
+from fixtures_curated import write_curated_dir
 
 
 @pytest.fixture(scope="module")

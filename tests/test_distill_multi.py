@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from distill.adaptation import labelled_manifest
 from distill.cli import main
 from distill.config import DistillConfig
-from index.core.config import from_mapping
 from distill.data import load_labelled
 from distill.methods import WeightedKD, build_task
 from distill.rank import cv_probe_accuracy, rank_teachers
-from distill.adaptation import labelled_manifest
 from distill.run import run_distill
 from distill.students import build_student
+from index.core.config import from_mapping
+
 from fixtures_curated import write_curated_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

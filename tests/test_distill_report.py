@@ -8,11 +8,12 @@ import re
 
 import pytest
 
-from browser import assert_readable_report, inspect_page
 from distill.config import DistillConfig
 from distill.plots import ranking_plot
 from distill.report import render_run_report
 from distill.run import run_distill, summary_line
+
+from browser import assert_readable_report, inspect_page
 from fixtures_curated import write_curated_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -3,19 +3,19 @@ files, teacher cache reuse/refusal, kill-and-resume equivalence, the CLI, and 2 
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 import torch
 
+import distill.run
 from distill.cli import main
 from distill.config import DistillConfig
-from index.core.config import from_mapping
 from distill.methods import METHODS
 from distill.run import run_distill
-from fixtures_curated import write_curated_dir
 from index.core.atomic import FingerprintMismatch
+from index.core.config import from_mapping
+
+from fixtures_curated import write_curated_dir
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # deterministic float math across machines
@@ -120,9 +120,7 @@ def test_resume_refuses_another_configuration(curated, tmp_path):
 
 
 def test_cli_writes_config_and_prints_one_summary_line(curated, tmp_path, monkeypatch, capsys):
-    fake = types.ModuleType("curation.querysets")
-    fake.get_query_set = lambda name, data_root=None, seed=0: curated[1]
-    monkeypatch.setitem(sys.modules, "curation.querysets", fake)
+    monkeypatch.setattr(distill.run, "get_query_set", lambda name, data_root=None, seed=0: curated[1])
     out = tmp_path / "cli"
     rc = main(["--method", "labels_only", "--transfer", str(curated[0]), "--queries", "synthetic", "--out", str(out),
                "--student", "test-tiny-student", "--resolution", "16", "--batch-size", "8", "--finetune-epochs", "1",

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from index.download import download, input_format_of, summarize
-from index.gallery import SkipCounts, iter_images, list_shards
+from index.gallery import iter_images, list_shards
+from index.skips import SkipCounts
 
 SIZES = {"a.png": (64, 48), "b.jpg": (30, 50), "c.png": (20, 20)}
 

@@ -15,7 +15,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from PIL import Image
 
-from index.embed import embed_images
+from index.encode import embed_images
 from index.encoder_family import FAMILIES, NoSourceHead, spec_transform
 from index.encoder_spec import RESIZE_MODES, EncoderSpec
 from index.encoders import build_encoder, build_encoder_with_head, image_transform, resolve_encoder

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from index.core.atomic import file_digest
-from index.encoders import (TINY_CLIP_ARCH, EncoderMismatch, EncoderSpec, build_encoder,
-                            check_same_encoders, image_transform, resolve_encoder, source_head)
+from index.encoders import (TINY_CLIP_ARCH, EncoderMismatch, EncoderSpec, build_encoder, check_same_encoders,
+                            image_transform, resolve_encoder, source_head)
 
 LOCAL_ENCODERS = ["efficientnet_lite0", "test-tiny-clip", "test-tiny-timm"]
 ESPRESSO = 967  # ImageNet-1k class index

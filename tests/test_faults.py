@@ -31,8 +31,8 @@ from distill import cli as distill_cli
 from index.core import contract
 from index.core.atomic import KILL_AT_ENV
 from index.cli import download_main
-from index.gallery_index import GalleryIndex
 from index.core.outdir import LOCK, MARKER
+from index.gallery_index import GalleryIndex
 
 from fixtures_gallery import SHOTS, Fixture, build_fixture, curated_outputs, write_index_config
 

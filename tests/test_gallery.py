@@ -13,8 +13,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from index.gallery import (SkipCounts, ShardRef, decode_image, iter_images, list_shards,
-                           read_images)
+from index.gallery import ShardRef, decode_image, iter_images, list_shards, read_images
+from index.skips import SkipCounts
 
 
 def _encode(fmt: str, w: int = 24, h: int = 16, seed: int = 0, mode: str = "RGB") -> bytes:

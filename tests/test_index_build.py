@@ -15,14 +15,14 @@ import pytest
 from PIL import Image
 
 from index import store
-from index.core import contract
-from index.core.atomic import FingerprintMismatch
 from index.build import build_gallery_index
 from index.config import IndexConfig
+from index.core import contract
+from index.core.atomic import FingerprintMismatch
+from index.core.outdir import LOCK
 from index.crops import CropConfig
 from index.encoders import EncoderSpec, resolve_encoders
 from index.gallery_index import GalleryIndex
-from index.core.outdir import LOCK
 from jobs.executors import LocalExecutor
 
 # shard -> (number of samples, index of a corrupt sample or None)

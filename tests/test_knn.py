@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from index import faiss_io, knn
-from index.search import EMPTY_ID, RunningTopK, ShardedIndex, exact_search, merge_topk, select_topk
+from index.search import RunningTopK, ShardedIndex, exact_search
+from index.topk import EMPTY_ID, merge_topk, select_topk
 
 
 def brute_force(queries: np.ndarray, vectors: np.ndarray, k: int, ids: np.ndarray | None = None):

@@ -8,12 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.datasets import (
-    EUROSAT_CLASSES, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DatasetNotFoundError, load_fashion_mnist,
-)
-from curation.querysets import (
-    QUERY_SETS, draw_per_class, get_query_set, holdout_mask, iter_images, list_query_sets,
-)
+from curation.datasets import (EUROSAT_CLASSES, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DatasetNotFoundError,
+                               load_fashion_mnist)
+from curation.querysets import QUERY_SETS, draw_per_class, get_query_set, holdout_mask, iter_images, list_query_sets
 from index.core.registry import UnknownNameError
 
 PER_CLASS = 15  # -> 3 held out for test, 12 available for the draw

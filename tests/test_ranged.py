@@ -17,13 +17,14 @@ from PIL import Image
 
 from curation.shards import materialized_crops, read_originals
 from index import ranged, store
-from index.core import contract
 from index.build import build_gallery_index
 from index.config import IndexConfig
+from index.core import contract
 from index.crops import CropConfig, CropRecipe, materialize
-from index.gallery import ShardRef, SkipCounts, iter_images, list_shards
+from index.gallery import ShardRef, iter_images, list_shards
 from index.gallery_index import GalleryIndex
 from index.ranged import ReadStats, read_by_id, read_located, read_one
+from index.skips import SkipCounts
 
 from fixtures_gallery import build_many_shards
 from test_gallery import JPG, PNG, _encode, _write_tar, folder_gallery, messy_tar  # noqa: F401 (fixtures)
@@ -376,7 +377,7 @@ def test_a_curate_run_reads_no_gallery_shard_whole(many, tmp_path: Path):
     embed it, the written ones again to cut their crops (which also makes the report's thumbnails of
     them), and the report reads only the removed leak / duplicate images it shows."""
     from curation.pipeline import CurateConfig, curate
-    from curation.report import ReportLimits
+    from curation.report_data import ReportLimits
     from curation.report_thumbs import read_report_thumbs
     from curation.run.report_items import report_items
     from curation.run.state import Filtered

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser import assert_readable_report, inspect_page
-from curation.report import (
-    SECTION_IDS, Aligned, ClassMosaic, DedupCluster, DedupMember, LeakPanel, MosaicItem, QueryPanel, ReferenceMatch,
-    ReportData, ReportLimits, RetrievedItem, Unreadable, count_per_query_and_class, render_report, write_report,
-)
+from curation.report import SECTION_IDS, render_report, write_report
+from curation.report_data import (Aligned, ClassMosaic, DedupCluster, DedupMember, LeakPanel, MosaicItem, QueryPanel,
+                                  ReferenceMatch, ReportData, ReportLimits, RetrievedItem, Unreadable,
+                                  count_per_query_and_class)
 from index.core.contract import QueryHit, TransferRecord
+
+from browser import assert_readable_report, inspect_page
 
 RED = (255, 0, 0)
 EVIL = '<script>alert("x")</script>'
@@ -210,7 +211,7 @@ def test_report_reads_well_in_headless_chromium(tmp_path):
 def test_a_stored_png_thumbnail_renders_exactly_like_the_full_image():
     """The write stage stores `thumbnail_png` of the images the report shows; the report must embed
     the same JPEG from it as from the full image (RGBA, palette and large RGB sources alike)."""
-    from curation.report import _Thumbs, thumbnail_png
+    from curation.report_data import Thumbs, thumbnail_png
 
     limits = ReportLimits()
     rgba = _noise(7, (300, 200)).convert("RGBA")
@@ -218,7 +219,7 @@ def test_a_stored_png_thumbnail_renders_exactly_like_the_full_image():
     for im in (_noise(5, (500, 120)), rgba, _noise(6, (40, 30)).convert("P"), _noise(8, (60, 50))):
         png = thumbnail_png(im, limits.thumb_size)
         assert max(Image.open(io.BytesIO(png)).size) <= limits.thumb_size
-        assert _Thumbs(limits)._encode(png) == _Thumbs(limits)._encode(im)
+        assert Thumbs(limits)._encode(png) == Thumbs(limits)._encode(im)
         assert thumbnail_png(im, limits.thumb_size) == png   # deterministic bytes
 
 

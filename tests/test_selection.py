@@ -4,10 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curation.selection import (PROMPT_TEMPLATES, SELECTORS, SearchCache, Selection,
-                                SelectionInput,
-                                best_matches, class_prompts, class_text_queries, exclude,
-                                query_balanced, random_select, select_with_search)
+from curation.selection import (PROMPT_TEMPLATES, SELECTORS, SearchCache, Selection, SelectionInput, best_matches,
+                                class_prompts, class_text_queries, exclude, query_balanced, random_select,
+                                select_with_search)
 from index.core.registry import UnknownNameError
 
 

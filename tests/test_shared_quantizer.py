@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from index import faiss_io, knn, store
-from index.core import contract
-from index.core.atomic import FingerprintMismatch, write_json
 from index.build import build_faiss_groups
 from index.config import FaissConfig, IndexConfig
+from index.core import contract
+from index.core.atomic import FingerprintMismatch, write_json
 from index.gallery_index import GalleryIndex
 from index.search import ShardedIndex, plan_group_tasks, search_groups
 from jobs.executors import LocalExecutor

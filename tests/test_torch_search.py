@@ -84,7 +84,7 @@ def test_bad_input_is_refused():
 def test_flat_groups_use_it_when_cuda_is_present(monkeypatch):
     """ShardedIndex's flat branch goes through torch_exact_search when CUDA is present."""
     faiss = pytest.importorskip("faiss")
-    import index.torch_search as ts
+    import index.search as search
     from index.search import ShardedIndex
 
     x, q = _tied(3000, 16, 5)
@@ -97,8 +97,8 @@ def test_flat_groups_use_it_when_cuda_is_present(monkeypatch):
         return torch_exact_search(queries, blocks, k, device="cpu", block_rows=block_rows)
 
     ref = ShardedIndex([flat]).search(q, 2500)
-    monkeypatch.setattr(ts, "cuda_available", lambda: True)
-    monkeypatch.setattr(ts, "torch_exact_search", on_cpu)
+    monkeypatch.setattr(search, "cuda_available", lambda: True)
+    monkeypatch.setattr(search, "torch_exact_search", on_cpu)
     got = ShardedIndex([flat]).search(q, 2500)
     assert calls == ["cuda"]
     assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])

@@ -13,9 +13,10 @@ from PIL import Image, ImageOps
 
 from curation import pixelkey, verify_batch
 from curation.copies import COPY_KINDS, copy_rng, make_copy
-from fixtures_samples import SAMPLES
 from curation.verify import NO_MATCH, Thumb, VerifyRule, copy_match
 from curation.verify_batch import match_pairs, plan
+
+from fixtures_samples import SAMPLES
 
 # the rules calibrated on the planted-copy sets (bench/results/copydetect_quick.json), and two
 # strict and loose ones around them

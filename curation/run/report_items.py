@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from curation.report import ReportLimits, record_class
+from curation.report_data import ReportLimits, record_class
 from index.core.contract import TransferRecord
 
 

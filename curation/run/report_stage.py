@@ -1,4 +1,4 @@
-"""The report stage's body: fill `curation.report.ReportData` from a run's state and write report.html.
+"""The report stage's body: fill `curation.report_data.ReportData` from a run's state and write report.html.
 
 What it shows is `report_items` of the run (the same call the write stage made, so the write
 stage's thumbnails cover every written crop and original shown); it reads from the gallery, each by
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from curation import report as rpt
+from curation import report_data as rpt
+from curation.report import write_report
 from curation.report_evidence import aligned_evidence
 from curation.report_thumbs import read_report_thumbs
 from curation.run.report_items import query_rank, report_items
 from curation.run.state import RunState
 from index.core import contract
-from index.gallery import SkipCounts
 from index.ranged import read_by_id
+from index.skips import SkipCounts
 
 NOT_WRITTEN = "not written (its original could not be read when the crops were cut)"
 
@@ -129,4 +130,4 @@ def report_data(st: RunState, counts: dict[str, Any], time_parts: dict[str, floa
 
 
 def write_report_html(st: RunState, counts: dict[str, Any], time_parts: dict[str, float]) -> rpt.ReportStats:
-    return rpt.write_report(st.out / contract.REPORT_FILE, report_data(st, counts, time_parts))
+    return write_report(st.out / contract.REPORT_FILE, report_data(st, counts, time_parts))

@@ -14,6 +14,10 @@ its fingerprint covers those, the index manifest, the query set draw and the cod
 orchestrator loads a stage's record when the fingerprint matches (`curation.run.records`), else
 computes it and commits the record; either way the stage's ``apply`` puts the record into the run
 state, so a resumed run continues from exactly what an uninterrupted one had.
+
+Why one module: the stage table is one ordered list, and each stage's compute and apply functions
+sit beside the config fields and upstream stages it declares, so what a stage's fingerprint covers
+can be checked against what it reads in one place; one module per stage would scatter that.
 """
 from __future__ import annotations
 
@@ -28,29 +32,28 @@ from typing import Any, Callable
 
 import numpy as np
 
-from curation import pixelkey
-from curation import report as rpt
-from curation.changed import changed_since_indexing
+from curation import pixelkey, report_data as rpt
 from curation.calibrate import Calibration
+from curation.changed import changed_since_indexing
 from curation.copydetect import CopyDetector
 from curation.decontam import LeakReport, clear_reviewed, read_review
 from curation.dedup import keep_one_per_cluster
-from index.core.executor import Executor, LocalExecutor
+from curation.features import embed_labeled
 from curation.querysets import get_query_set
 from curation.run.records import Record, StageStore
+from curation.run.report_items import report_items
+from curation.run.report_stage import query_classes, write_report_html
 from curation.run.state import Filtered, RunState, selection_from_record, selection_to_record
 from curation.run.workers import crops_worker, embed_original_images, originals_worker, write_transfer
 from curation.selection import SELECTORS, Selection, class_prompts, class_text_queries, select_with_search
-from curation.run.report_items import report_items
-from curation.run.report_stage import query_classes, write_report_html
 from curation.shards import read_originals, write_query_shards
 from curation.thresholds import Thresholds, resolve_thresholds
-from curation.features import embed_labeled
 from index.core import contract
 from index.core.atomic import CODE_VERSION, canonical_json, file_digest, fingerprint, write_json
+from index.core.errors import ConfigError, InputError
+from index.core.executor import Executor, LocalExecutor
 from index.gallery_index import GalleryIndex
 from index.knn import combine_features
-from index.core.errors import ConfigError, InputError
 
 KILL_ENV = "VFM_CURATE_KILL_AFTER"   # a stage name: the process exits right after committing it (tests)
 KILL_EXIT_CODE = 86

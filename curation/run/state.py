@@ -12,13 +12,13 @@ import numpy as np
 from curation import pixelkey
 from curation.calibrate import Calibration
 from curation.decontam import LeakReport
-from index.core.executor import Executor
 from curation.features import FeatureCache, embed_labeled, labeled_keys
 from curation.pixelkey import Keys
 from curation.querysets import QuerySet, content_hashes
 from curation.selection import Selection, Selector
 from curation.thresholds import Thresholds
 from index.core import contract
+from index.core.executor import Executor
 from index.device import pick_device
 from index.encoders import EncoderSpec, build_encoder
 from index.gallery_index import GalleryIndex

@@ -21,16 +21,16 @@ import numpy as np
 
 from curation import pixelkey
 from curation.features import embed_originals
-from curation.report import ReportLimits, thumbnail_png
+from curation.report_data import ReportLimits, thumbnail_png
 from curation.report_thumbs import write_report_thumbs
 from curation.shards import AtomicShardWriter, jpeg_bytes, materialized_crops, remove_stale, write_order
 from index.core import contract
+from index.core.executor import Executor, chunks
 from index.device import pick_device
 from index.encoders import EncoderSpec, build_encoder
-from index.core.executor import Executor, chunks
-from index.gallery import SkipCounts
 from index.gallery_index import GalleryIndex
 from index.ranged import ReadStats
+from index.skips import SkipCounts
 
 IMAGES_PER_TASK = 512    # originals per embedding task
 CROPS_PER_TASK = 256     # transfer samples per materialisation task

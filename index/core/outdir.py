@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
+from index.core.atomic import CODE_VERSION, write_json
 from index.core.errors import UserError
 
 MARKER = ".vfm-owner.json"
@@ -193,8 +194,6 @@ def _lock(path: Path, owner: Owner) -> int:
 
 
 def _run_info(owner: Owner, run_id: str) -> dict:
-    from index.core.atomic import CODE_VERSION
-
     return {"command": owner.command, "run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
             "code_version": CODE_VERSION,
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -203,8 +202,6 @@ def _run_info(owner: Owner, run_id: str) -> dict:
 def _mark(path: Path, fd: int, owner: Owner, run_id: str) -> None:
     """The lock file says who holds the directory now; the marker (written once, by the first run)
     what wrote it."""
-    from index.core.atomic import write_json
-
     info = json.dumps(_run_info(owner, run_id)).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, info, 0)

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from index.core.atomic import file_digest
+from index.core.errors import MissingDependencyError
 from index.encoder_family import FAMILIES, Built, Encoder, EncoderFamily, checked_head
 from index.encoder_spec import EncoderSpec, existing_file
-from index.core.errors import MissingDependencyError
 
 # EfficientNet-Lite was trained on (x - 127) / 128 in 0..255 pixel units
 LITE_MEAN = (127 / 255,) * 3
@@ -50,7 +50,7 @@ class LiteFamily(EncoderFamily):
                            pretrained="imagenet", weights=path, weights_digest=file_digest(path))
 
     def build(self, spec: EncoderSpec, with_head: bool = False) -> Built:
-        from efficientnet_lite_pytorch import EfficientNet   # optional heavy dependency: the Lite models
+        from efficientnet_lite_pytorch import EfficientNet  # lazy: efficientnet_lite_pytorch
 
         net = EfficientNet.from_name(spec.arch)
         net.load_state_dict(torch.load(spec.weights, map_location="cpu", weights_only=True))

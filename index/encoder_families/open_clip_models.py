@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from index.core.atomic import file_digest
+from index.core.errors import ConfigError, MissingInputError
 from index.encoder_family import FAMILIES, Built, Encoder, EncoderFamily, Transform
 from index.encoder_spec import OPENAI_MEAN, OPENAI_STD, EncoderSpec, existing_file, weights_dir
-from index.core.errors import ConfigError, MissingInputError
 
 TINY_CLIP_ARCH = "vfm-tiny-ViT"
 TINY = {"test-tiny-clip": "shortest", "test-tiny-clip-squash": "squash"}   # name: resize mode
@@ -26,7 +26,7 @@ WEIGHT_EXTS = (".safetensors", ".bin", ".pt", ".pth")
 
 def _open_clip():
     """open_clip, with the project's small configs (index/model_configs/*.json) made known to it."""
-    import open_clip   # optional heavy dependency: loaded with its family
+    import open_clip  # lazy: open_clip
 
     if TINY_CLIP_ARCH not in open_clip.list_models():
         open_clip.add_model_config(Path(__file__).resolve().parent.parent / "model_configs")
@@ -47,7 +47,7 @@ def pretrained_weights(arch: str, tag: str) -> str:
         repo = cfg["hf_hub"].rstrip("/")
         source = f"from https://huggingface.co/{repo} (open_clip_model.safetensors)"
         try:  # a copy already in the Hugging Face cache is fine too; never download here
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download  # lazy: huggingface_hub
             for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
                 try:
                     return hf_hub_download(repo, fname, local_files_only=True)

@@ -10,16 +10,16 @@ import difflib
 import torch
 
 from index.core.atomic import file_digest
+from index.core.errors import ConfigError
 from index.encoder_family import FAMILIES, Built, Encoder, EncoderFamily, checked_head
 from index.encoder_spec import EncoderSpec, existing_file
-from index.core.errors import ConfigError
 
 PREFIX = "timm:"
 TINY = {"test-tiny-timm": ("test_efficientnet", 64)}   # name: (timm model, image size)
 
 
 def _timm():
-    import timm   # optional heavy dependency: loaded with its family
+    import timm  # lazy: timm
 
     return timm
 
