@@ -35,6 +35,7 @@ from curation.timing import most_time
 from curation.verify import VERIFIERS
 from index.core import contract
 from index.core.atomic import CODE_VERSION, write_json
+from index.core.config import check_integer
 from index.core.errors import ConfigError, MissingInputError
 from index.core.outdir import Owner, owned_dir, owning_also, pattern_dirs, pattern_regex
 from index.gallery_index import read_index_manifest
@@ -120,17 +121,15 @@ class CurateConfig:
             "a number of grey levels >= 0 (inf: no limit)"))
         if self.verify not in VERIFIERS:
             raise ConfigError(f"verify must be one of {', '.join(VERIFIERS)}; got {self.verify!r}")
+        for name in ("size", "shard_size", "batch_size", "leak_neighbours", "calibration_images", "jpeg_quality"):
+            check_integer(name, getattr(self, name), 1)
+        check_integer("seed", self.seed, 0)
+        for name in ("nprobe", "max_k", "k0", "num_workers", "threads"):
+            check_integer(name, getattr(self, name), 1, optional=True)
         if not 0.0 < self.copy_recall < 1.0:
             raise ConfigError(f"copy_recall must be in (0, 1); got {self.copy_recall}")
         if self.calibration_images < 2:
             raise ConfigError(f"calibration_images must be >= 2; got {self.calibration_images}")
-        for name in ("size", "shard_size", "batch_size", "leak_neighbours", "nprobe", "max_k", "k0", "num_workers",
-                     "seed", "calibration_images", "jpeg_quality", "threads"):
-            v = getattr(self, name)
-            low = 0 if name == "seed" else 1
-            if not (v is None and name in ("nprobe", "max_k", "k0", "num_workers", "threads")) and (
-                    isinstance(v, bool) or not isinstance(v, int) or v < low):
-                raise ConfigError(f"{name} must be an integer >= {low}; got {v!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError(f"jpeg_quality must be in [1, 100]; got {self.jpeg_quality}")
         if self.executor not in ("local", "ray"):

@@ -15,6 +15,7 @@ from typing import Any
 from distill.methods import METHODS, MULTI_TEACHER
 from distill.similarity import SIMILARITIES
 from index.core.atomic import fingerprint
+from index.core.config import check_integer
 from index.core.errors import ConfigError
 from index.core.registry import choice
 from index.threads import HELP as THREADS_HELP
@@ -38,11 +39,7 @@ _NON_NEGATIVE = ("weight_decay", "probe_weight_decay", "beta")
 
 def _check_numbers(cfg: "DistillConfig") -> None:
     for name, low, optional in _INTEGERS:
-        v = getattr(cfg, name)
-        if optional and v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ConfigError(f"{name} must be an integer >= {low}{' (or unset)' if optional else ''}; got {v!r}")
+        check_integer(name, getattr(cfg, name), low, optional)
     for name, optional in _POSITIVE:
         v = getattr(cfg, name)
         if optional and v is None:

@@ -38,16 +38,11 @@ class FaissConfig:
                 or not self.memory_budget_gb > 0:
             raise ConfigError(f"faiss.memory_budget_gb must be > 0; got {self.memory_budget_gb!r}")
         for name in ("shards_per_group", "nprobe"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"faiss.{name} must be an integer >= 1; got {v!r}")
-        if isinstance(self.flat_threshold, bool) or not isinstance(self.flat_threshold, int) or self.flat_threshold < 0:
-            raise ConfigError(f"faiss.flat_threshold must be an integer >= 0; got {self.flat_threshold!r}")
+            check_integer(f"faiss.{name}", getattr(self, name), 1)
+        check_integer("faiss.flat_threshold", self.flat_threshold, 0)
+        check_integer("faiss.train_size", self.train_size, 1, optional=True)
         if not isinstance(self.shared_quantizer, bool):
             raise ConfigError(f"faiss.shared_quantizer must be true or false; got {self.shared_quantizer!r}")
-        if self.train_size is not None and (isinstance(self.train_size, bool) or not isinstance(self.train_size, int)
-                                            or self.train_size < 1):
-            raise ConfigError(f"faiss.train_size must be an integer >= 1 or null; got {self.train_size!r}")
 
 
 @dataclass(frozen=True)
