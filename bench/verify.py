@@ -28,7 +28,8 @@ import torch
 from curation import pixelkey
 from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.verify import Thumb, VerifyRule, copy_match
-from curation.verify_batch import default_device, match_pairs
+from curation.verify_batch import match_pairs
+from index.device import pick_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests
 from fixtures_samples import SAMPLES  # noqa: E402
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
              "stamps": (20 if args.smoke else 120, 1 if small else 6)}
     neighbours = min(args.neighbours, 2 if args.smoke else 8) if small else args.neighbours
     single_n = min(args.single, 10 if args.smoke else 60) if small else args.single
-    dev = default_device(args.device)
+    dev = torch.device(pick_device(args.device))
     out: dict = {"bench": "verify", "quick": args.quick, "smoke": args.smoke, "neighbours": neighbours, "device": str(dev),
                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "torch_threads": torch.get_num_threads(),

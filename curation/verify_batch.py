@@ -44,8 +44,9 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
-from curation.verify import (BLUR, GUARD, LOW_BLUR, MIN_COVER, NO_MATCH, TEXTURE, Match, Slide, Thumb, _resized, copy_match,
-                             one_way_slides, whole_slides)
+from curation.verify import (BLUR, GUARD, LOW_BLUR, MIN_COVER, NO_MATCH, TEXTURE, Match, Slide, Thumb, _resized,
+                             copy_match, one_way_slides, whole_slides)
+from index.device import pick_device
 
 FLAT_WINDOW = 1e-3        # window std below which a placement cannot be scored (as `_agreement`)
 CPU_MAPS = "opencv"       # correlation maps on the CPU: "opencv" (fastest there) or "torch"
@@ -72,12 +73,6 @@ def plan(a: tuple[int, int], b: tuple[int, int]) -> list[_Job]:
     return jobs
 
 
-def default_device(device: str | None = None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def match_pairs(pairs: Sequence[tuple[Thumb, Thumb]], *, device: str | None = None,
                 progress: bool | str = False) -> list[Match]:
     """`copy_match(a, b)` for every (a, b) in `pairs` (Thumbs, or images made into Thumbs), batched.
@@ -85,7 +80,7 @@ def match_pairs(pairs: Sequence[tuple[Thumb, Thumb]], *, device: str | None = No
     ``device``: a torch device for the correlation maps (None: CUDA when available, else CPU).
     ``progress``: a tqdm bar over pairs when truthy, its value the description where a string.
     """
-    dev = default_device(device)
+    dev = torch.device(pick_device(device))
     made: dict[int, Thumb] = {}          # an image given in several pairs is made a Thumb once
     thumbs = [(_thumb(a, made), _thumb(b, made)) for a, b in pairs]
     out: list[Match] = [NO_MATCH] * len(thumbs)
