@@ -24,7 +24,7 @@ def parse(argv: list[str] | None = None) -> CurateConfig:
 
 def build_executor(cfg: CurateConfig):
     """The executor `cfg.executor` names (Ray is imported only when a Ray executor starts)."""
-    return make_executor(cfg.executor, **({"num_workers": cfg.num_workers} if cfg.executor == "ray" else {}))
+    return make_executor(cfg.executor, num_workers=cfg.num_workers)
 
 
 def _main(argv: list[str] | None = None) -> int:

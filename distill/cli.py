@@ -23,6 +23,7 @@ from index.core.flags import config_parser, parse_config
 from index.threads import threads_for
 from jobs.train_ray import train_with_ray
 
+
 def config_from_args(argv: list[str] | None = None) -> DistillConfig:
     parser = config_parser(DistillConfig, "distill", __doc__, argv=argv,
                            epilog="subcommands: distill rank --help (rank teachers); distill train (this command)")

@@ -35,10 +35,9 @@ def parse_build(argv: list[str] | None = None) -> tuple[IndexConfig, str]:
 def build(argv: list[str] | None = None) -> dict:
     """Parse the command line, build the index; returns its manifest (user errors raise)."""
     cfg, out = parse_build(argv)
-    kwargs = {} if cfg.executor == "local" else {"num_workers": cfg.num_workers,
-                                                 "gpus_per_worker": cfg.gpus_per_worker}
+    executor = make_executor(cfg.executor, num_workers=cfg.num_workers, gpus_per_worker=cfg.gpus_per_worker)
     with threads_for(cfg.threads):
-        return build_gallery_index(cfg, out, make_executor(cfg.executor, **kwargs))
+        return build_gallery_index(cfg, out, executor)
 
 
 def _build_main(argv: list[str] | None) -> int:

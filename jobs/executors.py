@@ -115,6 +115,7 @@ EXECUTORS = ("local", "ray")
 
 
 def make_executor(name: str, **kwargs: Any) -> Executor:
+    """The executor `name` names; `kwargs` are RayExecutor's options (the local executor takes none)."""
     if name == "local":
         return LocalExecutor()
     if name == "ray":
