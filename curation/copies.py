@@ -24,21 +24,23 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from index.core.images import load_image_bytes, to_rgb
+
 CopyFn = Callable[[Image.Image, np.random.Generator], Image.Image]
 
 _RESAMPLE = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS)
 
 
 def _rgb(im: Image.Image) -> Image.Image:
-    return im if im.mode == "RGB" else im.convert("RGB")
+    """The image as the loader gives it, without the source's metadata (a palette image's
+    transparency entry would otherwise follow it into a GIF)."""
+    return Image.fromarray(np.asarray(to_rgb(im)), "RGB")
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> Image.Image:
     buf = io.BytesIO()
     im.save(buf, format=fmt, **kw)
-    buf.seek(0)
-    with Image.open(buf) as out:
-        return out.convert("RGB")
+    return load_image_bytes(buf.getvalue(), f"a {fmt} copy")
 
 
 def jpeg(im: Image.Image, rng: np.random.Generator) -> Image.Image:

@@ -43,7 +43,7 @@ from PIL import Image
 
 from curation.datasets import (EUROSAT_CLASSES, FASHION_MNIST_CLASSES, eurosat_root, fashion_mnist_root,
                                load_fashion_mnist, load_fashion_mnist_labels, scan_image_folder)
-from index.bitdepth import to_rgb8
+from index.core.images import load_image_file, to_rgb
 from index.content import image_hash
 from index.core.errors import ConfigError, InputError
 from index.core.registry import Registry, UnknownNameError
@@ -169,14 +169,6 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, eligible: np.ndarray |
 # ---------------------------------------------------------------- loaders (picklable)
 
 
-def load_image_file(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return to_rgb8(im)   # 16-bit images scaled, not clipped
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e}); fix or remove it") from None
-
-
 def read_file_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -184,7 +176,7 @@ def read_file_bytes(path: str) -> bytes:
 
 def load_fashion_mnist_image(split: str, root: str, index: int) -> Image.Image:
     images, _ = load_fashion_mnist(split, root)
-    return Image.fromarray(images[index]).convert("RGB")
+    return to_rgb(Image.fromarray(images[index]))
 
 
 def fashion_mnist_bytes(split: str, root: str, index: int) -> bytes:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from curation import htmlpage
 from index.core.contract import TransferRecord
+from index.core.images import decode_image, to_rgb
 
 
 class Unreadable(NamedTuple):
@@ -181,14 +182,11 @@ def record_class(rec: TransferRecord, query_class: dict[str, str]) -> str | None
 
 
 def thumbnail(im: Image.Image, size: int) -> Image.Image:
-    """The RGB image the report embeds for ``im``: transparency on white, longest side at most
-    ``size`` (LANCZOS). Applying it twice gives the same pixels as once, so a thumbnail made
-    ahead of time (and stored losslessly) renders exactly as the full image would."""
-    if im.mode in ("RGBA", "LA", "P"):
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im)
-    im = im.convert("RGB")
+    """The RGB image the report embeds for ``im``: as the image loader gives it (transparency on
+    white), longest side at most ``size`` (LANCZOS). Applying it twice gives the same pixels as
+    once, so a thumbnail made ahead of time (and stored losslessly) renders exactly as the full
+    image would."""
+    im = to_rgb(im)
     if max(im.size) > size:
         im = im.copy()
         im.thumbnail((size, size), Image.Resampling.LANCZOS)
@@ -218,11 +216,9 @@ class Thumbs:
             return "not available"
         if isinstance(thumb, Unreadable):
             return f"unreadable: {thumb.reason}"
-        try:
-            im = Image.open(io.BytesIO(thumb)) if isinstance(thumb, (bytes, bytearray)) else thumb
-            im.load()
-        except Exception as e:  # undecodable bytes are shown as a placeholder and counted
-            return f"undecodable thumbnail: {type(e).__name__}"
+        im, reason = decode_image(bytes(thumb)) if isinstance(thumb, (bytes, bytearray)) else (thumb, None)
+        if im is None:  # undecodable bytes are shown as a placeholder and counted
+            return f"undecodable thumbnail: {reason}"
         im = thumbnail(im, self.limits.thumb_size)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=self.limits.jpeg_quality)

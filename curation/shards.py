@@ -23,6 +23,7 @@ from PIL import Image
 
 from index.core import contract
 from index.core.atomic import atomic_path
+from index.core.images import to_rgb
 from index.core.outdir import pattern_regex
 from index.crops import CropRecipe, materialize
 from index.ranged import read_by_id
@@ -39,7 +40,7 @@ class WriteResult:
 
 def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    to_rgb(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

@@ -15,7 +15,6 @@ transforms take that per-sample RNG; split by source, each would restate the rul
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -34,6 +33,7 @@ from PIL import Image
 from index.core.atomic import fingerprint
 from index.core.contract import QUERIES_DRAW_FILE, QUERIES_PATTERN, TRANSFER_PATTERN
 from index.core.errors import InputError, MissingInputError
+from index.core.images import decode_image, to_rgb
 
 Batch = dict[str, Any]
 Lookup = Callable[[list[str]], dict[str, torch.Tensor]]
@@ -48,13 +48,13 @@ def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    arr = np.asarray(to_rgb(img), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 def eval_transform(img: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the shorter side to `resolution` (bicubic), centre crop a square."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -90,7 +90,7 @@ def random_resized_crop_box(w: int, h: int, rng: random.Random, scale: tuple[flo
 
 def train_transform(img: Image.Image, resolution: int, rng: random.Random) -> torch.Tensor:
     """RandomResizedCrop (bicubic) + horizontal flip, driven by `rng`."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     left, top, cw, ch = random_resized_crop_box(img.width, img.height, rng)
     img = img.resize((resolution, resolution), Image.BICUBIC, box=(left, top, left + cw, top + ch))
     if rng.random() < 0.5:
@@ -207,13 +207,11 @@ def _decode(sample: dict[str, Any], skipped: Counter) -> tuple[str, Image.Image]
     if field_ is None:
         skipped["no_image"] += 1
         return None
-    try:
-        img = Image.open(io.BytesIO(sample[field_]))
-        img.load()
+    img, _ = decode_image(sample[field_])
+    if img is not None:
         return key, img
-    except Exception:  # noqa: BLE001 - a corrupt image is counted, never silently dropped
-        skipped["decode_error"] += 1
-        return None
+    skipped["decode_error"] += 1  # a corrupt image is counted, never silently dropped
+    return None
 
 
 def transfer_batches(shards: Sequence[str], n: int, *, seed: int, epoch: int, batch_size: int, resolution: int,
@@ -313,7 +311,7 @@ def load_labelled(curated: str | Path) -> LabelledSet:
         if "cls" not in sample:
             raise InputError(f"query sample {sample['__key__']} in {sample.get('__url__')} has no .cls label")
         keys.append(dec[0])
-        images.append(dec[1].convert("RGB"))
+        images.append(dec[1])
         labels.append(int(sample["cls"].decode().strip()))
     if skipped:
         raise InputError(f"unreadable labelled images in {curated}: {dict(skipped)}")

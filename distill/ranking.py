@@ -76,7 +76,7 @@ def probe_set(cfg: RankConfig) -> tuple[LabelledSet, dict[str, Any]]:
         ls = load_labelled(cfg.transfer)
         return ls, labelled_manifest(cfg, ls)   # keyed as `distill` runs on that directory key it
     qs = querysets.get_query_set(cfg.queries, data_root=cfg.data_root, seed=cfg.query_seed)
-    ls = LabelledSet(keys=[q.id for q in qs.queries], images=[q.load().convert("RGB") for q in qs.queries],
+    ls = LabelledSet(keys=[q.id for q in qs.queries], images=[q.load() for q in qs.queries],
                      labels=[q.label for q in qs.queries], classes=list(qs.classes), name=qs.name)
     return ls, {"queries": fingerprint(qs.to_draw_dict()), "keys": fingerprint(ls.keys), "count": len(ls)}
 

@@ -15,7 +15,6 @@ Modules (one concept each):
     gallery.py       gallery readers (WebDataset tars, image folders) yielding images with every skip counted
     tar_reader.py    tar shards read as webdataset reads them, member offsets kept, every break counted
     skips.py         why gallery entries are skipped: SKIP_REASONS and SkipCounts
-    bitdepth.py      images of any bit depth to 8-bit RGB, scaled, not clipped
     content.py       content hashes taken while bytes are read; regular-file checks
     ranged.py        one range read per gallery image, by the location recorded at index time
     crops.py         crop recipes: a crop is a pure function of (image id, crop index, seed)

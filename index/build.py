@@ -25,6 +25,7 @@ from index import faiss_io, knn, store
 from index.config import FaissConfig, IndexConfig
 from index.core import contract
 from index.core.atomic import CODE_VERSION, check_done, fingerprint, write_json
+from index.core.images import LOADER_VERSION
 from index.core.executor import LocalExecutor
 from index.core.outdir import Owner, invalidate, owned_dir, pattern_dirs
 from index.device import pick_device
@@ -275,6 +276,7 @@ def _build(cfg: IndexConfig, out: Path, executor, specs: list[EncoderSpec], shar
         **faiss_part,
         "config": cfg.to_dict(),
         "code_version": CODE_VERSION,
+        "image_loader": LOADER_VERSION,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     write_json(out / contract.MANIFEST_FILE, manifest)

@@ -25,6 +25,7 @@ from torchvision.transforms import InterpolationMode, RandAugment, functional as
 from torchvision.transforms.autoaugment import _apply_op
 
 from index.core.errors import ConfigError
+from index.core.images import to_rgb
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in source pixels
 
@@ -197,9 +198,9 @@ def check_box(box: Box, image_size: tuple[int, int]) -> None:
 
 def materialize(image: Image.Image, recipe: CropRecipe) -> Image.Image:
     """RGB size x size crop: bilinear antialiased resized_crop, then the ops as RandAugment applies them."""
-    check_box(recipe.box, image.size)
+    img = to_rgb(image)
+    check_box(recipe.box, img.size)
     top, left, h, w = recipe.box
-    img = image if image.mode == "RGB" else image.convert("RGB")
     out = TF.resized_crop(img, top, left, h, w, [recipe.size, recipe.size],
                           interpolation=InterpolationMode.BILINEAR, antialias=True)
     for name, magnitude in recipe.ops:

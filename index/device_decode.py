@@ -1,9 +1,10 @@
 """JPEG decode on the device, batched, with the CPU decoder as the fallback (same skip reasons).
 
 Reading a shard with ``iter_images(shard, counts, decode=defer_jpeg)`` keeps the bytes of every
-plain JPEG (baseline or progressive, RGB or greyscale, ending in its EOI marker, within the size
-limits read from its header) as an ``EncodedJpeg`` instead of decoding it; every other member goes
-through ``index.gallery.decode_image`` at once, so PNG, WebP, CMYK JPEGs, truncated data and the
+plain JPEG (baseline or progressive, RGB or greyscale, no EXIF rotation, ending in its EOI marker,
+within the size limits read from its header) as an ``EncodedJpeg`` instead of decoding it; every
+other member (an EXIF-rotated JPEG included, so that it is oriented as the CPU loader orients it) goes
+through ``index.core.images.decode_image`` at once, so PNG, WebP, CMYK JPEGs, truncated data and the
 size limits are judged exactly as on the CPU path. ``decode_on(items, device)`` then decodes a
 batch with ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA); an image the device decoder refuses, or
 decodes to a size other than its header's, is decoded on the CPU instead, and counted under the CPU
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from index.gallery import DEFAULT_MAX_PIXELS, decode_image
+from index.core.images import DEFAULT_MAX_PIXELS, decode_image, orientation
 
 _SOI = b"\xff\xd8\xff"
 _EOI = b"\xff\xd9"
@@ -43,17 +44,17 @@ def defer_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with Image.open(io.BytesIO(data)) as im:  # reads the header only
-                    fmt, mode, (w, h) = im.format, im.mode, im.size
+                    fmt, mode, (w, h), turned = im.format, im.mode, im.size, orientation(im) != 1
         except Exception:  # noqa: BLE001 - judged by the CPU decoder below
             fmt = None
-        if fmt == "JPEG" and mode in ("RGB", "L") and w * h <= max_pixels and min(w, h) >= min_side:
+        if fmt == "JPEG" and mode in ("RGB", "L") and not turned and w * h <= max_pixels and min(w, h) >= min_side:
             return EncodedJpeg(data, (w, h)), None
     return decode_image(data, max_pixels=max_pixels, min_side=min_side)
 
 
 def pil_to_tensor(image: Image.Image, device: str | torch.device) -> torch.Tensor:
-    """RGB PIL image -> uint8 [3, H, W] on `device`."""
-    arr = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+    """RGB PIL image (as the image loader gives it) -> uint8 [3, H, W] on `device`."""
+    arr = np.asarray(image)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous().to(device)
 
 

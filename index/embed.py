@@ -34,6 +34,7 @@ import torch
 from index import store
 from index.core import contract
 from index.core.atomic import CODE_VERSION, fingerprint
+from index.core.images import LOADER_VERSION
 from index.crops import CropConfig, materialize, recipes_for
 from index.device import pick_device
 from index.device_batches import ImageBatch, image_batches, materialize_batch
@@ -58,6 +59,7 @@ class EmbedTask:
             "shard": self.shard.name, "input": input_digest or shard_digest(self.shard),
             "encoders": [e.identity() for e in self.encoders],
             "crops": self.crops.to_dict(), "seed": self.seed, "rows_format": contract.ROWS_FORMAT,
+            "image_loader": LOADER_VERSION,
         })
 
 

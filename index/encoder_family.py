@@ -22,6 +22,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from index.core.errors import ConfigError
+from index.core.images import to_rgb
 from index.core.registry import Registry
 from index.encoder_spec import EncoderSpec
 
@@ -78,7 +79,7 @@ def spec_transform(spec: EncoderSpec) -> Transform:
         "longest": [T.Lambda(_resize_longest(size, interp)), T.CenterCrop(size)],   # CenterCrop pads with 0
         "squash": [T.Resize((size, size), interpolation=interp)],
     }[spec.resize_mode]
-    return T.Compose([*geometry, T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(),
+    return T.Compose([T.Lambda(to_rgb), *geometry, T.ToTensor(),
                       T.Normalize(spec.mean, spec.std)])
 
 

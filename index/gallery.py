@@ -20,40 +20,33 @@ Patterns may use ``*``/``**`` globs and ``{a,b}``/``{00000..00009}`` braces.
 
 Samples and skip reasons
     A sample is a key's group of members (tar) or files (folder). Its image is the first of
-    ``contract.IMAGE_EXTS`` it has (``jpg``, ``jpeg``, ``png``, ``webp``). Pixels are as stored:
-    EXIF orientation is not applied, alpha is dropped by ``convert("RGB")``.
+    ``contract.IMAGE_EXTS`` it has (``jpg``, ``jpeg``, ``png``, ``webp``), decoded by the one image
+    loader (``index.core.images``): EXIF orientation applied, transparency composited onto white.
 
 Why one module of about 400 lines: it is the one path from a gallery path to decoded images, shard
-listing, folder samples, decoding and the sample -> image step (`_samples`, `_to_image`,
-`decode_image`) that both shard kinds and the range reader (`index.ranged`) share.
+listing, folder samples and the sample -> image step (`_samples`, `_to_image`) that both shard kinds
+and the range reader (`index.ranged`) share.
 """
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import braceexpand
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from index import content
-from index.bitdepth import to_rgb8
 from index.core.contract import IMAGE_EXTS, image_id
+from index.core.images import DEFAULT_MAX_PIXELS, Decoder, decode_image
 from index.core.errors import ConfigError, InputError, MissingInputError
 from index.skips import SkipCounts
 from index.tar_reader import Members, Where, tar_samples
 
 
-# PIL's own decompression-bomb threshold (about 89.5 Mpx). PIL refuses images above twice this at
-# open time whatever max_pixels says; those are counted as too_large too.
-DEFAULT_MAX_PIXELS: int = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
-
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 _SIDE_EXTS = ("json", "txt")
 
 
@@ -164,50 +157,6 @@ def list_shards(path_or_glob: str | list[str]) -> list[ShardRef]:
                                  "image ids '<shard>/<key>' would collide: rename one or index them separately")
             found[s.name] = s
     return [found[n] for n in sorted(found)]
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 min_side: int = 0) -> tuple[Image.Image | None, str | None]:
-    """(RGB image, None) or (None, skip reason). Never raises for bad bytes. High bit depths are
-    scaled to 8 bits (index.bitdepth), not clipped."""
-    if not data:
-        return None, "empty"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        warnings.simplefilter("ignore", UserWarning)  # palette-transparency notes from convert()
-        try:
-            im = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError:
-            return None, "too_large"
-        except UnidentifiedImageError:
-            return None, "corrupt" if data.startswith(_IMAGE_MAGIC) or data[8:12] == b"WEBP" else "not_image"
-        except Exception as e:  # noqa: BLE001 - any decoder error is a counted skip
-            return None, _decode_error_reason(e)
-        w, h = im.size
-        if w * h > max_pixels:
-            return None, "too_large"
-        if min(w, h) < min_side:
-            return None, "too_small"
-        try:
-            im.load()
-            return to_rgb8(im), None
-        except Image.DecompressionBombError:
-            return None, "too_large"
-        except Exception as e:  # noqa: BLE001
-            return None, _decode_error_reason(e)
-
-
-# (bytes, max_pixels=, min_side=) -> (image, None) | (None, skip reason)
-Decoder = Callable[..., "tuple[Any, str | None]"]
-
-
-def _decode_error_reason(e: Exception) -> str:
-    if isinstance(e, EOFError) or "truncated" in str(e).lower():
-        return "truncated"
-    return "corrupt"
 
 
 def _folder_key(rel_stem: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,12 +19,15 @@ from index import store
 from index.core import contract
 from index.core.atomic import read_json
 from index.core.errors import InputError, MissingInputError
+from index.core.images import LOADER_VERSION
 from index.encoders import EncoderSpec, check_same_encoders, resolve_encoder
 from index.faiss_io import load_index
 from index.gallery import ShardRef
 from index.ranged import ReadStats
 from index.search import GroupSearchTask, ShardedIndex, assign_queries, group_search_worker, plan_group_tasks
 from index.topk import check_queries, merge_topk
+
+log = logging.getLogger(__name__)
 
 
 SEARCH_TASK_BYTES = 2 << 30   # default memory budget of one search task: index files it opens
@@ -64,6 +68,10 @@ class GalleryIndex:
         self.searches = 0   # searches run (requests served from the cache are not counted)
         self.root = Path(root)
         self.manifest = read_index_manifest(self.root)
+        if self.manifest.get("image_loader", 1) < LOADER_VERSION:
+            log.warning("%s was built by an older image loader (transparency dropped, EXIF orientation "
+                        "ignored): leaks of transparent or rotated target images can go unseen; rebuild it "
+                        "into a new directory with build-index", self.root)
         self.specs = [EncoderSpec.from_dict(d) for d in self.manifest["encoders"]]
         self.shards = self.manifest["shards"]
         self.offsets = np.array([s["offset"] for s in self.shards], dtype=np.int64)

@@ -6,7 +6,7 @@ tar member (the 512-byte header block before it, checked, then exactly its bytes
 member when the sample has one (the index-time reader skips a sample whose json is not an object,
 'bad_meta', so the same check runs here); adjacent members come in one read. In a folder gallery it
 is one read of the image file (and of its json). The bytes
-go through the very same `index.gallery.decode_image`, with the same skip reasons as `iter_images`; a
+go through the very same `index.core.images.decode_image`, with the same skip reasons as `iter_images`; a
 location that no longer matches the gallery is the counted reason 'stale_location', never a crash.
 
 `read_located` reads a batch sorted by (file, offset), each file opened once, so reads within a shard
@@ -37,7 +37,8 @@ from PIL import Image
 
 from index import content
 from index.core.contract import IMAGE_EXTS, image_id, split_image_id
-from index.gallery import DEFAULT_MAX_PIXELS, ShardRef, decode_image, meta_of, read_gallery_images
+from index.core.images import DEFAULT_MAX_PIXELS, decode_image
+from index.gallery import ShardRef, meta_of, read_gallery_images
 from index.skips import SkipCounts
 
 log = logging.getLogger(__name__)

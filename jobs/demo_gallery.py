@@ -30,6 +30,7 @@ from PIL import Image
 from curation.datasets import load_fashion_mnist
 from curation.querysets import get_query_set
 from index.core.atomic import write_json
+from index.core.images import load_image_file, to_rgb
 from index.download import download
 from index.gallery import iter_images, list_shards
 
@@ -55,14 +56,6 @@ def _stamp_caption(png: Path) -> str:
     return png.stem.replace("_", " ")
 
 
-def _flatten(im: Image.Image) -> Image.Image:
-    if im.mode in ("RGBA", "LA", "P"):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, im)
-    return im.convert("RGB")
-
-
 def _random_crops(im: Image.Image, n: int, rng: np.random.Generator, out_range=(64, 160)) -> list[Image.Image]:
     w, h = im.size
     crops = []
@@ -82,8 +75,7 @@ def stamp_items(rng: np.random.Generator, crops_per_stamp: int, limit: int | Non
     pngs = sorted(STAMPS_DIR.rglob("*.png"))[:limit]
     items = []
     for i, p in enumerate(pngs):
-        with Image.open(p) as im:
-            im = _flatten(im)
+        im = load_image_file(str(p))
         im.thumbnail((256, 256))
         caption = _stamp_caption(p)
         for j, c in enumerate([im] + _random_crops(im, crops_per_stamp - 1, rng)):
@@ -108,7 +100,7 @@ def skimage_items(rng: np.random.Generator, crops_per_photo: int) -> tuple[list[
         elif arr.dtype != np.uint8:
             arr = arr.astype(np.float64)
             arr = (255 * (arr - arr.min()) / max(1e-9, float(arr.max() - arr.min()))).astype(np.uint8)
-        im = _flatten(Image.fromarray(arr))
+        im = to_rgb(Image.fromarray(arr))
         for j, c in enumerate(_random_crops(im, crops_per_photo, rng)):
             items.append(Item(f"ood_skimage_{name}_{j:03d}.jpg", c, f"a photo: {name}",
                               {"domain": "out", "source": f"skimage.data.{name}"}))

@@ -19,14 +19,14 @@ import yaml
 from PIL import Image
 
 from index import store
-from index.bitdepth import to_rgb8
 from index.build import build_gallery_index
 from index.config import IndexConfig
 from index.content import image_hash
 from index.core import contract
 from index.core.atomic import FingerprintMismatch
 from index.crops import CropConfig
-from index.gallery import decode_image, iter_images, list_shards, read_images, shard_digest
+from index.core.images import decode_image, to_rgb
+from index.gallery import iter_images, list_shards, read_images, shard_digest
 from index.skips import SKIP_REASONS, SkipCounts
 
 from fixtures_gallery import class_member, pattern, write_tar
@@ -72,14 +72,14 @@ def test_wide_modes_are_scaled_not_clipped(mode: str, values: np.ndarray):
     else:
         im = Image.fromarray(values, mode)
     assert im.mode == mode
-    _assert_gradient(to_rgb8(im))
+    _assert_gradient(to_rgb(im))
 
 
 def test_8_bit_images_decode_as_before():
     im = pattern(5)
-    assert np.array_equal(np.asarray(to_rgb8(im)), np.asarray(im.convert("RGB")))
+    assert np.array_equal(np.asarray(to_rgb(im)), np.asarray(im.convert("RGB")))
     grey = im.convert("L")
-    assert np.array_equal(np.asarray(to_rgb8(grey)), np.asarray(grey.convert("RGB")))
+    assert np.array_equal(np.asarray(to_rgb(grey)), np.asarray(grey.convert("RGB")))
 
 
 # ---------------------------------------------------------------- tars

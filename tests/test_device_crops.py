@@ -22,7 +22,8 @@ from index.device_decode import EncodedJpeg, decode_on, defer_jpeg, pil_to_tenso
 from index.embed import EmbedTask, Embedder, embed_shard
 from index.encode import encode, prepare
 from index.encoders import build_encoder, resolve_encoder
-from index.gallery import decode_image, list_shards
+from index.core.images import decode_image
+from index.gallery import list_shards
 from tests.test_index_build import CROPS, make_gallery
 
 from fixtures_samples import bundled_skimage, stamps

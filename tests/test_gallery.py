@@ -13,7 +13,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from index.gallery import ShardRef, decode_image, iter_images, list_shards, read_images
+from index.core.images import decode_image
+from index.gallery import ShardRef, iter_images, list_shards, read_images
 from index.skips import SkipCounts
 
 
