@@ -464,8 +464,14 @@ def cached_calibration(models, references: Sequence, ref_feats: Sequence[np.ndar
     """(calibration, reused): computed once per (encoders, sampled reference ids and contents, options).
 
     ``references``: items with ``.id`` and ``.load()`` (`querysets.LabeledImage`), rows aligned
-    with ``ref_feats`` and (when given: retrieval by pixel key too) ``ref_keys``.
+    with ``ref_feats`` and (when given: retrieval by pixel key too) ``ref_keys``. References that are
+    another producer's rendering of a target image (``.rendering`` set) are left out: copies are
+    made of, and distinct images counted among, the target's own images.
     """
+    own = [i for i, r in enumerate(references) if getattr(r, "rendering", None) is None]
+    if len(own) < len(references):  # other producers' renderings are views of these images, not images
+        references, ref_feats = [references[i] for i in own], [np.asarray(f)[own] for f in ref_feats]
+        ref_keys = None if ref_keys is None else ref_keys[own]
     rows = sample_rows(len(references), size, seed)
     key = {"kind": "calibration", "version": CALIBRATION_VERSION,
            "encoders": [m.spec.identity() for m in models], "sample": [references[int(r)].id for r in rows],

@@ -12,6 +12,13 @@ generator (same inputs, same output). Calibration (`curation.calibrate`), the te
     format      re-save as lossy WebP (quality 50..90) or as a 256-colour GIF
     pad         letterbox: bands of 5..20% of the side on two opposite sides, black, white or grey
     resize_jpeg a downscale (0.5..1.0) then a JPEG re-encode (40..95): the usual thumbnailer
+    img2dataset what img2dataset stores (its own resizer): border, keep_ratio, center_crop (for
+                images whose centre square keeps >= 85% of them; border otherwise) or
+                keep_ratio_largest at 128, 256 or 384 px, upscaling or not, JPEG 80..95
+
+A target image that another producer renders differently (EXIF orientation ignored, alpha dropped)
+is matched through its other renderings, held as references of their own (curation.querysets), not
+through a copy kind.
 
 Every output is RGB. Ranges are the documented family; they are what calibrated thresholds are
 calibrated for, so a wider family (heavier crops, rotations, overlays) needs its own kinds here.
@@ -19,6 +26,7 @@ calibrated for, so a wider family (heavier crops, rotations, overlays) needs its
 from __future__ import annotations
 
 import io
+import os
 from typing import Callable
 
 import numpy as np
@@ -98,9 +106,33 @@ def resize_jpeg(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     return jpeg(resize(im, rng), rng)
 
 
+I2D_MODES = ("border", "keep_ratio", "center_crop", "keep_ratio_largest")
+I2D_SIZES = (128, 256, 384)
+
+
+def img2dataset(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """What img2dataset stores for a downloaded image: its own resizer (OpenCV), one of its resize
+    modes at a common size, upscaling or not, JPEG at quality 80..95."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would ask PyPI on import
+    from img2dataset.resizer import Resizer  # lazy: img2dataset
+
+    buf = io.BytesIO()
+    _rgb(im).save(buf, format="PNG")
+    mode = str(rng.choice(I2D_MODES))
+    w, h = im.size
+    if mode == "center_crop" and min(w, h) / max(w, h) < 0.85:
+        mode = "border"  # a centre square keeping < 85% of the image: beyond the family's crops
+    resizer = Resizer(image_size=int(rng.choice(I2D_SIZES)), resize_mode=mode,
+                      resize_only_if_bigger=bool(rng.random() < 0.5), encode_quality=int(rng.integers(80, 96)))
+    data, *_, err = resizer(buf)
+    if data is None:
+        raise ValueError(f"img2dataset's resizer refused a copy: {err}")
+    return load_image_bytes(data, "an img2dataset copy")
+
+
 COPY_KINDS: dict[str, CopyFn] = {
     "jpeg": jpeg, "resize": resize, "crop": crop, "colour": colour, "flip": flip,
-    "format": format_change, "pad": pad, "resize_jpeg": resize_jpeg,
+    "format": format_change, "pad": pad, "resize_jpeg": resize_jpeg, "img2dataset": img2dataset,
 }
 
 

@@ -22,6 +22,11 @@ Registered names (`QUERY_SETS`, plus the parametrised ``folder:<path>:<k>shot``)
 ``folder:<path>:<k>shot``
     Any class-per-folder image tree, split as EuroSAT; references: every image.
 
+In folder query sets (EuroSAT and ``folder:``), an image that another producer renders differently
+(an EXIF-rotated photo, which img2dataset stores sideways; a transparent image with its alpha
+dropped) is also a reference in that rendering, with the id ``<id>#<rendering>``
+(`rendered_references`), so its copy in a gallery made by that producer is found.
+
 Draws are nested: for one seed the 5-shot queries of a class are the first 5 of its 10-shot queries.
 Images load lazily through each item's `loader` (a picklable callable returning a PIL RGB image); its
 `content` (another, returning the stored bytes: the file, or the dataset's pixel array) gives the
@@ -43,7 +48,7 @@ from PIL import Image
 
 from curation.datasets import (EUROSAT_CLASSES, FASHION_MNIST_CLASSES, eurosat_root, fashion_mnist_root,
                                load_fashion_mnist, load_fashion_mnist_labels, scan_image_folder)
-from index.core.images import load_image_file, to_rgb
+from index.core.images import load_image_file, render, renderings, to_rgb
 from index.content import image_hash
 from index.core.errors import ConfigError, InputError
 from index.core.registry import Registry, UnknownNameError
@@ -60,6 +65,7 @@ class LabeledImage:
     label: int  # index into QuerySet.classes; -1 where unknown
     loader: Callable[[], Image.Image] = field(compare=False, repr=False)
     content: Callable[[], bytes] | None = field(default=None, compare=False, repr=False)
+    rendering: str | None = None  # another producer's rendering of the image (index.core.images.RENDERINGS)
 
     def load(self) -> Image.Image:
         return self.loader()
@@ -184,6 +190,36 @@ def fashion_mnist_bytes(split: str, root: str, index: int) -> bytes:
     return images[index].tobytes()
 
 
+def load_rendering(path: str, rendering: str) -> Image.Image:
+    return render(read_file_bytes(path), rendering)
+
+
+def rendering_bytes(path: str, rendering: str) -> bytes:
+    """The content a rendering's features are keyed by: the file's bytes and the rendering's name."""
+    return read_file_bytes(path) + f"#{rendering}".encode()
+
+
+def _renderings_of(path: str) -> tuple[str, ...]:
+    try:
+        with open(path, "rb") as f:
+            return renderings(f.read(1 << 16))  # orientation and alpha are in the header
+    except OSError:
+        return ()   # refused by the loader when the image itself is read
+
+
+def rendered_references(items: Sequence[LabeledImage], root: Path, id_prefix: str) -> list[LabeledImage]:
+    """Extra references for the target images that another producer renders differently
+    (`index.core.images.RENDERINGS`): a phone photo as img2dataset stores it (EXIF orientation not
+    applied), a transparent image with its alpha dropped. Their ids are the image's id with
+    ``#<rendering>``; the one loader's rendering stays the image's own reference."""
+    paths = [str(root / it.id[len(id_prefix) + 1:]) for it in items]
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(_renderings_of, paths, chunksize=256))
+    return [LabeledImage(f"{it.id}#{r}", it.label, functools.partial(load_rendering, path, r),
+                         functools.partial(rendering_bytes, path, r), rendering=r)
+            for it, path, names in zip(items, paths, found) for r in names]
+
+
 # ---------------------------------------------------------------- builders
 
 
@@ -204,7 +240,7 @@ def _folder_query_set(name: str, root: Path, id_prefix: str, k: int, seed: int,
     queries = draw_per_class(labels, k, seed, eligible=~test, class_names=scan.classes)
     return QuerySet(
         name=name, classes=list(scan.classes), seed=seed, shots=k,
-        queries=[items[i] for i in queries], references=items,
+        queries=[items[i] for i in queries], references=items + rendered_references(items, root, id_prefix),
         test=[it for it, t in zip(items, test) if t], source=str(root), skipped=dict(scan.skipped),
     )
 

@@ -29,6 +29,7 @@ from index.core.errors import ConfigError, MissingInputError
 INPUT_FORMATS = ("txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz",
                  "jsonl", "jsonl.gz", "parquet")
 _TABLE_FORMATS = INPUT_FORMATS[2:]
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")  # img2dataset's
 
 
 def input_format_of(url_list: str) -> str:
@@ -77,6 +78,13 @@ class DownloadConfig:
     out: str = field(metadata={"help": "gallery directory to write (WebDataset shards)"})
     max_side: int | None = field(default=None, metadata={
         "help": "shrink larger images so that their longer side is this many pixels (default: keep the size)"})
+    resize_mode: str | None = field(default=None, metadata={
+        "help": "img2dataset's resize mode: " + " | ".join(RESIZE_MODES) + " (default: no, or keep_ratio_largest "
+                "with --max-side); any mode but 'no' re-encodes every image as img2dataset does"})
+    image_size: int = field(default=256, metadata={
+        "help": "with --resize-mode: the size img2dataset resizes to (img2dataset's default 256)"})
+    resize_only_if_bigger: bool = field(default=True, metadata={
+        "help": "with --resize-mode: never upscale (img2dataset's own default is --no-resize-only-if-bigger)"})
     processes: int = field(default=1, metadata={"help": "download processes"})
     threads: int = field(default=4, metadata={"help": "download threads per process"})
     timeout: int = field(default=5, metadata={"help": "seconds to wait for each url"})
@@ -98,6 +106,11 @@ class DownloadConfig:
         else:
             input_format_of(self.url_list)      # refused now if the name does not say
         check_integer("max_side", self.max_side, 1, optional=True)
+        check_integer("image_size", self.image_size, 1)
+        if self.resize_mode is not None:
+            choice("resize mode", self.resize_mode, RESIZE_MODES)
+            if self.max_side is not None:
+                raise ConfigError("give --max-side or --resize-mode with --image-size, not both")
         for name, low in (("processes", 1), ("threads", 1), ("timeout", 1), ("retries", 0),
                           ("samples_per_shard", 1), ("min_image_size", 0)):
             check_integer(name, getattr(self, name), low)
@@ -154,9 +167,9 @@ def download_gallery(cfg: DownloadConfig) -> dict[str, Any]:
             output_folder=str(cfg.out),
             processes_count=cfg.processes,
             thread_count=cfg.threads,
-            image_size=cfg.max_side or 256,  # unused when resize_mode='no'
-            resize_mode="no" if cfg.max_side is None else "keep_ratio_largest",
-            resize_only_if_bigger=True,
+            image_size=cfg.max_side or cfg.image_size,  # unused when resize_mode='no'
+            resize_mode=cfg.resize_mode or ("no" if cfg.max_side is None else "keep_ratio_largest"),
+            resize_only_if_bigger=cfg.resize_only_if_bigger if cfg.resize_mode else True,
             encode_format="jpg",
             encode_quality=cfg.encode_quality,
             output_format="webdataset",

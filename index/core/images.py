@@ -84,9 +84,10 @@ def on_white(rgba: np.ndarray) -> np.ndarray:
     return np.rint(out.clip(0, 255)).astype(np.uint8)
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """An RGB image, 8 bits a channel, oriented and flattened (see the module docstring)."""
-    if orientation(im) != 1:
+def to_rgb(im: Image.Image, *, orient: bool = True, alpha: str = "white") -> Image.Image:
+    """An RGB image, 8 bits a channel, oriented and flattened (see the module docstring).
+    ``orient=False`` and ``alpha="drop"`` give other producers' renderings (`RENDERINGS`)."""
+    if orient and orientation(im) != 1:
         im = ImageOps.exif_transpose(im)
     if im.mode == "RGB" and "transparency" not in im.info:
         return im
@@ -95,6 +96,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return Image.fromarray(((a + 128) // 257).astype(np.uint8), "L").convert("RGB")
     if im.mode in WIDE:
         return Image.fromarray(_scaled(np.asarray(im), im.mode == "F"), "L").convert("RGB")
+    if alpha == "drop" and has_alpha(im):  # the colour under the alpha, as convert("RGB") leaves it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            rgba = np.asarray(im.convert("RGBA"))
+        return Image.fromarray(np.ascontiguousarray(rgba[..., :3]), "RGB")
     if has_alpha(im):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # PIL's note on palette transparency
@@ -151,6 +157,50 @@ def load_image_file(path: str) -> Image.Image:
     if image is None:
         raise InputError(f"{path}: not a readable image ({reason}); fix or remove it")
     return image
+
+
+# How other producers render the same stored image, where it differs from `to_rgb`'s: img2dataset
+# decodes with OpenCV, which ignores EXIF orientation, and re-encodes without it ("as-stored"); a
+# producer that calls PIL's convert("RGB") drops the alpha band and shows the colour under it
+# ("alpha-dropped", black for most transparent PNGs); img2dataset's center_crop mode keeps the centre
+# square only ("centre-square", for images whose centre square holds less than 85% of them).
+# Decontamination holds these as references too.
+RENDERINGS = {"as-stored": {"orient": False}, "alpha-dropped": {"alpha": "drop"}, "centre-square": {}}
+_SQUARE_ENOUGH = 0.85
+
+
+def renderings(data: bytes) -> tuple[str, ...]:
+    """The names of `RENDERINGS` whose pixels differ from the loader's for these bytes (from the
+    header only); () for bytes that do not open."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                turned, alpha = orientation(im) != 1, has_alpha(im) and im.mode not in SIXTEEN_BIT | WIDE
+                oblong = min(im.size) < _SQUARE_ENOUGH * max(im.size)
+    except Exception:  # noqa: BLE001 - judged when the image itself is loaded
+        return ()
+    return tuple(name for name, on in (("as-stored", turned), ("alpha-dropped", alpha),
+                                       ("centre-square", oblong)) if on)
+
+
+def render(data: bytes, rendering: str) -> Image.Image:
+    """The image of `data` as the named producer renders it (`RENDERINGS`); InputError if it does not
+    decode."""
+    if rendering not in RENDERINGS:
+        raise ValueError(f"unknown rendering {rendering!r}; valid: {', '.join(RENDERINGS)}")
+    load_image_bytes(data, "image")  # the same checks and skip reasons as the loader
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            out = to_rgb(im, **RENDERINGS[rendering])
+    if rendering == "centre-square":
+        w, h = out.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        out = out.crop((left, top, left + side, top + side))
+    return out
 
 
 def load_image_bytes(data: bytes, what: str = "image") -> Image.Image:
