@@ -68,8 +68,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from index import knn  # noqa: E402
 from index.search import ShardedIndex, exact_search  # noqa: E402
+from index.topk import same_lists  # noqa: E402
 
 
+SCORE_TOLERANCE = 1e-4  # torch's and faiss's GEMMs may differ in the last bits (another CPU, another BLAS)
 NOISE = 1.5   # noise norm over centre norm: IVF recall then depends on nprobe, as on real embeddings
 
 
@@ -177,7 +179,7 @@ def torch_main() -> dict:
     else:
         ref = exact_search(queries[:check], [(0, x.numpy())], k)
         agree = recall(ids[:check], ref[1])
-        identical = bool(np.array_equal(ids[:check], ref[1]) and np.array_equal(scores[:check], ref[0]))
+        identical = same_lists((scores[:check], ids[:check]), ref, SCORE_TOLERANCE)
     t_search = min(runs)
     flops = 2 * nq * n * dim
     report = {
@@ -190,7 +192,7 @@ def torch_main() -> dict:
         "search_s": round(t_search, 4), "search_runs_s": [round(r, 4) for r in runs],
         "search_over_gemm_bound": round(t_search / t_gemm, 3),
         "ids_agree_with_reference": round(agree, 5), "checked_queries": check,
-        "identical_to_exact_search": identical,
+        "same_as_exact_search": identical, "score_tolerance": SCORE_TOLERANCE,
         "total_s": round(time.perf_counter() - t0, 1),
     }
     ratio = report["search_over_gemm_bound"]

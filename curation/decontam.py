@@ -183,7 +183,8 @@ def find_leaks(image_features: Features, reference_features: Features, threshold
     key_sims = key_rows = None
     if key_threshold is not None:
         key_sims, key_rows = reference_keys.nearest(np.asarray(image_keys, np.float32), min(key_k or k, nr))
-        flagged = np.union1d(flagged, np.flatnonzero(key_sims[:, 0] > key_threshold))
+        if key_threshold < 1.0:  # 1: off by definition (a key of unit length never exceeds 1)
+            flagged = np.union1d(flagged, np.flatnonzero(key_sims[:, 0] > key_threshold))
     leaks: list[Leak] = []
     if flagged.size:
         # exact similarities for the flagged rows: the max per encoder, then neighbours by mean

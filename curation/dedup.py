@@ -88,6 +88,10 @@ def similar_pairs(xq: np.ndarray, xb: np.ndarray | None, threshold: float, metho
     into k-means cells (FAISS k-means); each query is compared, by one matrix product per cell,
     with the base rows of its ``nprobe`` nearest cells only. ``auto``: flat up to ``exact_max``
     base rows. Both return each found pair once, sorted by (query, base).
+
+    A threshold of 1 or more is off: no pairs. Unit vectors never have an inner product above 1,
+    but float rounding can put an exact copy's just above it on some CPUs, so "off" is decided here
+    by definition, not by comparing scores with 1.
     """
     choice("search method", method, SEARCH_METHODS)
     if nprobe < 1:
@@ -96,7 +100,7 @@ def similar_pairs(xq: np.ndarray, xb: np.ndarray | None, threshold: float, metho
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     base = xq if xb is None else xb
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    if xq.shape[0] == 0 or base.shape[0] == 0:
+    if xq.shape[0] == 0 or base.shape[0] == 0 or threshold >= 1.0:
         return empty
     qs, bs, ss = [], [], []
     if method == "flat" or (method == "auto" and base.shape[0] <= exact_max):

@@ -74,9 +74,10 @@ class CurateConfig:
     seed: int = field(default=0, metadata={"help": "query draw and random-drop seed"})
     data_root: str | None = field(default=None, metadata={"help": "where the query set's dataset lives"})
     dedup_threshold: float | str = field(default="auto", metadata={
-        "help": "'auto' (calibrated for the index's encoders) or a mean cosine; the paper: 0.99"})
+        "help": "'auto' (calibrated for the index's encoders) or a mean cosine; the paper: 0.99 (1: off)"})
     leak_threshold: float | str = field(default="auto", metadata={
-        "help": "'auto' (calibrated) or a max cosine over encoders; the paper: 0.95"})
+        "help": "'auto' (calibrated) or a max cosine over encoders; the paper: 0.95 (1: off, only pixel keys "
+                "make candidates)"})
     verify: str = field(default="align", metadata={
         "help": "second signal that confirms copies among the candidates: align | none (threshold only)"})
     verify_threshold: float | str = field(default="auto", metadata={

@@ -4,6 +4,7 @@
     sort_topk(scores, ids)        rows ordered; empty slots become (-inf, -1)
     merge_topk(results, k)        the exact top-k of the union of exact per-part lists
     check_queries(queries, k)     a finite, non-empty [Q, dim] float32 matrix and a positive k
+    same_lists(a, b, tol)         two paths' lists agree: scores within tol, ids equal outside ties
 
 Every search path (`index.search`'s exact, sharded and grouped searches, `index.torch_search` on the
 GPU) returns its lists through these, so they agree entry for entry.
@@ -77,3 +78,24 @@ def check_queries(queries: np.ndarray, k: int) -> np.ndarray:
     if not np.isfinite(queries).all():
         raise ValueError("queries contain NaN or inf")
     return queries
+
+
+def same_lists(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], tol: float) -> bool:
+    """Whether two (scores, ids) top-k lists of the same queries agree as far as floats allow: every
+    score within `tol` of the other's, and the ids equal as sets within each run of scores that lie
+    within `tol` of their neighbours (a tie on one CPU may be a strict order on another). The run
+    that ends the list may continue past k, so only its length is compared there. Two BLAS paths
+    (or two CPUs) can differ in the last bit; compare their lists with this, not bit for bit."""
+    (sa, ia), (sb, ib) = (np.asarray(x) for x in a), (np.asarray(x) for x in b)
+    if sa.shape != sb.shape or ia.shape != ib.shape:
+        return False
+    for s_row, a_row, b_row, t_row in zip(sa, ia, ib, sb):
+        finite = np.isfinite(s_row)
+        if not np.array_equal(finite, np.isfinite(t_row)) or np.abs(s_row[finite] - t_row[finite]).max(initial=0) > tol:
+            return False
+        cuts = np.flatnonzero(np.abs(np.diff(np.maximum(s_row, t_row))) > tol) + 1  # run boundaries
+        runs = np.split(np.arange(len(s_row)), cuts)
+        for run in runs[:-1]:
+            if set(a_row[run].tolist()) != set(b_row[run].tolist()):
+                return False
+    return True

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from index.search import GPU_MAX_K, exact_search
+from index.topk import same_lists
 from index.torch_search import select_topk, torch_exact_search
 
 
@@ -122,3 +123,14 @@ def test_cuda_identical_to_exact_search_with_ties(k):
     ref = exact_search(q, [(0, x)], k)
     got = torch_exact_search(q, [(0, x)], k, device="cuda", block_rows=8192)
     assert np.array_equal(got[1], ref[1]) and np.array_equal(got[0], ref[0])
+
+
+def test_same_lists_tolerates_the_last_bits_and_reordered_ties():
+    scores = np.array([[0.9, 0.8, 0.8, 0.8, 0.5, 0.4, 0.4]], np.float32)
+    ids = np.array([[1, 2, 3, 4, 5, 6, 7]])
+    nudged = scores + np.array([[1e-7, 0, -1e-7, 1e-7, 0, 0, 0]], np.float32)
+    swapped = np.array([[1, 4, 2, 3, 5, 9, 6]])     # a tie reordered; the last run continues past k
+    assert same_lists((scores, ids), (nudged, swapped), 1e-5)
+    assert not same_lists((scores, ids), (nudged, swapped), 0.0)   # no tolerance: the nudges count
+    assert not same_lists((scores, ids), (scores, np.array([[1, 2, 3, 5, 4, 6, 7]])), 1e-5)  # 4 and 5 differ
+    assert not same_lists((scores, ids), (scores + 1e-3, ids), 1e-5)
