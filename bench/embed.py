@@ -54,7 +54,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests
 
-from fixtures_samples import bundled_skimage, flatten_on_white  # noqa: E402
+from fixtures_samples import bundled_skimage  # noqa: E402
+from index.core.images import load_image_file  # noqa: E402
 from index.crops import CropConfig, materialize, recipes_for  # noqa: E402
 from index.device import pick_device  # noqa: E402
 from index.embed import EmbedTask, Embedder, embed_shard  # noqa: E402
@@ -82,8 +83,7 @@ def real_images(n: int, photo_crops: bool = False) -> list[Image.Image]:
                          "tuxpaint-stamps-default or pass a smaller --images")
     step = max(1, len(stamps) // max(1, n - len(images)))
     for p in stamps[::step][: n - len(images)]:
-        with Image.open(p) as im:
-            images.append(flatten_on_white(im))
+        images.append(load_image_file(str(p)))
     return images[:n]
 
 

@@ -62,6 +62,8 @@ sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "tests")) if p not in sys.path
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from index.core.images import load_image_file  # noqa: E402
+
 MODES: dict[str, dict[str, Any]] = {
     "smoke": dict(images=[40, 80], sizes_n=[10], per_shard=10, search_sizes=[4_000, 8_000], groups=(2, 4),
                   dim=16, pq=4, queries=10, nprobe=4),
@@ -123,13 +125,12 @@ def _crop(im: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def _photos(stamps: int) -> list[Image.Image]:
     """`stamps` Tux Paint stamps (flattened on white, <= 256 px) and scikit-image's bundled photos."""
-    from fixtures_samples import SKIMAGE_PHOTOS, bundled_skimage, flatten_on_white
+    from fixtures_samples import SKIMAGE_PHOTOS, bundled_skimage
 
     out = []
     pngs = sorted(STAMPS.rglob("*.png")) if STAMPS.is_dir() else []
     for p in pngs[::max(1, len(pngs) // max(1, stamps))][:stamps]:
-        with Image.open(p) as im:
-            im = flatten_on_white(im)
+        im = load_image_file(str(p))
         im.thumbnail((256, 256))
         out.append(im)
     for name in SKIMAGE_PHOTOS:

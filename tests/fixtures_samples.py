@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from index.core.images import load_image_file
+
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
 SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cat", "coffee", "coins", "grass", "gravel", "horse",
                   "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket",
@@ -33,12 +35,6 @@ def fashion_mnist(n: int, seed: int = 0) -> tuple[list[Image.Image], np.ndarray]
     return [Image.fromarray(x[i]).convert("RGB") for i in idx], y[idx].copy()
 
 
-def flatten_on_white(im: Image.Image) -> Image.Image:
-    """An RGB image; transparent pixels (stamps are RGBA/LA/P cut-outs) become white."""
-    im = im.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
-
-
 def stamps(n: int, seed: int = 0) -> tuple[list[Image.Image], np.ndarray]:
     if not STAMPS_DIR.is_dir():
         raise FileNotFoundError(f"{STAMPS_DIR} not found; apt-get install tuxpaint-stamps-default")
@@ -46,8 +42,7 @@ def stamps(n: int, seed: int = 0) -> tuple[list[Image.Image], np.ndarray]:
     idx = _pick(n, len(pngs), seed)
     images, labels = [], []
     for i in idx:
-        with Image.open(pngs[i]) as im:
-            im = flatten_on_white(im)
+        im = load_image_file(str(pngs[i]))   # the stamps' transparency on white, as every stage reads it
         im.thumbnail((128, 128))
         images.append(im)
         labels.append(pngs[i].relative_to(STAMPS_DIR).parts[0])

@@ -208,3 +208,16 @@ def test_stages_that_take_decoded_or_raw_images(form):
     _close(materialize(raw, recipe), np.asarray(materialize(loaded, recipe)), 0, f"crop {form}")
     transform = image_transform(resolve_encoder("test-tiny-timm"))
     assert torch.equal(transform(raw), transform(loaded)), f"encoder input {form}"
+
+
+def test_embeddings_from_another_loader_are_not_reused(monkeypatch):
+    """The loader's version is part of every embedding shard's fingerprint: a shard embedded from
+    other pixels (alpha dropped, EXIF ignored) is refused by a rerun, never silently reused."""
+    from index import embed
+    from index.gallery import ShardRef
+
+    task = embed.EmbedTask(shard=ShardRef("00000", "/nowhere/00000.tar", "tar"), out_dir="/nowhere",
+                           encoders=(resolve_encoder("test-tiny-timm"),), crops=CropConfig())
+    now = task.fingerprint(input_digest="d")
+    monkeypatch.setattr(embed, "LOADER_VERSION", 1)
+    assert task.fingerprint(input_digest="d") != now
