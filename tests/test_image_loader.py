@@ -180,8 +180,21 @@ def test_device_decode_orients_as_the_cpu_path(stored: Path):
 def test_query_sets_and_references(stored: Path):
     qs = build_folder(str(stored / "queries"), k=1, seed=0)
     for item in [*qs.queries, *qs.references]:
-        key = Path(item.id).stem
-        _close(item.load(), *_expect(key), f"query set: {item.id}")
+        if item.rendering is None:
+            _close(item.load(), *_expect(Path(item.id).stem), f"query set: {item.id}")
+    # other producers' renderings are references too: a sideways photo as img2dataset stores it, a
+    # transparent image with its alpha dropped, the centre square of an oblong image
+    rendered = {(Path(it.id.split("#")[0]).stem, it.rendering): it for it in qs.references if it.rendering}
+    alpha_forms = {"rgba_png", "palette_trns_png", "la_png", "webp_alpha"}
+    assert {f for f, r in rendered if r == "alpha-dropped"} == alpha_forms
+    assert {f for f, r in rendered if r == "as-stored"} == {"exif_rotated_jpeg"}
+    assert {f for f, r in rendered if r == "centre-square"} == set(FORMS)       # 48 x 32: oblong
+    assert len(qs.references) == 2 * len(FORMS) + 2 * (len(alpha_forms) + 1 + len(FORMS))  # two classes
+    rgb, _ = _picture()
+    _close(rendered["rgba_png", "alpha-dropped"].load(), rgb, 0, "alpha dropped")
+    stored_pixels = np.asarray(Image.open(io.BytesIO(FORMS["exif_rotated_jpeg"][1])).convert("RGB"))
+    _close(rendered["exif_rotated_jpeg", "as-stored"].load(), stored_pixels, 0, "as stored")
+    _close(rendered["rgba_png", "centre-square"].load(), FORMS["rgba_png"][2][:, 8:40], 0, "centre square")
     for form, (ext, _, expected, tol) in FORMS.items():
         _close(load_image_file(str(stored / "queries" / "a" / f"{form}.{ext}")), expected, tol, form)
 
