@@ -12,12 +12,12 @@ generator (same inputs, same output). Calibration (`curation.calibrate`), the te
     format      re-save as lossy WebP (quality 50..90) or as a 256-colour GIF
     pad         letterbox: bands of 5..20% of the side on two opposite sides, black, white or grey
     resize_jpeg a downscale (0.5..1.0) then a JPEG re-encode (40..95): the usual thumbnailer
-    img2dataset what img2dataset stores (its own resizer): border, keep_ratio, center_crop (for
-                images whose centre square keeps >= 85% of them; border otherwise) or
-                keep_ratio_largest at 128, 256 or 384 px, upscaling or not, JPEG 80..95
+    img2dataset what img2dataset stores (its own resizer): border, keep_ratio, center_crop or
+                keep_ratio_largest at 128, 256 or 384 px, upscaling or not, JPEG 80..95; for an
+                oblong image (shorter side < 85% of the longer) keep_ratio(_largest) only
 
-A target image that another producer renders differently (EXIF orientation ignored, alpha dropped)
-is matched through its other renderings, held as references of their own (curation.querysets), not
+A target image that another producer renders differently (EXIF orientation ignored, alpha dropped,
+an oblong image cut or padded to a square) is matched through its other renderings, held as references of their own (curation.querysets), not
 through a copy kind.
 
 Every output is RGB. Ranges are the documented family; they are what calibrated thresholds are
@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from index.core.images import load_image_bytes, to_rgb
+from index.core.images import load_image_bytes, oblong, to_rgb
 
 CopyFn = Callable[[Image.Image, np.random.Generator], Image.Image]
 
@@ -119,9 +119,10 @@ def img2dataset(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     buf = io.BytesIO()
     _rgb(im).save(buf, format="PNG")
     mode = str(rng.choice(I2D_MODES))
-    w, h = im.size
-    if mode == "center_crop" and min(w, h) / max(w, h) < 0.85:
-        mode = "border"  # a centre square keeping < 85% of the image: beyond the family's crops
+    if oblong(im.size) and mode in ("border", "center_crop"):
+        # beyond the family's crops and pads; the target's centre-square and white-square
+        # renderings are references of their own (index.core.images.RENDERINGS)
+        mode = "keep_ratio_largest" if mode == "border" else "keep_ratio"
     resizer = Resizer(image_size=int(rng.choice(I2D_SIZES)), resize_mode=mode,
                       resize_only_if_bigger=bool(rng.random() < 0.5), encode_quality=int(rng.integers(80, 96)))
     data, *_, err = resizer(buf)

@@ -189,12 +189,16 @@ def test_query_sets_and_references(stored: Path):
     assert {f for f, r in rendered if r == "alpha-dropped"} == alpha_forms
     assert {f for f, r in rendered if r == "as-stored"} == {"exif_rotated_jpeg"}
     assert {f for f, r in rendered if r == "centre-square"} == set(FORMS)       # 48 x 32: oblong
-    assert len(qs.references) == 2 * len(FORMS) + 2 * (len(alpha_forms) + 1 + len(FORMS))  # two classes
+    assert {f for f, r in rendered if r == "white-square"} == set(FORMS)
+    assert len(qs.references) == 2 * len(FORMS) + 2 * (len(alpha_forms) + 1 + 2 * len(FORMS))  # two classes
     rgb, _ = _picture()
     _close(rendered["rgba_png", "alpha-dropped"].load(), rgb, 0, "alpha dropped")
     stored_pixels = np.asarray(Image.open(io.BytesIO(FORMS["exif_rotated_jpeg"][1])).convert("RGB"))
     _close(rendered["exif_rotated_jpeg", "as-stored"].load(), stored_pixels, 0, "as stored")
     _close(rendered["rgba_png", "centre-square"].load(), FORMS["rgba_png"][2][:, 8:40], 0, "centre square")
+    square = np.full((W, W, 3), 255, np.uint8)
+    square[8:40] = FORMS["rgba_png"][2]
+    _close(rendered["rgba_png", "white-square"].load(), square, 0, "white square")
     for form, (ext, _, expected, tol) in FORMS.items():
         _close(load_image_file(str(stored / "queries" / "a" / f"{form}.{ext}")), expected, tol, form)
 

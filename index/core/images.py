@@ -163,9 +163,10 @@ def load_image_file(path: str) -> Image.Image:
 # decodes with OpenCV, which ignores EXIF orientation, and re-encodes without it ("as-stored"); a
 # producer that calls PIL's convert("RGB") drops the alpha band and shows the colour under it
 # ("alpha-dropped", black for most transparent PNGs); img2dataset's center_crop mode keeps the centre
-# square only ("centre-square", for images whose centre square holds less than 85% of them).
-# Decontamination holds these as references too.
-RENDERINGS = {"as-stored": {"orient": False}, "alpha-dropped": {"alpha": "drop"}, "centre-square": {}}
+# square only ("centre-square") and its border mode pads to a square with white ("white-square"), both
+# for images whose shorter side is under 85% of the longer. Decontamination holds these as references.
+RENDERINGS = {"as-stored": {"orient": False}, "alpha-dropped": {"alpha": "drop"}, "centre-square": {},
+              "white-square": {}}
 _SQUARE_ENOUGH = 0.85
 
 
@@ -177,11 +178,17 @@ def renderings(data: bytes) -> tuple[str, ...]:
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
                 turned, alpha = orientation(im) != 1, has_alpha(im) and im.mode not in SIXTEEN_BIT | WIDE
-                oblong = min(im.size) < _SQUARE_ENOUGH * max(im.size)
+                long = oblong(im.size)
     except Exception:  # noqa: BLE001 - judged when the image itself is loaded
         return ()
     return tuple(name for name, on in (("as-stored", turned), ("alpha-dropped", alpha),
-                                       ("centre-square", oblong)) if on)
+                                       ("centre-square", long), ("white-square", long)) if on)
+
+
+def oblong(size: tuple[int, int]) -> bool:
+    """Whether an image of this (width, height) is far enough from square that img2dataset's
+    center_crop and border modes change its frame beyond the synthetic copies' crops and pads."""
+    return min(size) < _SQUARE_ENOUGH * max(size)
 
 
 def render(data: bytes, rendering: str) -> Image.Image:
@@ -195,11 +202,16 @@ def render(data: bytes, rendering: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             out = to_rgb(im, **RENDERINGS[rendering])
+    w, h = out.size
     if rendering == "centre-square":
-        w, h = out.size
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         out = out.crop((left, top, left + side, top + side))
+    elif rendering == "white-square":   # centred as albumentations' PadIfNeeded places it
+        side = max(w, h)
+        square = Image.new("RGB", (side, side), (255, 255, 255))
+        square.paste(out, ((side - w) // 2, (side - h) // 2))
+        out = square
     return out
 
 
