@@ -317,6 +317,9 @@ def test_an_index_of_the_earlier_layout_is_read_and_a_rerun_names_its_format(gal
         [(r.id, r.crop, r.loc, r.hash) for r in new_gi.rows(gids)]
     assert [CropRecipe.from_dict(r.recipe) for r in old_gi.rows(gids)] == \
         [CropRecipe.from_dict(r.recipe) for r in new_gi.rows(gids)]
+    records = [contract.TransferRecord(key=f"k{i}", source_id=r.id, crop=r.crop, recipe=r.recipe).to_dict()["recipe"]
+               for i, r in enumerate(old_gi.rows(gids))]
+    assert records == [r.recipe for r in new_gi.rows(gids)], "a curated set from an old index is written typed"
     before = snapshot(old)
     with pytest.raises(FingerprintMismatch, match="embedding-store format 3") as e:
         build_gallery_index(config(gallery), old)

@@ -38,9 +38,14 @@ Index directory (``build-index --out DIR``)
 Curated directory (``curate --out DIR``)
     DIR/transfer-000000.tar ...   samples: ``<key>.jpg`` (crop, 224 px), ``<key>.json`` (TransferRecord)
     DIR/queries-000000.tar ...    samples: ``<key>.png`` (query image), ``<key>.cls`` (label int),
-                                  ``<key>.json`` {"id", "label", "class_name"}
+                                  ``<key>.json`` (QUERY_SAMPLE_FIELDS)
+    Every sample of a kind has the same members and its JSON the same keys, each always of one JSON
+    type (no key left out, no list mixing types; CURATED_FORMAT), so Arrow-based readers (Hugging
+    Face datasets) type them; wids reads them by the manifest's "shardlist".
     DIR/queries.json              the draw: query set name, seed, classes, [{id, label}]
-    DIR/manifest.json, DIR/report.html
+    DIR/manifest.json             written last: counts, thresholds, ..., "shards" (the transfer tars),
+                                  "shardlist": {"transfer": [{"url", "nsamples"}], "queries": [...]}
+                                  (urls relative to DIR), "format" (CURATED_FORMAT); DIR/report.html
     DIR/.curate/<stage>.json      one record per finished stage of the run (curation/run/): the
                                   stage, the fingerprint of its inputs, its small result (ids,
                                   scores, thresholds, counts); arrays in DIR/.curate/<stage>.npz,
@@ -174,8 +179,8 @@ def recipe_json(recipe: Mapping[str, Any]) -> dict[str, Any]:
     where it has none).
 
     Reads either form of the ops: objects, or the [name, magnitude] pairs of rows written before
-    STORE_FORMAT 4 (a list mixing a string and a number, which Arrow cannot type). Malformed input
-    raises ValueError saying what is wrong."""
+    STORE_FORMAT 4 and of transfer records before CURATED_FORMAT 2 (a list mixing a string and a
+    number, which Arrow cannot type). Malformed input raises ValueError saying what is wrong."""
     if not isinstance(recipe, Mapping):
         raise ValueError(f"a crop recipe is a JSON object with {list(RECIPE_FIELDS)}; got {recipe!r}")
     missing = [k for k in ("box", "size") if k not in recipe]
@@ -206,6 +211,20 @@ REPORT_FILE = "report.html"
 STAGES_DIR = ".curate"
 REPORT_THUMBS_FILE = f"{STAGES_DIR}/report-thumbs.tar"   # relative to DIR; written by the write stage
 
+# The curated set's format. 1: recipe ops as [name, magnitude] pairs; 2: every sample JSON of one
+# Arrow type (recipe_json's ops objects, numbers of one JSON type per key) and the manifest's
+# "shardlist". Part of the write stage's fingerprint, so a rerun over a set of an older format
+# rewrites its shards; transfer records of format 1 are still read (TransferRecord.from_dict).
+CURATED_FORMAT = 2
+
+TRANSFER_SAMPLE_FIELDS = ("jpg", "json")          # members of every transfer sample (+ __key__)
+QUERY_SAMPLE_FIELDS = ("png", "cls", "json")      # members of every query sample (+ __key__)
+QUERY_JSON_FIELDS = (
+    "id",          # the query image's id in its query set
+    "label",       # int, index into queries.json "classes" (equal to the .cls member)
+    "class_name",  # queries.json "classes"[label]
+)
+
 
 @dataclass(frozen=True)
 class QueryHit:
@@ -216,7 +235,8 @@ class QueryHit:
 
 @dataclass(frozen=True)
 class TransferRecord:
-    """The ``<key>.json`` of a curated transfer sample."""
+    """The ``<key>.json`` of a curated transfer sample: ``to_dict`` writes every field, each of one
+    JSON type (the recipe in `recipe_json`'s form), so every sample's JSON has one Arrow type."""
     key: str
     source_id: str                 # gallery image id
     crop: int                      # crop index within the source image
@@ -227,16 +247,22 @@ class TransferRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "key": self.key, "source_id": self.source_id, "crop": self.crop, "recipe": self.recipe,
-            "queries": [q.__dict__ for q in self.queries],
-            "similarity": self.similarity, "rank": self.rank,
+            "key": self.key, "source_id": self.source_id, "crop": int(self.crop),
+            "recipe": recipe_json(self.recipe),
+            "queries": [{"query": q.query, "similarity": float(q.similarity), "rank": int(q.rank)}
+                        for q in self.queries],
+            "similarity": float(self.similarity), "rank": int(self.rank),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TransferRecord":
+        """Reads records of every CURATED_FORMAT (format 1's recipe ops are pairs: `recipe_json` reads both)."""
         return cls(key=d["key"], source_id=d["source_id"], crop=d["crop"], recipe=d["recipe"],
                    queries=[QueryHit(**q) for q in d.get("queries", [])],
                    similarity=d.get("similarity", 0.0), rank=d.get("rank", 0))
+
+
+TRANSFER_JSON_FIELDS = tuple(TransferRecord.__dataclass_fields__)   # the keys of every transfer JSON
 
 
 def transfer_key(source_id: str, crop: int) -> str:
