@@ -490,6 +490,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def io_part(work: Path, mode: dict[str, Any], encoder: str, threads: int, log, executor: str = "local"
             ) -> dict[str, Any]:
+    from index.core import contract
+
     small = mode["sizes_n"][0] < 100
     task, classes = write_task(work / "task", per_class=6 if small else 10)
     queries = f"folder:{task}:{3 if small else 5}shot"
@@ -542,7 +544,8 @@ def io_part(work: Path, mode: dict[str, Any], encoder: str, threads: int, log, e
             log(f"scale io: N={n} from {n_img} images: {r['wall_s']:.1f} s, rss {r['driver_peak_rss_mb']} MB, "
                 f"read {read} B for {looked} B looked at ({need} B written), {r['verified_pairs']} pairs")
             shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(idx / "embeddings", ignore_errors=True)
+        for name in (contract.EMBEDDINGS_DIR, contract.VECTORS_DIR):
+            shutil.rmtree(idx / name, ignore_errors=True)
     return {"encoder": encoder, "image_size": IMAGE_SIZE if encoder == ENCODER else None,
             "crops_per_image": CROPS_PER_IMAGE, "crop_size": CROP_SIZE, "queries": queries, "classes": classes,
             "thresholds": THRESHOLDS, "executor": executor, "sizes": rows}

@@ -81,8 +81,9 @@ def index_dir(root: Path, embeddings: Path, entries: list[dict[str, Any]], dim: 
     """An index directory over the shared embedding shards (linked in); (manifest, build seconds)."""
     from jobs.executors import LocalExecutor
     root.mkdir(parents=True, exist_ok=True)
-    if not (root / contract.EMBEDDINGS_DIR).exists():
-        os.symlink(embeddings / contract.EMBEDDINGS_DIR, root / contract.EMBEDDINGS_DIR)
+    for name in (contract.EMBEDDINGS_DIR, contract.VECTORS_DIR):   # the row tables and the matrices
+        if not (root / name).exists():
+            os.symlink(embeddings / name, root / name)
     cfg = FaissConfig(factory=factory, shards_per_group=shards_per_group, nprobe=nprobe, shared_quantizer=shared)
     t = time.perf_counter()
     part = build_faiss_groups(root, entries, (ENCODER,), dim, cfg, 0, executor or LocalExecutor())

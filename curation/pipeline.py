@@ -195,6 +195,8 @@ def _curate(cfg: CurateConfig, executor) -> dict[str, Any]:
         "message": st.sel.message,
         "leaks": st.leak_report.to_dict() if st.leak_report else None,
         "shards": st.written["files"],
+        "shardlist": {"transfer": st.written["shardlist"], "queries": st.written["query_shardlist"]},
+        "format": contract.CURATED_FORMAT,
         "stages": dict(st.stage_fingerprints),
         "timings": timings,
         "code_version": CODE_VERSION,

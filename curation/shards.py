@@ -5,7 +5,9 @@ its original read by the byte range recorded at index time (index.ranged: no gal
 the bytes read are counted in ``gindex.read_stats``). Output order is (gallery shard in index order, curated rank), so the
 writer streams and the same inputs give byte-identical shards (fixed tar mtimes, deterministic JPEG).
 Each tar is written under a temporary name and renamed (webdataset's ShardWriter writes straight to
-the final name, so a killed job could leave a truncated shard that looks complete).
+the final name, so a killed job could leave a truncated shard that looks complete). Every sample of a
+kind has the same members and a JSON of one Arrow type (index.core.contract, CURATED_FORMAT), and the
+writer counts each tar's samples (`AtomicShardWriter.shardlist`: what wids and the manifest take).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class WriteResult:
     unreadable: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    shardlist: list[dict] = field(default_factory=list)   # [{"url": file name, "nsamples"}]
 
 
 def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
@@ -57,8 +60,8 @@ class AtomicShardWriter:
     def __init__(self, out: Path, pattern: str, maxcount: int):
         self.out, self.pattern, self.maxcount = out, pattern, maxcount
         self.files: list[str] = []
+        self.counts: list[int] = []     # samples in each of `files`
         self._ctx = self._tar = self._fh = None
-        self._count = 0
 
     def _open(self):
         name = self.pattern % len(self.files)
@@ -67,7 +70,7 @@ class AtomicShardWriter:
         self._fh = open(tmp, "wb")
         self._tar = wds.TarWriter(self._fh, mtime=0.0)
         self.files.append(name)
-        self._count = 0
+        self.counts.append(0)
 
     def _close(self):
         if self._tar is not None:
@@ -77,15 +80,20 @@ class AtomicShardWriter:
             self._tar = None
 
     def write(self, sample: dict) -> None:
-        if self._tar is None or self._count >= self.maxcount:
+        if self._tar is None or self.counts[-1] >= self.maxcount:
             self._close()
             self._open()
         self._tar.write(sample)
-        self._count += 1
+        self.counts[-1] += 1
 
     def close(self) -> list[str]:
         self._close()
         return self.files
+
+    def shardlist(self) -> list[dict]:
+        """[{"url": file name (relative to the output directory), "nsamples"}] per tar written, the
+        entries of a wids shard list."""
+        return [{"url": f, "nsamples": n} for f, n in zip(self.files, self.counts)]
 
 
 def remove_stale(out: Path, pattern: str, keep: list[str]) -> None:
@@ -137,20 +145,25 @@ def write_transfer_shards(out: Path, gindex, records: list[contract.TransferReco
                       "json": json.dumps(rec.to_dict(), sort_keys=True).encode()})
         res.written += 1
     res.files = writer.close()
+    res.shardlist = writer.shardlist()
     res.skipped = counts.to_dict()
     remove_stale(out, contract.TRANSFER_PATTERN, res.files)
     return res
 
 
-def write_query_shards(out: Path, qs, shard_size: int = 1000) -> list[str]:
+def write_query_shards(out: Path, qs, shard_size: int = 1000) -> list[dict]:
+    """The labelled query images as ``queries-*.tar``; returns their shard list (`AtomicShardWriter.shardlist`)."""
     writer = AtomicShardWriter(out, contract.QUERIES_PATTERN, shard_size)
     for i, q in enumerate(qs.queries):
-        writer.write({"__key__": f"q{i:06d}", "png": _png(q.load()), "cls": str(q.label).encode(),
-                      "json": json.dumps({"id": q.id, "label": q.label,
-                                          "class_name": qs.classes[q.label]}, sort_keys=True).encode()})
+        label = int(q.label)
+        if not 0 <= label < len(qs.classes):
+            raise ValueError(f"query {q.id!r} has label {q.label!r}, not one of the {len(qs.classes)} classes")
+        meta = dict(zip(contract.QUERY_JSON_FIELDS, (q.id, label, qs.classes[label])))
+        writer.write({"__key__": f"q{i:06d}", "png": _png(q.load()), "cls": str(label).encode(),
+                      "json": json.dumps(meta, sort_keys=True).encode()})
     files = writer.close()
     remove_stale(out, contract.QUERIES_PATTERN, files)
-    return files
+    return writer.shardlist()
 
 
 def read_originals(gindex, ids: Iterable[str]) -> dict[str, Image.Image]:

@@ -30,7 +30,7 @@ Modules (one concept each):
     device_decode.py JPEG decode on the device, batched, the CPU decoder as fallback
     device_crops.py  crops cut from their recipes on image tensors (the GPU path)
     device_batches.py  the embedding stage's batches when crops are cut on the device
-    store.py         embedding shards on disk: float16 matrices per encoder + the row table, done last
+    store.py         embedding shards on disk: float16 matrices in a folder per encoder, the row table, done last
     knn.py           one FAISS index per shard group: combined vectors, factory rule, training, build
     faiss_io.py      FAISS index files: atomic writes, memory-mapped reads
     faiss_gpu.py     IVF groups on faiss's GPU indexes where the `gpu` extra is installed

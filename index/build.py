@@ -209,7 +209,8 @@ def build_faiss_groups(out_dir: str | Path, entries: list[dict[str, Any]], encod
 
 
 OWNER = Owner("build_index", (re.escape(contract.MANIFEST_FILE), re.escape(contract.EMBEDDINGS_DIR),
-                             re.escape(contract.FAISS_DIR)), done_record=contract.MANIFEST_FILE, lazy=True)
+                             re.escape(contract.VECTORS_DIR), re.escape(contract.FAISS_DIR)),
+              done_record=contract.MANIFEST_FILE, lazy=True)
 
 
 def build_gallery_index(cfg: IndexConfig, out_dir: str | Path, executor=None) -> dict[str, Any]:
@@ -275,6 +276,7 @@ def _build(cfg: IndexConfig, out: Path, executor, specs: list[EncoderSpec], shar
         "shards": entries,
         **faiss_part,
         "config": cfg.to_dict(),
+        "store_format": contract.STORE_FORMAT,
         "code_version": CODE_VERSION,
         "image_loader": LOADER_VERSION,
         "seconds": round(time.perf_counter() - t0, 3),

@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandAugment, functional as TF
 from torchvision.transforms.autoaugment import _apply_op
 
+from index.core import contract
 from index.core.errors import ConfigError
 from index.core.images import to_rgb
 
@@ -80,20 +81,20 @@ class CropRecipe:
     ops: tuple[tuple[str, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"box": list(self.box), "size": self.size, "full": self.full,
-                "ops": [[name, mag] for name, mag in self.ops]}
+        """The written form (index.core.contract.recipe_json): ops as {"op", "magnitude"} objects."""
+        return contract.recipe_json({"box": self.box, "size": self.size, "full": self.full, "ops": self.ops})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CropRecipe":
+        """Either written form: ops as objects, or the [name, magnitude] pairs of older indexes and sets.
+        A lone NO_OP reads back as no ops (the same transform), so an op-less recipe round-trips."""
+        d = contract.recipe_json(d)
         valid = op_names()
-        ops = tuple((str(name), float(mag)) for name, mag in d.get("ops", ()))
+        ops = () if d["ops"] == [contract.NO_OP] else tuple((op["op"], op["magnitude"]) for op in d["ops"])
         for name, _ in ops:
             if name not in valid:
                 raise ConfigError(f"unknown RandAugment op {name!r}; valid ops: {', '.join(valid)}")
-        box = tuple(int(x) for x in d["box"])
-        if len(box) != 4:
-            raise ValueError(f"box must be [top, left, height, width], got {d['box']}")
-        return cls(box=box, size=int(d["size"]), full=bool(d.get("full", False)), ops=ops)  # type: ignore[arg-type]
+        return cls(box=tuple(d["box"]), size=d["size"], full=d["full"], ops=ops)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- sampling

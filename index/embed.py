@@ -33,7 +33,7 @@ import torch
 
 from index import store
 from index.core import contract
-from index.core.atomic import CODE_VERSION, fingerprint
+from index.core.atomic import CODE_VERSION, FingerprintMismatch, fingerprint
 from index.core.images import LOADER_VERSION
 from index.crops import CropConfig, materialize, recipes_for
 from index.device import pick_device
@@ -58,7 +58,7 @@ class EmbedTask:
         return fingerprint({
             "shard": self.shard.name, "input": input_digest or shard_digest(self.shard),
             "encoders": [e.identity() for e in self.encoders],
-            "crops": self.crops.to_dict(), "seed": self.seed, "rows_format": contract.ROWS_FORMAT,
+            "crops": self.crops.to_dict(), "seed": self.seed, "store_format": contract.STORE_FORMAT,
             "image_loader": LOADER_VERSION,
         })
 
@@ -186,9 +186,17 @@ class Embedder:
 
 def reused_result(task: EmbedTask) -> ShardResult | None:
     """A rerun's result for a shard already written: reused only if its done record matches the task
-    and the shard's bytes (read once, not decoded); None where there is none; a mismatch raises."""
+    and the shard's bytes (read once, not decoded); None where there is none; a mismatch raises, and
+    a shard of another store format (an index built by an earlier version) says so."""
     if not store.has_done(task.out_dir, task.shard.name):
         return None
+    written = store.store_format(store.read_record(task.out_dir, task.shard.name))
+    if written != contract.STORE_FORMAT:
+        done = store.shard_dir(task.out_dir, task.shard.name) / contract.DONE_FILE
+        raise FingerprintMismatch(
+            f"{done} was written in embedding-store format {written}; this version writes format "
+            f"{contract.STORE_FORMAT} (index.core.contract.STORE_FORMAT): build the index into a new output "
+            f"directory, or delete {Path(task.out_dir) / contract.EMBEDDINGS_DIR} to rebuild it")
     record = store.done_record(task.out_dir, task.shard.name, task.fingerprint())
     return None if record is None else ShardResult(**{**record["result"], "reused": True})
 
@@ -235,6 +243,5 @@ def write_result(task: EmbedTask, digest: str, rows: list[store.Row], feats: lis
         "fingerprint": fp, "code_version": CODE_VERSION, "result": result.to_dict(),
         "encoders": [e.to_dict() for e in task.encoders], "crops": task.crops.to_dict(),
         "seed": task.seed, "source": str(Path(task.shard.path)), "input_digest": digest,
-        "rows_format": contract.ROWS_FORMAT,
     })
     return result

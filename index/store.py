@@ -1,9 +1,11 @@
 """Embedding shards on disk: per gallery shard, float16 L2-normalised matrices per encoder + a row table.
 
-Layout (index.core.contract): ``<root>/embeddings/<shard>/{<encoder>.npy, rows.jsonl, rows.offsets.npy,
-done.json}``. The matrices, the row table and its line-offset table are written atomically first;
-``done.json`` is written last and carries counts and the fingerprint of the shard's inputs, so its
-presence means the shard is complete. `load_rows_at` reads only the lines asked for (a shard's row table
+Layout (index.core.contract, STORE_FORMAT 4): ``<root>/vectors/<encoder>/<shard>.npy`` (one folder per
+encoder holding only its matrices, as .npy-folder readers expect) and
+``<root>/embeddings/<shard>/{rows.jsonl, rows.offsets.npy, done.json}``. The matrices, the row table and
+its line-offset table are written atomically first; ``done.json`` is written last and carries counts,
+the store format and the fingerprint of the shard's inputs, so its presence means the shard is
+complete. Matrices of indexes written before STORE_FORMAT 4 are read where those kept them. `load_rows_at` reads only the lines asked for (a shard's row table
 is ~9 MB at DataComp scale and a curated set touches tens of thousands of shards).
 """
 from __future__ import annotations
@@ -48,14 +50,16 @@ def shard_dir(root: str | Path, shard: str) -> Path:
 
 def write_shard(root: str | Path, shard: str, features: dict[str, np.ndarray], rows: list[Row],
                 record: dict[str, Any]) -> dict[str, Any]:
-    """Write one shard's matrices and rows, then its done record (last)."""
+    """Write one shard's matrices and rows, then its done record (last), stamped with STORE_FORMAT."""
     d = shard_dir(root, shard)
     invalidate(root, contract.MANIFEST_FILE)   # the index is being changed: no longer finished
     d.mkdir(parents=True, exist_ok=True)
     for name, mat in features.items():
         if len(mat) != len(rows):
             raise ValueError(f"{name}: {len(mat)} vectors for {len(rows)} rows")
-        with atomic_path(d / contract.embedding_file(name)) as tmp:
+        path = Path(root) / contract.vectors_file(name, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(mat, dtype=np.float16))
     offsets = np.zeros(len(rows) + 1, np.int64)
@@ -68,8 +72,15 @@ def write_shard(root: str | Path, shard: str, features: dict[str, np.ndarray], r
     with atomic_path(d / contract.ROWS_OFFSETS_FILE) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, offsets)
+    record = {**record, "store_format": contract.STORE_FORMAT}
     write_json(d / contract.DONE_FILE, record)
     return record
+
+
+def store_format(record: dict[str, Any]) -> int:
+    """The STORE_FORMAT a shard's done record was written in (formats before 4 named it "rows_format";
+    the first wrote neither)."""
+    return int(record.get("store_format", record.get("rows_format", 1)))
 
 
 def has_done(root: str | Path, shard: str) -> bool:
@@ -81,8 +92,16 @@ def done_record(root: str | Path, shard: str, fingerprint: str) -> dict[str, Any
     return check_done(shard_dir(root, shard) / contract.DONE_FILE, fingerprint)
 
 
+def features_path(root: str | Path, shard: str, encoder: str) -> Path:
+    """The shard's matrix of `encoder`: in its encoder's folder, or beside the row table in an index
+    of STORE_FORMAT <= 3."""
+    path = Path(root) / contract.vectors_file(encoder, shard)
+    legacy = Path(root) / contract.legacy_vectors_file(encoder, shard)
+    return legacy if not path.is_file() and legacy.is_file() else path
+
+
 def load_features(root: str | Path, shard: str, encoder: str, mmap: bool = True) -> np.ndarray:
-    return np.load(shard_dir(root, shard) / contract.embedding_file(encoder), mmap_mode="r" if mmap else None)
+    return np.load(features_path(root, shard, encoder), mmap_mode="r" if mmap else None)
 
 
 def load_rows(root: str | Path, shard: str) -> list[Row]:

@@ -74,7 +74,8 @@ def write_curated_dir(out: str | Path, *, num_classes: int = 4, shots: int = 4, 
             c = i % num_classes
             img = synthetic_image(c, 2000 + i, size, seed)
             source = f"{i // 2:05d}/img{i}"
-            rec = TransferRecord(key=f"t{i:05d}", source_id=source, crop=i % 2, recipe={}, rank=i)
+            recipe = {"box": [0, 0, size, size], "size": size, "full": True, "ops": []}
+            rec = TransferRecord(key=f"t{i:05d}", source_id=source, crop=i % 2, recipe=recipe, rank=i)
             w.write({"__key__": rec.key, "jpg": _encode(img, "JPEG"), "json": json.dumps(rec.to_dict()).encode()})
     draw = {"name": name, "seed": seed, "classes": classes,
             "queries": [{"id": q, "label": c} for q, c in queries]}

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandAugment
 
+from index.core import contract
 from index.core.config import from_mapping
 from index.crops import CropConfig, CropRecipe, full_box, make_recipe, materialize, op_names, recipes_for
 
@@ -112,6 +113,42 @@ def test_materialize_is_exact_and_survives_json_roundtrip():
         r2 = CropRecipe.from_dict(json.loads(json.dumps(r.to_dict())))
         assert r2 == r
         assert np.array_equal(np.asarray(materialize(img, r2)), np.asarray(a))
+
+
+def test_written_recipe_has_one_json_type_per_field_and_reads_the_older_form():
+    img = _image(320, 240)
+    cfg = CropConfig(crops_per_image=3, size=32, num_ops=2, keep_full_image=True)
+    full, *augmented = recipes_for("00001/img", img.size, 5, cfg)
+    for r in (full, *augmented):
+        d = json.loads(json.dumps(r.to_dict()))
+        assert list(d) == list(contract.RECIPE_FIELDS)
+        assert d["ops"] and all(set(op) == {"op", "magnitude"} and isinstance(op["op"], str)
+                                and isinstance(op["magnitude"], float) for op in d["ops"])
+        assert CropRecipe.from_dict(d) == r
+        # indexes before STORE_FORMAT 4 and sets before CURATED_FORMAT 2 wrote ops as [name, magnitude] pairs
+        old = {**d, "ops": [[name, mag] for name, mag in r.ops]}
+        assert CropRecipe.from_dict(old) == r and contract.recipe_json(old) == d
+    assert full.ops == () and full.to_dict()["ops"] == [contract.NO_OP]   # a list Arrow can type
+    assert np.array_equal(np.asarray(materialize(img, CropRecipe(full.box, full.size, True, (("Identity", 0.0),)))),
+                          np.asarray(materialize(img, full))), "NO_OP is the identity"
+    assert all(len(r.ops) == 2 for r in augmented)
+    # an integer magnitude is written as a float: one JSON type per field
+    assert contract.recipe_json({"box": [0, 0, 1, 1], "size": 4, "ops": [["Rotate", 3]]})["ops"] == \
+        [{"op": "Rotate", "magnitude": 3.0}]
+
+
+@pytest.mark.parametrize("bad,message", [
+    ([0, 0, 1, 1], "a crop recipe is a JSON object"),
+    ({"size": 4}, "needs 'box'"),
+    ({"box": [0, 0, 1], "size": 4}, "needs 'box'"),
+    ({"box": [0, 0, 1, 1], "size": 4, "ops": [["Rotate"]]}, "a recipe op is"),
+    ({"box": [0, 0, 1, 1], "size": 4, "ops": [{"op": "Rotate"}]}, "a recipe op is"),
+    ({"box": [0, 0, 1, 1], "size": 4, "ops": [{"op": "Rotate", "magnitude": "9"}]}, "a number 'magnitude'"),
+    ({"box": [0, 0, 1, 1], "size": 4, "ops": [[3.0, "Rotate"]]}, "a string 'op'"),
+])
+def test_malformed_recipes_are_refused_saying_what_is_wrong(bad, message):
+    with pytest.raises(ValueError, match=message):
+        CropRecipe.from_dict(bad)
 
 
 def test_materialize_matches_torchvision_pipeline():

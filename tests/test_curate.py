@@ -7,6 +7,7 @@ are checked on the fixture first, so a change of encoder or fixture fails loudly
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -618,6 +619,27 @@ def test_a_changed_setting_recomputes_from_the_first_stage_it_affects(world: Wor
         assert _statuses(out)["write"] == "recomputed (outputs changed record)"
         assert _statuses(out)["report"] == "reused"
         assert (out / contract.REPORT_THUMBS_FILE).read_bytes() == thumbs
+
+
+def test_a_set_written_in_an_older_format_is_rewritten_by_a_rerun(world: World, base, monkeypatch):
+    """The write stage's fingerprint covers contract.CURATED_FORMAT: shards an earlier version wrote in
+    another format are rewritten, the search and the filtering reused."""
+    from curation.run import stages
+
+    base_out, _, _ = base
+    out = world.root / "older-format"
+    shutil.copytree(base_out, out)
+    current = stages.STAGES
+    with monkeypatch.context() as m:   # the stage table as a version writing format 1 had it
+        m.setattr(stages, "STAGES", tuple(dataclasses.replace(s, output_format=1) if s.output_format else s
+                                          for s in current))
+        _run(world, out)
+    _run(world, out)
+    status = _statuses(out)
+    assert status["filter"] == "reused" and status["write"] == "recomputed (stale record)"
+    assert status["report"] == "recomputed (stale record)"
+    assert _outputs(out) == _outputs(base_out)
+    assert json.loads((out / contract.MANIFEST_FILE).read_text())["format"] == contract.CURATED_FORMAT
 
 
 def test_summary_and_manifest_report_stage_timings_and_verification_rate(base):

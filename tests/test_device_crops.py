@@ -164,7 +164,7 @@ def test_embed_shard_with_crops_on_device_matches_the_cpu_path(tmp_path):
     assert dev.num_vectors == ref.num_vectors == 12 and dev.fingerprint == ref.fingerprint
     rows = [(store.shard_dir(d, "00001") / "rows.jsonl").read_text() for d in (ref_dir, dev_dir)]
     assert rows[0] == rows[1]
-    a, b = (np.load(store.shard_dir(d, "00001") / "test-tiny-timm.npy").astype(np.float32) for d in (ref_dir, dev_dir))
+    a, b = (store.load_features(d, "00001", "test-tiny-timm").astype(np.float32) for d in (ref_dir, dev_dir))
     assert (a * b).sum(1).min() >= COSINE_MIN
 
 

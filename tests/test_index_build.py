@@ -20,7 +20,7 @@ from index.config import IndexConfig
 from index.core import contract
 from index.core.atomic import FingerprintMismatch
 from index.core.outdir import LOCK
-from index.crops import CropConfig
+from index.crops import CropConfig, CropRecipe
 from index.encoders import EncoderSpec, resolve_encoders
 from index.gallery_index import GalleryIndex
 from jobs.executors import LocalExecutor
@@ -221,8 +221,8 @@ def test_kill_then_rerun_equals_uninterrupted_run(gallery, built, tmp_path):
     # what a kill in the middle of shard 00001's write leaves: a matrix cut short, a temp file, no done record
     partial = store.shard_dir(out, "00001")
     partial.mkdir(parents=True)
-    full = (store.shard_dir(ref_dir, "00001") / "test-tiny-timm.npy").read_bytes()
-    (partial / "test-tiny-timm.npy").write_bytes(full[: len(full) // 2])
+    full = store.features_path(ref_dir, "00001", "test-tiny-timm").read_bytes()
+    store.features_path(out, "00001", "test-tiny-timm").write_bytes(full[: len(full) // 2])
     (partial / ".rows.jsonl.x1y2.tmp").write_text('{"id": "00001/0000')
     done_before = (store.shard_dir(out, "00000") / contract.DONE_FILE).stat().st_mtime_ns
 
@@ -279,6 +279,54 @@ def test_rerun_with_other_inputs_is_refused(gallery, built, tmp_path, change):
     assert snapshot(out) == before  # nothing overwritten
 
 
+def _as_store_format_3(index: Path) -> None:
+    """Lay a built index out as STORE_FORMAT 3 wrote it: each matrix beside its shard's row table, recipe
+    ops as [name, magnitude] pairs, the format under its old name in the done records, none in the manifest."""
+    manifest = json.loads((index / contract.MANIFEST_FILE).read_text())
+    for s in manifest["shards"]:
+        for e in manifest["encoders"]:
+            (index / contract.vectors_file(e["name"], s["name"])).rename(
+                index / contract.legacy_vectors_file(e["name"], s["name"]))
+        d = store.shard_dir(index, s["name"])
+        lines = []
+        for line in (d / contract.ROWS_FILE).read_text().splitlines():
+            row = json.loads(line)
+            ops = [] if row["recipe"]["full"] else [[o["op"], o["magnitude"]] for o in row["recipe"]["ops"]]
+            lines.append(json.dumps({**row, "recipe": {**row["recipe"], "ops": ops}}, sort_keys=True) + "\n")
+        (d / contract.ROWS_FILE).write_text("".join(lines))
+        np.save(d / contract.ROWS_OFFSETS_FILE, np.r_[0, np.cumsum([len(x.encode()) for x in lines])].astype(np.int64))
+        record = json.loads((d / contract.DONE_FILE).read_text())
+        record["rows_format"] = 3
+        del record["store_format"]
+        (d / contract.DONE_FILE).write_text(json.dumps(record))
+    shutil.rmtree(index / contract.VECTORS_DIR)
+    del manifest["store_format"]
+    (index / contract.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_an_index_of_the_earlier_layout_is_read_and_a_rerun_names_its_format(gallery, built, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(built[0], old)
+    _as_store_format_3(old)
+    for s in SHARDS:   # matrices where format 3 kept them, row tables with the older recipe form
+        assert np.array_equal(store.load_features(old, s, "test-tiny-timm"),
+                              store.load_features(built[0], s, "test-tiny-timm"))
+    new_gi, old_gi = GalleryIndex(built[0]), GalleryIndex(old)
+    gids = np.arange(old_gi.num_vectors)
+    assert [(r.id, r.crop, r.loc, r.hash) for r in old_gi.rows(gids)] == \
+        [(r.id, r.crop, r.loc, r.hash) for r in new_gi.rows(gids)]
+    assert [CropRecipe.from_dict(r.recipe) for r in old_gi.rows(gids)] == \
+        [CropRecipe.from_dict(r.recipe) for r in new_gi.rows(gids)]
+    records = [contract.TransferRecord(key=f"k{i}", source_id=r.id, crop=r.crop, recipe=r.recipe).to_dict()["recipe"]
+               for i, r in enumerate(old_gi.rows(gids))]
+    assert records == [r.recipe for r in new_gi.rows(gids)], "a curated set from an old index is written typed"
+    before = snapshot(old)
+    with pytest.raises(FingerprintMismatch, match="embedding-store format 3") as e:
+        build_gallery_index(config(gallery), old)
+    assert f"writes format {contract.STORE_FORMAT}" in str(e.value) and "new output directory" in str(e.value)
+    assert snapshot(old) == before   # refused before anything is written
+
+
 # ---------------------------------------------------------------- executors
 
 @pytest.mark.slow
@@ -315,9 +363,9 @@ def test_prefetch_changes_timing_only(gallery, built, tmp_path):
         out = tmp_path / f"prefetch-{prefetch}"
         task = EmbedTask(shard=shard, out_dir=str(out), encoders=specs, crops=CROPS, batch_size=4)
         results[prefetch] = embed_shard(task, Embedder(specs, "cpu", prefetch=prefetch))
-        for name in ("test-tiny-timm.npy", "rows.jsonl"):
-            assert (store.shard_dir(out, "00001") / name).read_bytes() == \
-                (store.shard_dir(built[0], "00001") / name).read_bytes()
+        for path in (lambda d: store.features_path(d, "00001", "test-tiny-timm"),
+                     lambda d: store.shard_dir(d, "00001") / contract.ROWS_FILE):
+            assert path(out).read_bytes() == path(built[0]).read_bytes()
     assert results[True].skipped == results[False].skipped == {"corrupt": 1}
     assert results[True].num_vectors == results[False].num_vectors == 12
 

@@ -274,7 +274,7 @@ def test_index_rows_carry_locations_and_offsets(many):
     assert gi.num_vectors == SHARDS * PER_SHARD * 2
     for entry in gi.shards:
         assert store.has_row_offsets(index, entry["name"])
-        assert store.read_record(index, entry["name"])["rows_format"] == contract.ROWS_FORMAT
+        assert store.read_record(index, entry["name"])["store_format"] == contract.STORE_FORMAT
         locs = _tar_locs(gallery / f"{entry['name']}.tar")
         for row in store.load_rows(index, entry["name"]):
             assert row.loc == locs[row.id.split("/", 1)[1]]

@@ -27,6 +27,7 @@ import yaml
 from index import store
 from index.build import build_gallery_index
 from index.config import load_index_config
+from index.core import contract
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -148,6 +149,6 @@ def test_index_built_by_ray_job_submit(tiny_job):
     assert manifest["config"]["executor"] == "ray"
     for s in manifest["shards"]:
         assert store.load_rows(out, s["name"]) == store.load_rows(local_out, s["name"])
-        for name in ("test-tiny-timm.npy", "rows.jsonl"):
-            assert (store.shard_dir(out, s["name"]) / name).read_bytes() == \
-                (store.shard_dir(local_out, s["name"]) / name).read_bytes(), f"{s['name']}/{name}"
+        for path in (lambda d: store.features_path(d, s["name"], "test-tiny-timm"),
+                     lambda d: store.shard_dir(d, s["name"]) / contract.ROWS_FILE):
+            assert path(out).read_bytes() == path(local_out).read_bytes(), path(out)

@@ -10,7 +10,8 @@
     manifest        -> manifest.json, written last                          (not recorded)
 
 Each recorded stage declares the config fields and upstream stages its result depends on;
-its fingerprint covers those, the index manifest, the query set draw and the code version. The
+its fingerprint covers those, the index manifest, the query set draw, the code version and, for the
+write stage, the curated set's format (contract.CURATED_FORMAT: a set of an older one is rewritten). The
 orchestrator loads a stage's record when the fingerprint matches (`curation.run.records`), else
 computes it and commits the record; either way the stage's ``apply`` puts the record into the run
 state, so a resumed run continues from exactly what an uninterrupted one had.
@@ -68,6 +69,7 @@ class Stage:
     compute: Callable[[RunState], Record]
     apply: Callable[[RunState, Record], None]
     outputs_intact: Callable[[RunState, Record], bool] = lambda st, rec: True
+    output_format: int | None = None   # the format of the files it writes: another format recomputes it
 
 
 # ---------------------------------------------------------------- open
@@ -287,7 +289,7 @@ def _write(st: RunState) -> Record:
                              thumb_originals=shown.original_ids() & {r.source_id for r in records},
                              on_unreadable=lambda found: changed_since_indexing(
                                  found, st.cfg.changed_images, str(st.gindex.root)))
-    write_query_shards(st.out, st.qs)
+    written["query_shardlist"] = write_query_shards(st.out, st.qs)
     write_json(st.out / contract.QUERIES_DRAW_FILE, st.qs.to_draw_dict())
     return Record({"written": written, "digests": {f: file_digest(st.out / f) for f in _output_files(st)}})
 
@@ -364,7 +366,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("write", ("shard_size", "jpeg_quality", "changed_images"), ("filter",),
           ("records", "written", "transfer-*.tar", "queries-*.tar", contract.QUERIES_DRAW_FILE,
            contract.REPORT_THUMBS_FILE),
-          _write, _apply_write, _write_intact),
+          _write, _apply_write, _write_intact, output_format=contract.CURATED_FORMAT),
     Stage("report", (), ("write",), (contract.REPORT_FILE,), _report, lambda st, rec: None, _digests_match),
 )
 
@@ -383,6 +385,8 @@ def stage_fingerprint(st: RunState, stage: Stage) -> str:
                               "upstream": {u: st.stage_fingerprints[u] for u in stage.upstream}}
     if "leak_review" in stage.config_fields and cfg.leak_review:
         inputs["review"] = sorted(read_review(cfg.leak_review))   # the file's content, not its name
+    if stage.output_format is not None:
+        inputs["format"] = stage.output_format
     return fingerprint(inputs)
 
 

@@ -127,7 +127,8 @@ def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.T
                    thumb_keys: set[str] = frozenset(), thumb_originals: set[str] = frozenset(),
                    on_unreadable: Callable[[dict[str, str]], None] | None = None) -> dict[str, Any]:
     """Materialise the crops over the executor and write ``transfer-*.tar`` in order on this process;
-    returns {"written", "unreadable", "skipped", "files"} (stale shards of an earlier run are removed).
+    returns {"written", "unreadable", "skipped", "files", "shardlist"} (stale shards of an earlier run
+    are removed; "shardlist" as `AtomicShardWriter.shardlist`).
     `on_unreadable` sees {source id: reason} of the originals that could not be read before anything
     is written, and may raise to refuse them.
 
@@ -161,4 +162,5 @@ def write_transfer(out: Path, gindex: GalleryIndex, records: Sequence[contract.T
     files = writer.close()
     remove_stale(out, contract.TRANSFER_PATTERN, files)
     write_report_thumbs(out / contract.REPORT_THUMBS_FILE, thumbs)
-    return {"written": written, "unreadable": unreadable, "skipped": skipped.to_dict(), "files": files}
+    return {"written": written, "unreadable": unreadable, "skipped": skipped.to_dict(), "files": files,
+            "shardlist": writer.shardlist()}
