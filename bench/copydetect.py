@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from index.core.allocator import tune_allocator
 from curation import pixelkey
 from curation.calibrate import SampledImages, choose, evaluate, measure
 from curation.copies import COPY_KINDS, copy_rng, make_copy
@@ -178,4 +179,5 @@ def targets(results: dict, recall: float) -> dict:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # index.core.allocator: as every command runs
     main()

@@ -26,6 +26,7 @@ import time
 import faiss
 import numpy as np
 
+from index.core.allocator import tune_allocator
 from curation.decontam import find_leaks
 from curation.dedup import duplicate_clusters, keep_one_per_cluster
 from curation.selection import SearchCache, select_with_search
@@ -200,4 +201,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # index.core.allocator: as every command runs
     main()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from index.core.allocator import tune_allocator
 from distill.cache import CacheLookup, build_or_load_cache, cache_pass
 from distill.data import ShardSet, steps_per_epoch, transfer_batches, transfer_shards
 from distill.methods import build_task
@@ -127,4 +128,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # index.core.allocator: as every command runs
     main()

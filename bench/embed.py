@@ -55,6 +55,7 @@ if __package__ in (None, ""):
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers shared with the tests
 
 from fixtures_samples import bundled_skimage  # noqa: E402
+from index.core.allocator import tune_allocator  # noqa: E402
 from index.core.images import load_image_file  # noqa: E402
 from index.crops import CropConfig, materialize, recipes_for  # noqa: E402
 from index.device import pick_device  # noqa: E402
@@ -267,4 +268,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # index.core.allocator: as every command runs
     main()

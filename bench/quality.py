@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from index.core.allocator import tune_allocator
 from curation.pipeline import CurateConfig, curate
 from curation.querysets import get_query_set
 from curation.shards import write_query_shards, write_transfer_shards
@@ -572,4 +573,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # index.core.allocator: as every command runs
     main()

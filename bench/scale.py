@@ -62,6 +62,7 @@ sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "tests")) if p not in sys.path
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from index.core.allocator import tune_allocator  # noqa: E402
 from index.core.images import load_image_file  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
@@ -716,4 +717,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # index.core.allocator: as every command runs
     main()

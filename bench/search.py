@@ -66,6 +66,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from index.core.allocator import tune_allocator  # noqa: E402
 from index import knn  # noqa: E402
 from index.search import ShardedIndex, exact_search  # noqa: E402
 from index.topk import same_lists  # noqa: E402
@@ -287,4 +288,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # index.core.allocator: as every command runs
     main()

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from index.core.allocator import tune_allocator  # noqa: E402
 from index import knn, store  # noqa: E402
 from index.core import contract
 from index.core.atomic import write_json  # noqa: E402
@@ -221,4 +222,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # index.core.allocator: as every command runs
     main()

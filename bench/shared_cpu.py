@@ -30,8 +30,10 @@ def worker(steps: int, warmup: int, threads: str, batch: int, size: int) -> dict
     import timm
     import torch
 
+    from index.core.allocator import tune_allocator
     from index.threads import choose_threads
 
+    tune_allocator()  # as every command runs (index.core.allocator)
     n = torch.get_num_threads() if threads == "default" else choose_threads(None)
     torch.set_num_threads(n)
     torch.manual_seed(0)

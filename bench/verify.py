@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from index.core.allocator import tune_allocator
 from curation import pixelkey
 from curation.copies import COPY_KINDS, copy_rng, make_copy
 from curation.verify import Thumb, VerifyRule, copy_match
@@ -121,4 +122,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # index.core.allocator: as every command runs
     main()

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
+from index.core.allocator import tune_allocator
 from index.core.errors import ConfigError
 from index.core.executor import Executor, LocalExecutor, progress_bar  # noqa: F401 - re-exported: the in-process executor
 from jobs.ray_data import embed_with_ray_data
@@ -24,6 +25,7 @@ R = TypeVar("R")
 
 class _Actor:
     def __init__(self, make_worker: Callable[[], Callable[[Any], Any]], torch_threads: int | None):
+        tune_allocator()
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.worker = make_worker()

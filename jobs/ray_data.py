@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from index import store
+from index.core.allocator import tune_allocator
 from index.embed import EmbedTask, Embedder, ShardResult, reused_result, shard_batches, write_result
 from index.encode import default_batch_size, resolve
 from index.encoders import EncoderSpec
@@ -58,6 +59,7 @@ class _Encoder:
 
     def __init__(self, tasks: list[EmbedTask], specs: tuple[EncoderSpec, ...], device: str,
                  crops_on_device: bool, torch_threads: int | None):
+        tune_allocator()
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.tasks = tasks

@@ -18,11 +18,13 @@ import torch.distributed as dist
 
 from distill.config import DistillConfig
 from distill.training import TRAIN_RESULT, train_student
+from index.core.allocator import tune_allocator
 from index.core.atomic import read_json
 from index.core.config import from_mapping
 
 
 def _train_loop(config: dict[str, Any]) -> None:
+    tune_allocator()
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     train_student(from_mapping(DistillConfig, config["cfg"]), rank=dist.get_rank(), world=dist.get_world_size(),
                   distributed=True)

@@ -1,6 +1,10 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules; the test session's allocator set as every command's."""
 import pytest
 import torch
+
+from index.core.allocator import tune_allocator
+
+tune_allocator()
 
 
 @pytest.fixture
