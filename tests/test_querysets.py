@@ -123,7 +123,11 @@ def test_folder_form(tmp_path):
     assert qs.name == f"folder:{root}:3shot"
     assert qs.classes == ["cat", "dog", "emu"]
     assert np.bincount([q.label for q in qs.queries]).tolist() == [3, 3, 3]
-    assert len(qs.references) == 31  # every image of the folder
+    own = [r for r in qs.references if r.rendering is None]
+    assert len(own) == 31  # every image of the folder
+    # and the oblong 5 x 6 image also as img2dataset's center_crop and border modes render it
+    assert sorted(r.id for r in qs.references if r.rendering) == [
+        f"task/emu/grey.png#{r}" for r in ("centre-square", "white-square")]
     grey = next(r for r in qs.references if r.id.endswith("grey.png"))
     assert grey.load().mode == "RGB" and grey.label == 2
     assert _ids(get_query_set(f"folder:{root}:3shot", seed=2).queries) == _ids(qs.queries)

@@ -97,7 +97,7 @@ def _data() -> ReportData:
 # + leaks: (1 + 5) * 2 + the aligned pair and its difference (3)
 EXPECTED_IMAGES = 6 + 3 + 16 + 6 - 2 + 5 + 12 + 3
 PLOTS = 5   # calibration: embedding, pixel key, verification score, residual; recall per kind
-PLACEHOLDERS = ["unreadable: truncated", "undecodable thumbnail: UnidentifiedImageError"]
+PLACEHOLDERS = ["unreadable: truncated", "undecodable thumbnail: not_image"]  # the loader's skip reasons
 
 
 def _assert_self_contained(text: str) -> None:
