@@ -31,6 +31,7 @@ from curation.decontam import read_review
 from curation.querysets import query_set_dirs
 from curation.run.stages import counts, pairs_per_second, run_stages, time_parts
 from curation.selection import SELECTORS
+from curation.thresholds import limit_text, limits_in_force
 from curation.timing import most_time
 from curation.verify import VERIFIERS
 from index.core import contract
@@ -211,18 +212,22 @@ def summary_line(manifest: dict[str, Any], seconds: float) -> str:
             f"{c['removed_unreadable']} unreadable"
             + (f" / {c['removed_changed']} changed since indexing" if c.get("removed_changed") else "")
             + f", backfilled {c['backfilled']}, "
-            f"thresholds ({th.get('source', 'given')}) dedup {_fmt(th['dedup'])} leak {_fmt(th['leak'])} "
-            f"verify {th.get('verifier', 'none')} {_fmt(th.get('verify'))}"
-            + (f" residual<={_fmt(th['max_residual'])}" if th.get("max_residual") is not None else "")
-            + (f" key {_fmt(th['key'])}" if th.get("key") is not None else "")
+            f"thresholds ({th.get('source', 'given')}) {_limits(th)}"
             + _verified(manifest) + _reads(manifest)
             + f", {seconds:.1f} s" + most_time(manifest.get("timings", {}).get("parts") or {})
             + _stages(manifest)
             + (f" -- {manifest['message']}" if manifest.get("message") else ""))
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
+def _limits(th: dict[str, Any]) -> str:
+    """``dedup D leak L verify align V residual<=R key K``; a limit that is off says so: ``verify off``
+    (and with it the residual and the pixel key, which serve verification), ``residual off``, ``key off``."""
+    lim = limits_in_force(th)
+    out = f"dedup {limit_text(lim['dedup'])} leak {limit_text(lim['leak'])} "
+    if lim["verify"] is None:
+        return out + "verify off"
+    residual = "residual off" if lim["max_residual"] is None else f"residual<={limit_text(lim['max_residual'])}"
+    return out + f"verify {th.get('verifier', 'align')} {limit_text(lim['verify'])} {residual} key {limit_text(lim['key'])}"
 
 
 def _verified(manifest: dict[str, Any]) -> str:

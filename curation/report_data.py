@@ -114,7 +114,7 @@ class ReportData:
     backfilled: int = 0
     written: int = 0
     unreadable: int = 0
-    thresholds: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float | None] = field(default_factory=dict)   # None: the limit is off
     encoders: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     mosaic: list[ClassMosaic] = field(default_factory=list)

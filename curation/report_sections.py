@@ -10,6 +10,7 @@ from typing import Sequence
 
 from curation.htmlpage import escape as _e, fmt as _fmt, table
 from curation.report_data import QueryPanel, ReportData, ReportLimits, Thumbs
+from curation.thresholds import limit_text
 
 
 def lede(data: ReportData) -> str:
@@ -90,7 +91,7 @@ def per_query(data: ReportData, limits: ReportLimits, th: Thumbs) -> str:
 def _limit(name: str, value: float | None, limit: float | None, op: str) -> str:
     if value is None:
         return ""
-    return f"{name} <b>{_fmt(value)}</b>" + ("" if limit is None else f" (copy: {_e(op)} {_fmt(limit)})")
+    return f"{name} <b>{_fmt(value)}</b>" + (" (limit off)" if limit is None else f" (copy: {_e(op)} {_fmt(limit)})")
 
 
 def leaks(data: ReportData, limits: ReportLimits, th: Thumbs) -> str:
@@ -220,7 +221,7 @@ def summary(data: ReportData) -> str:
         ("removed as leak", data.removed_leaks), ("backfilled", data.backfilled),
         ("written", data.written), ("unreadable", data.unreadable),
     ]
-    rows += [(f"threshold: {k}", v) for k, v in sorted(data.thresholds.items())]
+    rows += [(f"threshold: {k}", limit_text(v)) for k, v in sorted(data.thresholds.items())]
     rows += [(str(k), v) for k, v in sorted(data.extra.items(), key=lambda kv: str(kv[0]))]
     enc = "".join(f"<li>{_e(e)}</li>" for e in data.encoders) or "<li>none recorded</li>"
     return f"{table(rows)}\n<h3>Encoders</h3><ul>{enc}</ul>"

@@ -225,6 +225,7 @@ def test_manifest_counts_add_up_and_backfill_reaches_n(base):
     assert set(cal["recall"]) == set(COPY_KINDS) and cal["num_images"] == 6 * len(CLASSES)
     assert (f"thresholds (calibrated) dedup {th['dedup']:.4g} leak {th['leak']:.4g} "
             f"verify align {th['verify']:.4g}") in stdout
+    assert "None" not in stdout and "<=-" not in stdout
     assert [e["name"] for e in m["encoders"]] == ["test-tiny-timm"]
     assert m["shards"] == ["transfer-000000.tar"]
 
@@ -427,7 +428,10 @@ def test_paper_thresholds_without_verification(world: World, capsys):
     assert m["thresholds"] == {"dedup": 0.99, "leak": 0.95, "verify": None, "max_residual": None, "key": None,
                                "verifier": "none", "neighbours": 5, "key_neighbours": 5, "source": "given"}
     assert m["calibration"] is None
-    assert "thresholds (given) dedup 0.99 leak 0.95 verify none -" in capsys.readouterr().out
+    assert "thresholds (given) dedup 0.99 leak 0.95 verify off," in capsys.readouterr().out
+    numbers = _section((out / contract.REPORT_FILE).read_text(), "summary")
+    for limit in ("verify", "max_residual", "key"):
+        assert re.search(rf'<th>threshold: {limit}</th><td class="n">off</td>', numbers), limit
 
 
 @pytest.mark.parametrize("field,value,valid", [("dedup_threshold", "high", "'auto' or a number"),

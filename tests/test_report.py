@@ -192,6 +192,45 @@ def test_count_per_query_and_class():
         count_per_query_and_class([rec("d", ("q9", 0.1))], {"q1": "A"})
 
 
+def _section(text: str, sid: str) -> str:
+    return re.search(rf'<section id="{sid}">(.*?)</section>', text, re.S).group(1)
+
+
+def test_limits_that_are_off_say_off():
+    cal = {**_calibration(), "verify_max_residual": None, "pixel_threshold": None}
+    leak = LeakPanel("00004/leak", _noise(400), 0.991, [ReferenceMatch("ref/0", 0.99, _noise(410), verified=True)],
+                     crops_removed=1, verify_score=0.97, verify_residual=3.5)
+    data = ReportData(thresholds={"dedup": 0.99, "leak": 0.95, "verify": 0.9, "max_residual": None, "key": None},
+                      calibration=cal, leaks=[leak])
+    text, _ = render_report(data)
+    calibration = _section(text, "calibration")
+    assert "residual limit <b>off</b>" in calibration and "candidates by pixel key <b>off</b>" in calibration
+    assert "score above <b>0.9</b>" in calibration and "None" not in calibration
+    assert "residual <b>3.5</b> (limit off)" in _section(text, "leaks")
+    for limit, shown in (("max_residual", "off"), ("key", "off"), ("verify", "0.9")):
+        assert f'<th>threshold: {limit}</th><td class="n">{shown}</td>' in _section(text, "summary")
+    unverified, _ = render_report(ReportData(calibration={**cal, "verify": "none", "verify_threshold": None}))
+    assert "verification <b>off</b> (verifier none)" in unverified and "None" not in _section(unverified, "calibration")
+
+
+def test_summary_line_says_off_for_limits_that_are_off():
+    from curation.pipeline import summary_line
+
+    counts = {"written": 5, "requested": 5, "depth_k": 8, "retrieved": 5, "removed_duplicate": 0, "removed_leak": 0,
+              "removed_unreadable": 0, "backfilled": 0}
+
+    def line(**th) -> str:
+        th = {"dedup": 0.99, "leak": 0.95, "verify": 0.9, "max_residual": 3.5, "key": 0.8, "verifier": "align",
+              "source": "given", **th}
+        return summary_line({"counts": counts, "strategy": "query_balanced", "thresholds": th}, 1.0)
+
+    assert "dedup 0.99 leak 0.95 verify align 0.9 residual<=3.5 key 0.8, " in line()
+    assert "verify align 0.9 residual off key off, " in line(max_residual=None, key=None)
+    assert "verify align 0.9 residual<=3.5 key off, " in line(key=1.0)   # --key-threshold 1 turns it off
+    assert "dedup 0.99 leak 0.95 verify off, " in line(verify=None, max_residual=None, key=None, verifier="none")
+    assert all("None" not in x and "-," not in x for x in (line(max_residual=None), line(verify=None)))
+
+
 # ---------------------------------------------------------------- real browser
 
 

@@ -16,6 +16,7 @@ from curation.report_evidence import aligned_evidence
 from curation.report_thumbs import read_report_thumbs
 from curation.run.report_items import query_rank, report_items
 from curation.run.state import RunState
+from curation.thresholds import limits_in_force
 from index.core import contract
 from index.ranged import read_by_id
 from index.skips import SkipCounts
@@ -116,7 +117,7 @@ def report_data(st: RunState, counts: dict[str, Any], time_parts: dict[str, floa
         retrieved=c["retrieved"], removed_duplicates=c["removed_duplicate"],
         removed_leaks=c["removed_leak"], backfilled=c["backfilled"], written=c["written"],
         unreadable=c["removed_unreadable"] + c["unreadable_at_write"],
-        thresholds={k: thd[k] for k in ("dedup", "leak", "verify", "max_residual", "key") if thd.get(k) is not None},
+        thresholds=limits_in_force(thd),
         calibration=st.calibration.to_dict() if st.calibration else None,
         rejected_total=len(st.leak_report.rejected) if st.leak_report else 0,
         encoders=[s.name for s in st.specs],
