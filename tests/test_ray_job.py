@@ -1,12 +1,12 @@
 """The indexing stage as a real Ray job, as README's "A Ray cluster" runs it: `ray start --head --block`
-in its own session with token authentication, then `ray job submit ... -- <venv python> curation/build_index.py`.
+with token authentication, then `ray job submit ... -- <venv python> curation/build_index.py`.
 
 The head is started by the virtualenv's `ray` without the virtualenv on PATH, as a user who did not
 activate it would, so the job finds the project's python only because the entrypoint names it. The
 token is a file of the test's own (RAY_AUTH_TOKEN_PATH), never ~/.ray/auth_token. The working dir is a
 minimal copy of the packages the job imports plus its config. The head is stopped by SIGTERM to its own
-`ray start --block` process (then its session is killed, should anything be left): `ray stop` would stop
-every Ray instance on the machine, not just this one.
+`ray start --block` process (it runs in a session of its own, killed too should anything be left):
+`ray stop` would stop every Ray instance on the machine, not just this one.
 """
 from __future__ import annotations
 
