@@ -1,7 +1,8 @@
 """The indexing stage as a script path, which `ray job submit` runs (`build-index` is the same command).
 
     python curation/build_index.py --config jobs/demo.yaml --out DIR [--executor local|ray]
-    ray job submit --working-dir . -- python curation/build_index.py --config jobs/demo.yaml --out DIR
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . --
+        "$PWD/.venv/bin/python" curation/build_index.py --config jobs/demo.yaml --out DIR   (README: A Ray cluster)
 
 Under `ray job submit` (RAY_ADDRESS is set) the default executor is Ray on that cluster (index.cli).
 """

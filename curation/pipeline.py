@@ -31,6 +31,7 @@ from curation.decontam import read_review
 from curation.querysets import query_set_dirs
 from curation.run.stages import counts, pairs_per_second, run_stages, time_parts
 from curation.selection import SELECTORS
+from curation.thresholds import limit_text, limits_in_force
 from curation.timing import most_time
 from curation.verify import VERIFIERS
 from index.core import contract
@@ -38,7 +39,7 @@ from index.core.atomic import CODE_VERSION, write_json
 from index.core.config import check_integer
 from index.core.errors import ConfigError, MissingInputError
 from index.core.outdir import Owner, owned_dir, owning_also, pattern_dirs, pattern_regex
-from index.gallery_index import read_index_manifest
+from index.gallery_index import check_gallery, read_index_manifest
 from index.threads import HELP as THREADS_HELP
 
 OWNER = Owner("curate", (pattern_regex(contract.TRANSFER_PATTERN), pattern_regex(contract.QUERIES_PATTERN),
@@ -107,6 +108,9 @@ class CurateConfig:
     executor: str = field(default="local", metadata={
         "help": "where original embedding, verification and crop materialisation run: local | ray"})
     num_workers: int | None = field(default=None, metadata={"help": "Ray actors (default: one per CPU)"})
+    gallery_root: str | None = field(default=None, metadata={
+        "help": "where the gallery is now, if it moved after indexing: the directory holding what the index's "
+                "recorded gallery root held (each image is still checked against its indexed content hash)"})
     changed_images: str = field(default="refuse", metadata={
         "help": "a gallery image whose bytes changed since indexing: refuse (stop before writing, naming them) "
                 "or skip (leave it out, counted in the manifest and summary) (curation.changed)"})
@@ -157,12 +161,17 @@ def check_inputs(cfg: CurateConfig) -> dict[str, list[str]]:
     """Refuse missing or malformed inputs before any work; returns what the run reads (the output
     may be neither equal to nor inside any of it)."""
     manifest = read_index_manifest(cfg.index)
+    check_gallery(manifest, cfg.gallery_root)   # every shard where the index (or --gallery-root) says
     if cfg.leak_review:
         if not os.path.isfile(cfg.leak_review):
             raise MissingInputError(f"--leak-review file {cfg.leak_review} does not exist")
         read_review(cfg.leak_review)   # malformed: refused now, not after calibration
-    gallery = manifest.get("config", {}).get("gallery") or [s["source"]["path"] for s in manifest["shards"]]
-    return {"--index": [cfg.index], "the gallery": pattern_dirs(gallery),
+    if cfg.gallery_root:
+        gallery = [cfg.gallery_root]
+    else:
+        gallery = pattern_dirs(manifest.get("config", {}).get("gallery")
+                               or [s["source"]["path"] for s in manifest["shards"]])
+    return {"--index": [cfg.index], "the gallery": gallery,
             "the query set's images": query_set_dirs(cfg.queries, cfg.data_root)}
 
 
@@ -214,18 +223,23 @@ def summary_line(manifest: dict[str, Any], seconds: float) -> str:
             f"{c['removed_unreadable']} unreadable"
             + (f" / {c['removed_changed']} changed since indexing" if c.get("removed_changed") else "")
             + f", backfilled {c['backfilled']}, "
-            f"thresholds ({th.get('source', 'given')}) dedup {_fmt(th['dedup'])} leak {_fmt(th['leak'])} "
-            f"verify {th.get('verifier', 'none')} {_fmt(th.get('verify'))}"
-            + (f" residual<={_fmt(th['max_residual'])}" if th.get("max_residual") is not None else "")
-            + (f" key {_fmt(th['key'])}" if th.get("key") is not None else "")
+            f"thresholds ({th.get('source', 'given')}) {_limits(th)}"
             + _verified(manifest) + _reads(manifest)
             + f", {seconds:.1f} s" + most_time(manifest.get("timings", {}).get("parts") or {})
             + _stages(manifest)
             + (f" -- {manifest['message']}" if manifest.get("message") else ""))
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
+def _limits(th: dict[str, Any]) -> str:
+    """``dedup D leak L verify align V residual<=R key K``; a limit that is off says so: ``verify off``
+    (and with it the residual and the pixel key, which serve verification), ``residual off``, ``key off``."""
+    lim = limits_in_force(th)
+    out = f"dedup {limit_text(lim['dedup'])} leak {limit_text(lim['leak'])} "
+    if lim["verify"] is None:
+        return out + "verify off"
+    residual = "residual off" if lim["max_residual"] is None else f"residual<={limit_text(lim['max_residual'])}"
+    return out + (f"verify {th.get('verifier', 'align')} {limit_text(lim['verify'])} {residual} "
+                  f"key {limit_text(lim['key'])}")
 
 
 def _verified(manifest: dict[str, Any]) -> str:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from curation import plots
-from curation.htmlpage import escape, fmt
+from curation.htmlpage import escape
+from curation.thresholds import limit_text
 
 DISTINCT = "nearest distinct image"
 
@@ -26,16 +27,27 @@ def _plot(x, copies: dict[str, list[float]], distinct: list[float], *, title: st
                            width=5.2, height=3.4)
 
 
+def _verification(cal: dict[str, Any]) -> str:
+    """What confirms a candidate; a limit that is off says "off", never a number it does not have."""
+    if cal.get("verify_threshold") is None:
+        return f'verification <b>off</b> (verifier {escape(cal["verify"])})'
+    residual = cal.get("verify_max_residual")
+    pixel = cal.get("pixel_threshold")
+    return (f'verifier {escape(cal["verify"])} with score above <b>{limit_text(cal["verify_threshold"])}</b> and '
+            + ("residual limit <b>off</b>" if residual is None
+               else f"residual at most <b>{limit_text(residual)}</b> grey levels")
+            + f', {cal["neighbours"]} nearest references verified (by embedding'
+            + ("; candidates by pixel key <b>off</b>)" if pixel is None
+               else f", and by pixel key above <b>{limit_text(pixel)}</b>)"))
+
+
 def calibration_section(cal: dict[str, Any] | None) -> str:
     if not cal:
         return "<p>No calibration ran: every threshold was given.</p>"
     head = (f'<p>{cal["num_images"]} images of the target sampled, one synthetic copy of each per kind; '
             f'target recall {cal["recall_target"]} for every kind. Chosen: leak threshold '
-            f'<b>{cal["leak_threshold"]:.4g}</b>, dedup threshold <b>{cal["dedup_threshold"]:.4g}</b>, '
-            f'verifier {escape(cal["verify"])} with score above <b>{fmt(cal["verify_threshold"])}</b> and '
-            f'residual at most <b>{fmt(cal.get("verify_max_residual"))}</b> grey levels, '
-            f'{cal["neighbours"]} nearest references verified (by embedding, and by pixel key above '
-            f'<b>{fmt(cal.get("pixel_threshold"))}</b>). Estimated false-positive rate on each image\'s '
+            f'<b>{limit_text(cal["leak_threshold"])}</b>, dedup threshold <b>{limit_text(cal["dedup_threshold"])}</b>, '
+            f'{_verification(cal)}. Estimated false-positive rate on each image\'s '
             f'nearest distinct image: {cal["false_positive_rate"]:.3f}.</p>')
     kinds = list(cal["recall"])
     recall = plots.bar_plot(kinds, {"recall (the chosen decision)": [cal["recall"][k] for k in kinds],

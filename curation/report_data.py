@@ -110,12 +110,15 @@ class ReportData:
     query_set: str = ""
     requested: int | None = None     # the size N asked for
     retrieved: int = 0
-    removed_duplicates: int = 0
+    removed_duplicates: int = 0      # items; of them, these were further crops of an image the set keeps:
+    removed_further_crops: int = 0   # the others are crops of images removed as duplicates of other images
+    duplicate_images: int | None = None    # images removed as duplicates of another (None: count dedup_clusters)
+    duplicate_clusters: int | None = None  # clusters of them, all (dedup_clusters holds the largest; None: those)
     removed_leaks: int = 0
     backfilled: int = 0
     written: int = 0
     unreadable: int = 0
-    thresholds: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float | None] = field(default_factory=dict)   # None: the limit is off
     encoders: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     mosaic: list[ClassMosaic] = field(default_factory=list)
@@ -124,6 +127,7 @@ class ReportData:
     leaks: list[LeakPanel] = field(default_factory=list)
     per_query_counts: dict[str, int] = field(default_factory=dict)
     per_class_counts: dict[str, int] = field(default_factory=dict)
+    without_query: int = 0    # curated items no query retrieved (random strategy): in neither count
     calibration: dict[str, Any] | None = None   # curation.calibrate.Calibration.to_dict()
     rejected_total: int = 0   # candidates rejected by verification (the report shows the top ones)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)   # stage -> {"seconds", "status"}
@@ -152,10 +156,11 @@ class ReportStats:
 
 def count_per_query_and_class(records: Sequence[TransferRecord],
                               query_class: dict[str, str]) -> tuple[dict[str, int], dict[str, int]]:
-    """Curated items per query (an item counts for every query that retrieved it) and per class
-    (each item once, for the class of its most similar query; ties by query id).
+    """Curated items per query and per class, each item counted once: for its most similar query (ties
+    by query id) and that query's class, so both add up to the items that have a query (all of them but
+    under the ``random`` strategy). An item several queries retrieved counts for the nearest only.
 
-    Every query of `query_class` appears, with 0 if it retrieved nothing; a record naming a query
+    Every query of `query_class` appears, with 0 if no item is nearest to it; a record naming a query
     missing from `query_class` raises.
     """
     per_query = {q: 0 for q in query_class}
@@ -164,18 +169,24 @@ def count_per_query_and_class(records: Sequence[TransferRecord],
         for hit in rec.queries:
             if hit.query not in query_class:
                 raise KeyError(f"record {rec.key} names query {hit.query!r}, which is not in the query set")
-            per_query[hit.query] += 1
-        best = record_class(rec, query_class)
+        best = record_query(rec)
         if best is not None:
-            per_class[best] += 1
+            per_query[best] += 1
+            per_class[query_class[best]] += 1
     return per_query, per_class
+
+
+def record_query(rec: TransferRecord) -> str | None:
+    """A record's most similar query (ties by query id); None without queries."""
+    if not rec.queries:
+        return None
+    return min(rec.queries, key=lambda h: (-h.similarity, h.query)).query
 
 
 def record_class(rec: TransferRecord, query_class: dict[str, str]) -> str | None:
     """The class of a record's most similar query (ties by query id); None without queries."""
-    if not rec.queries:
-        return None
-    return query_class[min(rec.queries, key=lambda h: (-h.similarity, h.query)).query]
+    best = record_query(rec)
+    return None if best is None else query_class[best]
 
 
 # ---------------------------------------------------------------- thumbnails

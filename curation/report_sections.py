@@ -10,6 +10,7 @@ from typing import Sequence
 
 from curation.htmlpage import escape as _e, fmt as _fmt, table
 from curation.report_data import QueryPanel, ReportData, ReportLimits, Thumbs
+from curation.thresholds import limit_text
 
 
 def lede(data: ReportData) -> str:
@@ -18,10 +19,29 @@ def lede(data: ReportData) -> str:
     parts = [f"<b>{data.written}</b> crops written" + (f" of {data.requested} asked for" if data.requested else ""),
              f"{classes} classes" if classes else "",
              f"{data.removed_leaks} removed as leaks of the target's images",
-             f"{data.removed_duplicates} as duplicates",
+             *_duplicates(data),
              f"{data.unreadable} unreadable" if data.unreadable else "",
              f"{data.backfilled} backfilled from deeper neighbours" if data.backfilled else ""]
     return f'<p class="lede">{", ".join(p for p in parts if p)}.</p>'
+
+
+def _duplicate_images(data: ReportData) -> tuple[int, int]:
+    """(clusters, images removed as duplicates of another image), as the duplicates section counts them."""
+    clusters = len(data.dedup_clusters) if data.duplicate_clusters is None else data.duplicate_clusters
+    images = (sum(sum(not m.kept for m in c.members) for c in data.dedup_clusters)
+              if data.duplicate_images is None else data.duplicate_images)
+    return clusters, images
+
+
+def _duplicates(data: ReportData) -> list[str]:
+    """The items removed as duplicates, split as the duplicates section shows them: crops of images that
+    duplicate another image (its clusters), and further crops of an image the set keeps (no cluster)."""
+    crops, further = data.removed_duplicates - data.removed_further_crops, data.removed_further_crops
+    if not data.removed_duplicates:
+        return ["0 as duplicates"]
+    parts = [f"{crops} crop(s) of {_duplicate_images(data)[1]} duplicate image(s)" if crops else "",
+             f"{further} further crop(s) of images already in the set" if further else ""]
+    return [f"{data.removed_duplicates} as duplicates ({', '.join(p for p in parts if p)})"]
 
 
 def mosaic(data: ReportData, limits: ReportLimits, th: Thumbs) -> str:
@@ -90,7 +110,7 @@ def per_query(data: ReportData, limits: ReportLimits, th: Thumbs) -> str:
 def _limit(name: str, value: float | None, limit: float | None, op: str) -> str:
     if value is None:
         return ""
-    return f"{name} <b>{_fmt(value)}</b>" + ("" if limit is None else f" (copy: {_e(op)} {_fmt(limit)})")
+    return f"{name} <b>{_fmt(value)}</b>" + (" (limit off)" if limit is None else f" (copy: {_e(op)} {_fmt(limit)})")
 
 
 def leaks(data: ReportData, limits: ReportLimits, th: Thumbs) -> str:
@@ -145,20 +165,20 @@ def leaks(data: ReportData, limits: ReportLimits, th: Thumbs) -> str:
 
 
 def dedup(data: ReportData, limits: ReportLimits, th: Thumbs) -> str:
+    crops = data.removed_further_crops
+    further = (f"{crops} item(s) removed as duplicates were further crops of an image already in the set "
+               "(one crop per image is kept)") if crops else ""
     if not data.dedup_clusters:
-        return "<p>No duplicate clusters" + (f" (the {data.removed_duplicates} items removed as duplicates were "
-                                              "further crops of an image already in the set)" if data.removed_duplicates
-                                              else "") + ".</p>"
+        return "<p>No duplicate clusters" + (f"; {further}" if further else "") + ".</p>"
     clusters = sorted(data.dedup_clusters, key=lambda c: (-len(c.members), min((m.id for m in c.members), default="")))
     shown = clusters[:limits.max_clusters]
-    total_removed = sum(sum(not m.kept for m in c.members) for c in clusters)
-    out = [f"<p>{len(clusters)} clusters; {total_removed} duplicate images removed "
+    n_clusters, n_images = _duplicate_images(data)
+    out = [f"<p>{n_clusters} cluster(s); {n_images} duplicate image(s) removed "
            f"(one image kept per cluster, outlined green, first in its row).</p>"]
-    if data.removed_duplicates > total_removed:
-        out.append(f'<p class="small">Of the {data.removed_duplicates} items removed as duplicates, the others '
-                   "were further crops of an image already in the set (one crop per image is kept).</p>")
-    if len(shown) < len(clusters):
-        out.append(f'<p class="note">Showing the {len(shown)} largest of {len(clusters)} clusters.</p>')
+    if further:
+        out.append(f'<p class="small">{further}.</p>')
+    if len(shown) < n_clusters:
+        out.append(f'<p class="note">Showing the {len(shown)} largest of {n_clusters} clusters.</p>')
     for c in shown:
         members = sorted(c.members, key=lambda m: (not m.kept, m.id))
         cells = [f'<div class="member{" kept" if m.kept else ""}">{th.img(m.image, m.id)}'
@@ -199,28 +219,47 @@ def _html_bars(counts: Sequence[tuple[str, int]]) -> str:
     return f'<table class="bars">{rows}</table>'
 
 
-def _stats_line(values: Sequence[int]) -> str:
+def _stats_line(values: Sequence[int], what: str) -> str:
     if not values:
         return ""
-    return (f'<p class="small">{len(values)} bars; min {min(values)}, median '
+    return (f'<p class="small">{len(values)} {what}; min {min(values)}, median '
             f"{statistics.median(values):g}, max {max(values)}, total {sum(values)}</p>")
+
+
+def _what_is_counted(data: ReportData) -> str:
+    """What the per-query and per-class totals count, and how they relate to the items written."""
+    total = sum(data.per_query_counts.values())
+    rule = ("Each curated item is counted once, for its most similar query (ties by query id) and that "
+            "query's class, so both totals are the same")
+    if total == data.written and not data.without_query:
+        return f'<p class="small">{rule}: the {data.written} items written.</p>'
+    not_written = total + data.without_query - data.written
+    parts = [f"{total} items"]
+    if data.without_query:
+        parts.append(f"{data.without_query} more have no query (drawn at random) and are in no bar")
+    if not_written:
+        parts.append(f"{not_written} of the items counted were not written (unreadable when their crops were cut)")
+    return f'<p class="small">{rule}: {"; ".join(parts)}; {data.written} items written.</p>'
+
 
 
 def histograms(data: ReportData) -> str:
     q = list(data.per_query_counts.items())
     c = list(data.per_class_counts.items())
-    return ("<h3>Items per query</h3>" + _stats_line([v for _, v in q]) + _svg_columns(q)
-            + "<h3>Items per class</h3>" + _stats_line([v for _, v in c]) + _html_bars(c))
+    return (_what_is_counted(data) + "<h3>Items per query</h3>" + _stats_line([v for _, v in q], "queries")
+            + _svg_columns(q) + "<h3>Items per class</h3>" + _stats_line([v for _, v in c], "classes")
+            + _html_bars(c))
 
 
 def summary(data: ReportData) -> str:
     rows = [
         ("query set", data.query_set), ("requested size", data.requested),
         ("retrieved", data.retrieved), ("removed as duplicate", data.removed_duplicates),
+        ("of them, further crops of an image in the set", data.removed_further_crops),
         ("removed as leak", data.removed_leaks), ("backfilled", data.backfilled),
         ("written", data.written), ("unreadable", data.unreadable),
     ]
-    rows += [(f"threshold: {k}", v) for k, v in sorted(data.thresholds.items())]
+    rows += [(f"threshold: {k}", limit_text(v)) for k, v in sorted(data.thresholds.items())]
     rows += [(str(k), v) for k, v in sorted(data.extra.items(), key=lambda kv: str(kv[0]))]
     enc = "".join(f"<li>{_e(e)}</li>" for e in data.encoders) or "<li>none recorded</li>"
     return f"{table(rows)}\n<h3>Encoders</h3><ul>{enc}</ul>"

@@ -46,8 +46,19 @@ class Thresholds:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
+def limit_text(x: float | None) -> str:
+    """A limit as the summary line, the log and the report print it: 4 significant digits, or "off" where
+    it is off (None: no verification, no residual limit, no pixel key candidates)."""
+    return "off" if x is None else f"{x:.4g}"
+
+
+def limits_in_force(th: dict[str, Any]) -> dict[str, float | None]:
+    """``dedup, leak, verify, max_residual, key`` of a `Thresholds.to_dict()`, None where a limit is off:
+    also the pixel key at 1 or more (no similarity exceeds it, the documented way to turn it off)."""
+    key = th.get("key")
+    return {"dedup": th["dedup"], "leak": th["leak"], "verify": th.get("verify"),
+            "max_residual": th.get("max_residual") if th.get("verify") is not None else None,
+            "key": None if key is None or key >= 1.0 else key}
 
 
 def resolve_thresholds(cfg, models, qs, ref_feats: list[np.ndarray], ref_keys: Keys | None,
@@ -64,10 +75,10 @@ def resolve_thresholds(cfg, models, qs, ref_feats: list[np.ndarray], ref_keys: K
                                          recall=cfg.copy_recall, verify=cfg.verify,
                                          min_neighbours=cfg.leak_neighbours, batch_size=cfg.batch_size,
                                          ref_keys=None if ref_keys is None else ref_keys.keys, progress=True)
-        log.info("calibration %s: leak %.4g dedup %.4g verify %s residual<=%s key %s, "
+        log.info("calibration %s: leak %.4g dedup %.4g verify %s residual limit %s key %s, "
                  "estimated false-positive rate %.3g", "reused" if reused else "computed", cal.leak_threshold,
-                 cal.dedup_threshold, _fmt(cal.verify_threshold), _fmt(cal.verify_max_residual),
-                 _fmt(cal.pixel_threshold), cal.false_positive_rate)
+                 cal.dedup_threshold, limit_text(cal.verify_threshold), limit_text(cal.verify_max_residual),
+                 limit_text(cal.pixel_threshold), cal.false_positive_rate)
 
     def pick(value, calibrated, paper):
         if value != "auto":

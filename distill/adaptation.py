@@ -137,7 +137,8 @@ def prepare_teachers(cfg: DistillConfig, ls: LabelledSet, query_set: Any, device
         d: dict[str, Any] = {"name": name, "weight": weight[name], "outputs": int(t.head.out_features),
                              "head": teacher_adaptation(cfg), "adaptation": info}
         if d["head"] != "source":
-            ev = evaluate(t, test_batches(query_set.test, t.spec.image_size, cfg.eval_batch_size), ls.classes, device)
+            ev = evaluate(t, test_batches(query_set.test, t.spec.image_size, cfg.eval_batch_size), ls.classes, device,
+                          progress=cfg.progress)
             d.update(accuracy=ev["accuracy"], per_class_accuracy=ev["per_class_accuracy"])
         teachers.append(t)
         described.append(d)

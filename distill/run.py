@@ -139,7 +139,8 @@ def _run_distill(cfg: DistillConfig, query_set: Any, launcher: Launcher | None, 
 
     student = build_student(cfg.student, len(ls.classes), resolution=resolution)
     student.load_state_dict(torch.load(out / "student.pt", map_location="cpu", weights_only=True))
-    ev = evaluate(student.to(device), test_batches(query_set.test, resolution, cfg.eval_batch_size), ls.classes, device)
+    ev = evaluate(student.to(device), test_batches(query_set.test, resolution, cfg.eval_batch_size), ls.classes, device,
+                  progress=cfg.progress)
     clock.lap("evaluation")
     metrics.update(completed=True, test_accuracy=ev["accuracy"], per_class_accuracy=ev["per_class_accuracy"],
                    num_test=ev["num_test"], confusion=ev["confusion"], classes=list(ls.classes),
@@ -171,7 +172,7 @@ def _teachers(cfg: DistillConfig, ls: LabelledSet, query_set: Any, device: torch
         return []
     teacher, info = prepare_teacher(cfg, ls, device)
     ev = evaluate(teacher, test_batches(query_set.test, teacher.spec.image_size, cfg.eval_batch_size),
-                  ls.classes, device)
+                  ls.classes, device, progress=cfg.progress)
     metrics.update(teacher=cfg.teacher, teacher_adapt=cfg.teacher_adapt, teacher_accuracy=ev["accuracy"],
                    teacher_per_class_accuracy=ev["per_class_accuracy"], teacher_adaptation=info)
     return [teacher]

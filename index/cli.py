@@ -1,7 +1,8 @@
 """The indexing commands: `build-index` (gallery -> embeddings -> FAISS index) and `download-gallery`.
 
     build-index --config jobs/demo.yaml --out DIR [--executor local|ray] [--num-workers N] [--gallery GLOB]
-    ray job submit --working-dir . -- python curation/build_index.py --config jobs/demo.yaml --out DIR
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . --
+        "$PWD/.venv/bin/python" curation/build_index.py --config jobs/demo.yaml --out DIR   (README: A Ray cluster)
     download-gallery --url-list urls.parquet --out /data/gallery [--max-side 512]
 
 `build-index` takes a job config (IndexConfig fields; the crop recipe and FAISS settings are set

@@ -136,7 +136,9 @@ def download_gallery(cfg: DownloadConfig) -> dict[str, Any]:
 
     A table's `url_col` (and `caption_col` unless None) must be among its columns; a ``.txt`` list has
     none. ``resume=False`` deletes what ``cfg.out`` holds first (img2dataset's 'overwrite' mode).
-    Must run in the main thread (img2dataset installs a SIGINT handler; it is restored after).
+    Must run in the main thread (img2dataset installs a SIGINT handler; it is restored after). Ctrl-C
+    raises KeyboardInterrupt, as in every other command; a rerun with ``resume`` goes on from the
+    shards finished.
     """
     # albumentations (imported by img2dataset, also in its spawned workers) asks PyPI for updates
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -184,6 +186,12 @@ def download_gallery(cfg: DownloadConfig) -> dict[str, Any]:
             distributor="multiprocessing",
             incremental_mode="incremental" if cfg.resume else "overwrite",
         )
+    except SystemExit as e:
+        # img2dataset's SIGINT handler removes its _tmp folder and exits with status 0 (its only sys.exit):
+        # that is Ctrl-C, which the commands report as such (index.core.errors.run_main)
+        if e.code not in (0, None):
+            raise
+        raise KeyboardInterrupt from None
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)

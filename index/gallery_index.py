@@ -4,12 +4,21 @@
 location of every image it returns, so the reads that follow (`index.ranged.read_by_id`: originals,
 crops, thumbnails) go by byte range without touching a row table again. `read_stats` accumulates the
 bytes those reads take from gallery files.
+
+The manifest records each shard's absolute path. A gallery moved after indexing is read from its new
+place with ``gallery_root``: every shard path is taken relative to the recorded gallery root (the
+directory that holds every shard, `recorded_gallery_root`) and put under the new one. Nothing else
+changes: each image is still checked against the content hash its row records, so other bytes under
+the new root are a changed image, never silently the same one. `check_gallery` refuses, before any work,
+an index whose shard files are not where it (or ``gallery_root``) says.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -37,6 +46,54 @@ SEARCH_CACHE_ENTRIES = 4      # query sets whose deepest lists are kept (curate 
 _REQUIRED_KEYS = ("num_vectors", "encoders", "index_factory", "shards", "groups")   # in indexes of every version
 
 
+def recorded_gallery_root(shards: list[dict[str, Any]]) -> str:
+    """The directory that holds every shard an index was built from (manifest ``shards``): the common
+    parent of each tar's folder and each folder shard's gallery folder (a folder of images given as the
+    gallery is a shard itself; its subfolders are shards inside it)."""
+    homes = []
+    for s in shards:
+        src = s["source"]
+        direct = src["kind"] == "folder" and not src.get("recursive", True)
+        homes.append(os.path.normpath(src["path"] if direct else os.path.dirname(src["path"])))
+    return os.path.commonpath(homes) if homes else ""
+
+
+def moved_path(path: str, recorded_root: str, gallery_root: str | None) -> str:
+    """Where a recorded shard path is with the gallery moved to ``gallery_root`` (None: not moved)."""
+    if gallery_root is None:
+        return path
+    return os.path.normpath(os.path.join(gallery_root, os.path.relpath(path, recorded_root)))
+
+
+def check_gallery(manifest: dict[str, Any], gallery_root: str | None = None) -> None:
+    """Refuse an index whose gallery shards are not where it says (or under ``gallery_root``, when the
+    gallery moved), naming the recorded gallery root; a stat per shard, nothing is read."""
+    shards = manifest["shards"]
+    recorded = recorded_gallery_root(shards)
+    gallery_root = None if gallery_root is None else os.path.abspath(gallery_root)
+    if gallery_root is not None and not os.path.isdir(gallery_root):
+        raise MissingInputError(f"--gallery-root {gallery_root} is not a directory (the index's gallery was "
+                                f"recorded under {recorded})")
+    missing = []
+    for s in shards:
+        path = moved_path(s["source"]["path"], recorded, gallery_root)
+        if not (os.path.isdir(path) if s["source"]["kind"] == "folder" else os.path.isfile(path)):
+            missing.append((s, path))
+    if not missing:
+        return
+    images = sum(s.get("num_images", s["num_vectors"]) for s, _ in missing)
+    count = f"{images} image(s) in {len(missing)} of {len(shards)} shard(s)"
+    if gallery_root is None:
+        raise MissingInputError(
+            f"gallery files missing: {count} under {recorded} (the index's recorded gallery root) are not there, "
+            f"e.g. {missing[0][1]}. If the gallery moved, pass --gallery-root NEW, the directory that now holds "
+            f"what {recorded} held (each image is still checked against the content hash the index recorded)")
+    raise MissingInputError(
+        f"gallery files missing: {count} are not under --gallery-root {gallery_root}, e.g. {missing[0][1]} (the "
+        f"index recorded {missing[0][0]['source']['path']} under {recorded}); --gallery-root must hold what "
+        f"{recorded} held, in the same layout")
+
+
 def read_index_manifest(root: str | Path) -> dict[str, Any]:
     """An index directory's manifest; a missing, truncated or foreign one is refused naming the file."""
     path = Path(root) / contract.MANIFEST_FILE
@@ -56,9 +113,11 @@ def read_index_manifest(root: str | Path) -> dict[str, Any]:
 class GalleryIndex:
     """`executor` (an object with `map(make_worker, tasks, desc)`, e.g. jobs.executors') fans the
     search out over index groups, `search_task_bytes` of index files per task; without one the
-    groups are opened in this process, as one `ShardedIndex`."""
+    groups are opened in this process, as one `ShardedIndex`. ``gallery_root``: where the gallery is
+    now, if it moved after indexing (module docstring)."""
 
-    def __init__(self, root: str | Path, executor=None, search_task_bytes: int = SEARCH_TASK_BYTES):
+    def __init__(self, root: str | Path, executor=None, search_task_bytes: int = SEARCH_TASK_BYTES,
+                 gallery_root: str | None = None):
         if search_task_bytes < 1:
             raise ValueError(f"search_task_bytes must be >= 1; got {search_task_bytes}")
         self.executor = executor
@@ -74,6 +133,8 @@ class GalleryIndex:
                         "into a new directory with build-index", self.root)
         self.specs = [EncoderSpec.from_dict(d) for d in self.manifest["encoders"]]
         self.shards = self.manifest["shards"]
+        self.recorded_gallery_root = recorded_gallery_root(self.shards)
+        self.gallery_root = None if gallery_root is None else os.path.abspath(gallery_root)
         self.offsets = np.array([s["offset"] for s in self.shards], dtype=np.int64)
         self.num_vectors = int(self.manifest["num_vectors"])
         self._faiss = None
@@ -222,4 +283,5 @@ class GalleryIndex:
         pos = self._pos.get(shard_name)
         if pos is None:
             raise KeyError(f"shard {shard_name!r} is not in {self.root}")
-        return ShardRef.from_dict(self.shards[pos]["source"])
+        ref = ShardRef.from_dict(self.shards[pos]["source"])
+        return dataclasses.replace(ref, path=moved_path(ref.path, self.recorded_gallery_root, self.gallery_root))

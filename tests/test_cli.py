@@ -216,6 +216,28 @@ def test_curate_refuses_a_bad_size_with_exit_2(capsys):
     assert "curate: error: size must be an integer >= 1; got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("prog,main,argv,module,work", [
+    ("curate", curate_cli.main, ["--queries", "q", "--index", "i", "--size", "1", "--out", "o"], curate_cli, "curate"),
+    ("build-index", index_cli.build_index_main, ["--config", str(ROOT / "jobs" / "demo.yaml"), "--out", "o"],
+     index_cli, "build_gallery_index"),
+    ("download-gallery", index_cli.download_main, ["--url-list", "u.parquet", "--out", "g"], index_cli,
+     "download_gallery"),
+    ("distill", distill_cli.main, ["--method", "kd", "--transfer", "t", "--queries", "q", "--out", "o"], distill_cli,
+     "run_distill"),
+    ("distill rank", distill_cli.main, ["rank", "--queries", "q", "--teachers", "a,b"], distill_cli, "rank")],
+    ids=["curate", "build-index", "download-gallery", "distill", "distill-rank"])
+def test_ctrl_c_in_every_command_is_one_line_and_status_130(prog, main, argv, module, work, monkeypatch, capsys):
+    """Each command's work stopped by Ctrl-C; tests/test_faults.py sends a real SIGINT to a running distill."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(module, work, interrupted)
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    assert captured.err == f"{prog}: stopped; rerun the same command to resume\n" and captured.out == ""
+
+
 def test_distill_flags_parse_to_the_config_they_always_did(tmp_path: Path):
     argv = ["--method", "kd_weighted", "--transfer", "t", "--queries", "q", "--out", "o", "--student",
             "test-tiny-student", "--resolution", "16", "--batch-size", "8", "--finetune-epochs", "1", "--no-progress",

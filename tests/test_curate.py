@@ -207,7 +207,7 @@ def test_query_shards_hold_every_query_with_its_label(base):
 
 
 def test_manifest_counts_add_up_and_backfill_reaches_n(base):
-    _, m, stdout = base
+    out, m, stdout = base
     c = m["counts"]
     assert (c["retrieved"] - c["removed_duplicate"] - c["removed_leak"] - c["removed_unreadable"]
             + c["backfilled"] - c["unreadable_at_write"]) == c["written"] == c["requested"] == N
@@ -226,6 +226,10 @@ def test_manifest_counts_add_up_and_backfill_reaches_n(base):
     assert set(cal["recall"]) == set(COPY_KINDS) and cal["num_images"] == 6 * len(CLASSES)
     assert (f"thresholds (calibrated) dedup {th['dedup']:.4g} leak {th['leak']:.4g} "
             f"verify align {th['verify']:.4g}") in stdout
+    assert "None" not in stdout and "<=-" not in stdout
+    # items per query and per class add up to the items written
+    histograms = _section((out / contract.REPORT_FILE).read_text(), "histograms")
+    assert f"the {N} items written" in histograms and histograms.count(f"total {N}</p>") == 2
     assert [e["name"] for e in m["encoders"]] == ["test-tiny-timm"]
     assert m["shards"] == ["transfer-000000.tar"]
 
@@ -276,6 +280,20 @@ def test_planted_duplicates_keep_one_and_the_report_lists_the_cluster(world: Wor
     assert len(kept) == 1 and kept[0] in sources
     for c in clusters:  # a cluster lists distinct images; crops of one image are not a cluster
         assert len({i for i, _ in c}) == len(c) >= 2
+    # the first screen counts the removed duplicates as the duplicates section shows them
+    html = (out / contract.REPORT_FILE).read_text()
+    lede = re.search(r'<p class="lede">(.*?)</p>', html).group(1)
+    total = re.search(r"(\d+) as duplicates \((.*)\)[,.]", lede)
+    assert total and int(total.group(1)) == m["counts"]["removed_duplicate"], lede
+    others = re.search(r"(\d+) crop\(s\) of (\d+) duplicate image\(s\)", total.group(2))
+    crops = re.search(r"(\d+) further crop\(s\) of images already in the set", total.group(2))
+    assert others, lede   # the planted copies are other images
+    n_crops = int(crops.group(1)) if crops else 0
+    assert int(others.group(1)) + n_crops == m["counts"]["removed_duplicate"]
+    section = _section(html, "dedup-clusters")
+    assert "duplicate image(s) removed" in section and \
+        f"; {others.group(2)} duplicate image(s) removed" in section, section[:300]
+    assert (f"{n_crops} item(s) removed as duplicates were further crops" in section) == (n_crops > 0)
 
 
 def test_decontamination_removes_planted_copies_and_keeps_the_look_alike(world: World, base):
@@ -428,7 +446,10 @@ def test_paper_thresholds_without_verification(world: World, capsys):
     assert m["thresholds"] == {"dedup": 0.99, "leak": 0.95, "verify": None, "max_residual": None, "key": None,
                                "verifier": "none", "neighbours": 5, "key_neighbours": 5, "source": "given"}
     assert m["calibration"] is None
-    assert "thresholds (given) dedup 0.99 leak 0.95 verify none -" in capsys.readouterr().out
+    assert "thresholds (given) dedup 0.99 leak 0.95 verify off," in capsys.readouterr().out
+    numbers = _section((out / contract.REPORT_FILE).read_text(), "summary")
+    for limit in ("verify", "max_residual", "key"):
+        assert re.search(rf'<th>threshold: {limit}</th><td class="n">off</td>', numbers), limit
 
 
 @pytest.mark.parametrize("field,value,valid", [("dedup_threshold", "high", "'auto' or a number"),

@@ -3,6 +3,7 @@
 embedded again and caught as a leak, not served from the reference-feature cache."""
 from __future__ import annotations
 
+import json
 import shutil
 import tarfile
 from dataclasses import dataclass
@@ -136,3 +137,49 @@ def test_a_changed_target_image_under_the_same_name_is_caught_as_a_leak(world: W
     assert victim in leaked and leaked[victim]["neighbor_ids"][0] == target.id
     assert victim not in _sources(tmp_path / "out2")
     assert second["counts"]["removed_leak"] >= 1
+
+
+def _transfer_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("transfer-*.tar"))}
+
+
+def test_a_moved_gallery_is_missing_until_curate_is_given_its_new_root(world: World, tmp_path: Path, capsys):
+    gallery = tmp_path / "old" / "gallery"
+    shutil.copytree(world.gallery, gallery)
+    index = _index(tmp_path, gallery)
+    cache = tmp_path / "cache"
+    before = curate(_cfg(world.task, index, tmp_path / "before", cache))
+    moved = tmp_path / "new" / "place"
+    moved.parent.mkdir()
+    gallery.rename(moved)
+    argv = ["--queries", f"folder:{world.task}:2shot", "--index", str(index), "--size", str(N), "--cache-dir",
+            str(cache), "--dedup-threshold", "0.99", "--leak-threshold", "0.95", "--verify", "none"]
+
+    # missing, not "changed": one line naming the index's recorded gallery root and the way out
+    capsys.readouterr()
+    assert cli.main(argv + ["--out", str(tmp_path / "after")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("curate: error: gallery files missing: ")
+    assert f"1 of 1 shard(s) under {gallery} (the index's recorded gallery root)" in err
+    assert "--gallery-root NEW" in err and "changed" not in err
+    assert not (tmp_path / "after").exists()   # refused before any work
+    # a --gallery-root that does not hold it is refused the same way, naming both
+    assert cli.main(argv + ["--out", str(tmp_path / "after"), "--gallery-root", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert f"are not under --gallery-root {tmp_path / 'new'}" in err and str(gallery / "00000.tar") in err
+
+    # pointed at the new root: the same set as before the move
+    assert cli.main(argv + ["--out", str(tmp_path / "after"), "--gallery-root", str(moved)]) == 0
+    assert _transfer_bytes(tmp_path / "after") == _transfer_bytes(tmp_path / "before") != {}
+    after = json.loads((tmp_path / "after" / "manifest.json").read_text())
+    assert after["counts"] == before["counts"] and after["config"]["gallery_root"] == str(moved)
+    # where the gallery is read from is no input of any stage: a rerun of the first run reuses them all
+    again = curate(_cfg(world.task, index, tmp_path / "before", cache, gallery_root=str(moved)))
+    assert {k: v["status"] for k, v in again["timings"]["stages"].items() if k not in ("open", "manifest")} == \
+        {s: "reused" for s in ("embed_queries", "retrieve", "references", "filter", "write", "report")}
+
+    # other bytes under the new root are still a changed image, not the indexed one
+    victim = _sources(tmp_path / "before")[0]
+    replace_member(moved / "00000.tar", f"{victim.split('/', 1)[1]}.png", stored_png(pattern(4242, SIZE)))
+    with pytest.raises(ChangedImagesError, match=victim):
+        curate(_cfg(world.task, index, tmp_path / "changed", cache, gallery_root=str(moved)))

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,6 +229,32 @@ def test_distill_killed_then_rerun_equals_an_uninterrupted_run(world: World, ref
     assert distill_cli.main(distill_args(world, reference, out)) == 0
     a, b = (torch.load(d / "student.pt", weights_only=True) for d in (ref, out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+def test_ctrl_c_prints_one_line_and_exits_130(world: World, reference: Path, tmp_path):
+    out = tmp_path / "interrupted"
+    args = distill_args(world, reference, out, "--transfer-epochs", "100000", "--log-level", "warning")
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=subprocess_env())
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.rglob("last.pt")):   # training: a periodic checkpoint is committed
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert err == "distill: stopped; rerun the same command to resume\n", err[-2000:]
+    # the stack unwound: no temporary file is left, and the checkpoint a rerun resumes from is whole
+    assert not (out / "metrics.json").exists() and not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp"))
+    assert torch.load(next(out.rglob("last.pt")), weights_only=False)["step"] >= 1
 
 
 # ---------------------------------------------------------------- a full disk

@@ -22,7 +22,8 @@ from index.config import IndexConfig
 from index.core import contract
 from index.crops import CropConfig, CropRecipe, materialize
 from index.gallery import ShardRef, iter_images, list_shards
-from index.gallery_index import GalleryIndex
+from index.core.errors import MissingInputError
+from index.gallery_index import GalleryIndex, check_gallery, recorded_gallery_root
 from index.ranged import ReadStats, read_by_id, read_located, read_one
 from index.skips import SkipCounts
 
@@ -369,6 +370,28 @@ def test_folder_gallery_index_reads_by_file(folder_gallery: Path, tmp_path: Path
     scanned = {g.id: g.image for s in list_shards(str(folder_gallery)) for g in iter_images(s)}
     assert sorted(got) == ids and all(np.array_equal(_pixels(got[i]), _pixels(scanned[i])) for i in ids)
     assert gi.read_stats.scanned_files == 0 and gi.read_stats.files == len(ids) + 1  # + cats/a.json
+
+
+def test_a_moved_folder_gallery_reads_from_its_new_root(folder_gallery: Path, tmp_path: Path):
+    """The recorded gallery root of a folder gallery (images at its top, and subfolders) is the folder
+    itself; moved, its shards are missing until the index is pointed at the new root."""
+    cfg = IndexConfig(gallery=str(folder_gallery), encoders=("test-tiny-timm",), crops=CROPS, batch_size=8,
+                      faiss={"factory": "Flat"})
+    manifest = build_gallery_index(cfg, tmp_path / "index")
+    assert recorded_gallery_root(manifest["shards"]) == str(folder_gallery)
+    want = read_originals(GalleryIndex(tmp_path / "index"), ["cats/a", "cats/sub_b_c", "dogs/d", "photos/top"])
+    new = tmp_path / "moved" / "elsewhere"
+    new.parent.mkdir()
+    folder_gallery.rename(new)
+    with pytest.raises(MissingInputError, match=rf"4 image\(s\) in 3 of 3 shard\(s\) under {folder_gallery} \(the "):
+        check_gallery(manifest)
+    check_gallery(manifest, str(new))
+    gi = GalleryIndex(tmp_path / "index", gallery_root=str(new))
+    assert gi.shard_ref("photos").path == str(new) and gi.shard_ref("cats").path == str(new / "cats")
+    got = read_originals(gi, sorted(want))
+    assert sorted(got) == sorted(want) and all(np.array_equal(_pixels(got[i]), _pixels(want[i])) for i in want)
+    # without the new root every read is a stale location, as before
+    assert read_originals(GalleryIndex(tmp_path / "index"), sorted(want)) == {}
 
 
 def test_a_curate_run_reads_no_gallery_shard_whole(many, tmp_path: Path):

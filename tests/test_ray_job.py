@@ -1,14 +1,18 @@
-"""The indexing stage as a real Ray job: `ray start --head`, then `ray job submit ... curation/build_index.py`.
+"""The indexing stage as a real Ray job, as README's "A Ray cluster" runs it: `ray start --head --block`
+with token authentication, then `ray job submit ... -- <venv python> curation/build_index.py`.
 
-The head is started from the project's virtualenv (its bin/ first on PATH), so the job's `python` is
-the venv's. The working dir is a minimal copy of the packages the job imports plus its config. The head
-runs with `--block` in its own session and is stopped by signalling that session only: `ray stop`
-would stop every Ray instance on the machine, not just this one.
+The head is started by the virtualenv's `ray` without the virtualenv on PATH, as a user who did not
+activate it would, so the job finds the project's python only because the entrypoint names it. The
+token is a file of the test's own (RAY_AUTH_TOKEN_PATH), never ~/.ray/auth_token. The working dir is a
+minimal copy of the packages the job imports plus its config. The head is stopped by SIGTERM to its own
+`ray start --block` process (it runs in a session of its own, killed too should anything be left):
+`ray stop` would stop every Ray instance on the machine, not just this one.
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -47,13 +51,14 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for_dashboard(url: str, head: subprocess.Popen, token: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
+    request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
     while time.monotonic() < deadline:
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited with {head.returncode}; see {head.args}")
         try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+            with urllib.request.urlopen(request, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -98,10 +103,14 @@ def test_index_built_by_ray_job_submit(tiny_job):
     work, tmp = tiny_job
     gcs, dash, client, agent_listen, agent_grpc, metrics, runtime_env = _free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths have a length limit
-    # a throw-away cluster on loopback: no token authentication (it would need a token file in $HOME)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    token = tmp / "ray-token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != BIN)
+    env = {**os.environ, "PATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token)}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "VIRTUAL_ENV"):
+        env.pop(name, None)
     head_log = open(tmp / "ray-head.log", "wb")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
@@ -113,21 +122,30 @@ def test_index_built_by_ray_job_submit(tiny_job):
         env=env, cwd=tmp, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
     out = tmp / "index-ray"
     url = f"http://127.0.0.1:{dash}"
+    python = shlex.quote(str(BIN / "python"))
     try:
-        _wait_for_dashboard(url, head)
+        _wait_for_dashboard(url, head, token.read_text())
+        # a client without RAY_AUTH_MODE=token sends no token, and is refused
+        bare = subprocess.run([str(BIN / "ray"), "job", "list", "--address", url],
+                              env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")},
+                              cwd=tmp, capture_output=True, text=True, timeout=120)
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(work), "--",
-             # Ray quotes each word of the entrypoint, so the `&&` goes through `sh -c`
-             "sh", "-c", "python -c 'import sys; print(\"JOB PYTHON\", sys.executable)' && "
-             f"python curation/build_index.py --config tiny.yaml --out {shlex.quote(str(out))} --num-workers 2"],
+             # Ray quotes each word of the entrypoint, so the `&&` goes through `sh -c`; a bare `python`
+             # is the head's PATH's, so the entrypoint names the virtualenv's
+             "sh", "-c", "python -c 'import sys; print(\"BARE PYTHON\", sys.executable)'; "
+             f"{python} -c 'import sys; print(\"JOB PYTHON\", sys.executable)' && "
+             f"{python} curation/build_index.py --config tiny.yaml --out {shlex.quote(str(out))} --num-workers 2"],
             env=env, cwd=tmp, capture_output=True, text=True, timeout=400)
     finally:
         _stop(head)
         head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+    assert bare.returncode != 0 and "AuthenticationError" in bare.stdout + bare.stderr, bare.stderr[-2000:]
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-4000:]
-    assert f"JOB PYTHON {BIN / 'python'}" in log or f"JOB PYTHON {sys.executable}" in log, log[-2000:]
+    assert f"JOB PYTHON {BIN / 'python'}\n" in log, log[-2000:]
+    assert f"BARE PYTHON {BIN / 'python'}\n" not in log, log[-2000:]   # the head's PATH has no venv
     assert "Connecting to existing Ray cluster" in log  # the job ran on this cluster's actors, not in-process
     assert "index: 11 images read, skipped 1 (corrupt 1), 33 vectors written" in log
 

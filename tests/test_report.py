@@ -129,7 +129,8 @@ def test_report_sections_images_and_counts(tmp_path):
     assert "+2 more not shown" in text                      # 10 retrieved, 8 shown
     assert "removed as leak (3 crops)" in text and "un-flagged by review: kept" in text
     assert "ref/5" not in text                              # only the 5 nearest references
-    assert "2 clusters; 3 duplicate images removed" in text
+    assert "2 cluster(s); 3 duplicate image(s) removed" in text
+    assert "3 as duplicates (3 crop(s) of 3 duplicate image(s))" in text   # the first screen counts the same
     for label, value in [("removed as duplicate", "3"), ("backfilled", "6"), ("threshold: leak", "0.95")]:
         assert re.search(rf"<th>{re.escape(label)}</th><td class=\"n\">{value}</td>", text)
     assert "ViT-B-32.openai" in text
@@ -186,10 +187,89 @@ def test_count_per_query_and_class():
         return TransferRecord(key, key, 0, {}, [QueryHit(q, s, 0) for q, s in hits])
     records = [rec("a", ("q1", 0.9)), rec("b", ("q1", 0.5), ("q3", 0.7)), rec("c", ("q2", 0.6), ("q3", 0.6))]
     per_query, per_class = count_per_query_and_class(records, {"q1": "A", "q2": "A", "q3": "B", "q4": "C"})
-    assert per_query == {"q1": 2, "q2": 1, "q3": 2, "q4": 0}
-    assert per_class == {"A": 2, "B": 1, "C": 0}  # c ties q2/q3 -> q2 (class A)
+    # each item once, for its most similar query: a -> q1, b -> q3, c ties q2/q3 -> q2 (class A)
+    assert per_query == {"q1": 1, "q2": 1, "q3": 1, "q4": 0}
+    assert per_class == {"A": 2, "B": 1, "C": 0}
+    assert sum(per_query.values()) == sum(per_class.values()) == len(records)
     with pytest.raises(KeyError, match="q9"):
         count_per_query_and_class([rec("d", ("q9", 0.1))], {"q1": "A"})
+
+
+def _section(text: str, sid: str) -> str:
+    return re.search(rf'<section id="{sid}">(.*?)</section>', text, re.S).group(1)
+
+
+def test_limits_that_are_off_say_off():
+    cal = {**_calibration(), "verify_max_residual": None, "pixel_threshold": None}
+    leak = LeakPanel("00004/leak", _noise(400), 0.991, [ReferenceMatch("ref/0", 0.99, _noise(410), verified=True)],
+                     crops_removed=1, verify_score=0.97, verify_residual=3.5)
+    data = ReportData(thresholds={"dedup": 0.99, "leak": 0.95, "verify": 0.9, "max_residual": None, "key": None},
+                      calibration=cal, leaks=[leak])
+    text, _ = render_report(data)
+    calibration = _section(text, "calibration")
+    assert "residual limit <b>off</b>" in calibration and "candidates by pixel key <b>off</b>" in calibration
+    assert "score above <b>0.9</b>" in calibration and "None" not in calibration
+    assert "residual <b>3.5</b> (limit off)" in _section(text, "leaks")
+    for limit, shown in (("max_residual", "off"), ("key", "off"), ("verify", "0.9")):
+        assert f'<th>threshold: {limit}</th><td class="n">{shown}</td>' in _section(text, "summary")
+    unverified, _ = render_report(ReportData(calibration={**cal, "verify": "none", "verify_threshold": None}))
+    assert "verification <b>off</b> (verifier none)" in unverified and "None" not in _section(unverified, "calibration")
+
+
+def test_summary_line_says_off_for_limits_that_are_off():
+    from curation.pipeline import summary_line
+
+    counts = {"written": 5, "requested": 5, "depth_k": 8, "retrieved": 5, "removed_duplicate": 0, "removed_leak": 0,
+              "removed_unreadable": 0, "backfilled": 0}
+
+    def line(**th) -> str:
+        th = {"dedup": 0.99, "leak": 0.95, "verify": 0.9, "max_residual": 3.5, "key": 0.8, "verifier": "align",
+              "source": "given", **th}
+        return summary_line({"counts": counts, "strategy": "query_balanced", "thresholds": th}, 1.0)
+
+    assert "dedup 0.99 leak 0.95 verify align 0.9 residual<=3.5 key 0.8, " in line()
+    assert "verify align 0.9 residual off key off, " in line(max_residual=None, key=None)
+    assert "verify align 0.9 residual<=3.5 key off, " in line(key=1.0)   # --key-threshold 1 turns it off
+    assert "dedup 0.99 leak 0.95 verify off, " in line(verify=None, max_residual=None, key=None, verifier="none")
+    assert all("None" not in x and "-," not in x for x in (line(max_residual=None), line(verify=None)))
+
+
+PAIR = [DedupCluster([DedupMember("00002/x", kept=True), DedupMember("00002/y")])]
+
+
+@pytest.mark.parametrize("removed,crops,clusters,counted,lede,section", [
+    (16, 16, [], (None, None), "16 as duplicates (16 further crop(s) of images already in the set)",
+     "No duplicate clusters; 16 item(s) removed as duplicates were further crops"),
+    (5, 3, PAIR, (None, None), "5 as duplicates (2 crop(s) of 1 duplicate image(s), 3 further crop(s) of images "
+     "already in the set)", "1 cluster(s); 1 duplicate image(s) removed"),
+    (2, 0, PAIR, (None, None), "2 as duplicates (2 crop(s) of 1 duplicate image(s))",
+     "1 cluster(s); 1 duplicate image(s) removed"),
+    # more clusters than the report shows: both count them all
+    (9, 1, PAIR, (25, 30), "9 as duplicates (8 crop(s) of 30 duplicate image(s), 1 further crop(s)",
+     "25 cluster(s); 30 duplicate image(s) removed"),
+])
+def test_first_screen_counts_duplicates_as_the_duplicates_section(removed, crops, clusters, counted, lede, section):
+    text, _ = render_report(ReportData(written=10, removed_duplicates=removed, removed_further_crops=crops,
+                                       dedup_clusters=clusters, duplicate_clusters=counted[0],
+                                       duplicate_images=counted[1]))
+    first = re.search(r'<p class="lede">(.*?)</p>', text).group(1)
+    assert lede in first and (crops == 0) == ("further crop" not in first)
+    dedup = _section(text, "dedup-clusters")
+    assert section in dedup and (f"{crops} item(s) removed as duplicates were further crops" in dedup) == (crops > 0)
+    assert ("Showing the 1 largest of 25 clusters" in dedup) == (counted[0] == 25)
+
+
+def test_items_per_query_add_up_to_the_items_written():
+    text, _ = render_report(ReportData(written=60, per_query_counts={"q1": 40, "q2": 20, "q3": 0},
+                                       per_class_counts={"A": 60}))
+    hist = _section(text, "histograms")
+    assert "the 60 items written" in hist and "3 queries; min 0, median 20, max 40, total 60" in hist
+    assert "1 classes; min 60, median 60, max 60, total 60" in hist
+    text, _ = render_report(ReportData(written=60, per_query_counts={"q1": 50}, per_class_counts={"A": 50},
+                                       without_query=12))
+    hist = _section(text, "histograms")
+    # 50 counted + 12 without a query = 62 selected, 60 written: 2 could not be read
+    assert "50 items; 12 more have no query" in hist and "2 of the items counted were not written" in hist
 
 
 # ---------------------------------------------------------------- real browser

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import numpy as np
+
 from curation import report_data as rpt
 from curation.report import write_report
 from curation.report_evidence import aligned_evidence
 from curation.report_thumbs import read_report_thumbs
 from curation.run.report_items import query_rank, report_items
 from curation.run.state import RunState
+from curation.thresholds import limits_in_force
 from index.core import contract
 from index.ranged import read_by_id
 from index.skips import SkipCounts
@@ -109,14 +112,21 @@ def report_data(st: RunState, counts: dict[str, Any], time_parts: dict[str, floa
     mosaic = [rpt.ClassMosaic(c, n, [rpt.MosaicItem(r.key, r.source_id, r.similarity, crop_thumbs.get(r.key, missing))
                                      for r in recs]) for c, n, recs in items.mosaic]
     per_query, per_class = rpt.count_per_query_and_class(records, classes)
+    # removed duplicates as the duplicates section shows them: a crop of an image the set keeps, or of an
+    # image removed as a duplicate of another (in a cluster)
+    kept_images = {r.source_id for r in records}
+    first_dups = sorted(st.filtered.duplicates & set(st.first.ids.tolist()))
+    further_crops = sum(row.id in kept_images for row in st.gindex.rows(np.array(first_dups, dtype=np.int64)))
+    clusters = st.filtered.clusters(kept_images)   # all of them; the report shows the largest
     thd = th.to_dict()
     c = counts
     return rpt.ReportData(
         title=f"Curated transfer set: {qs.name}", query_set=qs.name, requested=st.cfg.size,
-        retrieved=c["retrieved"], removed_duplicates=c["removed_duplicate"],
+        retrieved=c["retrieved"], removed_duplicates=c["removed_duplicate"], removed_further_crops=further_crops,
+        duplicate_images=sum(not kept for cl in clusters for _, kept in cl), duplicate_clusters=len(clusters),
         removed_leaks=c["removed_leak"], backfilled=c["backfilled"], written=c["written"],
         unreadable=c["removed_unreadable"] + c["unreadable_at_write"],
-        thresholds={k: thd[k] for k in ("dedup", "leak", "verify", "max_residual", "key") if thd.get(k) is not None},
+        thresholds=limits_in_force(thd),
         calibration=st.calibration.to_dict() if st.calibration else None,
         rejected_total=len(st.leak_report.rejected) if st.leak_report else 0,
         encoders=[s.name for s in st.specs],
@@ -125,7 +135,7 @@ def report_data(st: RunState, counts: dict[str, Any], time_parts: dict[str, floa
         mosaic=mosaic, queries=panels, leaks=_leak_panels(st, items, originals, full, limits),
         dedup_clusters=[rpt.DedupCluster([rpt.DedupMember(id=i, image=originals.get(i, missing), kept=k)
                                           for i, k in cl]) for cl in items.clusters],
-        per_query_counts=per_query, per_class_counts=per_class,
+        per_query_counts=per_query, per_class_counts=per_class, without_query=sum(not r.queries for r in records),
         stages={k: dict(v) for k, v in st.stage_status.items()}, time_parts=time_parts)
 
 

@@ -84,7 +84,9 @@ def open_run(cfg, executor: Executor | None) -> RunState:
     out = Path(cfg.out)
     # the search runs as tasks over index groups on the executor (in-process too), so this process
     # opens no group and local and Ray runs merge the same per-task lists
-    gindex = GalleryIndex(cfg.index, executor=executor)
+    # a moved gallery (cfg.gallery_root) changes where its bytes are read, not what they must be (every
+    # image is checked against its indexed content hash), so no stage fingerprint covers it
+    gindex = GalleryIndex(cfg.index, executor=executor, gallery_root=cfg.gallery_root)
     specs = gindex.local_specs()          # refuses encoders whose weights differ from the index's
     qs = get_query_set(cfg.queries, cfg.data_root, cfg.seed)
     selector = SELECTORS.get(cfg.strategy)
@@ -186,8 +188,8 @@ def _filter(st: RunState) -> Record:
                             load_references=lambda ids: {i: refs[i].load() for i in ids},
                             load_gallery=lambda ids: read_originals(gindex, ids),
                             executor=st.executor, device=cfg.device)
-    make_worker = functools.partial(originals_worker, str(gindex.root), st.specs, cfg.device, cfg.batch_size,
-                                    cfg.verify != "none")
+    make_worker = functools.partial(originals_worker, str(gindex.root), gindex.gallery_root, st.specs, cfg.device,
+                                    cfg.batch_size, cfg.verify != "none")
     review = set(read_review(cfg.leak_review)) if cfg.leak_review else set()
     sel, filtered = st.first, Filtered()
     orig: dict[str, list[np.ndarray]] = {}     # gallery image id -> per-encoder feature rows
@@ -283,8 +285,8 @@ def _write(st: RunState) -> Record:
     limits = rpt.ReportLimits()
     shown = report_items(records, st.leak_report, st.filtered, query_classes(st), limits)
     written = write_transfer(st.out, st.gindex, records, st.cfg.shard_size, st.executor,
-                             functools.partial(crops_worker, str(st.gindex.root), st.cfg.jpeg_quality,
-                                               limits.thumb_size),
+                             functools.partial(crops_worker, str(st.gindex.root), st.gindex.gallery_root,
+                                               st.cfg.jpeg_quality, limits.thumb_size),
                              thumb_keys=shown.crop_keys(),
                              thumb_originals=shown.original_ids() & {r.source_id for r in records},
                              on_unreadable=lambda found: changed_since_indexing(

@@ -1,8 +1,8 @@
 """Units of work the curation stages fan out over an executor, and the ordered shard writer.
 
-Workers get specs and paths, never live models or open indexes, and build those where they run
-(as `index.build` does with its embedder); tasks and results are plain data, so `LocalExecutor`
-and `RayExecutor` give the same results in the same order.
+Workers get specs and paths (the index's, and the gallery's new root if it moved), never live models or
+open indexes, and build those where they run (as `index.build` does with its embedder); tasks and
+results are plain data, so `LocalExecutor` and `RayExecutor` give the same results in the same order.
 
     originals_worker(...)  task: gallery image ids  -> their features (+ pixel keys), unreadable ids
     crops_worker(...)      task: transfer records   -> JPEG bytes of each crop (None: unreadable), and
@@ -60,9 +60,10 @@ def _embed_task(task: list[tuple[str, dict | None, str | None]], gindex: Gallery
                                                else np.zeros((0, pixelkey.DIM), np.float32))}
 
 
-def originals_worker(index_root: str, specs: list[EncoderSpec], device: str | None, batch_size: int,
-                     with_keys: bool) -> Callable[[list[tuple[str, dict | None, str | None]]], dict[str, Any]]:
-    gindex = GalleryIndex(index_root)
+def originals_worker(index_root: str, gallery_root: str | None, specs: list[EncoderSpec], device: str | None,
+                     batch_size: int, with_keys: bool
+                     ) -> Callable[[list[tuple[str, dict | None, str | None]]], dict[str, Any]]:
+    gindex = GalleryIndex(index_root, gallery_root=gallery_root)
     models = [build_encoder(s, pick_device(device)) for s in specs]
     return lambda task: _embed_task(task, gindex, models, batch_size, with_keys)
 
@@ -116,9 +117,9 @@ def _crops_task(task: tuple[list[dict], dict[str, dict | None], dict[str, str | 
             "skipped": counts.to_dict(), "unreadable": unreadable, "reads": _reads(gindex)}
 
 
-def crops_worker(index_root: str, quality: int, thumb_size: int = ReportLimits().thumb_size
+def crops_worker(index_root: str, gallery_root: str | None, quality: int, thumb_size: int = ReportLimits().thumb_size
                  ) -> Callable[[tuple[list[dict], dict, dict, list[str], list[str]]], dict[str, Any]]:
-    gindex = GalleryIndex(index_root)
+    gindex = GalleryIndex(index_root, gallery_root=gallery_root)
     return lambda task: _crops_task(task, gindex, quality, thumb_size)
 
 

@@ -1,8 +1,9 @@
 """The one base exception for a user's mistake: a bad config, an unknown name, a missing or foreign path.
 
 Every command-line entry point runs through `run_main`, which catches `UserError` and prints
-`prog: error: <message>` with exit status 2 (argparse's convention); anything else is a bug and
-keeps its traceback. Subclasses also derive from the built-in exception a caller would expect
+`prog: error: <message>` with exit status 2 (argparse's convention); Ctrl-C prints one line and exits
+130 (the shell's 128 + SIGINT), since every command resumes where it stopped; anything else is a bug
+and keeps its traceback. Subclasses also derive from the built-in exception a caller would expect
 (`ValueError`, `FileNotFoundError`, ...), so `except ValueError` keeps working where it did.
 """
 from __future__ import annotations
@@ -37,10 +38,16 @@ def run_main(prog: str, main: Callable[[Sequence[str] | None], object], argv: Se
     """Run a command's `main(argv)`; a `UserError` prints ``prog: error: ...`` and returns 2.
 
     argparse already reports its own errors this way (and exits 2). A full disk (or file size limit)
-    prints ``prog: error: ...`` and returns 1; everything else propagates with its traceback.
+    prints ``prog: error: ...`` and returns 1. Ctrl-C (KeyboardInterrupt) prints ``prog: stopped;
+    rerun the same command to resume`` and returns 130: the stack has unwound by then (temporary
+    files removed, locks released), and every command resumes from what it finished. Everything else
+    propagates with its traceback.
     """
     try:
         rc = main(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: {STOPPED}", file=sys.stderr, flush=True)
+        return INTERRUPTED
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -54,3 +61,5 @@ def run_main(prog: str, main: Callable[[Sequence[str] | None], object], argv: Se
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+STOPPED = "stopped; rerun the same command to resume"
+INTERRUPTED = 130   # exit status after Ctrl-C: 128 + SIGINT, as a shell reports a process SIGINT ended
