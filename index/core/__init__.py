@@ -7,6 +7,7 @@
     registry   one name -> object registry with did-you-mean, for encoders, query sets, selectors, methods
     config     from_mapping: every config dataclass built from a mapping, unknown keys refused
     executor   the Executor protocol (map over tasks with workers built where they run) and LocalExecutor
+    allocator  glibc's allocator set for tensor work (large buffers reused, not faulted in again)
     images     the one image loader: bytes -> 8-bit RGB, EXIF orientation applied, transparency on
                white (as img2dataset re-encodes), CMYK and 16/32-bit converted, skip reasons for failures
     flags      command lines generated from config dataclasses (help in field metadata, --config FILE)

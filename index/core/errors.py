@@ -12,6 +12,8 @@ import errno
 import sys
 from typing import Callable, Sequence
 
+from index.core.allocator import tune_allocator
+
 
 class UserError(Exception):
     """Raised for input the user can fix; the message says what is wrong and, where there are
@@ -41,8 +43,10 @@ def run_main(prog: str, main: Callable[[Sequence[str] | None], object], argv: Se
     prints ``prog: error: ...`` and returns 1. Ctrl-C (KeyboardInterrupt) prints ``prog: stopped;
     rerun the same command to resume`` and returns 130: the stack has unwound by then (temporary
     files removed, locks released), and every command resumes from what it finished. Everything else
-    propagates with its traceback.
+    propagates with its traceback. The C allocator is set for tensor work first
+    (`index.core.allocator`).
     """
+    tune_allocator()
     try:
         rc = main(argv)
     except KeyboardInterrupt:
