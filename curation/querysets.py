@@ -24,8 +24,9 @@ Registered names (`QUERY_SETS`, plus the parametrised ``folder:<path>:<k>shot``)
 
 In folder query sets (EuroSAT and ``folder:``), an image that another producer renders differently
 (an EXIF-rotated photo, which img2dataset stores sideways; a transparent image with its alpha
-dropped) is also a reference in that rendering, with the id ``<id>#<rendering>``
-(`rendered_references`), so its copy in a gallery made by that producer is found.
+dropped; an oblong image that img2dataset's center_crop or border mode makes square) is also a
+reference in that rendering, with the id ``<id>#<rendering>`` (`rendered_references`), so its copy in
+a gallery made by that producer is found.
 
 Draws are nested: for one seed the 5-shot queries of a class are the first 5 of its 10-shot queries.
 Images load lazily through each item's `loader` (a picklable callable returning a PIL RGB image); its
@@ -207,12 +208,12 @@ def _renderings_of(path: str) -> tuple[str, ...]:
         return ()   # refused by the loader when the image itself is read
 
 
-def rendered_references(items: Sequence[LabeledImage], root: Path, id_prefix: str) -> list[LabeledImage]:
-    """Extra references for the target images that another producer renders differently
-    (`index.core.images.RENDERINGS`): a phone photo as img2dataset stores it (EXIF orientation not
-    applied), a transparent image with its alpha dropped. Their ids are the image's id with
-    ``#<rendering>``; the one loader's rendering stays the image's own reference."""
-    paths = [str(root / it.id[len(id_prefix) + 1:]) for it in items]
+def rendered_references(items: Sequence[LabeledImage], paths: Sequence[str]) -> list[LabeledImage]:
+    """Extra references for the target images (files at `paths`) that another producer renders
+    differently (`index.core.images.RENDERINGS`): a phone photo as img2dataset stores it (EXIF
+    orientation not applied), a transparent image with its alpha dropped, an oblong image cut or
+    padded to a square. Their ids are the image's id with ``#<rendering>``; the one loader's
+    rendering stays the image's own reference."""
     with ThreadPoolExecutor(8) as pool:
         found = list(pool.map(_renderings_of, paths, chunksize=256))
     return [LabeledImage(f"{it.id}#{r}", it.label, functools.partial(load_rendering, path, r),
@@ -233,14 +234,15 @@ def _folder_query_set(name: str, root: Path, id_prefix: str, k: int, seed: int,
     empty = [c for i, c in enumerate(scan.classes) if i not in present]
     if empty:
         raise InputError(f"{root}: class folders without images: {empty}")
-    items = [LabeledImage(f"{id_prefix}/{rel}", label, functools.partial(load_image_file, str(root / rel)),
-                          functools.partial(read_file_bytes, str(root / rel)))
-             for rel, label in scan.files]
+    paths = [str(root / rel) for rel, _ in scan.files]
+    items = [LabeledImage(f"{id_prefix}/{rel}", label, functools.partial(load_image_file, path),
+                          functools.partial(read_file_bytes, path))
+             for (rel, label), path in zip(scan.files, paths)]
     test = holdout_mask(labels)
     queries = draw_per_class(labels, k, seed, eligible=~test, class_names=scan.classes)
     return QuerySet(
         name=name, classes=list(scan.classes), seed=seed, shots=k,
-        queries=[items[i] for i in queries], references=items + rendered_references(items, root, id_prefix),
+        queries=[items[i] for i in queries], references=items + rendered_references(items, paths),
         test=[it for it, t in zip(items, test) if t], source=str(root), skipped=dict(scan.skipped),
     )
 
