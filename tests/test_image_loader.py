@@ -1,7 +1,7 @@
 """One picture in every stored form, through every reader: the same pixels everywhere.
 
 The forms are those users have (transparent PNGs, palette transparency, grey + alpha, CMYK JPEGs, a
-phone photo stored sideways with an EXIF orientation, 16-bit PNGs, WebP). Each form's expected
+phone photo stored sideways with an EXIF orientation, 16-bit PNGs, WebP, an animated WebP). Each form's expected
 pixels are computed here without the loader (alpha composited onto white with img2dataset's own
 formula, the sideways picture as it is displayed), and every path that turns bytes into pixels must
 give them: the loader itself, gallery tars and folders, range reads, the device decoder (on the CPU
@@ -93,6 +93,10 @@ def _forms() -> dict[str, tuple[str, bytes, np.ndarray, float]]:
                            np.repeat(grey[..., None], 3, axis=2), 0)
     forms["webp_alpha"] = ("webp", _save(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "WEBP", lossless=True),
                            full, 0)
+    first = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    second = Image.fromarray(np.dstack([255 - rgb, alpha]), "RGBA")
+    forms["animated_webp"] = ("webp", _save(first, "WEBP", lossless=True, save_all=True, append_images=[second],
+                                            duration=100), full, 0)    # the first frame
     return forms
 
 
@@ -112,11 +116,14 @@ def _close(got: Image.Image | np.ndarray, expected: np.ndarray, tol: float, what
 def test_the_forms_are_what_they_claim():
     modes = {name: Image.open(io.BytesIO(data)).mode for name, (_, data, _, _) in FORMS.items()}
     assert modes == {"rgba_png": "RGBA", "palette_trns_png": "P", "la_png": "LA", "cmyk_jpeg": "CMYK",
-                     "exif_rotated_jpeg": "RGB", "grey16_png": "I;16", "webp_alpha": "RGBA"}
+                     "exif_rotated_jpeg": "RGB", "grey16_png": "I;16", "webp_alpha": "RGBA",
+                     "animated_webp": "RGBA"}
     with Image.open(io.BytesIO(FORMS["exif_rotated_jpeg"][1])) as im:
         assert orientation(im) == 6 and im.size == (H, W)   # stored sideways
     with Image.open(io.BytesIO(FORMS["palette_trns_png"][1])) as im:
         assert "transparency" in im.info
+    with Image.open(io.BytesIO(FORMS["animated_webp"][1])) as im:
+        assert getattr(im, "n_frames", 1) == 2
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
@@ -185,7 +192,7 @@ def test_query_sets_and_references(stored: Path):
     # other producers' renderings are references too: a sideways photo as img2dataset stores it, a
     # transparent image with its alpha dropped, the centre square of an oblong image
     rendered = {(Path(it.id.split("#")[0]).stem, it.rendering): it for it in qs.references if it.rendering}
-    alpha_forms = {"rgba_png", "palette_trns_png", "la_png", "webp_alpha"}
+    alpha_forms = {"rgba_png", "palette_trns_png", "la_png", "webp_alpha", "animated_webp"}
     assert {f for f, r in rendered if r == "alpha-dropped"} == alpha_forms
     assert {f for f, r in rendered if r == "as-stored"} == {"exif_rotated_jpeg"}
     assert {f for f, r in rendered if r == "centre-square"} == set(FORMS)       # 48 x 32: oblong
