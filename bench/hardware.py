@@ -1,0 +1,82 @@
+"""What the hardware allows, measured in the same run as the stage: the compute bound and the CPU cost.
+
+    sgemm_flops(threads)      the float32 matrix-multiply rate (FLOP/s) of this process's threads now
+    model_flops(fn, *args)    the FLOPs one call performs (torch's FlopCounterMode: matmuls and
+                              convolutions, 2 per multiply-add; elementwise work is not counted)
+    Usage                     wall, user and system CPU seconds and minor page faults of a block
+    bound_report(...)         a stage's rate against its compute bound, with its CPU time and faults
+
+A stage's compute bound is its FLOPs over the sgemm rate measured beside it: the speed it would run
+at if every FLOP ran as fast as a large matrix multiply. Ratios against it are what the benchmarks'
+targets hold, beside their ratios against a bare loop, which can share a defect with the pipeline
+(page faults from the allocator, for one) and hide it.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def sgemm_flops(threads: int | None = None, n: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of a float32 [n, n] x [n, n] multiply on `threads` torch threads (default: as set);
+    the best of repeats filling about `seconds`."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a, b = torch.rand(n, n), torch.rand(n, n)
+        torch.mm(a, b)
+        best, spent = float("inf"), 0.0
+        while spent < seconds:
+            t = time.perf_counter()
+            torch.mm(a, b)
+            dt = time.perf_counter() - t
+            best, spent = min(best, dt), spent + dt
+        return 2 * n ** 3 / best
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_flops(fn: Callable[..., Any], *args: Any) -> int:
+    """FLOPs of one call of `fn(*args)` (forward, or a whole training step with its backward)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
+@dataclass
+class Usage:
+    """Wall, user and system seconds and minor page faults of a `with` block (all threads)."""
+    wall: float = 0.0
+    user: float = 0.0
+    system: float = 0.0
+    faults: int = 0
+
+    def __enter__(self) -> "Usage":
+        self._r = resource.getrusage(resource.RUSAGE_SELF)
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        self.wall += time.perf_counter() - self._t
+        self.user += r.ru_utime - self._r.ru_utime
+        self.system += r.ru_stime - self._r.ru_stime
+        self.faults += r.ru_minflt - self._r.ru_minflt
+
+
+def bound_report(items: int, flops_per_item: float, sgemm: float, usage: Usage) -> dict[str, Any]:
+    """A stage's figures against the hardware: items/s, its compute bound, their ratio, the system
+    share of its CPU time and its minor page faults per item."""
+    bound = sgemm / flops_per_item
+    rate = items / usage.wall
+    return {"items_per_s": round(rate, 2), "compute_bound_items_per_s": round(bound, 2),
+            "of_compute_bound": round(rate / bound, 3), "user_s": round(usage.user, 3),
+            "system_s": round(usage.system, 3),
+            "system_over_user": round(usage.system / usage.user, 3) if usage.user else None,
+            "faults_per_item": round(usage.faults / items, 1)}
