@@ -49,10 +49,13 @@ _REQUIRED_KEYS = ("num_vectors", "encoders", "index_factory", "shards", "groups"
 def recorded_gallery_root(shards: list[dict[str, Any]]) -> str:
     """The directory that holds every shard an index was built from (manifest ``shards``): the common
     parent of each tar's folder and each folder shard's gallery folder (a folder of images given as the
-    gallery is a shard itself; its subfolders are shards inside it)."""
+    gallery is a shard itself; its subfolders are shards inside it). Shards recorded without a source
+    (an index of vectors made elsewhere, with no gallery to read) do not count."""
     homes = []
     for s in shards:
-        src = s["source"]
+        src = s.get("source")
+        if src is None:
+            continue
         direct = src["kind"] == "folder" and not src.get("recursive", True)
         homes.append(os.path.normpath(src["path"] if direct else os.path.dirname(src["path"])))
     return os.path.commonpath(homes) if homes else ""
@@ -76,6 +79,8 @@ def check_gallery(manifest: dict[str, Any], gallery_root: str | None = None) -> 
                                 f"recorded under {recorded})")
     missing = []
     for s in shards:
+        if "source" not in s:
+            continue
         path = moved_path(s["source"]["path"], recorded, gallery_root)
         if not (os.path.isdir(path) if s["source"]["kind"] == "folder" else os.path.isfile(path)):
             missing.append((s, path))
