@@ -3,11 +3,11 @@
 glibc serves every allocation above its mmap threshold (128 KiB to 32 MiB, adjusted as it goes) with
 a fresh ``mmap`` and gives it back with ``munmap`` when freed, so each forward pass of a CNN maps its
 activations anew and touches every page again: one minor page fault per 4 KiB, and on a VM a fault
-is expensive. EfficientNet-Lite0 at 224 px, batch 32, one thread, measured side by side on this
-project's 2-core machine: 6.5-7.0 img/s with about 22,000 faults per image and more system than user
-time by default; 12.3-13.1 img/s with about 300 faults per image and no system time after
-`tune_allocator` (the same as starting the process with ``MALLOC_MMAP_THRESHOLD_`` and
-``MALLOC_TRIM_THRESHOLD_`` raised). Results are unchanged: only where memory comes from changes.
+is expensive. With `tune_allocator`, EfficientNet-Lite0's forward at 224 px runs 1.5x faster on
+one thread and on two, with ~100 page faults per crop instead of ~11,000 (docs/results.md, "The
+allocator and the compute bound"); starting the process with ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` raised does the same. Results are unchanged: only where memory comes from
+changes.
 
 `tune_allocator()` does it in-process through ``mallopt``: no mmap for allocations (``M_MMAP_MAX``
 0, so large buffers come from the heap and are reused) and a 1 GiB trim threshold (``M_TRIM_THRESHOLD``:
