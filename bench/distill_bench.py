@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hardware import Usage, bound_report, model_flops, sgemm_flops
+from hardware import Usage, bound_report, bound_targets, model_flops, sgemm_flops
 from index.core.allocator import tune_allocator
 from distill.cache import CacheLookup, build_or_load_cache, cache_pass
 from distill.data import ShardSet, steps_per_epoch, transfer_batches, transfer_shards
@@ -124,17 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         images = n * args.epochs * args.rounds
         hardware = {"sgemm_gflops": round(sgemm / 1e9, 2), "train_flops_per_image": int(flops),
                     **{m: bound_report(images, flops, sgemm, u) for m, u in use.items()}}
-        step = hardware["labels_only"]
         targets = {k: {"value": ratios[k], "goal": f"<= {g}", "met": ratios[k] <= g} for k, g in goals.items()}
         if device.type == "cpu":
-            targets.update({
-                "train_of_compute_bound": {"value": step["of_compute_bound"], "goal": ">= 0.7",
-                                           "met": step["of_compute_bound"] >= 0.7},
-                "train_system_over_user": {"value": step["system_over_user"], "goal": "<= 0.1",
-                                           "met": step["system_over_user"] is not None
-                                           and step["system_over_user"] <= 0.1},
-                "train_faults_per_image": {"value": step["faults_per_item"], "goal": "<= 10",
-                                           "met": step["faults_per_item"] <= 10}})
+            targets.update(bound_targets("train", hardware["labels_only"]))
         print(json.dumps({
             "targets": targets,
             "hardware": hardware,

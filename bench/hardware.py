@@ -5,6 +5,7 @@
                               convolutions, 2 per multiply-add; elementwise work is not counted)
     Usage                     wall, user and system CPU seconds and minor page faults of a block
     bound_report(...)         a stage's rate against its compute bound, with its CPU time and faults
+    bound_targets(name, r)    the targets on a bound_report: of the bound, system / user, faults
 
 A stage's compute bound is its FLOPs over the sgemm rate measured beside it: the speed it would run
 at if every FLOP ran as fast as a large matrix multiply. Ratios against it are what the benchmarks'
@@ -64,10 +65,14 @@ class Usage:
 
     def __exit__(self, *exc) -> None:
         r = resource.getrusage(resource.RUSAGE_SELF)
-        self.wall += time.perf_counter() - self._t
-        self.user += r.ru_utime - self._r.ru_utime
-        self.system += r.ru_stime - self._r.ru_stime
-        self.faults += r.ru_minflt - self._r.ru_minflt
+        self.add(Usage(time.perf_counter() - self._t, r.ru_utime - self._r.ru_utime,
+                       r.ru_stime - self._r.ru_stime, r.ru_minflt - self._r.ru_minflt))
+
+    def add(self, other: "Usage") -> None:
+        self.wall += other.wall
+        self.user += other.user
+        self.system += other.system
+        self.faults += other.faults
 
 
 def bound_report(items: int, flops_per_item: float, sgemm: float, usage: Usage) -> dict[str, Any]:
@@ -80,3 +85,16 @@ def bound_report(items: int, flops_per_item: float, sgemm: float, usage: Usage) 
             "system_s": round(usage.system, 3),
             "system_over_user": round(usage.system / usage.user, 3) if usage.user else None,
             "faults_per_item": round(usage.faults / items, 1)}
+
+
+def bound_targets(name: str, report: dict[str, Any], of_bound: float = 0.7, system_share: float = 0.1,
+                  faults: float = 10) -> dict[str, dict[str, Any]]:
+    """`targets` entries on a `bound_report`: at least `of_bound` of the compute bound, system time at
+    most `system_share` of user time, at most `faults` minor page faults per item."""
+    share = report["system_over_user"]
+    return {f"{name}_of_compute_bound": {"value": report["of_compute_bound"], "goal": f">= {of_bound:g}",
+                                         "met": report["of_compute_bound"] >= of_bound},
+            f"{name}_system_over_user": {"value": share, "goal": f"<= {system_share:g}",
+                                         "met": share is not None and share <= system_share},
+            f"{name}_faults_per_item": {"value": report["faults_per_item"], "goal": f"<= {faults:g}",
+                                        "met": report["faults_per_item"] <= faults}}
