@@ -17,8 +17,8 @@ generator (same inputs, same output). Calibration (`curation.calibrate`), the te
                 oblong image (shorter side < 85% of the longer) keep_ratio(_largest) only
 
 A target image that another producer renders differently (EXIF orientation ignored, alpha dropped,
-an oblong image cut or padded to a square) is matched through its other renderings, held as references of their own (curation.querysets), not
-through a copy kind.
+an oblong image cut or padded to a square) is matched through its other renderings, held as
+references of their own (curation.querysets), not through a copy kind.
 
 Every output is RGB. Ranges are the documented family; they are what calibrated thresholds are
 calibrated for, so a wider family (heavier crops, rotations, overlays) needs its own kinds here.

@@ -89,13 +89,13 @@ def same_lists(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray
     (sa, ia), (sb, ib) = (np.asarray(x) for x in a), (np.asarray(x) for x in b)
     if sa.shape != sb.shape or ia.shape != ib.shape:
         return False
-    for s_row, a_row, b_row, t_row in zip(sa, ia, ib, sb):
-        finite = np.isfinite(s_row)
-        if not np.array_equal(finite, np.isfinite(t_row)) or np.abs(s_row[finite] - t_row[finite]).max(initial=0) > tol:
+    for scores_a, ids_a, scores_b, ids_b in zip(sa, ia, sb, ib):
+        finite = np.isfinite(scores_a)
+        if not np.array_equal(finite, np.isfinite(scores_b)) \
+                or np.abs(scores_a[finite] - scores_b[finite]).max(initial=0) > tol:
             return False
-        cuts = np.flatnonzero(np.abs(np.diff(np.maximum(s_row, t_row))) > tol) + 1  # run boundaries
-        runs = np.split(np.arange(len(s_row)), cuts)
-        for run in runs[:-1]:
-            if set(a_row[run].tolist()) != set(b_row[run].tolist()):
+        cuts = np.flatnonzero(np.abs(np.diff(np.maximum(scores_a, scores_b))) > tol) + 1  # run boundaries
+        for run in np.split(np.arange(len(scores_a)), cuts)[:-1]:
+            if set(ids_a[run].tolist()) != set(ids_b[run].tolist()):
                 return False
     return True

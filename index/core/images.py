@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -96,16 +96,12 @@ def to_rgb(im: Image.Image, *, orient: bool = True, alpha: str = "white") -> Ima
         return Image.fromarray(((a + 128) // 257).astype(np.uint8), "L").convert("RGB")
     if im.mode in WIDE:
         return Image.fromarray(_scaled(np.asarray(im), im.mode == "F"), "L").convert("RGB")
-    if alpha == "drop" and has_alpha(im):  # the colour under the alpha, as convert("RGB") leaves it
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            rgba = np.asarray(im.convert("RGBA"))
-        return Image.fromarray(np.ascontiguousarray(rgba[..., :3]), "RGB")
     if has_alpha(im):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # PIL's note on palette transparency
             rgba = np.asarray(im.convert("RGBA"))
-        return Image.fromarray(on_white(rgba), "RGB")
+        # "drop": the colour under the alpha, as convert("RGB") leaves it
+        return Image.fromarray(np.ascontiguousarray(rgba[..., :3]) if alpha == "drop" else on_white(rgba), "RGB")
     return im.convert("RGB")
 
 
@@ -115,10 +111,10 @@ def _decode_error_reason(e: Exception) -> str:
     return "corrupt"
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 min_side: int = 0) -> tuple[Image.Image | None, str | None]:
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0,
+                 **rendering: Any) -> tuple[Image.Image | None, str | None]:
     """(RGB image, None) or (None, skip reason). Never raises for bad bytes. The size limits apply to
-    the image as stored (before orientation)."""
+    the image as stored (before orientation). `rendering`: `to_rgb`'s options (`RENDERINGS`)."""
     if not data:
         return None, "empty"
     with warnings.catch_warnings():
@@ -138,7 +134,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             return None, "too_small"
         try:
             im.load()
-            return to_rgb(im), None
+            return to_rgb(im, **rendering), None
         except Image.DecompressionBombError:
             return None, "too_large"
         except Exception as e:  # noqa: BLE001
@@ -196,12 +192,7 @@ def render(data: bytes, rendering: str) -> Image.Image:
     decode."""
     if rendering not in RENDERINGS:
         raise ValueError(f"unknown rendering {rendering!r}; valid: {', '.join(RENDERINGS)}")
-    load_image_bytes(data, "image")  # the same checks and skip reasons as the loader
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            out = to_rgb(im, **RENDERINGS[rendering])
+    out = load_image_bytes(data, "image", **RENDERINGS[rendering])
     w, h = out.size
     if rendering == "centre-square":
         side = min(w, h)
@@ -215,10 +206,10 @@ def render(data: bytes, rendering: str) -> Image.Image:
     return out
 
 
-def load_image_bytes(data: bytes, what: str = "image") -> Image.Image:
+def load_image_bytes(data: bytes, what: str = "image", **rendering: Any) -> Image.Image:
     """Stored bytes known to hold an image (a written shard's member, a verified original) -> RGB;
     bytes that do not decode raise InputError naming `what`."""
-    image, reason = decode_image(data)
+    image, reason = decode_image(data, **rendering)
     if image is None:
         raise InputError(f"{what}: not a readable image ({reason})")
     return image
