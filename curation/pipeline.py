@@ -98,7 +98,17 @@ class CurateConfig:
     k0: int | None = field(default=None, metadata={
         "help": "first per-query search depth (default: from N and the query count)"})
     max_k: int | None = field(default=None, metadata={"help": "cap on the per-query search depth"})
-    nprobe: int | None = field(default=None, metadata={"help": "IVF lists probed (default: the index's)"})
+    nprobe: int | None = field(default=None, metadata={
+        "help": "IVF lists probed (default: the fastest operating point the index measured that reaches "
+                "--recall-target at this run's depth)"})
+    rerank: int | None = field(default=None, metadata={
+        "help": "candidates re-scored exactly per result from the stored vectors, 0 for none (default: "
+                "chosen with nprobe)"})
+    recall_target: float | None = field(default=None, metadata={
+        "help": "recall the operating point must reach at this run's depth (default: the index's "
+                "faiss.recall_target)"})
+    recall_sample_vectors: int = field(default=1_000_000, metadata={
+        "help": "vectors in the sample of index groups searched exactly to estimate this run's recall"})
     shard_size: int = field(default=1000, metadata={"help": "samples per transfer shard"})
     jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of the written crops, 1-100"})
     batch_size: int = field(default=64, metadata={"help": "images per encoder forward"})
@@ -131,6 +141,11 @@ class CurateConfig:
         check_integer("seed", self.seed, 0)
         for name in ("nprobe", "max_k", "k0", "num_workers", "threads"):
             check_integer(name, getattr(self, name), 1, optional=True)
+        check_integer("rerank", self.rerank, 0, optional=True)
+        check_integer("recall_sample_vectors", self.recall_sample_vectors, 1)
+        if self.recall_target is not None and (isinstance(self.recall_target, bool) or not isinstance(
+                self.recall_target, (int, float)) or not 0 < self.recall_target <= 1):
+            raise ConfigError(f"recall_target must be in (0, 1]; got {self.recall_target!r}")
         if not 0.0 < self.copy_recall < 1.0:
             raise ConfigError(f"copy_recall must be in (0, 1); got {self.copy_recall}")
         if self.calibration_images < 2:
@@ -194,6 +209,7 @@ def _curate(cfg: CurateConfig, executor) -> dict[str, Any]:
                       "num_references": len(qs.references)},
         "index": {"path": str(gindex.root), "num_vectors": gindex.num_vectors,
                   "index_factory": gindex.manifest["index_factory"]},
+        "search": {"operating_point": st.point, "recall": st.recall},
         "encoders": [s.to_dict() for s in specs],
         "seed": cfg.seed,
         "strategy": cfg.strategy,
@@ -224,10 +240,26 @@ def summary_line(manifest: dict[str, Any], seconds: float) -> str:
             + (f" / {c['removed_changed']} changed since indexing" if c.get("removed_changed") else "")
             + f", backfilled {c['backfilled']}, "
             f"thresholds ({th.get('source', 'given')}) {_limits(th)}"
-            + _verified(manifest) + _reads(manifest)
+            + _recall(manifest) + _verified(manifest) + _reads(manifest)
             + f", {seconds:.1f} s" + most_time(manifest.get("timings", {}).get("parts") or {})
             + _stages(manifest)
             + (f" -- {manifest['message']}" if manifest.get("message") else ""))
+
+
+def _recall(manifest: dict[str, Any]) -> str:
+    """``, search recall@K 0.97 (estimated over G of H groups; nprobe P, rerank R)``, or nothing when
+    nothing was searched; ``BELOW the target T`` where it is."""
+    est = (manifest.get("search") or {}).get("recall")
+    if not est:
+        return ""
+    point = manifest["search"]["operating_point"] or {}
+    sample = est.get("sample")
+    how = ("exact index" if sample is None else
+           f"exact over all {sample['of_groups']} groups" if sample["groups"] == sample["of_groups"] else
+           f"estimated over {sample['groups']} of {sample['of_groups']} groups")
+    where = f"; nprobe {point['nprobe']}, rerank {point['rerank']}" if sample is not None else ""
+    low = f", BELOW the target {est['target']}" if est.get("below_target") else ""
+    return f", search recall@{est['k']} {est['recall']:.3f} ({how}{where}{low})"
 
 
 def _limits(th: dict[str, Any]) -> str:

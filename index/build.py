@@ -12,6 +12,7 @@ same result.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import time
@@ -21,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from index import faiss_io, knn, store
+from index import faiss_io, knn, recall, store
 from index.config import FaissConfig, IndexConfig
 from index.core import contract
-from index.core.atomic import CODE_VERSION, check_done, fingerprint, write_json
+from index.core.atomic import CODE_VERSION, check_done, fingerprint, read_json, write_json
 from index.core.images import LOADER_VERSION
 from index.core.executor import LocalExecutor
 from index.core.outdir import Owner, invalidate, owned_dir, pattern_dirs
@@ -33,6 +34,8 @@ from index.embed import EmbedTask, Embedder, ShardResult
 from index.encoders import EncoderSpec, resolve_encoders
 from index.gallery import list_shards
 from index.skips import SkipCounts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -190,16 +193,18 @@ def build_faiss_groups(out_dir: str | Path, entries: list[dict[str, Any]], encod
     trained = None
     if shared and groups and knn.needs_training(factory, dim):
         ttask = TrainTask(out_dir=str(out_dir), shards=tuple(s for g in groups for s in g), encoders=encoders,
-                          dim=dim, factory=factory, nprobe=faiss_cfg.nprobe, seed=seed,
+                          dim=dim, factory=factory, nprobe=faiss_cfg.nprobe or knn.DEFAULT_NPROBE, seed=seed,
                           train_size=faiss_cfg.train_size)
         trained = executor.map(_train_worker, [ttask], desc="train quantizer")[0]
     gtasks = [GroupTask(out_dir=str(out_dir), group=i, shards=tuple(g), encoders=encoders,
-                        dim=dim, factory=factory, nprobe=faiss_cfg.nprobe, seed=seed, trained=trained)
+                        dim=dim, factory=factory, nprobe=faiss_cfg.nprobe or knn.DEFAULT_NPROBE, seed=seed,
+                        trained=trained)
               for i, g in enumerate(groups)]
     group_records = executor.map(_group_worker, gtasks, desc="build indexes")
     return {
         "index_factory": factory,
-        "nprobe": faiss_cfg.nprobe,
+        "nprobe": faiss_cfg.nprobe or knn.DEFAULT_NPROBE,
+        "rerank": faiss_cfg.rerank or 0,
         "groups": [{"file": r["file"], "shards": r["shards"], "factory": r["factory"],
                     "num_vectors": r["num_vectors"]} for r in group_records],
         "shared_quantizer": trained is not None,
@@ -264,25 +269,102 @@ def _build(cfg: IndexConfig, out: Path, executor, specs: list[EncoderSpec], shar
         offset += r.num_vectors
         for reason, n in r.skipped.items():
             skipped.add(reason, n)
-    faiss_part = build_faiss_groups(out, entries, tuple(s.name for s in specs), dim, cfg.faiss, cfg.seed, executor)
+    return index_embeddings(out, entries, [s.to_dict() for s in specs], cfg.faiss, cfg.seed, executor, t0,
+                            num_images=sum(e["num_images"] for e in entries), skipped=skipped.to_dict(),
+                            config=cfg.to_dict())
 
+
+def index_embeddings(out: Path, entries: list[dict[str, Any]], encoders: list[dict[str, Any]],
+                     faiss_cfg: FaissConfig, seed: int, executor, t0: float | None = None,
+                     **fields: Any) -> dict[str, Any]:
+    """The FAISS half of the stage over embedding shards already under `out`: the groups
+    (`build_faiss_groups`), the operating point (`operating_point`), then the manifest, written last.
+
+    `entries` are the manifest's shard entries, `encoders` the EncoderSpec dicts of the stored
+    matrices; `fields` go into the manifest as given (num_images, skipped, config...). Also builds
+    an index over vectors made elsewhere, written with `index.store.write_shard`.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    dim = sum(int(e["embed_dim"]) for e in encoders)
+    faiss_part = build_faiss_groups(out, entries, tuple(e["name"] for e in encoders), dim, faiss_cfg, seed,
+                                    executor)
     manifest = {
-        "num_images": sum(e["num_images"] for e in entries),
-        "num_vectors": offset,
-        "skipped": skipped.to_dict(),
-        "encoders": [s.to_dict() for s in specs],
+        "num_images": sum(e.get("num_images", e["num_vectors"]) for e in entries),
+        "num_vectors": sum(e["num_vectors"] for e in entries),
+        "skipped": {},
+        "encoders": list(encoders),
         "metric": "inner_product (mean cosine over encoders)",
         "dim": dim,
         "shards": entries,
         **faiss_part,
-        "config": cfg.to_dict(),
         "store_format": contract.STORE_FORMAT,
         "code_version": CODE_VERSION,
         "image_loader": LOADER_VERSION,
-        "seconds": round(time.perf_counter() - t0, 3),
+        **fields,
     }
+    manifest.update(operating_point(out, manifest, faiss_cfg, seed, executor))
+    manifest["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(out / contract.MANIFEST_FILE, manifest)
     return manifest
+
+
+def operating_point(out: Path, manifest: dict[str, Any], fcfg: FaissConfig, seed: int, executor) -> dict[str, Any]:
+    """The manifest's search fields: ``nprobe`` and ``rerank`` in force, ``recall`` (the measured
+    operating points and their sample, index.recall) and ``operating_point`` (which point and why).
+
+    IVF indexes are measured once (`measure_recall`, a committed unit of work, so a rerun reuses
+    the points and chooses the same one): recall@10/100/1000 and query time per (nprobe, rerank),
+    against exact search over a sample of groups. The point in force is the fastest one reaching
+    ``faiss.recall_target`` at ``faiss.recall_k``, unless ``faiss.nprobe`` fixes it.
+    """
+    factory = manifest["index_factory"]
+    nlist = knn.ivf_lists(factory)
+    target, k = fcfg.recall_target, fcfg.recall_k
+    fixed = {"nprobe": fcfg.nprobe or knn.DEFAULT_NPROBE, "rerank": fcfg.rerank or 0}
+    if nlist is None or target is None or not manifest["groups"]:
+        why = ("exact search (Flat): recall 1" if factory == "Flat" else
+               "recall not measured: " + ("faiss.recall_target is null" if target is None else
+                                          "no index groups" if not manifest["groups"] else
+                                          f"{factory} has no IVF lists to probe"))
+        return {**fixed, "recall": None, "operating_point": {**fixed, "k": k, "target": target,
+                                                            "recall": 1.0 if factory == "Flat" else None, "why": why}}
+    measured = measure_recall(out, manifest, fcfg, seed, executor, nlist)
+    point = recall.point_for({"recall": measured, "rerank": fcfg.rerank or 0}, k, fcfg.nprobe, fcfg.rerank, target)
+    if point["recall"] is not None and point["recall"] < target:
+        log.warning("index search recall@%d is %.3f at nprobe %d, rerank %d, below the target %.3f (%s)", k,
+                    point["recall"], point["nprobe"], point["rerank"], target, point["why"])
+    return {"nprobe": point["nprobe"], "rerank": point["rerank"], "recall": measured, "operating_point": point}
+
+
+def measure_recall(out: Path, manifest: dict[str, Any], fcfg: FaissConfig, seed: int, executor,
+                   nlist: int) -> dict[str, Any]:
+    """The index's operating points (index.recall.measure_operating_points), measured once: gallery
+    vectors held out as queries (each one's own row excluded from both lists), exact search over a
+    seeded sample of groups of about ``faiss.recall_sample_vectors`` vectors. Written to
+    contract.OPERATING_POINTS_FILE under a done record; a rerun with the same inputs reads it back."""
+    inputs = {"shards": [(s["name"], s["offset"], s["fingerprint"]) for s in manifest["shards"]],
+              "groups": [(g["file"], g["num_vectors"]) for g in manifest["groups"]],
+              "factory": manifest["index_factory"], "seed": seed, "queries": fcfg.recall_queries,
+              "sample_vectors": fcfg.recall_sample_vectors, "points": recall.POINTS_VERSION}
+
+    def make() -> dict[str, Any]:
+        from index.gallery_index import GalleryIndex   # lazy: gallery_index builds on this module's outputs
+        gindex = GalleryIndex(out, executor=None if isinstance(executor, LocalExecutor) else executor,
+                              manifest=manifest)
+        shards = manifest["shards"]
+        plan = knn.gallery_sample_rows([s["num_vectors"] for s in shards], fcfg.recall_queries, seed + 1)
+        gids = np.concatenate([rows + s["offset"] for rows, s in zip(plan, shards)])
+        ks = recall.depths(manifest["num_vectors"] - 1)
+        sample = recall.exact_sample(gindex, gindex.vectors_at(gids), max(ks), fcfg.recall_sample_vectors,
+                                     seed, exclude=gids)
+        points = recall.measure_operating_points(gindex, sample, nlist, knn.lossy_codes(manifest["index_factory"]),
+                                                 ks, log=log.info)
+        write_json(out / contract.OPERATING_POINTS_FILE,
+                   {"sample": sample.describe(len(manifest["groups"]), "gallery vectors, own row excluded"),
+                    "points": points})
+        return {"points": len(points)}
+    _committed(str(out), contract.OPERATING_POINTS_FILE, fingerprint(inputs), make)
+    return read_json(out / contract.OPERATING_POINTS_FILE)
 
 
 def _group_worker():

@@ -25,7 +25,20 @@ class FaissConfig:
     flat_threshold: int = field(default=200_000, metadata={
         "help": "below this many vectors per group: exact (Flat)"})
     shards_per_group: int = field(default=16, metadata={"help": "gallery shards per FAISS index"})
-    nprobe: int = field(default=32, metadata={"help": "IVF lists probed at search time"})
+    nprobe: int | None = field(default=None, metadata={
+        "help": "IVF lists probed at search time (default: chosen for recall_target from the measured "
+                "operating points; 32 where recall is not measured)"})
+    rerank: int | None = field(default=None, metadata={
+        "help": "candidates re-scored exactly per result, from the stored vectors (0: none; default: "
+                "chosen with nprobe)"})
+    recall_target: float | None = field(default=0.95, metadata={
+        "help": "recall@recall_k the chosen operating point must reach (null: recall not measured)"})
+    recall_k: int = field(default=100, metadata={"help": "the depth recall_target applies to at build time "
+                                                             "(curate chooses again at its own depth)"})
+    recall_queries: int = field(default=100, metadata={
+        "help": "gallery vectors held out as queries to measure recall"})
+    recall_sample_vectors: int = field(default=1_000_000, metadata={
+        "help": "vectors in the sample of index groups searched exactly to measure recall"})
     shared_quantizer: bool = field(default=True, metadata={
         "help": "train IVF/PQ once on a gallery-wide sample, fill every group from it"})
     train_size: int | None = field(default=None, metadata={
@@ -37,8 +50,13 @@ class FaissConfig:
         if isinstance(self.memory_budget_gb, bool) or not isinstance(self.memory_budget_gb, (int, float)) \
                 or not self.memory_budget_gb > 0:
             raise ConfigError(f"faiss.memory_budget_gb must be > 0; got {self.memory_budget_gb!r}")
-        for name in ("shards_per_group", "nprobe"):
+        for name in ("shards_per_group", "recall_k", "recall_queries", "recall_sample_vectors"):
             check_integer(f"faiss.{name}", getattr(self, name), 1)
+        check_integer("faiss.nprobe", self.nprobe, 1, optional=True)
+        check_integer("faiss.rerank", self.rerank, 0, optional=True)
+        if self.recall_target is not None and (isinstance(self.recall_target, bool) or not isinstance(
+                self.recall_target, (int, float)) or not 0 < self.recall_target <= 1):
+            raise ConfigError(f"faiss.recall_target must be in (0, 1] or null; got {self.recall_target!r}")
         check_integer("faiss.flat_threshold", self.flat_threshold, 0)
         check_integer("faiss.train_size", self.train_size, 1, optional=True)
         if not isinstance(self.shared_quantizer, bool):

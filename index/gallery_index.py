@@ -34,6 +34,7 @@ from index.faiss_io import load_index
 from index.gallery import ShardRef
 from index.ranged import ReadStats
 from index.search import GroupSearchTask, ShardedIndex, assign_queries, group_search_worker, plan_group_tasks
+from index.search import rerank as rerank_candidates
 from index.topk import check_queries, merge_topk
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class GalleryIndex:
     now, if it moved after indexing (module docstring)."""
 
     def __init__(self, root: str | Path, executor=None, search_task_bytes: int = SEARCH_TASK_BYTES,
-                 gallery_root: str | None = None):
+                 gallery_root: str | None = None, manifest: dict[str, Any] | None = None):
         if search_task_bytes < 1:
             raise ValueError(f"search_task_bytes must be >= 1; got {search_task_bytes}")
         self.executor = executor
@@ -131,12 +132,14 @@ class GalleryIndex:
         self._cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.searches = 0   # searches run (requests served from the cache are not counted)
         self.root = Path(root)
-        self.manifest = read_index_manifest(self.root)
+        # `manifest`: the index build's own, before it is written (the build measures its search)
+        self.manifest = read_index_manifest(self.root) if manifest is None else manifest
         if self.manifest.get("image_loader", 1) < LOADER_VERSION:
             log.warning("%s was built by an older image loader (transparency dropped, EXIF orientation "
                         "ignored): leaks of transparent or rotated target images can go unseen; rebuild it "
                         "into a new directory with build-index", self.root)
         self.specs = [EncoderSpec.from_dict(d) for d in self.manifest["encoders"]]
+        self.encoder_names = [s.name for s in self.specs]
         self.shards = self.manifest["shards"]
         self.recorded_gallery_root = recorded_gallery_root(self.shards)
         self.gallery_root = None if gallery_root is None else os.path.abspath(gallery_root)
@@ -156,34 +159,51 @@ class GalleryIndex:
         check_same_encoders(self.specs, local)
         return local
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, executor=None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, executor=None,
+               rerank: int | None = None, cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(scores [Q, k], ids [Q, k]) over every group, merged exactly (index.search.merge_topk).
 
-        A request for the same queries and nprobe no deeper than an earlier one is served from
-        that one's lists (their first k columns), so query-balanced selection deepening k, and its
-        backfill, search the gallery once per new depth. With a shared quantizer (manifest
-        ``shared_quantizer``) the queries' coarse assignment is computed once here from the small
-        trained index, and the groups are searched as one index over those lists (a task's groups
-        stacked, `index.search.stack_groups`); indexes whose groups trained their own quantizers
-        are searched group by group as before. `executor` (default: the constructor's) runs
-        `index.search.search_groups` tasks, so this process opens no group; without one the
-        groups are loaded here once (as one index when they share a quantizer) and kept.
+        `nprobe` and `rerank` default to the index's operating point (manifest ``nprobe`` and
+        ``rerank``, chosen at build time for its recall target, index.recall). ``rerank`` r >= 1:
+        the groups return k*r candidates, re-scored exactly from the stored vectors
+        (`index.search.rerank`) and cut to k, so the scores are exact; 0: faiss's own scores
+        (approximate for PQ codes).
+
+        A request for the same queries, nprobe and rerank no deeper than an earlier one is served
+        from that one's lists (their first k columns), so query-balanced selection deepening k, and
+        its backfill, search the gallery once per new depth (`cache=False`: search anyway, keep
+        nothing). With a shared quantizer (manifest ``shared_quantizer``) the queries' coarse
+        assignment is computed once here from the small trained index, and the groups are searched
+        as one index over those lists (a task's groups stacked, `index.search.stack_groups`);
+        indexes whose groups trained their own quantizers are searched group by group.
+        `executor` (default: the constructor's) runs `index.search.search_groups` tasks, so this
+        process opens no group; without one the groups are loaded here once and kept.
         """
         queries = check_queries(queries, k)
         if nprobe is None:
             nprobe = self.manifest.get("nprobe")
-        key = (hashlib.sha1(queries.tobytes()).hexdigest(), queries.shape, nprobe)
-        hit = self._cache.get(key)
+        rerank = int(self.manifest.get("rerank", 0) if rerank is None else rerank)
+        if rerank < 0:
+            raise ValueError(f"rerank must be >= 0 (0: no re-ranking); got {rerank}")
+        key = (hashlib.sha1(queries.tobytes()).hexdigest(), queries.shape, nprobe, rerank)
+        hit = self._cache.get(key) if cache else None
         if hit is not None and hit[1].shape[1] >= k:   # copies: a caller's edit cannot reach the cache
             return hit[0][:, :k].copy(), hit[1][:, :k].copy()
-        scores, ids = self._search(queries, k, nprobe, executor if executor is not None else self.executor)
+        depth = min(k * max(rerank, 1), self.num_vectors) if rerank else k
+        scores, ids = self._search(queries, max(depth, 1), nprobe, executor if executor is not None else self.executor)
+        if rerank:
+            scores, ids = rerank_candidates(queries, ids, self.vectors_at, k)
         self.searches += 1
-        self._cache.pop(key, None)
-        self._cache[key] = (scores.copy(), ids.copy())
-        while len(self._cache) > SEARCH_CACHE_ENTRIES:
-            self._cache.pop(next(iter(self._cache)))
+        if cache:
+            self._cache.pop(key, None)
+            self._cache[key] = (scores.copy(), ids.copy())
+            while len(self._cache) > SEARCH_CACHE_ENTRIES:
+                self._cache.pop(next(iter(self._cache)))
         return scores, ids
+
+    def vectors_at(self, gids: np.ndarray) -> np.ndarray:
+        """float32 [n, dim]: the combined stored vectors of global ids, read by row (index.store.vectors_at)."""
+        return store.vectors_at(self.root, self.shards, self.encoder_names, gids)
 
     def _search(self, queries: np.ndarray, k: int, nprobe: int | None, executor):
         assign = None
@@ -199,7 +219,7 @@ class GalleryIndex:
                                     nprobe or faiss.extract_index_ivf(self._quantizer).nprobe)
         if executor is None:
             if self._faiss is None:
-                self._faiss = ShardedIndex.from_dir(self.root)
+                self._faiss = ShardedIndex.from_dir(self.root, manifest=self.manifest)
             return self._faiss.search(queries, k, nprobe, assign)
         files = [g["file"] for g in self.manifest["groups"]]
         sizes = [(self.root / f).stat().st_size for f in files]

@@ -83,6 +83,18 @@ def validate_factory(factory: str, dim: int) -> str:
     return factory
 
 
+def ivf_lists(factory: str) -> int | None:
+    """The number of IVF lists a factory string names; None for a factory without IVF (Flat, HNSW...)."""
+    ivf = re.search(r"IVF(\d+)", factory)
+    return int(ivf.group(1)) if ivf else None
+
+
+def lossy_codes(factory: str) -> bool:
+    """Whether a factory stores compressed codes (PQ, SQ, residual or additive quantizers, LSH): its
+    scores are approximate, so re-ranking candidates with the exact vectors can change the top-k."""
+    return re.search(r"PQ|SQ|RQ|LSQ|LSH", factory) is not None
+
+
 def min_training_vectors(factory: str) -> int:
     """The fewest training vectors faiss accepts for `factory`: one per IVF list, 2**nbits per PQ
     sub-quantizer (0 for a factory that needs no training)."""

@@ -190,6 +190,32 @@ class RunningTopK:
         self.thr[rows] = new_s.min(axis=1)
 
 
+# ---------------------------------------------------------------- exact re-ranking
+
+def rerank(queries: np.ndarray, candidates: np.ndarray, vectors_at, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k of each query's candidate ids [Q, c], re-scored with their stored vectors.
+
+    IndexRefine's semantics without a second copy of the vectors: `vectors_at(ids)` returns the
+    float32 vectors [n, dim] of unique global ids (index.store.vectors_at reads them by row from the
+    memory-mapped embedding shards). Ids < 0 are padding. Returns (scores [Q, k], ids [Q, k]) sorted
+    by (higher score, smaller id), padded with (-inf, -1); each candidate's vector is read once,
+    however many queries share it.
+    """
+    queries = check_queries(queries, k)
+    candidates = np.asarray(candidates, dtype=np.int64)
+    valid = candidates >= 0
+    uniq, inverse = np.unique(candidates[valid], return_inverse=True)
+    vectors = vectors_at(uniq) if len(uniq) else np.zeros((0, queries.shape[1]), np.float32)
+    slot = np.full(candidates.shape, -1, dtype=np.int64)
+    slot[valid] = inverse
+    scores = np.full(candidates.shape, -np.inf, dtype=np.float32)
+    ids = np.where(valid, candidates, EMPTY_ID)
+    for q in range(len(candidates)):   # one [c, dim] @ [dim] product per query: c*dim floats at a time
+        rows = slot[q][valid[q]]
+        scores[q, valid[q]] = vectors[rows] @ queries[q]
+    return sort_topk(*select_topk(scores, ids, k))
+
+
 # ---------------------------------------------------------------- fan-out over FAISS groups
 
 def _is_gpu(index) -> bool:
@@ -241,14 +267,14 @@ class ShardedIndex:
 
     @classmethod
     def from_dir(cls, index_dir: str | os.PathLike, mmap: bool = False,
-                 nprobe: int | None = None) -> "ShardedIndex":
+                 nprobe: int | None = None, manifest: dict | None = None) -> "ShardedIndex":
         """Open the groups listed in an index directory's manifest (index.core.contract).
 
         Groups that share one trained quantizer (manifest ``shared_quantizer``) are opened as one
         IVF index (`stack_groups`): their lists moved into it (in RAM) or viewed in place (`mmap`).
         """
         root = Path(index_dir)
-        manifest = read_json(root / contract.MANIFEST_FILE)
+        manifest = read_json(root / contract.MANIFEST_FILE) if manifest is None else manifest
         indexes = [load_index(root / g["file"], mmap=mmap) for g in manifest["groups"]]
         trained = manifest.get("trained_index")
         if manifest.get("shared_quantizer") and trained:

@@ -176,3 +176,29 @@ def iter_blocks(root: str | Path, shards: list[dict[str, Any]], encoders: list[s
     """(global offset, combined float32 vectors) per shard, in manifest order."""
     for s in shards:
         yield s["offset"], combined(root, s["name"], encoders)
+
+
+def vectors_at(root: str | Path, shards: list[dict[str, Any]], encoders: list[str], gids: np.ndarray) -> np.ndarray:
+    """float32 [len(gids), dim]: the combined vectors of global row ids (any order, repeats allowed).
+
+    `shards` are the manifest's entries in offset order. Only the rows asked for are read, from each
+    touched shard's memory-mapped matrices, so the cost is the rows' bytes, whatever the gallery size.
+    """
+    gids = np.asarray(gids, dtype=np.int64).reshape(-1)
+    offsets = np.array([s["offset"] for s in shards], dtype=np.int64)
+    total = int(shards[-1]["offset"] + shards[-1]["num_vectors"]) if shards else 0
+    if gids.size and (gids.min() < 0 or gids.max() >= total):
+        raise IndexError(f"vector ids must be in [0, {total}); got [{gids.min()}, {gids.max()}]")
+    pos = np.searchsorted(offsets, gids, side="right") - 1
+    out: np.ndarray | None = None
+    for p in np.unique(pos):
+        sel = np.flatnonzero(pos == p)
+        rows, back = np.unique(gids[sel] - offsets[p], return_inverse=True)
+        part = combine_features([load_features(root, shards[p]["name"], e)[rows] for e in encoders])
+        if out is None:
+            out = np.empty((len(gids), part.shape[1]), dtype=np.float32)
+        out[sel] = part[back]
+    if out is None:
+        dim = sum(load_features(root, shards[0]["name"], e).shape[1] for e in encoders) if shards else 0
+        out = np.empty((0, dim), dtype=np.float32)
+    return out

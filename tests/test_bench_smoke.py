@@ -32,6 +32,7 @@ SCRIPTS = {
     "verify.py": (("sets", "all"), True, False),
     "search_groups.py": (("runs", "own_quantizer_time_ratio"), True, False),
     "shared_cpu.py": (("cases", "slowdown"), True, False),
+    "recall.py": (("ours", "autofaiss", "exact_seconds"), True, False),
 }
 
 

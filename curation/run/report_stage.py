@@ -131,12 +131,27 @@ def report_data(st: RunState, counts: dict[str, Any], time_parts: dict[str, floa
         rejected_total=len(st.leak_report.rejected) if st.leak_report else 0,
         encoders=[s.name for s in st.specs],
         extra={"strategy": st.cfg.strategy, "depth k": c["depth_k"], "verifier": th.verifier,
-               "thresholds from": th.source, "references verified per candidate": th.neighbours},
+               "thresholds from": th.source, "references verified per candidate": th.neighbours,
+               **search_rows(st.point, st.recall)},
         mosaic=mosaic, queries=panels, leaks=_leak_panels(st, items, originals, full, limits),
         dedup_clusters=[rpt.DedupCluster([rpt.DedupMember(id=i, image=originals.get(i, missing), kept=k)
                                           for i, k in cl]) for cl in items.clusters],
         per_query_counts=per_query, per_class_counts=per_class, without_query=sum(not r.queries for r in records),
         stages={k: dict(v) for k, v in st.stage_status.items()}, time_parts=time_parts)
+
+
+def search_rows(point: dict[str, Any] | None, est: dict[str, Any] | None) -> dict[str, str]:
+    """The report's lines on the search: the operating point in force and the recall estimate."""
+    if not est or not point:
+        return {}
+    rows = {"search operating point": f"nprobe {point['nprobe']}, rerank {point['rerank']} ({point['why']})"}
+    sample = est.get("sample")
+    basis = ("the index is exact" if sample is None else
+             f"{sample['queries']} queries, exact search over {sample['groups']} of {sample['of_groups']} "
+             f"index groups ({sample['vectors']} vectors)")
+    low = f"; BELOW the target {est['target']}" if est.get("below_target") else ""
+    rows[f"search recall@{est['k']}"] = f"{est['recall']:.3f}, lowest query {est['min_query_recall']:.3f} ({basis}){low}"
+    return rows
 
 
 def write_report_html(st: RunState, counts: dict[str, Any], time_parts: dict[str, float]) -> rpt.ReportStats:

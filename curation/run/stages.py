@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import time
@@ -55,6 +56,9 @@ from index.core.errors import ConfigError, InputError
 from index.core.executor import Executor, LocalExecutor
 from index.gallery_index import GalleryIndex
 from index.knn import combine_features
+from index.recall import estimate_run, point_for
+
+log = logging.getLogger(__name__)
 
 KILL_ENV = "VFM_CURATE_KILL_AFTER"   # a stage name: the process exits right after committing it (tests)
 KILL_EXIT_CODE = 86
@@ -131,8 +135,10 @@ def _apply_queries(st: RunState, rec: Record) -> None:
 
 def _search(st: RunState, k: int):
     t = time.perf_counter()
-    r = st.gindex.search(st.qfeat, k, st.cfg.nprobe)
+    r = st.gindex.search(st.qfeat, k, st.point["nprobe"], rerank=st.point["rerank"])
     st.timings["search"] = st.timings.get("search", 0.0) + time.perf_counter() - t
+    if st.deepest is None or k > st.deepest[2]:
+        st.deepest = (r[0], r[1], k)
     return r
 
 
@@ -141,13 +147,40 @@ def _select(st: RunState, removed: np.ndarray) -> Selection:
                               num_gallery=st.gindex.num_vectors, removed=removed, max_k=st.cfg.max_k)
 
 
+def _operating_point(st: RunState) -> dict[str, Any]:
+    """The index's operating point for this run's first depth k0 (index.recall.point_for)."""
+    cfg = st.cfg
+    return point_for(st.gindex.manifest, st.k0, cfg.nprobe, cfg.rerank, cfg.recall_target)
+
+
 def _retrieve(st: RunState) -> Record:
+    st.point = _operating_point(st)
     flags, arrays = selection_to_record(_select(st, np.zeros(0, np.int64)), "")
-    return Record({"selection": flags}, arrays)
+    return Record({"selection": flags, "search": {"operating_point": st.point, "recall": _recall(st)}}, arrays)
+
+
+def _recall(st: RunState) -> dict[str, Any] | None:
+    """This run's search recall at its deepest k, estimated by exact search over a sample of index
+    groups (index.recall.estimate_run); None when the strategy searched nothing."""
+    if st.deepest is None:
+        return None
+    t = time.perf_counter()
+    scores, ids, k = st.deepest
+    est = estimate_run(st.gindex, st.qfeat, scores, ids, k, st.cfg.recall_sample_vectors, st.cfg.seed,
+                       rerank=st.point["rerank"], target=st.point["target"])
+    st.timings["estimate_recall"] = time.perf_counter() - t
+    if est.get("below_target"):
+        log.warning("this run's search recall@%d is about %.3f, below the target %.3f: pass --nprobe or --rerank "
+                    "higher, or rebuild the index with more memory (faiss.memory_budget_gb)",
+                    k, est["recall"], est["target"])
+    return est
 
 
 def _apply_retrieve(st: RunState, rec: Record) -> None:
     st.first = selection_from_record(rec.data["selection"], rec.arrays, "")
+    search = rec.data.get("search") or {}
+    st.point = search.get("operating_point") or _operating_point(st)
+    st.recall = search.get("recall")
 
 
 # ---------------------------------------------------------------- references
@@ -358,11 +391,13 @@ _THRESHOLD_FIELDS = ("dedup_threshold", "leak_threshold", "verify", "verify_thre
 STAGES: tuple[Stage, ...] = (
     Stage("embed_queries", ("strategy", "batch_size", "device"), (), ("qfeat", "query_ids", "k0"),
           _embed_queries, _apply_queries),
-    Stage("retrieve", ("size", "strategy", "seed", "k0", "max_k", "nprobe"), ("embed_queries",), ("first",),
+    Stage("retrieve", ("size", "strategy", "seed", "k0", "max_k", "nprobe", "rerank", "recall_target",
+                       "recall_sample_vectors"), ("embed_queries",), ("first", "point", "recall"),
           _retrieve, _apply_retrieve),
     Stage("references", _THRESHOLD_FIELDS + ("batch_size", "device"), (), ("th", "calibration"),
           _references, _apply_references),
-    Stage("filter", ("leak_review", "batch_size", "device", "size", "seed", "max_k", "nprobe", "changed_images"),
+    Stage("filter", ("leak_review", "batch_size", "device", "size", "seed", "max_k", "nprobe", "rerank",
+                     "recall_target", "changed_images"),
           ("retrieve", "references"),
           ("sel", "filtered", "leak_report", "rounds", "verified_pairs", "verify_seconds"), _filter, _apply_filter),
     Stage("write", ("shard_size", "jpeg_quality", "changed_images"), ("filter",),

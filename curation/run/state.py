@@ -105,9 +105,12 @@ class RunState:
     # embed_queries
     qfeat: np.ndarray | None = None
     query_ids: list[str] = field(default_factory=list)
+    k0: int = 0
     # retrieve
     first: Selection | None = None
-    k0: int = 0
+    point: dict[str, Any] | None = None        # the index's operating point in force (index.recall.point_for)
+    recall: dict[str, Any] | None = None       # the estimated recall of the retrieval (index.recall.estimate_run)
+    deepest: tuple[np.ndarray, np.ndarray, int] | None = None   # the deepest search's (scores, ids, k)
     # references
     th: Thresholds | None = None
     calibration: Calibration | None = None

@@ -32,6 +32,9 @@ Index directory (``build-index --out DIR``)
     DIR/faiss/trained.index.done.json           written last: fingerprint of shards + factory + seed
     DIR/faiss/group-<g>.index                   FAISS index over the combined vectors of a shard group
                                                 (a plain faiss file: faiss.read_index reads it)
+    DIR/faiss/operating_points.json             IVF indexes: {"sample", "points"}: recall@10/100/1000
+                                                and seconds per query for each (nprobe, rerank)
+                                                measured (index.recall), with its .done.json record
     DIR/manifest.json                           written last: see INDEX_MANIFEST_KEYS
     Row ids in the FAISS indexes are global: shard offset (from the manifest) + row in shard.
 
@@ -121,6 +124,7 @@ ROW_LOC_FIELDS = {
 }
 MANIFEST_FILE = "manifest.json"
 TRAINED_INDEX_FILE = f"{FAISS_DIR}/trained.index"
+OPERATING_POINTS_FILE = f"{FAISS_DIR}/operating_points.json"
 
 INDEX_MANIFEST_KEYS = (
     "num_images",      # images read successfully
@@ -133,6 +137,10 @@ INDEX_MANIFEST_KEYS = (
     "shared_quantizer",  # true: every group was filled from trained_index (one coarse quantizer and
                        # PQ codebooks); false (or absent, older indexes): each group trained its own
     "trained_index",   # {"file", "fingerprint", "num_train", "factory"} or null
+    "nprobe",          # IVF lists probed by default (the operating point's)
+    "rerank",          # candidates re-scored exactly per result by default (0: none)
+    "recall",          # the measured operating points: OPERATING_POINTS_FILE's content, or null
+    "operating_point", # {"nprobe", "rerank", "k", "recall", "seconds_per_query", "target", "why"}
     "config",          # the resolved indexing config
     "store_format",    # STORE_FORMAT of its embedding shards (absent in indexes built before 4)
     "code_version",
