@@ -19,9 +19,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $(STAMP)
 
-# the test extra (pytest, playwright) on top of the runtime install
+# the test extra (pytest, playwright) on top of the runtime install; autofaiss (bench/recall.py's
+# other side) without its dependencies: it pins numpy < 2, while its code runs on the numpy installed
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q six termcolor
+	$(BIN)/pip install -q --no-deps autofaiss==2.18.0 fire==0.6.0
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

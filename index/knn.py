@@ -25,6 +25,7 @@ MIN_POINTS_PER_LIST = 39      # faiss warns below this many training points per 
 TRAIN_POINTS_PER_LIST = 50    # training sample size per IVF list (faiss uses at most 256)
 PQ_MIN_TRAIN = 256 * MIN_POINTS_PER_LIST   # 8-bit PQ: 256 centroids per sub-quantizer
 PQ_TRAIN = 65536
+HNSW_QUANTIZER_LISTS = 65536  # from this many IVF lists the coarse quantizer is an HNSW graph
 DEFAULT_NPROBE = 32
 ID_BYTES = 8                  # int64 id stored per vector (IndexIDMap or inverted lists)
 
@@ -130,7 +131,12 @@ def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int,
     1. ``Flat`` (exact) if T < flat_threshold and n * (4*dim + 8) bytes fits;
     2. ``IVF{nlist},Flat`` if n * (4*dim + 8) + nlist * 4*dim bytes fits (exact vectors, probed lists);
     3. ``IVF{nlist},PQ{m}`` otherwise, m the largest divisor of dim with m <= dim/2 such that
-       n * (m + 8) + nlist * 4*dim + 256 * 4*dim bytes fits (m-byte codes, 8-byte ids).
+       n * (m + 8) + nlist * 4*dim + 256 * 4*dim bytes fits (m-byte codes, 8-byte ids): the
+       longest 8-bit codes that fit, whose recall re-ranking from the stored vectors lifts further.
+
+    From HNSW_QUANTIZER_LISTS lists on, the coarse quantizer is an HNSW graph over the centroids
+    (``IVF{nlist}_HNSW32``, as autofaiss's keys have it): assigning a vector to one of 2^16..2^19
+    lists by a flat scan costs more than scanning the lists it probes.
 
     Groups that share a quantizer act as one index of T vectors: the lists are sized for T, so a
     query probing `nprobe` lists scans about nprobe * T / nlist vectors over all groups together,
@@ -150,8 +156,9 @@ def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int,
     if total < flat_threshold and _bytes_flat(n, dim) <= budget:
         return "Flat"
     nlist = ivf_nlist(total)
+    ivf = f"IVF{nlist}" + ("_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else "")
     if _bytes_ivf_flat(n, dim, nlist) <= budget:
-        return f"IVF{nlist},Flat"
+        return f"{ivf},Flat"
     fitting = [m for m in range(1, dim // 2 + 1) if dim % m == 0 and _bytes_ivf_pq(n, dim, nlist, m) <= budget]
     if not fitting or total < PQ_MIN_TRAIN:
         raise ConfigError(
@@ -159,7 +166,7 @@ def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int,
             f"{_bytes_flat(n, dim)}, IVF{nlist},Flat {_bytes_ivf_flat(n, dim, nlist)}, IVF{nlist},PQ1 "
             f"{_bytes_ivf_pq(n, dim, nlist, 1)} bytes (and PQ needs >= {PQ_MIN_TRAIN} vectors to train); "
             "raise the budget or pass a factory string")
-    return f"IVF{nlist},PQ{max(fitting)}"
+    return f"{ivf},PQ{max(fitting)}"
 
 
 # ---------------------------------------------------------------- training

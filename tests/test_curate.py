@@ -679,6 +679,16 @@ def test_summary_and_manifest_report_stage_timings_and_verification_rate(base):
     assert set(m["stages"]) == set(stages) - {"open", "manifest"}
 
 
+def test_the_search_recall_is_recorded_and_summarised(base):
+    """An exact (Flat) index: recall 1 without a sample, said in the manifest, summary and report."""
+    out, m, stdout = base
+    est, point = m["search"]["recall"], m["search"]["operating_point"]
+    assert est["recall"] == 1.0 and est["sample"] is None and est["k"] >= 1
+    assert point["recall"] == 1.0 and "Flat" in point["why"]
+    assert f"search recall@{est['k']} 1.000 (exact index)" in stdout
+    assert f"search recall@{est['k']}" in (out / contract.REPORT_FILE).read_text()
+
+
 def test_a_ray_executor_without_one_passed_in_is_refused(world: World):
     cfg = CurateConfig(queries=world.fx.query_set, index=str(world.index), size=N, out=str(world.root / "no-ray"),
                        executor="ray")

@@ -256,6 +256,7 @@ GiB = 2**30
     (1_000_000, 512, 100 * 2**20, "IVF4096,PQ64"),     # 1e6*(64+8) + centroids < 100 MiB
     (100_000_000, 768, 16 * GiB, "IVF32768,PQ128"),
     (50_000, 512, 10 * 2**20, "IVF1024,PQ128"),        # small n but flat over budget: PQ
+    (10**9, 768, 64 * GiB, "IVF131072_HNSW32,PQ48"),   # very many lists: an HNSW coarse quantizer
 ])
 def test_choose_factory_rule(n, dim, budget, want):
     assert knn.choose_factory(n, dim, budget) == want
