@@ -18,8 +18,9 @@ The memory budget is the default 8 GiB scaled to the bytes per vector it gives 1
 (859 bytes), so at 10^5 vectors `factory: auto` chooses what it would for 10^7 (IVF-PQ with
 2-dim sub-quantizers), with flat_threshold 0. Each side runs in its own process (peak RSS):
 ours builds with `index.build.index_embeddings` (operating points measured at build time, the
-point chosen for recall@100 >= 0.95; groups: one, 10 and 100, one shared quantizer, trained once in
-the one-group build and reused by the others, as a rerun would), then searches
+point chosen for recall@100 >= 0.95; groups: one, 10 and 100, one shared quantizer, the budget being
+one group's as `faiss.memory_budget_gb` is, so 10 groups of 10^6 at 8 GiB each may hold IVF-Flat
+where one group of 10^7 needs PQ), then searches
 at that point and at the point chosen for recall@1000 >= 0.90; autofaiss builds with
 `autofaiss.build_index` under the same budget, its chosen key and its own nprobe tuning. Both are
 scored against exact search over every vector (the same float16 vectors, ours `exact_search`).
@@ -188,14 +189,9 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     root.mkdir()
     for name in (contract.EMBEDDINGS_DIR, contract.VECTORS_DIR):
         os.symlink(work / "store" / name, root / name)
-    if spec.get("trained_from"):   # the same shards, factory and seed: the first build's quantizer is reused
-        (root / contract.FAISS_DIR).mkdir()
-        for suffix in ("", ".done.json"):
-            src = Path(spec["trained_from"]) / (contract.TRAINED_INDEX_FILE + suffix)
-            if src.is_file():
-                shutil.copyfile(src, root / (contract.TRAINED_INDEX_FILE + suffix))
     per_group = max(1, len(entries) // groups)
-    cfg = FaissConfig(factory="auto", memory_budget_gb=spec["budget_bytes"] * per_group / len(entries) / 2**30,
+    # the budget is one group's (faiss.memory_budget_gb): 10^7 vectors in 10 groups get 8 GiB each
+    cfg = FaissConfig(factory="auto", memory_budget_gb=spec["budget_bytes"] / 2**30,
                       flat_threshold=0, shards_per_group=per_group, recall_queries=spec["recall_queries"])
     dim = int(q.shape[1])
     t = time.perf_counter()
@@ -314,8 +310,7 @@ def run(size: str, work: Path) -> dict[str, Any]:
     ours = {}
     for g in mode["groups"]:
         log(f"ours: {g} group(s)")
-        ours[str(g)] = run_child("ours", {**spec, "groups": g, "trained_from": str(work / f"ours-{mode['groups'][0]}")
-                                          if g != mode["groups"][0] else None}, mode["timeout"])
+        ours[str(g)] = run_child("ours", {**spec, "groups": g}, mode["timeout"])
     log("autofaiss")
     theirs = run_child("autofaiss", spec, mode["timeout"])
     failed = {name: r["error"] for name, r in [*ours.items(), ("autofaiss", theirs)] if "error" in r}

@@ -36,7 +36,7 @@ from curation.timing import most_time
 from curation.verify import VERIFIERS
 from index.core import contract
 from index.core.atomic import CODE_VERSION, write_json
-from index.core.config import check_integer
+from index.core.config import check_fraction, check_integer
 from index.core.errors import ConfigError, MissingInputError
 from index.core.outdir import Owner, owned_dir, owning_also, pattern_dirs, pattern_regex
 from index.gallery_index import check_gallery, read_index_manifest
@@ -143,9 +143,7 @@ class CurateConfig:
             check_integer(name, getattr(self, name), 1, optional=True)
         check_integer("rerank", self.rerank, 0, optional=True)
         check_integer("recall_sample_vectors", self.recall_sample_vectors, 1)
-        if self.recall_target is not None and (isinstance(self.recall_target, bool) or not isinstance(
-                self.recall_target, (int, float)) or not 0 < self.recall_target <= 1):
-            raise ConfigError(f"recall_target must be in (0, 1]; got {self.recall_target!r}")
+        check_fraction("recall_target", self.recall_target, optional=True)
         if not 0.0 < self.copy_recall < 1.0:
             raise ConfigError(f"copy_recall must be in (0, 1); got {self.copy_recall}")
         if self.calibration_images < 2:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from index.core.config import check_integer, from_mapping, read_mapping
+from index.core.config import check_fraction, check_integer, from_mapping, read_mapping
 from index.core.errors import ConfigError
 from index.crops import CropConfig
 from index.threads import HELP as THREADS_HELP
@@ -54,9 +54,7 @@ class FaissConfig:
             check_integer(f"faiss.{name}", getattr(self, name), 1)
         check_integer("faiss.nprobe", self.nprobe, 1, optional=True)
         check_integer("faiss.rerank", self.rerank, 0, optional=True)
-        if self.recall_target is not None and (isinstance(self.recall_target, bool) or not isinstance(
-                self.recall_target, (int, float)) or not 0 < self.recall_target <= 1):
-            raise ConfigError(f"faiss.recall_target must be in (0, 1] or null; got {self.recall_target!r}")
+        check_fraction("faiss.recall_target", self.recall_target, optional=True)
         check_integer("faiss.flat_threshold", self.flat_threshold, 0)
         check_integer("faiss.train_size", self.train_size, 1, optional=True)
         if not isinstance(self.shared_quantizer, bool):

@@ -60,6 +60,14 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_fraction(name: str, v: Any, optional: bool = False) -> None:
+    """Refuse a value that is not a number in (0, 1] (None allowed when optional); bools are not numbers."""
+    if optional and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise ConfigError(f"{name} must be a number in (0, 1]{' or null' if optional else ''}; got {v!r}")
+
+
 def check_integer(name: str, v: Any, low: int, optional: bool = False) -> None:
     """Refuse a value that is not an integer >= low (None allowed when optional); bools are not integers."""
     if optional and v is None:
