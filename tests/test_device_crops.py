@@ -24,7 +24,7 @@ from index.encode import encode, prepare
 from index.encoders import build_encoder, resolve_encoder
 from index.core.images import decode_image
 from index.gallery import list_shards
-from tests.test_index_build import CROPS, make_gallery
+from test_index_build import CROPS, make_gallery
 
 from fixtures_samples import bundled_skimage, stamps
 

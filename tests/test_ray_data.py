@@ -8,7 +8,7 @@ import torch
 from index.embed import EmbedTask, Embedder, embed_shard
 from index.encoders import resolve_encoders
 from index.gallery import list_shards
-from tests.test_index_build import CROPS, make_gallery, snapshot
+from test_index_build import CROPS, make_gallery, snapshot
 
 pytestmark = pytest.mark.slow
 
