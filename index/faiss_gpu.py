@@ -2,7 +2,9 @@
 
 `ivf_to_gpu(index)` copies an IVF index (Flat or PQ lists) to GPU 0 and returns the GPU index, or
 returns the index unchanged: when this faiss has no GPU support or sees no GPU, and for every
-non-IVF index (flat groups are searched exactly in torch, index.torch_search). faiss's GPU indexes
+non-IVF index (flat groups are searched exactly in torch, index.torch_search) and for fast-scan PQ
+(`PQ{m}x4fs`, which faiss's GPU indexes do not implement; its SIMD scan stays on the CPU and the
+re-ranking of its candidates runs where the vectors are). faiss's GPU indexes
 cap k at 2,048: `index.search.ShardedIndex` searches a CPU copy above that.
 """
 from __future__ import annotations
@@ -26,7 +28,9 @@ def ivf_to_gpu(index, device: int = 0):
     if not gpu_available():
         return index
     try:
-        faiss.extract_index_ivf(index)
+        ivf = faiss.extract_index_ivf(index)
     except RuntimeError:  # not an IVF index
+        return index
+    if isinstance(ivf, faiss.IndexIVFFastScan):
         return index
     return faiss.index_cpu_to_gpu(_resources(), device, index)
