@@ -274,7 +274,7 @@ def _build(cfg: IndexConfig, out: Path, executor, specs: list[EncoderSpec], shar
                             config=cfg.to_dict())
 
 
-def index_embeddings(out: Path, entries: list[dict[str, Any]], encoders: list[dict[str, Any]],
+def index_embeddings(out: str | Path, entries: list[dict[str, Any]], encoders: list[dict[str, Any]],
                      faiss_cfg: FaissConfig, seed: int, executor, t0: float | None = None,
                      **fields: Any) -> dict[str, Any]:
     """The FAISS half of the stage over embedding shards already under `out`: the groups
@@ -285,6 +285,7 @@ def index_embeddings(out: Path, entries: list[dict[str, Any]], encoders: list[di
     an index over vectors made elsewhere, written with `index.store.write_shard`.
     """
     t0 = time.perf_counter() if t0 is None else t0
+    out = Path(out)
     dim = sum(int(e["embed_dim"]) for e in encoders)
     faiss_part = build_faiss_groups(out, entries, tuple(e["name"] for e in encoders), dim, faiss_cfg, seed,
                                     executor)

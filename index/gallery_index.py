@@ -34,7 +34,7 @@ from index.faiss_io import load_index
 from index.gallery import ShardRef
 from index.ranged import ReadStats
 from index.search import GroupSearchTask, ShardedIndex, assign_queries, group_search_worker, plan_group_tasks
-from index.search import rerank as rerank_candidates
+from index.search import rerank as rerank_candidates, rerank_depth
 from index.topk import check_queries, merge_topk
 
 log = logging.getLogger(__name__)
@@ -164,10 +164,10 @@ class GalleryIndex:
         """(scores [Q, k], ids [Q, k]) over every group, merged exactly (index.search.merge_topk).
 
         `nprobe` and `rerank` default to the index's operating point (manifest ``nprobe`` and
-        ``rerank``, chosen at build time for its recall target, index.recall). ``rerank`` r >= 1:
-        the groups return k*r candidates, re-scored exactly from the stored vectors
-        (`index.search.rerank`) and cut to k, so the scores are exact; 0: faiss's own scores
-        (approximate for PQ codes).
+        ``rerank``, chosen at build time for its recall target, index.recall). ``rerank`` r >= 1: the
+        groups return r * max(k, 100) candidates (`index.search.rerank_depth`), re-scored exactly from
+        the stored vectors (`index.search.rerank`) and cut to k, so the scores are exact; 0: faiss's
+        own scores (approximate for PQ codes).
 
         A request for the same queries, nprobe and rerank no deeper than an earlier one is served
         from that one's lists (their first k columns), so query-balanced selection deepening k, and
@@ -189,7 +189,7 @@ class GalleryIndex:
         hit = self._cache.get(key) if cache else None
         if hit is not None and hit[1].shape[1] >= k:   # copies: a caller's edit cannot reach the cache
             return hit[0][:, :k].copy(), hit[1][:, :k].copy()
-        depth = min(k * max(rerank, 1), self.num_vectors) if rerank else k
+        depth = min(rerank_depth(k, rerank), self.num_vectors)
         scores, ids = self._search(queries, max(depth, 1), nprobe, executor if executor is not None else self.executor)
         if rerank:
             scores, ids = rerank_candidates(queries, ids, self.vectors_at, k)

@@ -32,7 +32,7 @@ from index.topk import check_queries
 DEPTHS = (10, 100, 1000)              # recall@k measured at these depths (capped by the gallery)
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 RERANKS = (0, 2, 4, 8)             # candidates re-scored per result: 0 = faiss's own scores
-POINTS_VERSION = 1                    # of what a measurement records (part of its fingerprint)
+POINTS_VERSION = 2                    # of what a measurement records (part of its fingerprint)
 GOOD_ENOUGH = 0.999                   # a sweep over nprobe stops once every depth reaches this
 
 
@@ -148,10 +148,10 @@ def measure_operating_points(gindex, sample: Sample, nlist: int, lossy: bool,
                              log: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
     """Recall@k (estimated against `sample`) and seconds per query of `gindex.search` at each depth
     k in `ks`, for each point (nprobe, rerank): nprobe doubling up to nlist, and for indexes with
-    lossy codes (`lossy`: PQ, SQ) each re-ranking depth in RERANKS (0: faiss's scores; r >= 1: k*r
-    candidates re-scored from the stored vectors). A sweep over nprobe stops once every depth
-    reaches GOOD_ENOUGH, or (after its first four points) once a query at every depth takes twice
-    what exact search would over the whole index (estimated from the sample's). Searches run
+    lossy codes (`lossy`: PQ, SQ) each re-ranking depth in RERANKS (0: faiss's scores; r >= 1:
+    r*max(k, 100) candidates re-scored from the stored vectors). A sweep over nprobe stops once every
+    depth reaches GOOD_ENOUGH, or (after its first four points) once a query at every depth takes
+    twice what exact search would over the whole index (estimated from the sample's). Searches run
     without the index's result cache."""
     points = []
     q = sample.queries

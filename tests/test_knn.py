@@ -252,9 +252,9 @@ GiB = 2**30
     (199_999, 512, GiB, "Flat"),
     (200_000, 512, GiB, "IVF2048,Flat"),               # 4*sqrt(2e5)=1789 -> 2048
     (1_000_000, 512, 8 * GiB, "IVF4096,Flat"),         # 4000 -> 4096
-    (1_000_000, 512, 1 * GiB, "IVF4096,PQ128x4fs"),    # 2 GB flat does not fit; 4-bit codes, m <= dim/4
+    (1_000_000, 512, 1 * GiB, "IVF4096,PQ256x4fs"),    # 2 GB flat does not fit; 4-bit codes, m <= dim/2
     (1_000_000, 512, 60 * 2**20, "IVF4096,PQ64x4fs"),  # 1e6*(32+8) + centroids + padding < 60 MiB
-    (100_000_000, 768, 16 * GiB, "IVF32768,PQ192x4fs"),
+    (100_000_000, 768, 16 * GiB, "IVF32768,PQ256x4fs"),
     (50_000, 512, 10 * 2**20, "IVF1024,PQ128x4fs"),    # small n but flat over budget: PQ
     (10**9, 768, 64 * GiB, "IVF131072_HNSW32,PQ96x4fs"),   # very many lists: an HNSW coarse quantizer
     (1_000_000, 75, 100 * 2**20, "IVF4096,PQ25"),      # no even divisor of an odd dim: 8-bit codes
@@ -277,7 +277,7 @@ def test_choose_factory_properties_and_override():
     with pytest.raises(ValueError, match="invalid faiss factory"):
         knn.choose_factory(10, 64, GiB, factory="IVF,Nope")
     m = int(knn.choose_factory(10**6, 96, 100 * 2**20).split("PQ")[1].removesuffix("x4fs"))
-    assert 96 % m == 0 and m % 2 == 0 and m <= 96 // 4
+    assert 96 % m == 0 and m % 2 == 0 and m <= 96 // 2
 
 
 def test_training_helpers():

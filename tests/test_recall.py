@@ -174,6 +174,28 @@ def test_curate_estimate_is_within_005_of_the_true_recall(ivf):
         assert full["recall"] == pytest.approx(_true_recall(i, want, k), abs=1e-3)
 
 
+def test_auto_under_a_small_budget_builds_fast_scan_codes_that_reranking_makes_exact(tmp_path):
+    """`factory: auto` where IVF-Flat does not fit: 4-bit fast-scan PQ, its candidates re-ranked from the
+    stored vectors; the point the build chooses meets the target on fresh queries against exact search,
+    and without re-ranking the same nprobe falls short of it."""
+    dim = 64
+    x = mixture(24_000, dim, seed=3)
+    entries = write_embeddings(tmp_path, x, 12)
+    cfg = FaissConfig(factory="auto", memory_budget_gb=600_000 / 2**30, flat_threshold=0, shards_per_group=2,
+                      recall_sample_vectors=8_000, recall_queries=60)
+    manifest = index_embeddings(tmp_path, entries, [{**SPEC, "embed_dim": dim}], cfg, 0, LocalExecutor())
+    assert manifest["index_factory"] == "IVF512,PQ32x4fs"     # IVF-Flat needs 4000 * 264 bytes a group
+    point = manifest["operating_point"]
+    assert point["recall"] >= 0.95 and point["rerank"] > 0, point
+    gi = GalleryIndex(tmp_path)
+    q = mixture(100, dim, seed=9)
+    _, want = exact_search(q, [(0, x)], 100)
+    _, got = gi.search(q, 100)
+    assert _true_recall(got, want, 100) >= 0.9
+    _, raw = gi.search(q, 100, rerank=0)
+    assert _true_recall(raw, want, 100) < _true_recall(got, want, 100)
+
+
 def test_flat_indexes_are_exact_without_a_sample(tmp_path):
     x = mixture(2_000, DIM, seed=2)
     entries = write_embeddings(tmp_path, x, 2)
