@@ -160,6 +160,47 @@ def write_index_config(path: Path, gallery: str, encoders: list[str], crop_size:
     return path
 
 
+# The indexed world test_curate and test_ecosystem_readers curate from (conftest.gallery_world): the fixture
+# indexed with the random-init tiny encoder, small crops; and the curated set in small shards both read
+# (conftest.curated_in_small_shards)
+WORLD_ENCODER = "test-tiny-timm"
+WORLD_CROP = 64
+WORLD_CROPS_PER_IMAGE = 2
+SMALL_SHARDS_SIZE = 30      # items curated
+SMALL_SHARD_SIZE = 7        # samples per transfer tar: several tars
+
+
+@dataclass
+class IndexedWorld:
+    root: Path                              # where the fixture, the index and the runs' outputs live
+    fx: Fixture
+    index: Path
+    cache: Path                             # curate's --cache-dir (calibrations)
+
+
+def build_index(root: Path, gallery: Path, encoders: list[str], name: str, crop_size: int = WORLD_CROP,
+                crops_per_image: int = WORLD_CROPS_PER_IMAGE) -> Path:
+    """`build-index` (in-process) of `gallery` into ``root/name``, its config in ``root/name.yaml``."""
+    from curation.build_index import main as build_index_main
+
+    cfg = write_index_config(root / f"{name}.yaml", str(gallery / "*.tar"), encoders, crop_size=crop_size,
+                             crops_per_image=crops_per_image)
+    assert build_index_main(["--config", str(cfg), "--out", str(root / name)]) == 0
+    return root / name
+
+
+def build_indexed_world(root: str | Path) -> IndexedWorld:
+    root = Path(root)
+    fx = build_fixture(root)
+    return IndexedWorld(root=root, fx=fx, index=build_index(root, fx.gallery, [WORLD_ENCODER], "idx"),
+                        cache=root / "cache")
+
+
+def curate_argv(w: IndexedWorld, out: Path, size: int, *extra: str, seed: int = 0, index: Path | None = None) -> list[str]:
+    return ["--queries", w.fx.query_set, "--index", str(index or w.index), "--size", str(size),
+            "--out", str(out), "--cache-dir", str(w.cache), "--seed", str(seed), *extra]
+
+
 def build_many_shards(root: str | Path, shards: int = 12, per_shard: int = 5, size: int = SIZE) -> Path:
     """A gallery of many small tar shards (``00000.tar`` ...): every image a distinct pattern, stored as
     PNG, JPEG or WebP in turn, each with its ``key.json``. For tests that count the bytes read."""

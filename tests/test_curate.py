@@ -1,8 +1,9 @@
 """End to end: build a tiny index, run `curate`, read the curated set back.
 
 The gallery and task come from `fixtures_gallery` (planted duplicates, planted copies of task images,
-a look-alike, distractors); the index is built once per module with the random-init `test-tiny-timm`
-encoder (a CLIP-tower variant with `test-tiny-clip` for text queries). Similarities the tests rely on
+a look-alike, distractors); the index is built once per session with the random-init `test-tiny-timm`
+encoder (conftest.gallery_world, which test_ecosystem_readers curates from too; a CLIP-tower variant
+with `test-tiny-clip` for text queries). Similarities the tests rely on
 are checked on the fixture first, so a change of encoder or fixture fails loudly, not vaguely.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,6 @@ import webdataset as wds
 from PIL import Image
 
 from curation import cli
-from curation.build_index import main as build_index_main
 from curation.copies import COPY_KINDS
 from curation.pipeline import CurateConfig, curate
 from curation.shards import write_transfer_shards
@@ -37,26 +36,16 @@ from index.encoders import EncoderMismatch, build_encoder, resolve_encoder
 from index.gallery import iter_images, list_shards
 from index.gallery_index import GalleryIndex
 
-from fixtures_gallery import CLASSES, SHOTS, Fixture, build_fixture, curated_outputs, write_index_config
+from fixtures_gallery import (CLASSES, SHOTS, SMALL_SHARD_SIZE, SMALL_SHARDS_SIZE, WORLD_CROP, WORLD_CROPS_PER_IMAGE,
+                              IndexedWorld as World, build_index, curate_argv, curated_outputs)
 
-CROP = 64          # crop size in the index config (the contract's default is 224)
-CROPS_PER_IMAGE = 2
+CROP = WORLD_CROP  # crop size in the index config (the contract's default is 224)
+CROPS_PER_IMAGE = WORLD_CROPS_PER_IMAGE
 N = 30
 
 
-@dataclass
-class World:
-    root: Path
-    fx: Fixture
-    index: Path
-    cache: Path
-
-
 def _build_index(root: Path, gallery: Path, encoders: list[str], name: str) -> Path:
-    cfg = write_index_config(root / f"{name}.yaml", str(gallery / "*.tar"), encoders, crop_size=CROP,
-                             crops_per_image=CROPS_PER_IMAGE)
-    assert build_index_main(["--config", str(cfg), "--out", str(root / name)]) == 0
-    return root / name
+    return build_index(root, gallery, encoders, name, crop_size=CROP, crops_per_image=CROPS_PER_IMAGE)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,16 +54,12 @@ def _one_thread(one_thread_per_module):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
-    root = tmp_path_factory.mktemp("curate")
-    fx = build_fixture(root)
-    return World(root=root, fx=fx, index=_build_index(root, fx.gallery, ["test-tiny-timm"], "idx"),
-                 cache=root / "cache")
+def world(gallery_world) -> World:
+    return gallery_world
 
 
 def _argv(w: World, out: Path, size: int = N, seed: int = 0, index: Path | None = None, *extra: str) -> list[str]:
-    return ["--queries", w.fx.query_set, "--index", str(index or w.index), "--size", str(size),
-            "--out", str(out), "--cache-dir", str(w.cache), "--seed", str(seed), *extra]
+    return curate_argv(w, out, size, *extra, seed=seed, index=index)
 
 
 def _run(w: World, out: Path, *extra: str, size: int = N, seed: int = 0, index: Path | None = None) -> dict:
@@ -248,9 +233,9 @@ def test_same_seed_gives_byte_identical_shards(world: World, base):
     assert (other / "transfer-000000.tar").read_bytes() != (out0 / "transfer-000000.tar").read_bytes()
 
 
-def test_small_shard_size_splits_the_set(world: World):
-    out = world.root / "shards7"
-    m = _run(world, out, "--shard-size", "7")
+def test_small_shard_size_splits_the_set(curated_in_small_shards):
+    out, m = curated_in_small_shards          # N items in shards of 7 (shared with test_ecosystem_readers)
+    assert (SMALL_SHARDS_SIZE, SMALL_SHARD_SIZE) == (N, 7) and m["config"]["shard_size"] == 7
     assert m["shards"] == [f"transfer-{i:06d}.tar" for i in range(-(-N // 7))]
     assert sorted(p.name for p in out.glob("transfer-*.tar")) == m["shards"]
     assert len(_records(out)) == N
@@ -696,19 +681,22 @@ def test_a_ray_executor_without_one_passed_in_is_refused(world: World):
         curate(cfg)
 
 
+# Every map of the Ray executor starts its actors anew (seconds each), and a run maps its tasks once a backfill
+# round: the executors are compared on a smaller run than N, with fewer rounds but the same kinds of task
+RAY_N = 18
+
+
 @pytest.mark.slow
-def test_local_and_ray_executors_write_identical_shards(world: World, base):
-    ray = pytest.importorskip("ray")
+def test_local_and_ray_executors_write_identical_shards(world: World, local_ray):
     from jobs.executors import RayExecutor
 
-    base_out, _, _ = base
-    out = world.root / "ray"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        curate(cli.parse(_argv(world, out)), executor=RayExecutor(num_workers=2))
-    finally:
-        ray.shutdown()
-    assert _outputs(out) == _outputs(base_out)
+    local, out = world.root / f"local-{RAY_N}", world.root / "ray"
+    m = _run(world, local, size=RAY_N)
+    c = m["counts"]   # what the run does on the actors: retrieve, remove a planted duplicate and a leak, backfill
+    assert c["removed_duplicate"] >= 1 and c["removed_leak"] >= 1 and c["backfilled"] >= 2 and c["rounds"] >= 3
+    assert m["verified_pairs"] > 0 and c["written"] == RAY_N
+    curate(cli.parse(_argv(world, out, RAY_N)), executor=RayExecutor(num_workers=2))
+    assert _outputs(out) == _outputs(local)
 
 
 def test_the_cli_builds_the_executor_the_config_names():

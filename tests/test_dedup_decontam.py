@@ -14,6 +14,12 @@ from curation.dedup import duplicate_clusters, duplicate_pairs, keep_one_per_clu
 
 from fixtures_gallery import pattern
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread_per_module):
+    """One torch and one FAISS thread (conftest.one_thread_per_module): on a busy 2-core machine a second
+    intra-op thread only waits at barriers."""
+
 # ---------------------------------------------------------------- fixtures: images and features
 
 

@@ -37,6 +37,12 @@ COSINE_MEAN_MIN = 0.9995     # measured 0.99998
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the device decode and bf16 path)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread_per_module):
+    """One torch and one FAISS thread (conftest.one_thread_per_module): on a busy 2-core machine a second
+    intra-op thread only waits at barriers."""
+
+
 @pytest.fixture(scope="module")
 def real_images() -> list[Image.Image]:
     photos = [bundled_skimage(n) for n in PHOTOS]

@@ -16,7 +16,12 @@ from distill.run import run_distill, summary_line
 from browser import assert_readable_report, inspect_page
 from fixtures_curated import write_curated_dir
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread_per_module):
+    """One torch thread for the whole module, the `runs` fixture included (a module fixture is set up before a
+    function one such as conftest.one_torch_thread): the same float math on every machine, and no second
+    intra-op thread waiting at barriers on a busy 2-core one."""
 
 
 @pytest.fixture(scope="module")

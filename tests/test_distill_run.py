@@ -169,7 +169,7 @@ def test_distill_library_modules_never_import_jobs():
 
 
 @pytest.mark.slow
-def test_two_ray_train_workers(curated, tmp_path):
+def test_two_ray_train_workers(curated, tmp_path, without_ray):
     from jobs.train_ray import train_with_ray
 
     m = run_distill(_cfg(curated, tmp_path / "ray", workers=2, finetune_epochs=1), query_set=curated[1],

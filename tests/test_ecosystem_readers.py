@@ -4,8 +4,9 @@ Hugging Face `datasets` (its webdataset builder), `wids.ShardListDataset` and `w
 DataLoader read the transfer and query shards; clip-retrieval's `embedding-reader` reads each encoder's
 matrices and stock `faiss.read_index` every group file. Each must agree with the tars read byte for byte
 (tarfile + PIL + json) and with what the manifests say. The code that reads is the README's ("Reading a
-curated set and an index with other tools"). One index and one curated set are built for the module
-from `fixtures_gallery` (build-index, then curate with small shards so there are several transfer tars).
+curated set and an index with other tools"). The index and the curated set are built once per session from
+`fixtures_gallery` (conftest.gallery_world: build-index; conftest.curated_in_small_shards: curate with small
+shards so there are several transfer tars), as test_curate checks them.
 """
 from __future__ import annotations
 
@@ -24,19 +25,17 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from curation import cli
-from curation.build_index import main as build_index_main
 from index import store
 from index.core import contract
 
-from fixtures_gallery import build_fixture, write_index_config
+from fixtures_gallery import SMALL_SHARD_SIZE, SMALL_SHARDS_SIZE, WORLD_CROP, WORLD_ENCODER
 
 pytestmark = pytest.mark.slow
 
-ENCODER = "test-tiny-timm"
-CROP = 64
-SIZE = 30
-SHARD_SIZE = 7     # several transfer tars, so each of two DataLoader workers reads some
+ENCODER = WORLD_ENCODER
+CROP = WORLD_CROP
+SIZE = SMALL_SHARDS_SIZE
+SHARD_SIZE = SMALL_SHARD_SIZE     # several transfer tars, so each of two DataLoader workers reads some
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,17 +44,13 @@ def _one_thread(one_thread_per_module):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path]:
+def built(gallery_world, curated_in_small_shards) -> tuple[Path, Path]:
     """(index directory, curated directory)."""
-    root = tmp_path_factory.mktemp("readers")
-    fx = build_fixture(root)
-    cfg = write_index_config(root / "idx.yaml", str(fx.gallery / "*.tar"), [ENCODER], crop_size=CROP,
-                             crops_per_image=2)
-    index, curated = root / "idx", root / "curated"
-    assert build_index_main(["--config", str(cfg), "--out", str(index)]) == 0
-    assert cli.main(["--queries", fx.query_set, "--index", str(index), "--size", str(SIZE), "--out", str(curated),
-                     "--cache-dir", str(root / "cache"), "--shard-size", str(SHARD_SIZE)]) == 0
-    return index, curated
+    curated, manifest = curated_in_small_shards
+    assert [e["name"] for e in _manifest(gallery_world.index)["encoders"]] == [ENCODER]
+    assert manifest["config"]["index"] == str(gallery_world.index) and manifest["config"]["size"] == SIZE
+    assert manifest["config"]["shard_size"] == SHARD_SIZE
+    return gallery_world.index, curated
 
 
 def _manifest(d: Path) -> dict[str, Any]:

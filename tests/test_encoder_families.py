@@ -23,6 +23,12 @@ from index.encoders import build_encoder, build_encoder_with_head, image_transfo
 NAMES = [(family, name) for family in FAMILIES for name in FAMILIES.get(family).fixed_names]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread_per_module):
+    """One torch and one FAISS thread (conftest.one_thread_per_module): on a busy 2-core machine a second
+    intra-op thread only waits at barriers."""
+
+
 def _reference_transform(spec: EncoderSpec):
     """open_clip's own eval preprocessing for the spec's PreprocessCfg (size, mean/std, interpolation, resize mode)."""
     cfg = PreprocessCfg(size=spec.image_size, mean=spec.mean, std=spec.std, interpolation=spec.interpolation,

@@ -330,16 +330,11 @@ def test_an_index_of_the_earlier_layout_is_read_and_a_rerun_names_its_format(gal
 # ---------------------------------------------------------------- executors
 
 @pytest.mark.slow
-def test_local_and_ray_executors_write_identical_files(gallery, built, tmp_path):
-    ray = pytest.importorskip("ray")
+def test_local_and_ray_executors_write_identical_files(gallery, built, tmp_path, local_ray):
     from jobs.executors import RayExecutor
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        out = tmp_path / "idx-ray"
-        manifest = build_gallery_index(config(gallery), out, RayExecutor(num_workers=2))
-    finally:
-        ray.shutdown()
+    out = tmp_path / "idx-ray"
+    manifest = build_gallery_index(config(gallery), out, RayExecutor(num_workers=2))
     ref_dir, ref_manifest = built
     assert _without_timings(manifest) == _without_timings(ref_manifest)
     files = snapshot(out)

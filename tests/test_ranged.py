@@ -31,6 +31,12 @@ from fixtures_gallery import build_many_shards
 from test_gallery import JPG, PNG, _encode, _write_tar, folder_gallery, messy_tar  # noqa: F401 (fixtures)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread_per_module):
+    """One torch and one FAISS thread (conftest.one_thread_per_module): on a busy 2-core machine a second
+    intra-op thread only waits at barriers."""
+
+
 def _pixels(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 

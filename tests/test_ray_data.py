@@ -13,8 +13,7 @@ from test_index_build import CROPS, make_gallery, snapshot
 pytestmark = pytest.mark.slow
 
 
-def test_ray_data_stream_writes_the_local_files_with_crops_on_device(tmp_path):
-    ray = pytest.importorskip("ray")
+def test_ray_data_stream_writes_the_local_files_with_crops_on_device(tmp_path, local_ray):
     from jobs.ray_data import embed_with_ray_data
 
     shards = list_shards(str(make_gallery(tmp_path / "g") / "*.tar"))
@@ -25,13 +24,9 @@ def test_ray_data_stream_writes_the_local_files_with_crops_on_device(tmp_path):
 
     embedder = Embedder(specs, "cpu", crops_on_device=True)
     local = [embed_shard(t, embedder) for t in tasks(tmp_path / "local")]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        streamed = embed_with_ray_data(tasks(tmp_path / "ray"), specs, "cpu", num_encoders=1,
-                                       crops_on_device=True, torch_threads=torch.get_num_threads())
-        again = embed_with_ray_data(tasks(tmp_path / "ray"), specs, "cpu", crops_on_device=True)
-    finally:
-        ray.shutdown()
+    streamed = embed_with_ray_data(tasks(tmp_path / "ray"), specs, "cpu", num_encoders=1,
+                                   crops_on_device=True, torch_threads=torch.get_num_threads())
+    again = embed_with_ray_data(tasks(tmp_path / "ray"), specs, "cpu", crops_on_device=True)
     assert [r.num_vectors for r in streamed] == [r.num_vectors for r in local] == [12, 12, 9]
     assert [r.skipped for r in streamed] == [r.skipped for r in local]
     assert snapshot(tmp_path / "ray") == snapshot(tmp_path / "local")

@@ -119,7 +119,10 @@ def test_index_built_by_ray_job_submit(tiny_job):
          "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_listen),
          "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
          "--runtime-env-agent-port", str(runtime_env)],
-        env=env, cwd=tmp, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
+        # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM the head shuts down at once instead of draining
+        # (which waits out its 30 s for the job's idle workers to return their leases)
+        env={**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}, cwd=tmp, stdout=head_log,
+        stderr=subprocess.STDOUT, start_new_session=True)
     out = tmp / "index-ray"
     url = f"http://127.0.0.1:{dash}"
     python = shlex.quote(str(BIN / "python"))

@@ -53,7 +53,12 @@ def build(root: Path, x: np.ndarray, num_groups: int, shared: bool = True, facto
     """An index directory of `num_groups` groups (2 shards each) over x, with its manifest."""
     entries = write_embeddings(root, x, num_groups * shards_per_group)
     cfg = FaissConfig(factory=factory, shards_per_group=shards_per_group, nprobe=4, shared_quantizer=shared)
-    part = build_faiss_groups(root, entries, (ENCODER,), DIM, cfg, seed, executor or LocalExecutor())
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)   # k-means on a busy 2-core machine: a second OpenMP thread only waits at barriers
+    try:
+        part = build_faiss_groups(root, entries, (ENCODER,), DIM, cfg, seed, executor or LocalExecutor())
+    finally:
+        faiss.omp_set_num_threads(threads)
     manifest = {"num_vectors": len(x), "encoders": [SPEC], "dim": DIM, "shards": entries, **part}
     write_json(root / contract.MANIFEST_FILE, manifest)
     return manifest
@@ -298,18 +303,13 @@ def test_plan_group_tasks_property():
 
 
 @pytest.mark.slow
-def test_search_groups_local_and_ray_identical(shared8, data):
-    ray = pytest.importorskip("ray")
+def test_search_groups_local_and_ray_identical(shared8, data, local_ray):
     from jobs.executors import RayExecutor
 
     root, _ = shared8
     _, q = data
     want = GalleryIndex(root, executor=LocalExecutor(), search_task_bytes=1).search(q, 30, 4)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        got = GalleryIndex(root, executor=RayExecutor(num_workers=2), search_task_bytes=1).search(q, 30, 4)
-    finally:
-        ray.shutdown()
+    got = GalleryIndex(root, executor=RayExecutor(num_workers=2), search_task_bytes=1).search(q, 30, 4)
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(got[0], want[0])
 
