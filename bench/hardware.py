@@ -6,6 +6,7 @@
     Usage                     wall, user and system CPU seconds and minor page faults of a block
     bound_report(...)         a stage's rate against its compute bound, with its CPU time and faults
     bound_targets(name, r)    the targets on a bound_report: of the bound, system / user, faults
+    machine()                 cores and CPU model, for a benchmark's JSON
 
 A stage's compute bound is its FLOPs over the sgemm rate measured beside it: the speed it would run
 at if every FLOP ran as fast as a large matrix multiply. Ratios against it are what the benchmarks'
@@ -14,6 +15,7 @@ targets hold, beside their ratios against a bare loop, which can share a defect 
 """
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -98,3 +100,13 @@ def bound_targets(name: str, report: dict[str, Any], of_bound: float = 0.7, syst
                                          "met": share is not None and share <= system_share},
             f"{name}_faults_per_item": {"value": report["faults_per_item"], "goal": f"<= {faults:g}",
                                         "met": report["faults_per_item"] <= faults}}
+
+
+def machine() -> str:
+    """The machine a benchmark ran on, for its JSON: cores and CPU model."""
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores, {cpu}"

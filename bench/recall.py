@@ -54,6 +54,8 @@ from index import store  # noqa: E402
 from index.core import contract  # noqa: E402
 from index.search import exact_search  # noqa: E402
 
+from hardware import machine  # noqa: E402
+
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 BYTES_PER_VECTOR = 8 * 2**30 / 10**7     # the default budget's share per vector at 10^7 vectors
 DEPTHS = (10, 100, 1000)
@@ -369,14 +371,6 @@ def targets(ours: dict[str, Any], theirs: dict[str, Any], exact: dict[int, float
     out["build_time_vs_autofaiss"] = target(ratio, "<= 1", ratio <= 1)
     return out
 
-
-def machine() -> str:
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} cores, {cpu}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -141,7 +141,7 @@ def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
 
 def build_demo_gallery(out: str | Path, pool: int = 1500, leaks: int = 30, crops_per_stamp: int = 4,
                        crops_per_photo: int = 40, query_set: str = "fashion_mnist_10shot", seed: int = 0,
-                       shard_size: int = 1000) -> dict:
+                       shard_size: int = 1000, stamps: int | None = None) -> dict:
 
     out = Path(out)
     done = out / "gallery.done.json"
@@ -149,7 +149,7 @@ def build_demo_gallery(out: str | Path, pool: int = 1500, leaks: int = 30, crops
         print(f"demo gallery: {out / 'gallery'} already built ({done})")
         return json.loads(done.read_text())
     rng = np.random.default_rng(seed)
-    items = fashion_items(rng, pool, leaks, query_set, seed) + stamp_items(rng, crops_per_stamp)
+    items = fashion_items(rng, pool, leaks, query_set, seed) + stamp_items(rng, crops_per_stamp, limit=stamps)
     sk, missing = skimage_items(rng, crops_per_photo)
     items += sk
     order = rng.permutation(len(items))  # mix domains across shards

@@ -33,6 +33,7 @@ SCRIPTS = {
     "search_groups.py": (("runs", "own_quantizer_time_ratio"), True, False),
     "shared_cpu.py": (("cases", "slowdown"), True, False),
     "recall.py": (("ours", "autofaiss", "exact_seconds"), True, False),
+    "curate_stages.py": (("parts", "usage", "embedding", "essential_s"), True, False),
 }
 
 
