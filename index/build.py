@@ -33,6 +33,7 @@ from index.device import pick_device
 from index.embed import EmbedTask, Embedder, ShardResult
 from index.encoders import EncoderSpec, resolve_encoders
 from index.gallery import list_shards
+from index.gallery_index import GalleryIndex
 from index.skips import SkipCounts
 
 log = logging.getLogger(__name__)
@@ -349,7 +350,6 @@ def measure_recall(out: Path, manifest: dict[str, Any], fcfg: FaissConfig, seed:
               "sample_vectors": fcfg.recall_sample_vectors, "points": recall.POINTS_VERSION}
 
     def make() -> dict[str, Any]:
-        from index.gallery_index import GalleryIndex   # lazy: gallery_index builds on this module's outputs
         gindex = GalleryIndex(out, executor=None if isinstance(executor, LocalExecutor) else executor,
                               manifest=manifest)
         shards = manifest["shards"]
