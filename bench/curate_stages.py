@@ -46,7 +46,7 @@ tune_allocator()
 
 import torch  # noqa: E402
 
-from hardware import machine, model_flops, sgemm_flops  # noqa: E402
+from hardware import emit, machine, model_flops, sgemm_flops  # noqa: E402
 from index.core import contract  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -173,10 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vfm-curate-stages-") as tmp:
         data = Path(tmp) / "data" if args.smoke else Path(args.data)
         res = run(data, Path(tmp), 20 if args.smoke else args.size, args.smoke)
-    text = json.dumps(res, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit(res, args.out)
     return res
 
 

@@ -7,6 +7,7 @@
     bound_report(...)         a stage's rate against its compute bound, with its CPU time and faults
     bound_targets(name, r)    the targets on a bound_report: of the bound, system / user, faults
     machine()                 cores and CPU model, for a benchmark's JSON
+    emit(result, out)         print a benchmark's JSON (and write it to `out` when given)
 
 A stage's compute bound is its FLOPs over the sgemm rate measured beside it: the speed it would run
 at if every FLOP ran as fast as a large matrix multiply. Ratios against it are what the benchmarks'
@@ -15,10 +16,12 @@ targets hold, beside their ratios against a bare loop, which can share a defect 
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -110,3 +113,11 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{os.cpu_count()} cores, {cpu}"
+
+
+def emit(result: dict[str, Any], out: str | None = None) -> None:
+    """Print a benchmark's result as JSON, and write the same text to `out` when given."""
+    text = json.dumps(result, indent=1)
+    if out:
+        Path(out).write_text(text + "\n")
+    print(text)

@@ -54,7 +54,7 @@ from index import store  # noqa: E402
 from index.core import contract  # noqa: E402
 from index.search import exact_search  # noqa: E402
 
-from hardware import machine  # noqa: E402
+from hardware import emit, machine  # noqa: E402
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 BYTES_PER_VECTOR = 8 * 2**30 / 10**7     # the default budget's share per vector at 10^7 vectors
@@ -394,10 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res = run(size, Path(tmp))
     else:
         res = run(size, Path(args.work or f"/tmp/vfm-recall-{size}"))
-    text = json.dumps(res, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit(res, args.out)
     return res
 
 
