@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,12 @@ net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
 x = torch.rand(8, 3, 128, 128)                 # activations of 8 MiB each, as a CNN forward has
 with torch.inference_mode():
     net(x), net(x)                             # warm-up
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
+    faults = []
+    for _ in range(8):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         net(x)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"tuned": tuned, "faults_per_forward": faults / 4}))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"tuned": tuned, "faults": faults}))
 """
 
 def _probe(mode: str) -> dict:
@@ -39,10 +41,13 @@ def _probe(mode: str) -> dict:
 def test_large_buffers_are_reused_instead_of_faulted_in_again():
     default, tuned = _probe("default"), _probe("tuned")
     assert tuned["tuned"] is True
-    # glibc's default maps each activation anew and faults its pages in again (measured: 6,000 to
-    # 10,000 a forward); set, the buffers of the first forwards are reused (measured: 0)
-    assert default["faults_per_forward"] > 2_000
-    assert tuned["faults_per_forward"] < default["faults_per_forward"] / 20
+    # glibc's default maps each activation anew and faults its pages in again (measured: 2,000 to
+    # 10,000 a forward); set, the buffers of the first forwards are reused (measured: 0, with now and
+    # then one forward that grows the heap once, 2,048). Medians over 8 forwards: one odd forward
+    # either way decides nothing
+    typical_default, typical_tuned = statistics.median(default["faults"]), statistics.median(tuned["faults"])
+    assert typical_default > 1_000, default
+    assert typical_tuned < typical_default / 20, (tuned, default)
 
 
 def test_it_can_be_left_off(monkeypatch):
