@@ -372,7 +372,6 @@ def targets(ours: dict[str, Any], theirs: dict[str, Any], exact: dict[int, float
     return out
 
 
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="full")

@@ -43,12 +43,12 @@ OPEN_TASKS_KEPT = 4        # search tasks whose opened groups a process keeps (s
 GPU_MAX_K = 2048           # faiss GPU indexes refuse k (and nprobe) above this
 RERANK_MIN_K = 100         # re-ranking at depth r takes r * max(k, this) candidates: short codes
                            # order a shortlist of 4*10 too coarsely (recall@10 0.79 where 4*100 gives 0.97)
+SCORE_BUFFER_BYTES = 64 << 20   # memory for one block's [rows, Q] float32 score matrix
 
 
 def rerank_depth(k: int, rerank: int) -> int:
     """Candidates a search of depth k re-ranked at depth `rerank` asks its groups for (k when 0)."""
     return rerank * max(k, RERANK_MIN_K) if rerank else k
-SCORE_BUFFER_BYTES = 64 << 20   # memory for one block's [rows, Q] float32 score matrix
 
 
 # ---------------------------------------------------------------- exact streaming search

@@ -19,18 +19,28 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def one_thread_per_module():
-    """One torch and one FAISS thread for a whole module: tiny models gain nothing from intra-op
-    threads, and on a busy machine those only spin. Restored afterwards."""
+@contextlib.contextmanager
+def _one_thread():
+    """One torch and one FAISS thread inside the block, restored after it (a session fixture cannot use
+    one_thread_per_module)."""
     import faiss
 
     before = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(before[0])
-    faiss.omp_set_num_threads(before[1])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One torch and one FAISS thread for a whole module: tiny models gain nothing from intra-op
+    threads, and on a busy machine those only spin. Restored afterwards."""
+    with _one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -67,21 +77,6 @@ def without_ray():
         return
     if ray.is_initialized():
         ray.shutdown()
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """One torch and one FAISS thread inside the block (a session fixture cannot use one_thread_per_module)."""
-    import faiss
-
-    before = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before[0])
-        faiss.omp_set_num_threads(before[1])
 
 
 @pytest.fixture(scope="session")

@@ -42,11 +42,11 @@ def test_large_buffers_are_reused_instead_of_faulted_in_again():
     default, tuned = _probe("default"), _probe("tuned")
     assert tuned["tuned"] is True
     # glibc's default maps each activation anew and faults its pages in again (measured: 2,000 to
-    # 10,000 a forward); set, the buffers of the first forwards are reused (measured: 0, with now and
+    # 10,000 a forward, medians 4,000 to 10,000); set, the buffers of the first forwards are reused (measured: 0, with now and
     # then one forward that grows the heap once, 2,048). Medians over 8 forwards: one odd forward
     # either way decides nothing
     typical_default, typical_tuned = statistics.median(default["faults"]), statistics.median(tuned["faults"])
-    assert typical_default > 1_000, default
+    assert typical_default > 2_000, default
     assert typical_tuned < typical_default / 20, (tuned, default)
 
 
